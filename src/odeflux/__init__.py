@@ -1,0 +1,15 @@
+"""odeflux: neural ordinary differential equations for PyTorch, with the adjoint family."""
+
+from .control import ConstantStepSize, IController, PIController, StepSizeController
+from .sensitivity import DirectAdjoint, SensitivityAlgorithm
+from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, Status
+from .solve import solve
+from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BS3", "RK4", "BackwardStats", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
+    "Euler", "ExplicitRK", "Heun", "IController", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
+    "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "solve",
+]

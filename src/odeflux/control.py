@@ -1,0 +1,140 @@
+"""Step-size control: the scaled error norm, Hairer's initial step, PI and constant-step controllers.
+
+Controllers work on host floats: the one number the host needs from the device each step is the
+scaled error norm (the accept/reject decision), and everything else follows from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, n: int | None = None) -> torch.Tensor:
+    """RMS norm of ``err / (atol + rtol * max(|y0|, |y1|))``, as OrdinaryDiffEq computes it.
+
+    ``n`` restricts the norm to the first ``n`` elements of the flattened state (a seminorm, used
+    by the adjoints to leave the parameter adjoint out of error control). Returns a 0-d tensor.
+    """
+    if n is not None:
+        err, y0, y1 = err.reshape(-1)[:n], y0.reshape(-1)[:n], y1.reshape(-1)[:n]
+    scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+    return torch.linalg.vector_norm(err / scale).div_(math.sqrt(err.numel()))
+
+
+def rms_scaled(x: torch.Tensor, scale: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x / scale)) / math.sqrt(x.numel())
+
+
+def initial_step(
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    t0: float,
+    y0: torch.Tensor,
+    f0: torch.Tensor,
+    direction: float,
+    order: int,
+    rtol: float,
+    atol: float,
+    dtmax: float,
+    n: int | None = None,
+) -> tuple[float, int]:
+    """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
+
+    Returns the step (positive) and the number of extra ``f`` evaluations it spent (one).
+    """
+    yf, ff = (y0.reshape(-1)[:n], f0.reshape(-1)[:n]) if n is not None else (y0, f0)
+    scale = yf.abs().mul(rtol).add_(atol)
+    d = torch.stack([torch.linalg.vector_norm(yf / scale), torch.linalg.vector_norm(ff / scale)])
+    d0, d1 = (d / math.sqrt(yf.numel())).tolist()
+    if not (math.isfinite(d0) and math.isfinite(d1)):
+        return float("nan"), 0
+    dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    dt0 = min(dt0, dtmax)
+    y1 = torch.add(y0, f0, alpha=direction * dt0)
+    f1 = f(torch.full((), t0 + direction * dt0, dtype=y0.dtype, device=y0.device), y1)
+    df = (f1 - f0).reshape(-1)[:n] if n is not None else f1 - f0
+    d2 = rms_scaled(df, scale) / dt0
+    m = max(d1, d2)
+    if not math.isfinite(m):
+        return dt0, 1
+    dt1 = max(1e-6, dt0 * 1e-3) if m <= 1e-15 else (0.01 / m) ** (1.0 / order)
+    return min(100 * dt0, dt1, dtmax), 1
+
+
+class StepSizeController:
+    """Decides, from the scaled error norm of a step, whether to accept it and the next step size."""
+
+    adaptive: bool = True
+
+    def init_state(self) -> object:
+        return None
+
+    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+        """Given ``|dt|`` just tried and its error norm, return ``(accept, next |dt|, new state)``."""
+        raise NotImplementedError
+
+
+@dataclass
+class PIController(StepSizeController):
+    """The proportional-integral controller of OrdinaryDiffEq (Hairer's DOPRI5 variant).
+
+    With ``q = err**beta1 / qold**beta2 / safety``, clamped to ``[1/qmax, 1/qmin]``, the next step
+    is ``dt / q``. ``beta1`` and ``beta2`` default to ``7/(10p)`` and ``2/(5p)`` for a method of
+    order ``p``; ``qold`` is the last accepted error norm (at least ``qoldinit``).
+    """
+
+    beta1: float | None = None
+    beta2: float | None = None
+    safety: float = 0.9
+    qmin: float = 1 / 5
+    qmax: float = 10.0
+    qoldinit: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not (0 < self.qmin <= 1 <= self.qmax):
+            raise ValueError(f"PIController needs 0 < qmin <= 1 <= qmax, got qmin={self.qmin}, qmax={self.qmax}")
+        if not (0 < self.safety <= 1):
+            raise ValueError(f"PIController needs 0 < safety <= 1, got {self.safety}")
+
+    def init_state(self) -> float:
+        return self.qoldinit
+
+    def propose(self, dt: float, err: float, state: float, order: int) -> tuple[bool, float, float]:
+        beta1 = self.beta1 if self.beta1 is not None else 7 / (10 * order)
+        beta2 = self.beta2 if self.beta2 is not None else 2 / (5 * order)
+        if not math.isfinite(err):
+            return False, dt * self.qmin, state
+        q11 = err**beta1
+        if err <= 1.0:
+            q = q11 / state**beta2 / self.safety
+            q = min(1 / self.qmin, max(1 / self.qmax, q))
+            return True, dt / q, max(err, self.qoldinit)
+        return False, dt / min(1 / self.qmin, q11 / self.safety), state
+
+
+@dataclass
+class IController(StepSizeController):
+    """The classic integral controller: ``dt * clamp(safety * err**(-1/p), qmin, qmax)``."""
+
+    safety: float = 0.9
+    qmin: float = 1 / 5
+    qmax: float = 10.0
+
+    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+        if not math.isfinite(err):
+            return False, dt * self.qmin, state
+        q = self.qmax if err == 0 else min(self.qmax, max(self.qmin, self.safety * err ** (-1 / order)))
+        return err <= 1.0, dt * q, state
+
+
+@dataclass
+class ConstantStepSize(StepSizeController):
+    """Fixed steps of ``dt0`` (the last one shortened to land on ``t1``)."""
+
+    adaptive = False
+
+    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+        return True, dt, state

@@ -1,0 +1,245 @@
+"""The adaptive time-stepping loop: step, control, save, keep dense output.
+
+It knows nothing of autograd: whatever graph the solver's tensor operations build is the caller's
+business (the discrete adjoint differentiates through it; the continuous adjoints run it under
+``torch.no_grad``). Per step the host reads one number from the device, the error norm of the
+step, and only for adaptive methods.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .control import ConstantStepSize, StepSizeController, error_ratio, initial_step
+from .solution import DenseOutput, Stats, Status
+from .solvers.tableau import ExplicitRK
+
+VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepFn = Callable[..., tuple]
+
+
+@dataclass
+class IntegrationResult:
+    """The raw outcome of :func:`integrate`; :func:`odeflux.solve` turns it into a ``Solution``."""
+
+    ts: list[float]
+    ys: list[torch.Tensor]
+    t: float  # the time reached
+    y: torch.Tensor  # the state reached
+    k: torch.Tensor | None  # f(t, y) at the time reached, when known (FSAL)
+    dt_next: float  # the step size the controller proposed next
+    stats: Stats
+    status: Status = Status.SUCCESS
+    message: str = ""
+    dense: DenseOutput | None = field(default=None, repr=False)
+
+
+def rk_step_with_error(
+    solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co, rtol: float, atol: float, n: int | None
+):
+    """The per-step work: one Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
+
+    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
+    """
+    y1, err, K = solver.step(f, t, y, dt, k, co)
+    if err is None:
+        return y1, K, None
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            e = error_ratio(err, y, y1, rtol, atol, n)
+    else:
+        e = error_ratio(err, y, y1, rtol, atol, n)
+    return y1, K, e
+
+
+def integrate(
+    f: VectorField,
+    y0: torch.Tensor,
+    t0: float,
+    t1: float,
+    solver: ExplicitRK,
+    *,
+    rtol: float,
+    atol: float,
+    controller: StepSizeController,
+    dt0: float | None = None,
+    dtmin: float | None = None,
+    dtmax: float | None = None,
+    max_steps: int = 100_000,
+    saveat: Sequence[float] | None = None,
+    save_everystep: bool = False,
+    save_start: bool = True,
+    save_end: bool = True,
+    dense: bool = False,
+    error_size: int | None = None,
+    k0: torch.Tensor | None = None,
+    step_fn: StepFn | None = None,
+) -> IntegrationResult:
+    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
+
+    ``saveat`` (host times, in the direction of integration) replaces the default saving of the
+    start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
+    error norm to the first entries of the flattened state (a seminorm). ``k0`` is ``f(t0, y0)``
+    if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).
+    """
+    direction = 1.0 if t1 > t0 else -1.0
+    stats = Stats()
+    dtype, device = y0.dtype, y0.device
+    co = solver.coefficients(dtype, device)
+    adaptive = solver.adaptive and controller.adaptive
+    order = solver.error_order
+    step = step_fn or rk_step_with_error
+    span = abs(t1 - t0)
+    tscale = max(abs(t0), abs(t1), 1.0)
+    # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
+    land_tol = 64 * 2.0**-52 * tscale
+    if dtmin is None:
+        dtmin = 16 * torch.finfo(dtype).eps * tscale if adaptive else 0.0
+    dtmax = span if dtmax is None else min(abs(dtmax), span)
+
+    ts: list[float] = []
+    ys: list[torch.Tensor] = []
+    dense_t: list[float] = []
+    dense_dt: list[float] = []
+    dense_y: list[torch.Tensor] = []
+    dense_K: list[torch.Tensor] = []
+    save_times = list(saveat) if saveat is not None else None
+    si = 0
+
+    t, y = t0, y0
+    k = k0
+    if k is None:
+        k = f(torch.full((), t0, dtype=dtype, device=device), y0)
+        stats.n_f_evals += 1
+        _check_derivative(k, y0)
+
+    def result(status: Status, message: str, dt_next: float) -> IntegrationResult:
+        dense_out = DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K) if dense and dense_dt else None
+        if save_end and save_times is None:
+            # On failure this is the last state reached, so the caller sees how far it got.
+            ts.append(t1 if status == Status.SUCCESS else t)
+            ys.append(y)
+        return IntegrationResult(ts, ys, t, y, k, dt_next, stats, status, message, dense_out)
+
+    if save_times is None:
+        if save_start:
+            ts.append(t0)
+            ys.append(y0)
+    else:
+        while si < len(save_times) and direction * (save_times[si] - t0) <= 0:
+            ts.append(save_times[si])
+            ys.append(y0)
+            si += 1
+
+    if dt0 is not None:
+        dt = abs(dt0)
+    elif not adaptive:
+        raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
+    else:
+        dt, extra = initial_step(f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size)
+        stats.n_f_evals += extra
+        if not math.isfinite(dt):
+            return result(Status.NONFINITE, _nonfinite_message(t0, None), float("nan"))
+    dt = min(dt, dtmax)
+    ctrl_state = controller.init_state()
+    last_err = 0.0
+
+    while direction * (t1 - t) > 0:
+        if stats.n_steps >= max_steps:
+            return result(
+                Status.MAX_STEPS,
+                f"max_steps={max_steps} steps were taken and t={t:.6g} has not reached t1={t1:.6g} "
+                f"(last dt={dt:.3g}): raise max_steps, loosen rtol/atol, or check whether the problem is stiff",
+                dt,
+            )
+        remaining = abs(t1 - t)
+        last = dt >= remaining - land_tol
+        h = direction * (remaining if last else dt)
+        tt = torch.full((), t, dtype=dtype, device=device)
+        y1, K, err = step(solver, f, tt, y, h, k, co, rtol, atol, error_size)
+        stats.n_steps += 1
+        stats.n_f_evals += K.shape[0] - 1
+        if adaptive:
+            last_err = float(err)  # the one host synchronisation per step
+            accept, dt_new, ctrl_state = controller.propose(abs(h), last_err, ctrl_state, order)
+        else:
+            accept, dt_new = True, dt
+        if accept:
+            t_new = t1 if last else t + h
+            stats.n_accepted += 1
+            if dense:
+                dense_t.append(t)
+                dense_dt.append(h)
+                dense_y.append(y)
+                dense_K.append(K)
+            if save_times is not None:
+                j = si
+                while j < len(save_times) and direction * (save_times[j] - t_new) <= 0:
+                    j += 1
+                if j > si:
+                    inner = [tau for tau in save_times[si:j] if tau != t_new]
+                    if inner:
+                        theta = torch.tensor([(tau - t) / h for tau in inner], dtype=dtype, device=device)
+                        ys.extend(solver.interpolate(y, h, K, solver.dense_weights(theta, co)).unbind(0))
+                        ts.extend(inner)
+                    if len(inner) < j - si:
+                        ts.append(t_new)
+                        ys.append(y1)
+                    si = j
+            elif save_everystep and not last:
+                ts.append(t_new)
+                ys.append(y1)
+            t, y = t_new, y1
+            if solver.fsal:
+                k = K[-1]
+            else:
+                k = None
+                if direction * (t1 - t) > 0:
+                    k = f(torch.full((), t, dtype=dtype, device=device), y)
+                    stats.n_f_evals += 1
+        else:
+            stats.n_rejected += 1
+        if adaptive:
+            dt = min(dt_new, dtmax)
+            if dt < dtmin and direction * (t1 - t) > 0:
+                if not math.isfinite(last_err):
+                    return result(Status.NONFINITE, _nonfinite_message(t, dt), dt)
+                return result(
+                    Status.DT_MIN,
+                    f"the step size fell below dtmin={dtmin:.3g} at t={t:.6g} (dt={dt:.3g}): the problem may be "
+                    "stiff or singular there; loosen rtol/atol, lower dtmin, or use float64",
+                    dt,
+                )
+
+    if not adaptive and not bool(torch.isfinite(y).all()):
+        return result(Status.NONFINITE, _nonfinite_message(t, dt), dt)
+    return result(Status.SUCCESS, "", dt)
+
+
+def _check_derivative(k: object, y0: torch.Tensor) -> None:
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"f(t, y) must return a tensor, got {type(k).__name__}")
+    if k.shape != y0.shape:
+        raise ValueError(
+            f"f(t, y) returned shape {tuple(k.shape)} for a state of shape {tuple(y0.shape)}: "
+            "the derivative must have the state's shape"
+        )
+    if k.dtype != y0.dtype:
+        raise ValueError(
+            f"f(t, y) returned dtype {k.dtype} for a state of dtype {y0.dtype}: make f return the state's dtype "
+            "(or pass y0 in the dtype f computes in)"
+        )
+    if k.device != y0.device:
+        raise ValueError(f"f(t, y) returned a tensor on {k.device} for a state on {y0.device}: keep f on the state's device")
+
+
+def _nonfinite_message(t: float, dt: float | None) -> str:
+    where = f"t={t:.6g}" + (f" (dt={dt:.3g})" if dt is not None else "")
+    return (
+        f"the solution became NaN or Inf at {where}: f produced a non-finite value. Check f for overflow or "
+        "division by zero there, try float64, or tighten rtol/atol"
+    )

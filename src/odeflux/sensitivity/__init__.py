@@ -1,0 +1,3 @@
+from .base import DirectAdjoint, SensitivityAlgorithm
+
+__all__ = ["DirectAdjoint", "SensitivityAlgorithm"]

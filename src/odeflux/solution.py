@@ -1,0 +1,155 @@
+"""What a solve returns: saved states, dense output, statistics and a status code."""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .solvers.tableau import ExplicitRK
+
+
+class Status(enum.IntEnum):
+    """How a solve ended."""
+
+    SUCCESS = 0
+    MAX_STEPS = 1  # max_steps attempted steps were taken before reaching t1
+    DT_MIN = 2  # the step size fell below dtmin
+    NONFINITE = 3  # the state or f produced NaN or Inf
+
+
+class SolveError(RuntimeError):
+    """A solve did not reach the end of its time span. ``status`` and ``solution`` say how far it got."""
+
+    def __init__(self, message: str, status: Status, solution: "Solution | None" = None):
+        super().__init__(message)
+        self.status = status
+        self.solution = solution
+
+
+@dataclass
+class Stats:
+    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected)."""
+
+    n_f_evals: int = 0
+    n_steps: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+
+    def add(self, other: "Stats") -> None:
+        for fl in fields(other):
+            setattr(self, fl.name, getattr(self, fl.name) + getattr(other, fl.name))
+
+
+@dataclass
+class BackwardStats(Stats):
+    """Counters of the backward (sensitivity) pass, filled in when the backward pass runs."""
+
+    n_vjp_evals: int = 0
+    n_checkpoints: int = 0  # forward re-solves on checkpoint intervals
+    n_quadrature_points: int = 0
+
+
+class DenseOutput:
+    """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
+
+    def __init__(self, solver: "ExplicitRK", t_starts: list[float], dts: list[float], y0s: list[torch.Tensor], Ks: list[torch.Tensor]):
+        self.solver = solver
+        self.t_starts = t_starts
+        self.dts = dts
+        self.y0s = y0s
+        self.Ks = Ks
+        self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
+        # Sorted ascending for bisection whatever the direction of integration.
+        self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
+
+    def __len__(self) -> int:
+        return len(self.dts)
+
+    @property
+    def t0(self) -> float:
+        return self.t_starts[0]
+
+    @property
+    def t1(self) -> float:
+        return self.t_starts[-1] + self.dts[-1]
+
+    def step_index(self, t: float) -> int:
+        key = t if self.direction > 0 else -t
+        i = bisect.bisect_right(self._keys, key) - 1
+        return min(max(i, 0), len(self.dts) - 1)
+
+    def evaluate(self, ts: Sequence[float]) -> torch.Tensor:
+        """States at host times ``ts`` (any order), stacked as ``(len(ts), *state_shape)``."""
+        lo, hi = sorted((self.t0, self.t1))
+        span = hi - lo
+        for t in ts:
+            if not (lo - 1e-12 * max(1.0, span) <= t <= hi + 1e-12 * max(1.0, span)):
+                raise ValueError(f"t={t} is outside the solved span [{lo}, {hi}]; dense output does not extrapolate")
+        groups: dict[int, list[int]] = {}
+        for j, t in enumerate(ts):
+            groups.setdefault(self.step_index(t), []).append(j)
+        y0 = self.y0s[0]
+        co = self.solver.coefficients(y0.dtype, y0.device)
+        parts, order = [], []
+        for i, idx in groups.items():
+            theta = torch.tensor([(ts[j] - self.t_starts[i]) / self.dts[i] for j in idx], dtype=y0.dtype, device=y0.device)
+            w = self.solver.dense_weights(theta, co)
+            parts.append(self.solver.interpolate(self.y0s[i], self.dts[i], self.Ks[i], w))
+            order.extend(idx)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if order != sorted(order):
+            out = out[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=out.device)]
+        return out
+
+
+@dataclass
+class Solution:
+    """The result of :func:`odeflux.solve`.
+
+    ``ts`` are the saved times and ``ys`` the saved states stacked along a new first axis.
+    ``sol(t)`` evaluates the dense output (when kept). ``stats`` counts the work; ``status`` says
+    how the solve ended. ``backward_stats`` is filled in by the backward pass of an adjoint method.
+    """
+
+    ts: torch.Tensor
+    ys: torch.Tensor
+    stats: Stats
+    status: Status = Status.SUCCESS
+    message: str = ""
+    dense: DenseOutput | None = field(default=None, repr=False)
+    backward_stats: BackwardStats | None = None
+    t_final: float | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.status == Status.SUCCESS
+
+    @property
+    def y_final(self) -> torch.Tensor:
+        """The last saved state."""
+        if self.ys.shape[0] == 0:
+            raise ValueError("this solution saved no state: set save_end=True or pass saveat")
+        return self.ys[-1]
+
+    def __call__(self, t: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """Dense output at time ``t`` (a float gives one state; a sequence or 1-d tensor a stack)."""
+        if self.dense is None:
+            raise ValueError(
+                "this solution kept no dense output: solve with dense=True (or save_everystep=True) to call sol(t)"
+            )
+        if isinstance(t, torch.Tensor):
+            if t.ndim > 1:
+                raise ValueError(f"sol(t) takes a scalar or a 1-d tensor of times, got shape {tuple(t.shape)}")
+            scalar = t.ndim == 0
+            times = [float(v) for v in t.reshape(-1).tolist()]
+        elif isinstance(t, (int, float)):
+            scalar, times = True, [float(t)]
+        else:
+            scalar, times = False, [float(v) for v in t]
+        out = self.dense.evaluate(times)
+        return out[0] if scalar else out

@@ -1,0 +1,14 @@
+"""Explicit Runge-Kutta solvers: one file per method holding its tableau, one generic stepper."""
+
+from .bs3 import BS3
+from .dopri5 import Dopri5
+from .euler import Euler
+from .heun import Heun
+from .midpoint import Midpoint
+from .rk4 import RK4
+from .tableau import ButcherTableau, ExplicitRK, StepResult
+from .tsit5 import Tsit5
+
+SOLVERS = {cls.__name__.lower(): cls for cls in (Tsit5, Dopri5, BS3, Heun, Euler, Midpoint, RK4)}
+
+__all__ = ["BS3", "ButcherTableau", "Dopri5", "Euler", "ExplicitRK", "Heun", "Midpoint", "RK4", "SOLVERS", "StepResult", "Tsit5"]

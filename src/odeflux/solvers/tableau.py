@@ -1,0 +1,207 @@
+"""Butcher tableaus as data, and the one generic explicit Runge-Kutta stepper that runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ButcherTableau:
+    """Coefficients of an explicit Runge-Kutta method.
+
+    ``a[i]`` holds the ``i`` coefficients of stage ``i`` (row 0 is empty). ``b_err`` holds the
+    weights of the error estimate ``dt * sum(b_err[i] * k[i])`` (``None`` for fixed-step methods).
+    ``interp[i][d]`` is the coefficient of ``theta**(d + 1)`` in the dense-output weight
+    ``b_i(theta)``, so that ``y(t0 + theta * dt) = y0 + dt * sum_i b_i(theta) * k_i``.
+    """
+
+    name: str
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]
+    b: tuple[float, ...]
+    b_err: tuple[float, ...] | None
+    interp: tuple[tuple[float, ...], ...]
+    interp_order: int
+    error_order: int | None = None
+    fsal: bool = False
+
+    def __post_init__(self) -> None:
+        s = len(self.c)
+        if len(self.a) != s or any(len(row) != i for i, row in enumerate(self.a)):
+            raise ValueError(f"{self.name}: a must be strictly lower triangular with {s} rows")
+        if len(self.b) != s or (self.b_err is not None and len(self.b_err) != s) or len(self.interp) != s:
+            raise ValueError(f"{self.name}: b, b_err and interp need one entry per stage ({s})")
+        if self.fsal and (tuple(self.a[-1]) + (0.0,) != tuple(self.b) or self.c[-1] != 1.0):
+            raise ValueError(f"{self.name}: FSAL needs the last stage to be the solution (a[-1] == b, c[-1] == 1)")
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.b_err is not None
+
+    def a_matrix(self) -> np.ndarray:
+        s = self.stages
+        A = np.zeros((s, s))
+        for i, row in enumerate(self.a):
+            A[i, : len(row)] = row
+        return A
+
+    def dense_weights(self, theta: np.ndarray | float) -> np.ndarray:
+        """``b_i(theta)`` for each stage (shape ``(..., stages)``), evaluated in float64."""
+        theta = np.asarray(theta, dtype=np.float64)[..., None]
+        P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
+        powers = theta ** np.arange(1, P.shape[1] + 1)  # (..., deg)
+        return powers @ P.T
+
+
+def polynomial_weights(terms: Sequence[tuple[Sequence[float], np.ndarray]], stages: int) -> tuple[tuple[float, ...], ...]:
+    """Build ``interp`` rows from a sum of ``polynomial(theta) * stage_weights`` terms.
+
+    Each term is ``(poly, w)``: ``poly`` the coefficients of theta**1, theta**2, ... and ``w`` a
+    vector of per-stage weights. Lets an interpolant written in Hermite or Horner form become data.
+    """
+    deg = max(len(p) for p, _ in terms)
+    P = np.zeros((stages, deg))
+    for poly, w in terms:
+        P[:, : len(poly)] += np.outer(np.asarray(w, dtype=np.float64), poly)
+    return tuple(tuple(float(v) for v in row) for row in P)
+
+
+def hermite_interp(b: Sequence[float], fsal_stage: int) -> tuple[tuple[float, ...], ...]:
+    """Cubic Hermite dense output through y0, y1, f(y0) = k_0 and f(y1) = k_{fsal_stage}."""
+    s = len(b)
+    bv = np.asarray(b, dtype=np.float64)
+    e0 = np.eye(s)[0]
+    e1 = np.eye(s)[fsal_stage]
+    # y(theta) = y0 + theta*D + theta(theta-1)[(1-2theta) D + (theta-1) h f0 + theta h f1],  D = h b.k
+    # = y0 + h[ theta b + (-theta + 3theta^2 - 2theta^3)... ] expanded per power below.
+    return polynomial_weights(
+        [
+            ([1.0, 0.0, 0.0], bv),
+            ([-1.0, 3.0, -2.0], bv),  # theta(theta-1)(1-2theta) D
+            ([1.0, -2.0, 1.0], e0),  # theta(theta-1)^2 h f0
+            ([0.0, -1.0, 1.0], e1),  # theta^2(theta-1) h f1
+        ],
+        s,
+    )
+
+
+class _Coefficients(NamedTuple):
+    a_rows: tuple[torch.Tensor, ...]  # a_rows[i]: (1, i) for stage i >= 1
+    b_row: torch.Tensor  # (1, s)
+    e_row: torch.Tensor | None  # (1, s)
+    c: tuple[float, ...]
+    interp: torch.Tensor  # (s, deg)
+
+
+class StepResult(NamedTuple):
+    """One Runge-Kutta step: the new state, its error estimate (``None`` for fixed-step methods)
+    and the stage derivatives stacked as ``(stages, *state_shape)`` (for dense output and FSAL)."""
+
+    y1: torch.Tensor
+    err: torch.Tensor | None
+    K: torch.Tensor
+
+
+@dataclass(eq=False)
+class ExplicitRK:
+    """An explicit Runge-Kutta solver defined by its tableau. Subclasses only supply the data."""
+
+    tableau: ButcherTableau = field(repr=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.adaptive
+
+    @property
+    def fsal(self) -> bool:
+        return self.tableau.fsal
+
+    @property
+    def error_order(self) -> int:
+        """The order used by step-size control (OrdinaryDiffEq uses the method's order)."""
+        return self.tableau.order
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+        key = (dtype, device)
+        co = self._cache.get(key)
+        if co is None:
+            tab = self.tableau
+            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+            co = _Coefficients(
+                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
+                b_row=mk([list(tab.b)]),
+                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+                c=tab.c,
+                interp=mk([list(r) for r in tab.interp]),
+            )
+            self._cache[key] = co
+        return co
+
+    def step(
+        self,
+        f: VectorField,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        dt: float,
+        k1: torch.Tensor,
+        co: _Coefficients | None = None,
+    ) -> StepResult:
+        """Take one step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``.
+
+        ``t`` is a 0-d tensor, ``dt`` a Python float. Pure tensor code (no host synchronisation,
+        no in-place writes), so it is differentiable and traces under
+        ``torch.compile(fullgraph=True)``. Each stage costs one ``f`` call, one stack and one
+        fused multiply-add over all previous stages.
+        """
+        if co is None:
+            co = self.coefficients(y.dtype, y.device)
+        shape = y.shape
+        n = y.numel()
+        yrow = y.reshape(1, n)
+        ks = [k1]
+        s = len(co.c)
+        yi = y
+        for i in range(1, s):
+            K = torch.stack(ks).reshape(i, n)
+            yi = torch.addmm(yrow, co.a_rows[i], K, alpha=dt).reshape(shape)
+            ks.append(f(t + co.c[i] * dt, yi))
+        K = torch.stack(ks)
+        Kf = K.reshape(s, n)
+        y1 = yi if self.tableau.fsal else torch.addmm(yrow, co.b_row, Kf, alpha=dt).reshape(shape)
+        err = None
+        if co.e_row is not None:
+            err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
+        return StepResult(y1, err, K)
+
+    def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
+        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
+        deg = co.interp.shape[1]
+        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
+        return powers @ co.interp.T
+
+    @staticmethod
+    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
+        ``(m, stages)``, returned as ``(m, *state_shape)``."""
+        s = K.shape[0]
+        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
+        return out.reshape((weights.shape[0],) + tuple(y0.shape))
