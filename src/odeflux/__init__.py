@@ -1,7 +1,16 @@
 """odeflux: neural ordinary differential equations for PyTorch, with the adjoint family."""
 
 from .control import ConstantStepSize, IController, PIController, StepSizeController
-from .sensitivity import DirectAdjoint, SensitivityAlgorithm
+from .sensitivity import (
+    BacksolveAdjoint,
+    ContinuousAdjoint,
+    DirectAdjoint,
+    GaussAdjoint,
+    InterpolatingAdjoint,
+    QuadratureAdjoint,
+    SensitivityAlgorithm,
+)
+from .nn import NeuralODE
 from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, Status
 from .solve import solve
 from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5
@@ -9,7 +18,8 @@ from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BS3", "RK4", "BackwardStats", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
+    "BS3", "RK4", "BacksolveAdjoint", "BackwardStats", "ContinuousAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
+    "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
     "Euler", "ExplicitRK", "Heun", "IController", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "solve",
 ]

@@ -40,11 +40,17 @@ def initial_step(
     atol: float,
     dtmax: float,
     n: int | None = None,
+    float_time: bool = False,
 ) -> tuple[float, int]:
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
     Returns the step (positive) and the number of extra ``f`` evaluations it spent (one).
     """
+    with torch.no_grad():  # a heuristic: nothing here is differentiated
+        return _initial_step(f, t0, y0.detach(), f0.detach(), direction, order, rtol, atol, dtmax, n, float_time)
+
+
+def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_time) -> tuple[float, int]:
     yf, ff = (y0.reshape(-1)[:n], f0.reshape(-1)[:n]) if n is not None else (y0, f0)
     scale = yf.abs().mul(rtol).add_(atol)
     d = torch.stack([torch.linalg.vector_norm(yf / scale), torch.linalg.vector_norm(ff / scale)])
@@ -54,7 +60,8 @@ def initial_step(
     dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     dt0 = min(dt0, dtmax)
     y1 = torch.add(y0, f0, alpha=direction * dt0)
-    f1 = f(torch.full((), t0 + direction * dt0, dtype=y0.dtype, device=y0.device), y1)
+    t = t0 + direction * dt0
+    f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), y1)
     df = (f1 - f0).reshape(-1)[:n] if n is not None else f1 - f0
     d2 = rms_scaled(df, scale) / dt0
     m = max(d1, d2)

@@ -78,6 +78,8 @@ def integrate(
     error_size: int | None = None,
     k0: torch.Tensor | None = None,
     step_fn: StepFn | None = None,
+    float_time: bool = False,
+    on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> IntegrationResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
 
@@ -85,6 +87,9 @@ def integrate(
     start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
     error norm to the first entries of the flattened state (a seminorm). ``k0`` is ``f(t0, y0)``
     if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).
+    ``float_time=True`` hands ``f`` host floats for ``t`` instead of 0-d tensors (the adjoints' own
+    right-hand sides look up the forward's interpolant by host time, with no device round trip).
+    ``on_accept(t, dt, y, y1, K)`` is called after each accepted step.
     """
     direction = 1.0 if t1 > t0 else -1.0
     stats = Stats()
@@ -98,7 +103,8 @@ def integrate(
     # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
     land_tol = 64 * 2.0**-52 * tscale
     if dtmin is None:
-        dtmin = 16 * torch.finfo(dtype).eps * tscale if adaptive else 0.0
+        # Time runs in float64 on the host whatever the state's dtype (OrdinaryDiffEq: eps of the time type).
+        dtmin = 16 * 2.0**-52 * tscale if adaptive else 0.0
     dtmax = span if dtmax is None else min(abs(dtmax), span)
 
     ts: list[float] = []
@@ -110,18 +116,23 @@ def integrate(
     save_times = list(saveat) if saveat is not None else None
     si = 0
 
+    def as_time(t: float) -> torch.Tensor | float:
+        return t if float_time else torch.full((), t, dtype=dtype, device=device)
+
     t, y = t0, y0
     k = k0
     if k is None:
-        k = f(torch.full((), t0, dtype=dtype, device=device), y0)
+        k = f(as_time(t0), y0)
         stats.n_f_evals += 1
         _check_derivative(k, y0)
 
     def result(status: Status, message: str, dt_next: float) -> IntegrationResult:
         dense_out = DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K) if dense and dense_dt else None
-        if save_end and save_times is None:
-            # On failure this is the last state reached, so the caller sees how far it got.
-            ts.append(t1 if status == Status.SUCCESS else t)
+        t_end = t1 if status == Status.SUCCESS else t
+        # On failure this is the last state reached, so the caller sees how far it got (saved once:
+        # save_start or save_everystep may already hold it).
+        if save_end and save_times is None and not (ts and ts[-1] == t_end):
+            ts.append(t_end)
             ys.append(y)
         return IntegrationResult(ts, ys, t, y, k, dt_next, stats, status, message, dense_out)
 
@@ -140,10 +151,12 @@ def integrate(
     elif not adaptive:
         raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
     else:
-        dt, extra = initial_step(f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size)
+        dt, extra = initial_step(f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time)
         stats.n_f_evals += extra
         if not math.isfinite(dt):
             return result(Status.NONFINITE, _nonfinite_message(t0, None), float("nan"))
+        # As OrdinaryDiffEq: never start below dtmin, or the first proposal could end the solve (DT_MIN).
+        dt = max(dt, dtmin)
     dt = min(dt, dtmax)
     ctrl_state = controller.init_state()
     last_err = 0.0
@@ -159,8 +172,7 @@ def integrate(
         remaining = abs(t1 - t)
         last = dt >= remaining - land_tol
         h = direction * (remaining if last else dt)
-        tt = torch.full((), t, dtype=dtype, device=device)
-        y1, K, err = step(solver, f, tt, y, h, k, co, rtol, atol, error_size)
+        y1, K, err = step(solver, f, as_time(t), y, h, k, co, rtol, atol, error_size)
         stats.n_steps += 1
         stats.n_f_evals += K.shape[0] - 1
         if adaptive:
@@ -169,13 +181,16 @@ def integrate(
         else:
             accept, dt_new = True, dt
         if accept:
-            t_new = t1 if last else t + h
+            # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
+            t_new = t1 if last else (t + h if adaptive else t0 + (stats.n_accepted + 1) * h)
             stats.n_accepted += 1
             if dense:
                 dense_t.append(t)
                 dense_dt.append(h)
                 dense_y.append(y)
                 dense_K.append(K)
+            if on_accept is not None:
+                on_accept(t, h, y, y1, K)
             if save_times is not None:
                 j = si
                 while j < len(save_times) and direction * (save_times[j] - t_new) <= 0:
@@ -199,7 +214,7 @@ def integrate(
             else:
                 k = None
                 if direction * (t1 - t) > 0:
-                    k = f(torch.full((), t, dtype=dtype, device=device), y)
+                    k = f(as_time(t), y)
                     stats.n_f_evals += 1
         else:
             stats.n_rejected += 1
@@ -216,7 +231,7 @@ def integrate(
                 )
 
     if not adaptive and not bool(torch.isfinite(y).all()):
-        return result(Status.NONFINITE, _nonfinite_message(t, dt), dt)
+        return result(Status.NONFINITE, _nonfinite_message(t, dt, fixed_step=True), dt)
     return result(Status.SUCCESS, "", dt)
 
 
@@ -237,8 +252,11 @@ def _check_derivative(k: object, y0: torch.Tensor) -> None:
         raise ValueError(f"f(t, y) returned a tensor on {k.device} for a state on {y0.device}: keep f on the state's device")
 
 
-def _nonfinite_message(t: float, dt: float | None) -> str:
+def _nonfinite_message(t: float, dt: float | None, fixed_step: bool = False) -> str:
     where = f"t={t:.6g}" + (f" (dt={dt:.3g})" if dt is not None else "")
+    if fixed_step:
+        # Fixed steps check finiteness once, at the end (no per-step sync), so t is only a bound.
+        where = f"some t up to {where} (fixed-step solves check only the final state; save_everystep=True shows where)"
     return (
         f"the solution became NaN or Inf at {where}: f produced a non-finite value. Check f for overflow or "
         "division by zero there, try float64, or tighten rtol/atol"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import enum
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -47,7 +47,11 @@ class Stats:
 
 @dataclass
 class BackwardStats(Stats):
-    """Counters of the backward (sensitivity) pass, filled in when the backward pass runs."""
+    """Counters of the backward (sensitivity) pass, filled in when the backward pass runs.
+
+    ``n_f_evals`` counts evaluations of ``f`` alone (checkpoint re-solves, backsolve's state);
+    ``n_vjp_evals`` the vector-Jacobian products; the step counters are the adjoint solve's.
+    """
 
     n_vjp_evals: int = 0
     n_checkpoints: int = 0  # forward re-solves on checkpoint intervals
@@ -66,6 +70,7 @@ class DenseOutput:
         self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
+        self._interp = solver.tableau.interp
 
     def __len__(self) -> int:
         return len(self.dts)
@@ -82,6 +87,16 @@ class DenseOutput:
         key = t if self.direction > 0 else -t
         i = bisect.bisect_right(self._keys, key) - 1
         return min(max(i, 0), len(self.dts) - 1)
+
+    def at(self, t: float) -> torch.Tensor:
+        """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
+        i = self.step_index(t)
+        theta = (t - self.t_starts[i]) / self.dts[i]
+        powers = [theta ** (d + 1) for d in range(len(self._interp[0]))]
+        w = [sum(c * p for c, p in zip(row, powers)) for row in self._interp]
+        y0, K = self.y0s[i], self.Ks[i]
+        wt = torch.tensor([w], dtype=y0.dtype, device=y0.device)
+        return torch.addmm(y0.reshape(1, -1), wt, K.reshape(K.shape[0], -1), alpha=self.dts[i]).view(y0.shape)
 
     def evaluate(self, ts: Sequence[float]) -> torch.Tensor:
         """States at host times ``ts`` (any order), stacked as ``(len(ts), *state_shape)``."""
@@ -124,6 +139,8 @@ class Solution:
     dense: DenseOutput | None = field(default=None, repr=False)
     backward_stats: BackwardStats | None = None
     t_final: float | None = None
+    # Set by the continuous adjoints: a differentiable sol(t) (the adjoint runs from the queried times).
+    dense_fn: Callable[[list[float]], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:
@@ -151,5 +168,8 @@ class Solution:
             scalar, times = True, [float(t)]
         else:
             scalar, times = False, [float(v) for v in t]
-        out = self.dense.evaluate(times)
+        if self.dense_fn is not None and torch.is_grad_enabled():
+            out = self.dense_fn(times)
+        else:
+            out = self.dense.evaluate(times)
         return out[0] if scalar else out

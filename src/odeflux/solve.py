@@ -112,6 +112,7 @@ def solve(
         problem.y0.requires_grad or any(p.requires_grad for p in problem.params) or any(t.requires_grad for t in t_tensors)
     )
     t0_tensor, t1_tensor = t_tensors
+    y0_given = problem.y0
     if needs_grad and t0_tensor.requires_grad:
         # y(t; t0 + d, y0) = y(t; t0, y0 - d f(t0, y0)) to first order: dL/dt0 = -<dL/dy0, f(t0, y0)>.
         with torch.no_grad():
@@ -122,6 +123,8 @@ def solve(
         sol = _from_result(problem.integrate(), problem)
     else:
         sol = sensealg.solve(problem)
+    if problem.y0 is not y0_given and len(sol.ts) and float(sol.ts[0]) == problem.t0:
+        sol.ys = torch.cat([y0_given.unsqueeze(0), sol.ys[1:]])  # y(t0) = y0 whatever t0 is
     if needs_grad and t1_tensor.requires_grad and sol.status == Status.SUCCESS and len(sol.ts) and float(sol.ts[-1]) == problem.t1:
         # dL/dt1 = <dL/dy(t1), f(t1, y(t1))> for the state saved at t1.
         with torch.no_grad():

@@ -1,3 +1,22 @@
-from .base import DirectAdjoint, SensitivityAlgorithm
+"""The adjoint family: one file per method, named for what it does; VJP backends in vjp.py."""
 
-__all__ = ["DirectAdjoint", "SensitivityAlgorithm"]
+from .backsolve import BacksolveAdjoint
+from .base import ContinuousAdjoint, SensitivityAlgorithm
+from .direct import DirectAdjoint
+from .gauss import GaussAdjoint
+from .interpolating import InterpolatingAdjoint
+from .quadrature import QuadratureAdjoint
+from .vjp import VJP_BACKENDS
+
+SENSEALGS = {
+    "interpolating": InterpolatingAdjoint,
+    "gauss": GaussAdjoint,
+    "backsolve": BacksolveAdjoint,
+    "quadrature": QuadratureAdjoint,
+    "direct": DirectAdjoint,
+}
+
+__all__ = [
+    "BacksolveAdjoint", "ContinuousAdjoint", "DirectAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
+    "QuadratureAdjoint", "SENSEALGS", "SensitivityAlgorithm", "VJP_BACKENDS",
+]

@@ -1,11 +1,346 @@
-"""The sensitivity-method interface. (Filled in by the adjoint family.)"""
+"""The sensitivity-method interface and the autograd bridge shared by the continuous adjoints.
+
+A continuous adjoint runs the forward solve without recording a graph, keeps the states at the
+saved times (its checkpoints), and in the backward pass integrates the adjoint ODE
+
+    dlambda/dt = -lambda^T df/dy,      dmu/dt = -lambda^T df/dp,
+
+from the last saved time down to ``t0``, one interval between saved times at a time, adding the
+incoming gradient of each saved state to ``lambda`` as it passes it. Subclasses only say how one
+interval is integrated.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..control import PIController
+from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, Stats
+from ..solvers import ExplicitRK
+from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
+
+if TYPE_CHECKING:
+    from ..integrator import IntegrationResult
+    from ..solve import Problem
+
 
 class SensitivityAlgorithm:
-    """How ``solve`` computes gradients of a loss of its solution."""
+    """How :func:`odeflux.solve` computes gradients of a loss of its solution."""
+
+    def solve(self, problem: "Problem") -> Solution:
+        raise NotImplementedError
 
 
-class DirectAdjoint(SensitivityAlgorithm):
-    """Backpropagate through the solver's own operations (discrete sensitivities)."""
+@dataclass(eq=False)
+class ContinuousAdjoint(SensitivityAlgorithm):
+    """Common options of the continuous adjoints.
+
+    ``vjp`` picks how vector-Jacobian products of ``f`` are computed: ``"autograd"``
+    (``torch.autograd.grad``), ``"func"`` (``torch.func.vjp``), ``"compile"`` (that VJP under
+    ``torch.compile``) or ``"jacobian"`` (an explicit forward-mode Jacobian, for small states).
+    ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's.
+    ``seminorm=True`` leaves the parameter adjoint out of the adjoint's error control
+    (Kidger, Chen and Lyons, 2021): fewer backward steps, same accuracy in practice.
+    """
+
+    vjp: str = "autograd"
+    rtol: float | None = None
+    atol: float | None = None
+    solver: ExplicitRK | None = None
+    seminorm: bool = False
+    max_steps: int | None = None
+    _compiled: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.vjp not in VJP_BACKENDS:
+            raise ValueError(f"vjp={self.vjp!r} is not a VJP backend: choose one of {sorted(VJP_BACKENDS)}")
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{type(self).__name__}: {name} must be positive and finite, got {v}")
+        if self.solver is not None and not isinstance(self.solver, ExplicitRK):
+            raise TypeError(f"{type(self).__name__}: solver must be an odeflux solver such as Tsit5(), got {self.solver!r}")
+
+    # -- what subclasses provide ------------------------------------------------------------
+    def forward_dense(self, problem: "Problem") -> bool:
+        """Whether the forward solve keeps its dense output for the backward pass."""
+        return problem.dense
+
+    def integrate_interval(
+        self, run: "AdjointRun", t_hi: float, t_lo: float, y_hi: torch.Tensor, y_lo: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Carry ``(lambda, mu)`` from ``t_hi`` back to ``t_lo`` (flat tensors); ``y_hi``/``y_lo``
+        are the forward states kept at the interval's ends."""
+        raise NotImplementedError
+
+    # -- the shared machinery ----------------------------------------------------------------
+    def solve(self, problem: "Problem") -> Solution:
+        params = [p for p in problem.params if p.requires_grad]
+        check_hidden_params(problem, params)
+        run = AdjointRun(self, problem, params)
+        ys = _AdjointFunction.apply(run, problem.y0, *params)
+        res = run.forward_result
+        dense_fn = None
+        if problem.dense and res.dense is not None:
+
+            def dense_fn(times: list[float]) -> torch.Tensor:
+                return _AdjointFunction.apply(DenseQuery(run, times), problem.y0, *params)
+
+        return Solution(
+            dense_fn=dense_fn,
+            ts=torch.tensor(res.ts, dtype=problem.y0.dtype, device=problem.y0.device),
+            ys=ys,
+            stats=res.stats,
+            status=res.status,
+            message=res.message,
+            dense=res.dense if problem.dense else None,
+            backward_stats=run.bstats,
+            t_final=res.t,
+        )
+
+
+_CHECKED: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+
+
+def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
+    """Refuse an ``f`` that depends on tensors requiring grad which the adjoint cannot see.
+
+    A continuous adjoint only differentiates with respect to the parameters it was given; a tensor
+    that ``f`` captures from its closure would silently get no gradient. Checked once per ``f``
+    (by walking the graph of one evaluation) unless ``f`` cannot be weakly referenced.
+    """
+    f = problem.user_f
+    try:
+        if _CHECKED.get(f) == len(params):
+            return
+    except TypeError:
+        f = None
+    y = problem.y0.detach()
+    with torch.enable_grad():
+        out = problem.f(torch.full((), problem.t0, dtype=y.dtype, device=y.device), y)
+    if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+        known_leaves = {id(p) for p in params if p.grad_fn is None}
+        known_nodes = {id(p.grad_fn) for p in params if p.grad_fn is not None}
+        stack, seen = [out.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen or id(node) in known_nodes:
+                continue
+            seen.add(id(node))
+            var = getattr(node, "variable", None)
+            if var is not None and id(var) not in known_leaves:
+                raise ValueError(
+                    f"f depends on a tensor of shape {tuple(var.shape)} that requires grad but is not among the "
+                    "parameters the adjoint differentiates: make f an nn.Module that owns it, pass it inside "
+                    "args=, list it in params=, or use sensealg=DirectAdjoint()"
+                )
+            stack.extend(n for n, _ in node.next_functions)
+    if f is not None:
+        _CHECKED[f] = len(params)
+
+
+class AdjointRun:
+    """The state one solve shares between its forward and backward passes."""
+
+    def __init__(self, method: ContinuousAdjoint, problem: "Problem", params: list[torch.Tensor]):
+        self.method = method
+        self.problem = problem
+        self.params = params
+        self.bstats = BackwardStats()
+        self.forward_result: IntegrationResult | None = None
+        self.y = problem.y0.detach()
+        self.n = self.y.numel()
+        self.param_sizes = [p.numel() for p in params]
+        self.n_params = sum(self.param_sizes)
+        self.solver = method.solver or problem.solver
+        self.rtol = method.rtol if method.rtol is not None else problem.rtol
+        self.atol = method.atol if method.atol is not None else problem.atol
+        self.max_steps = method.max_steps or problem.max_steps
+        self.dense: DenseOutput | None = None
+        self.backsolve_y: torch.Tensor | None = None
+        self.module_state = _module_state(problem.user_f)
+        self._vjp: VJPBackend | None = None
+
+    # forward ---------------------------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        p = self.problem
+        with torch.no_grad():
+            res = p.integrate(y0=self.y, dense=self.method.forward_dense(p))
+        self.forward_result = res
+        self.dense = res.dense
+        if not res.ys:
+            return self.y.new_empty((0,) + tuple(self.y.shape))
+        return torch.stack(res.ys)
+
+    # backward --------------------------------------------------------------------------------
+    @property
+    def vjp(self) -> VJPBackend:
+        if self._vjp is None:
+            self._vjp = make_vjp(self.method, self.problem, self.params, self.bstats)
+        return self._vjp
+
+    def time(self, t: float) -> torch.Tensor:
+        return torch.full((), t, dtype=self.y.dtype, device=self.y.device)
+
+    def adjoint_integrate(self, g: Callable, z: torch.Tensor, t_hi: float, t_lo: float, error_size: int | None, **kw: Any) -> "IntegrationResult":
+        """Integrate an adjoint system ``dz/dt = g(t, z)`` from ``t_hi`` back to ``t_lo``."""
+        from ..integrator import integrate
+
+        res = integrate(
+            g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=PIController(),
+            max_steps=self.max_steps, save_start=False, save_end=True,
+            error_size=error_size if self.method.seminorm else None, float_time=True, **kw,
+        )  # fmt: skip
+        # Adjoint right-hand-side evaluations are counted as VJPs by the backend, not as f evaluations.
+        self.bstats.n_steps += res.stats.n_steps
+        self.bstats.n_accepted += res.stats.n_accepted
+        self.bstats.n_rejected += res.stats.n_rejected
+        if res.status != Status.SUCCESS:
+            raise SolveError(
+                f"the adjoint solve of {type(self.method).__name__} failed ({res.status.name}): {res.message}", res.status
+            )
+        return res
+
+    def forward_dense_on(self, t_lo: float, t_hi: float, y_lo: torch.Tensor) -> DenseOutput:
+        """The forward's dense output over ``[t_lo, t_hi]``: kept from the forward, or re-solved
+        from the checkpoint ``y(t_lo)`` (the interpolating adjoint's checkpointing)."""
+        if self.dense is not None:
+            return self.dense
+        p = self.problem
+        res = p.integrate(y0=y_lo, t0=t_lo, t1=t_hi, saveat=None, save_everystep=False, save_start=False, save_end=False, dense=True)
+        self.bstats.n_checkpoints += 1
+        self.bstats.n_f_evals += res.stats.n_f_evals
+        if res.status != Status.SUCCESS:
+            raise SolveError(f"re-solving the forward on [{t_lo}, {t_hi}] failed ({res.status.name}): {res.message}", res.status)
+        assert res.dense is not None
+        return res.dense
+
+    def split_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for p, chunk in zip(self.params, torch.split(flat, self.param_sizes)):
+            out.append(chunk.view_as(p))
+        return out
+
+    def backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        res = self.forward_result
+        assert res is not None
+        return self.backward_at(res.ts, res.ys, list(grad_ys.unbind(0)))
+
+    def backward_at(
+        self, ts: list[float], ys: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Gradients of a loss whose gradient with respect to ``y(ts[i]) = ys[i]`` is ``grads[i]``
+        (``ts`` in the direction of integration)."""
+        res = self.forward_result
+        assert res is not None
+        if res.status != Status.SUCCESS:
+            raise SolveError(
+                f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status
+            )
+        with _restored(self.module_state):
+            return self._backward_at(ts, ys, grads)
+
+    def _backward_at(self, ts, ys, grads):
+        p = self.problem
+        direction = 1.0 if p.t1 > p.t0 else -1.0
+        # Knots: t0 and every saved time, with the forward state there (the checkpoints).
+        knots: list[tuple[float, torch.Tensor, torch.Tensor | None]] = [(p.t0, self.y, None)]
+        for t, y, g in zip(ts, ys, grads):
+            if knots[-1][0] == t:
+                prev = knots[-1][2]
+                knots[-1] = (t, knots[-1][1], g if prev is None else prev + g)
+            else:
+                knots.append((t, y, g))
+        lam = torch.zeros(self.n, dtype=self.y.dtype, device=self.y.device)
+        mu = torch.zeros(self.n_params, dtype=self.y.dtype, device=self.y.device)
+        with torch.no_grad():
+            for k in range(len(knots) - 1, 0, -1):
+                t_hi, y_hi, g = knots[k]
+                if g is not None:
+                    lam = lam + g.reshape(-1)
+                t_lo, y_lo, _ = knots[k - 1]
+                if direction * (t_hi - t_lo) > 0:
+                    lam, mu = self.method.integrate_interval(self, t_hi, t_lo, y_hi, y_lo, lam, mu)
+            g0 = knots[0][2]
+            if g0 is not None:
+                lam = lam + g0.reshape(-1)
+        return lam.view_as(self.y), self.split_params(mu)
+
+
+def _module_state(f: Any) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    """The parameter and buffer tensors an ``nn.Module`` ``f`` holds at forward time."""
+    module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return []
+    return [
+        (mod, kind, name, t)
+        for mod in module.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, t in getattr(mod, kind).items()
+        if t is not None
+    ]
+
+
+@contextlib.contextmanager
+def _restored(state: list[tuple[nn.Module, str, str, torch.Tensor]]):
+    """Put back, for the backward pass, the tensors the module held during the forward pass.
+
+    Under ``torch.func.functional_call`` (a flat parameter vector, say) the module holds other
+    tensors while the forward runs than when autograd later calls the backward.
+    """
+    swapped = []
+    for mod, kind, name, t in state:
+        slots = getattr(mod, kind)
+        if slots.get(name) is not t:
+            swapped.append((slots, name, slots.get(name)))
+            slots[name] = t
+    try:
+        yield
+    finally:
+        for slots, name, old in reversed(swapped):
+            slots[name] = old
+
+
+class DenseQuery:
+    """``sol(t)`` of a continuous-adjoint solve, made differentiable: the adjoint runs from the
+    queried times (sorted, duplicates merged) as it runs from saved ones."""
+
+    def __init__(self, run: AdjointRun, times: list[float]):
+        self.run = run
+        direction = 1.0 if run.problem.t1 > run.problem.t0 else -1.0
+        self.times = times
+        self.order = sorted(range(len(times)), key=lambda i: direction * times[i])
+
+    def forward(self) -> torch.Tensor:
+        assert self.run.dense is not None
+        return self.run.dense.evaluate(self.times)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        assert self.run.dense is not None
+        ts = [self.times[i] for i in self.order]
+        ys = list(self.run.dense.evaluate(ts).unbind(0))
+        return self.run.backward_at(ts, ys, [grad[i] for i in self.order])
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """Connects a continuous adjoint to autograd: forward solves, backward runs the adjoint."""
+
+    @staticmethod
+    def forward(ctx: Any, run: "AdjointRun | DenseQuery", y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.run = run
+        return run.forward()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple:
+        run = ctx.run
+        grad_y0, grad_params = run.backward(grad_ys)
+        return (None, grad_y0, *grad_params)

@@ -1,0 +1,37 @@
+"""The interpolating adjoint: lambda and mu backwards, y(t) from the forward's interpolant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import AdjointRun, ContinuousAdjoint
+
+
+@dataclass(eq=False)
+class InterpolatingAdjoint(ContinuousAdjoint):
+    """Solves ``(lambda, mu)`` backwards, taking ``y(t)`` from the forward's dense output.
+
+    When the forward kept no dense output (``save_everystep=False``, as in the tutorial), or with
+    ``checkpointing=True``, the forward is re-solved with dense output on each interval between
+    saved times (its checkpoints), as SciMLSensitivity does: the memory kept between forward and
+    backward is the saved states alone.
+    """
+
+    checkpointing: bool = False
+
+    def forward_dense(self, problem) -> bool:
+        return problem.dense and not self.checkpointing
+
+    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
+        dense = run.forward_dense_on(t_lo, t_hi, y_lo)
+        n, vjp, shape = run.n, run.vjp, run.y.shape
+
+        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
+            y = dense.at(t)
+            _, gy, gp = vjp(t, y, z[:n].view(shape))
+            return torch.cat([gy.reshape(-1)] + [g.reshape(-1) for g in gp]).neg_()
+
+        z = run.adjoint_integrate(rhs, torch.cat([lam, mu]), t_hi, t_lo, error_size=n).y
+        return z[:n], z[n:]

@@ -1,0 +1,168 @@
+"""Vector-Jacobian products of the vector field: ``v^T df/dy`` and ``v^T df/dp``, four ways.
+
+- ``autograd``: record ``f`` once and call ``torch.autograd.grad`` (works for any ``f``).
+- ``func``: ``torch.func.vjp`` of a functional form of ``f`` (parameters substituted by name).
+- ``compile``: that same VJP compiled once with ``torch.compile`` and reused across steps.
+- ``jacobian``: an explicit Jacobian by forward mode (``torch.func.jacfwd``), for small states.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..solution import BackwardStats
+
+if TYPE_CHECKING:
+    from ..solve import Problem
+
+VJPResult = tuple["torch.Tensor | None", "torch.Tensor | None", "list[torch.Tensor] | None"]
+
+
+class VJPBackend:
+    """``(t, y, v) -> (f(t, y) if want_f, v^T df/dy if want_y, [v^T df/dp_i] if want_p)``."""
+
+    def __init__(self, problem: "Problem", params: list[torch.Tensor], stats: BackwardStats):
+        self.problem = problem
+        self.params = params
+        self.stats = stats
+        self.dtype = problem.y0.dtype
+        self.device = problem.y0.device
+
+    def time(self, t: float | torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t
+        return torch.full((), t, dtype=self.dtype, device=self.device)
+
+    def __call__(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True, want_f: bool = False) -> VJPResult:
+        raise NotImplementedError
+
+
+class AutogradVJP(VJPBackend):
+    def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
+        self.stats.n_vjp_evals += 1
+        self.stats.n_f_evals += want_f
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_(want_y)
+            out = self.problem.f(self.time(t), y_)
+            inputs = ([y_] if want_y else []) + (self.params if want_p else [])
+            if out.requires_grad and inputs:
+                grads = list(torch.autograd.grad(out, inputs, v, allow_unused=True))
+            else:  # f depends on none of them
+                grads = [None] * len(inputs)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+        gy = grads[0] if want_y else None
+        gp = grads[1:] if want_y else grads
+        return (out.detach() if want_f else None), gy, (gp if want_p else None)
+
+
+class FunctionalF:
+    """``f`` as a pure function of ``(t, y, *param_values)``, by substituting parameters by name.
+
+    Parameters must reach ``f`` as parameters of an ``nn.Module`` ``f`` or as tensors inside
+    ``args``; tensors that ``f`` only captures from its closure cannot be substituted.
+    """
+
+    def __init__(self, problem: "Problem", params: list[torch.Tensor], backend: str):
+        self.user_f = problem.user_f
+        self.args = problem.args
+        module = self.user_f if isinstance(self.user_f, nn.Module) else None
+        index = {id(p): i for i, p in enumerate(params)}
+        self.module_slots: list[tuple[str, int]] = []
+        if module is not None:
+            for name, p in module.named_parameters(remove_duplicate=False):
+                if id(p) in index:
+                    self.module_slots.append((name, index[id(p)]))
+        self.module = module
+        leaves, self.spec = pytree.tree_flatten(self.args) if self.args is not None else ([], None)
+        self.leaves = leaves
+        self.leaf_slots = [(j, index[id(x)]) for j, x in enumerate(leaves) if isinstance(x, torch.Tensor) and id(x) in index]
+        covered = {i for _, i in self.module_slots} | {i for _, i in self.leaf_slots}
+        missing = [i for i in range(len(params)) if i not in covered]
+        if missing:
+            raise ValueError(
+                f"vjp={backend!r} differentiates a functional form of f, so every parameter must reach f as a "
+                "parameter of an nn.Module f or inside args=; some are captured from f's closure. Pass them "
+                "through args=, or use vjp='autograd'"
+            )
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor, *pvals: torch.Tensor) -> torch.Tensor:
+        args = self.args
+        if self.leaf_slots:
+            leaves = list(self.leaves)
+            for j, i in self.leaf_slots:
+                leaves[j] = pvals[i]
+            args = pytree.tree_unflatten(leaves, self.spec)
+        call_args = (t, y) if args is None else (t, y, args)
+        if self.module is not None:
+            return torch.func.functional_call(self.module, {name: pvals[i] for name, i in self.module_slots}, call_args)
+        return self.user_f(*call_args)
+
+
+def _func_vjp(fn: FunctionalF, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *pvals: torch.Tensor):
+    out, pullback = torch.func.vjp(lambda y_, *p_: fn(t, y_, *p_), y, *pvals)
+    return (out,) + tuple(pullback(v))
+
+
+class FuncVJP(VJPBackend):
+    def __init__(self, problem, params, stats):
+        super().__init__(problem, params, stats)
+        self.fn = FunctionalF(problem, params, self.name)
+        self.pvals = [p.detach() for p in params]
+
+    name = "func"
+
+    def _vjp(self, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor):
+        return _func_vjp(self.fn, t, y, v, *self.pvals)
+
+    def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
+        self.stats.n_vjp_evals += 1
+        self.stats.n_f_evals += want_f
+        out, gy, *gp = self._vjp(self.time(t), y, v)
+        return (out if want_f else None), (gy if want_y else None), (list(gp) if want_p else None)
+
+
+class CompileVJP(FuncVJP):
+    name = "compile"
+
+    def __init__(self, problem, params, stats, cache: dict):
+        super().__init__(problem, params, stats)
+        # One compiled VJP per vector field, kept by the sensitivity algorithm across solves.
+        key = (id(problem.user_f), tuple(p.shape for p in params), self.dtype, self.device)
+        compiled = cache.get(key)
+        if compiled is None:
+            compiled = torch.compile(_func_vjp, dynamic=False)
+            cache[key] = compiled
+        self.compiled = compiled
+
+    def _vjp(self, t, y, v):
+        return self.compiled(self.fn, t, y, v, *self.pvals)
+
+
+class JacobianVJP(FuncVJP):
+    name = "jacobian"
+
+    def _vjp(self, t, y, v):
+        n_in = 1 + len(self.pvals)
+        out = self.fn(t, y, *self.pvals)
+        jacs = torch.func.jacfwd(lambda y_, *p_: self.fn(t, y_, *p_), argnums=tuple(range(n_in)))(y, *self.pvals)
+        grads = [torch.tensordot(v, j, dims=v.ndim) for j in jacs]
+        return (out, *grads)
+
+
+VJP_BACKENDS: dict[str, Callable[..., VJPBackend]] = {
+    "autograd": AutogradVJP,
+    "func": FuncVJP,
+    "compile": CompileVJP,
+    "jacobian": JacobianVJP,
+}
+
+
+def make_vjp(method: Any, problem: "Problem", params: list[torch.Tensor], stats: BackwardStats) -> VJPBackend:
+    name = method.vjp
+    if name == "compile":
+        return CompileVJP(problem, params, stats, method._compiled)
+    return VJP_BACKENDS[name](problem, params, stats)
