@@ -1,0 +1,177 @@
+"""Shared fixtures: devices, dtypes and a catalogue of classic ODE problems with independent references.
+
+References come from outside odeflux: closed forms (Kepler's equation, the matrix exponential) or
+scipy's DOP853 at rtol = atol = 1e-12.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every device the test can run on: the CPU, and CUDA when one is present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems. ``f`` is the torch vector field (any device and dtype), ``f_np`` the same field for
+# scipy; ``exact`` a closed-form solution where one exists.
+
+
+@dataclass(frozen=True)
+class ODEProblem:
+    name: str
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    f_np: Callable[[float, np.ndarray], np.ndarray]
+    y0: np.ndarray
+    t_span: tuple[float, float]
+    exact: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def y0_tensor(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor(self.y0, dtype=dtype, device=device)
+
+    def reference(self, ts) -> np.ndarray:
+        """The solution at host times ``ts`` (starting from ``t_span[0]``), shape ``(len(ts), *y0.shape)``."""
+        ts = tuple(float(t) for t in np.atleast_1d(ts))
+        if self.exact is not None:
+            return self.exact(np.asarray(ts))
+        return _scipy_reference(self.name, ts)
+
+
+def _scipy_reference(name: str, ts: tuple[float, ...]) -> np.ndarray:
+    p = PROBLEMS[name]
+    t0 = p.t_span[0]
+    out = np.empty((len(ts),) + p.y0.shape)
+    for sign in (1.0, -1.0):
+        idx = [i for i, t in enumerate(ts) if sign * (t - t0) > 0]
+        if idx:
+            # One dense scipy solution per problem and direction, reaching at least the problem's t1.
+            far = max([sign * ts[i] for i in idx] + ([sign * p.t_span[1]] if sign > 0 else []))
+            sol = _scipy_dense(name, sign * far)
+            out[idx] = sol(np.array([ts[i] for i in idx])).T.reshape((len(idx),) + p.y0.shape)
+    for i, t in enumerate(ts):
+        if t == t0:
+            out[i] = p.y0
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _scipy_dense(name: str, t_end: float):
+    from scipy.integrate import solve_ivp
+
+    p = PROBLEMS[name]
+    flat = lambda t, y: p.f_np(t, y.reshape(p.y0.shape)).reshape(-1)  # noqa: E731
+    r = solve_ivp(flat, (p.t_span[0], t_end), p.y0.reshape(-1), method="DOP853", rtol=1e-12, atol=1e-12, dense_output=True)
+    assert r.success, r.message
+    return r.sol
+
+
+def _lotka_volterra(t, y):
+    x, z = y[..., 0], y[..., 1]
+    return _stack([1.5 * x - x * z, -3.0 * z + x * z], y)
+
+
+def _van_der_pol(t, y):
+    x, v = y[..., 0], y[..., 1]
+    return _stack([v, (1.0 - x * x) * v - x], y)
+
+
+def _two_body(t, u):
+    x, y, vx, vy = u[..., 0], u[..., 1], u[..., 2], u[..., 3]
+    r3 = (x * x + y * y) ** 1.5
+    return _stack([vx, vy, -x / r3, -y / r3], u)
+
+
+def _brusselator(t, y):
+    x, z = y[..., 0], y[..., 1]
+    return _stack([1.0 + x * x * z - 4.0 * x, 3.0 * x - x * x * z], y)
+
+
+def _stack(parts, like):
+    return torch.stack(parts, -1) if isinstance(like, torch.Tensor) else np.stack(parts, -1)
+
+
+# A damped rotation coupled to a slow decay: a 3x3 linear system, integrated on a (3, 2) matrix state.
+LINEAR_M = np.array([[-0.5, 1.0, 0.0], [-1.0, -0.5, 0.3], [0.2, 0.0, -0.2]])
+LINEAR_Y0 = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, -0.5]])
+_LINEAR_CACHE: dict = {}
+
+
+def _linear(t, y):
+    if isinstance(y, torch.Tensor):
+        key = (y.dtype, y.device)
+        M = _LINEAR_CACHE.get(key)
+        if M is None:
+            M = _LINEAR_CACHE[key] = torch.tensor(LINEAR_M, dtype=y.dtype, device=y.device)
+        return M @ y
+    return LINEAR_M @ y
+
+
+def _linear_exact(ts):
+    from scipy.linalg import expm
+
+    return np.stack([expm(LINEAR_M * (t - 0.0)) @ LINEAR_Y0 for t in ts])
+
+
+def kepler_exact(ts, e: float) -> np.ndarray:
+    """The two-body orbit with semi-major axis 1, mu = 1, eccentricity ``e``, at perihelion at t = 0.
+
+    Solves Kepler's equation ``E - e sin E = t`` by Newton's method to machine precision.
+    """
+    M = np.asarray(ts, dtype=np.float64)
+    E = M + e * np.sin(M)
+    for _ in range(40):
+        E = E - (E - e * np.sin(E) - M) / (1.0 - e * np.cos(E))
+    s = math.sqrt(1.0 - e * e)
+    r = 1.0 - e * np.cos(E)
+    return np.stack([np.cos(E) - e, s * np.sin(E), -np.sin(E) / r, s * np.cos(E) / r], -1)
+
+
+def two_body_f(t, u):
+    return _two_body(t, u)
+
+
+PROBLEMS: dict[str, ODEProblem] = {
+    "lotka_volterra": ODEProblem("lotka_volterra", _lotka_volterra, _lotka_volterra, np.array([1.0, 1.0]), (0.0, 10.0)),
+    "van_der_pol": ODEProblem("van_der_pol", _van_der_pol, _van_der_pol, np.array([2.0, 0.0]), (0.0, 10.0)),
+    "two_body": ODEProblem(
+        "two_body", _two_body, _two_body, kepler_exact([0.0], 0.5)[0], (0.0, 2 * math.pi), lambda ts: kepler_exact(ts, 0.5)
+    ),
+    "brusselator": ODEProblem("brusselator", _brusselator, _brusselator, np.array([1.5, 3.0]), (0.0, 10.0)),
+    "linear": ODEProblem("linear", _linear, _linear, LINEAR_Y0, (0.0, 5.0), _linear_exact),
+}
+
+# The two-body problem also gets a scipy cross-check: its closed form is our own Kepler solver.
+_SCIPY_CHECK = ODEProblem("two_body_scipy", _two_body, _two_body, PROBLEMS["two_body"].y0, (0.0, 2 * math.pi))
+PROBLEMS["two_body_scipy"] = _SCIPY_CHECK
+CLASSIC = ["lotka_volterra", "van_der_pol", "two_body", "brusselator", "linear"]
+
+
+@pytest.fixture(params=CLASSIC)
+def classic_problem(request) -> ODEProblem:
+    """Five classic non-stiff problems, each with an independent reference solution."""
+    return PROBLEMS[request.param]
+
+
+@pytest.fixture
+def problems() -> dict[str, ODEProblem]:
+    return PROBLEMS
