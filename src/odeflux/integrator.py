@@ -103,8 +103,9 @@ def integrate(
     # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
     land_tol = 64 * 2.0**-52 * tscale
     if dtmin is None:
-        # Time runs in float64 on the host whatever the state's dtype (OrdinaryDiffEq: eps of the time type).
-        dtmin = 16 * 2.0**-52 * tscale if adaptive else 0.0
+        # Time runs in float64 on the host, so |t| only bounds dtmin through float64's eps; the state's
+        # precision bounds it relative to the span (smaller steps could not cross it within max_steps).
+        dtmin = max(16 * 2.0**-52 * tscale, 16 * torch.finfo(dtype).eps * span) if adaptive else 0.0
     dtmax = span if dtmax is None else min(abs(dtmax), span)
 
     ts: list[float] = []

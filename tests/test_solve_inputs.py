@@ -1,0 +1,260 @@
+"""Bad input to ``odeflux.solve`` gets one clear error that names the problem (and the fix)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+import odeflux
+from odeflux import RK4, ConstantStepSize, Euler, PIController, Tsit5
+
+
+def decay(t, y):
+    return -y
+
+
+Y0 = torch.ones(3, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# y0
+
+
+@pytest.mark.parametrize("y0", [[1.0, 2.0], np.ones(3), 1.0, (1.0,)], ids=["list", "numpy", "float", "tuple"])
+def test_y0_not_a_tensor(y0):
+    with pytest.raises(TypeError, match=r"y0 must be a torch.Tensor, got \w+.*torch.as_tensor"):
+        odeflux.solve(decay, y0, (0.0, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16, torch.complex64])
+def test_y0_not_float32_or_float64(dtype):
+    y0 = torch.ones(3).to(dtype)
+    with pytest.raises(TypeError, match=rf"y0 has dtype {dtype}.*float32 or float64.*y0.float\(\)"):
+        odeflux.solve(decay, y0, (0.0, 1.0))
+
+
+def test_y0_empty_or_not_finite():
+    with pytest.raises(ValueError, match="y0 is empty"):
+        odeflux.solve(decay, torch.ones(0), (0.0, 1.0))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="y0 contains NaN or Inf"):
+            odeflux.solve(decay, torch.tensor([1.0, bad]), (0.0, 1.0))
+
+
+def test_float32_and_float64_accepted():
+    for dtype in (torch.float32, torch.float64):
+        sol = odeflux.solve(decay, torch.ones(2, dtype=dtype), (0, 1))  # integer times are fine
+        assert sol.ys.dtype == dtype
+        np.testing.assert_allclose(sol.ys[-1].double().numpy(), math.exp(-1.0), rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# t_span
+
+
+@pytest.mark.parametrize("t_span", [(1.0, 1.0), (0, 0.0), torch.tensor([2.0, 2.0])])
+def test_t_span_equal_ends(t_span):
+    with pytest.raises(ValueError, match="t_span has equal ends.*nonzero length"):
+        odeflux.solve(decay, Y0, t_span)
+
+
+@pytest.mark.parametrize("t_span", [(0.0, math.inf), (-math.inf, 0.0), (0.0, math.nan), torch.tensor([0.0, math.nan])])
+def test_t_span_not_finite(t_span):
+    with pytest.raises(ValueError, match="t_span must be finite"):
+        odeflux.solve(decay, Y0, t_span)
+
+
+@pytest.mark.parametrize("t_span", [(0.0, 1.0, 2.0), (1.0,), [], np.array([0.0, 0.5, 1.0])])
+def test_t_span_wrong_length(t_span):
+    with pytest.raises(ValueError, match=r"t_span must be a pair \(t0, t1\), got \d values"):
+        odeflux.solve(decay, Y0, t_span)
+
+
+def test_t_span_other_bad_forms():
+    with pytest.raises(ValueError, match=r"t_span must hold two times.*shape \(3,\)"):
+        odeflux.solve(decay, Y0, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="t_span must be a pair"):
+        odeflux.solve(decay, Y0, 1.0)
+    with pytest.raises(TypeError, match=r"t_span\[0\] must be a real number, got 'a'"):
+        odeflux.solve(decay, Y0, ("a", 1.0))
+    with pytest.raises(ValueError, match=r"t_span\[1\] must be a scalar"):
+        odeflux.solve(decay, Y0, (0.0, torch.ones(2)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tolerances and step options
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+@pytest.mark.parametrize("value", [0.0, -1e-6, math.nan, math.inf])
+def test_bad_tolerances(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be positive and finite, got {value}"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), **{name: value})
+
+
+def test_tolerance_not_a_number():
+    with pytest.raises(TypeError, match="rtol must be a real number"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), rtol="tight")
+
+
+@pytest.mark.parametrize("dt0", [0.0, -0.1, math.nan, math.inf])
+def test_bad_dt0(dt0):
+    with pytest.raises(ValueError, match=r"dt0 must be positive and finite \(its sign follows t_span\)"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=RK4(), dt0=dt0)
+
+
+@pytest.mark.parametrize("name", ["dtmin", "dtmax"])
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
+def test_bad_dtmin_dtmax(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be positive"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), **{name: value})
+
+
+@pytest.mark.parametrize("max_steps", [0, -5, 10.5, "100"])
+def test_bad_max_steps(max_steps):
+    with pytest.raises(ValueError, match="max_steps must be a positive integer"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), max_steps=max_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Solver and controller
+
+
+@pytest.mark.parametrize("solver", [Euler(), RK4()])
+def test_fixed_step_solver_without_dt0(solver):
+    name = type(solver).__name__
+    with pytest.raises(ValueError, match=rf"{name} with ConstantStepSize takes fixed steps: pass dt0="):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=solver)
+
+
+def test_constant_step_controller_without_dt0():
+    with pytest.raises(ValueError, match="pass dt0="):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=Tsit5(), controller=ConstantStepSize())
+
+
+def test_fixed_step_solver_with_adaptive_controller():
+    with pytest.raises(ValueError, match="RK4 has no error estimate, so it cannot adapt its step: pass dt0="):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=RK4(), controller=PIController(), dt0=0.1)
+
+
+@pytest.mark.parametrize("cls", [Tsit5, RK4])
+def test_solver_passed_as_class(cls):
+    with pytest.raises(TypeError, match=rf"solver must be an instance: pass {cls.__name__}\(\), not the class"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=cls, dt0=0.1)
+
+
+@pytest.mark.parametrize("solver", ["tsit5", object(), torch.optim.SGD])
+def test_solver_not_a_solver(solver):
+    with pytest.raises(TypeError, match="solver must be an odeflux solver such as odeflux.Tsit5()"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), solver=solver)
+
+
+def test_controller_not_a_controller():
+    with pytest.raises(TypeError, match="controller must be a step-size controller"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), controller="pi")
+    with pytest.raises(TypeError, match="controller must be a step-size controller"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), controller=PIController)
+
+
+def test_sensealg_not_an_algorithm():
+    with pytest.raises(TypeError, match="sensealg must be a sensitivity algorithm"):
+        odeflux.solve(decay, Y0.clone().requires_grad_(), (0.0, 1.0), sensealg="adjoint")
+
+
+# ------------------------------------------------------------------------------------------------
+# The vector field
+
+
+def test_f_not_callable():
+    with pytest.raises(TypeError, match="f must be callable as f\\(t, y\\), got Tensor"):
+        odeflux.solve(Y0, Y0, (0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "f,match",
+    [
+        (lambda t, y: [1.0, 2.0, 3.0], r"f\(t, y\) must return a tensor, got list"),
+        (lambda t, y: y.numpy(), r"f\(t, y\) must return a tensor, got ndarray"),
+        (lambda t, y: 1.0, r"f\(t, y\) must return a tensor, got float"),
+        (lambda t, y: None, r"f\(t, y\) must return a tensor, got NoneType"),
+    ],
+    ids=["list", "numpy", "float", "none"],
+)
+def test_f_returns_non_tensor(f, match):
+    with pytest.raises(TypeError, match=match):
+        odeflux.solve(f, Y0, (0.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "f,shape",
+    [(lambda t, y: y[:2], r"\(2,\)"), (lambda t, y: y.reshape(3, 1), r"\(3, 1\)"), (lambda t, y: y.sum(), r"\(\)")],
+)
+def test_f_returns_other_shape(f, shape):
+    with pytest.raises(ValueError, match=rf"f\(t, y\) returned shape {shape} for a state of shape \(3,\).*state's shape"):
+        odeflux.solve(f, Y0, (0.0, 1.0))
+
+
+def test_f_returns_other_dtype():
+    with pytest.raises(ValueError, match=r"f\(t, y\) returned dtype torch.float32 for a state of dtype torch.float64"):
+        odeflux.solve(lambda t, y: (-y).float(), Y0, (0.0, 1.0))
+    with pytest.raises(ValueError, match=r"returned dtype torch.float64 for a state of dtype torch.float32"):
+        odeflux.solve(lambda t, y: (-y).double(), Y0.float(), (0.0, 1.0))
+
+
+def test_f_checked_for_fixed_step_solvers_too():
+    with pytest.raises(ValueError, match=r"f\(t, y\) returned shape"):
+        odeflux.solve(lambda t, y: y[:1], Y0, (0.0, 1.0), solver=Euler(), dt0=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_f_returns_other_device():
+    with pytest.raises(ValueError, match="f\\(t, y\\) returned a tensor on cpu for a state on cuda"):
+        odeflux.solve(lambda t, y: (-y).cpu(), Y0.cuda(), (0.0, 1.0))
+
+
+def test_args_are_passed_to_f():
+    sol = odeflux.solve(lambda t, y, k: -k * y, Y0, (0.0, 1.0), args=2.0, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sol.ys[-1].numpy(), math.exp(-2.0), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# saveat
+
+
+@pytest.mark.parametrize("saveat,t_span", [([0.5, 1.5], (0.0, 1.0)), ([-0.1, 0.5], (0.0, 1.0)), ([0.5, 1.0], (1.0, 0.6))])
+def test_saveat_outside_span(saveat, t_span):
+    with pytest.raises(ValueError, match=r"saveat time -?[\d.]+ is outside t_span"):
+        odeflux.solve(decay, Y0, t_span, saveat=saveat)
+
+
+@pytest.mark.parametrize(
+    "saveat,t_span",
+    [([0.5, 0.2], (0.0, 1.0)), ([0.2, 0.2, 0.5], (0.0, 1.0)), ([0.2, 0.5], (1.0, 0.0)), (torch.tensor([0.9, 0.1]), (0.0, 1.0))],
+)
+def test_saveat_not_monotone(saveat, t_span):
+    with pytest.raises(ValueError, match="saveat times must be strictly increasing in the direction of integration"):
+        odeflux.solve(decay, Y0, t_span, saveat=saveat)
+
+
+def test_saveat_other_errors():
+    with pytest.raises(ValueError, match="saveat is empty"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), saveat=[])
+    with pytest.raises(ValueError, match="saveat must be a 1-d sequence of times"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), saveat=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="either saveat= or save_everystep=True, not both"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), saveat=[0.5], save_everystep=True)
+    with pytest.raises(ValueError, match=r"saveat time nan is outside t_span"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), saveat=[0.5, math.nan])
+
+
+def test_errors_are_one_line():
+    # The errors above are single lines: no multi-line dumps.
+    for kwargs in ({"rtol": 0.0}, {"saveat": [2.0]}, {"solver": Tsit5}):
+        with pytest.raises((TypeError, ValueError)) as info:
+            odeflux.solve(decay, Y0, (0.0, 1.0), **kwargs)
+        assert "\n" not in str(info.value)
