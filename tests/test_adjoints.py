@@ -252,16 +252,24 @@ def test_frozen_parameters_are_left_alone_and_grads_accumulate():
 def test_backward_statistics_are_filled_in():
     f = TimeField()
     y0 = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64, requires_grad=True)
-    sol = odeflux.solve(f, y0, (0, 1), sensealg=InterpolatingAdjoint(), save_start=False)
+    sol = odeflux.solve(f, y0, (0, 1), sensealg=InterpolatingAdjoint(store_limit=0), save_start=False)
     assert sol.backward_stats.n_vjp_evals == 0
     sol.ys[-1].sum().backward()
     bs = sol.backward_stats
     assert bs.n_accepted > 0 and bs.n_vjp_evals >= 6 * bs.n_steps
-    assert bs.n_checkpoints == 1  # no dense output kept: the forward is re-solved once
+    assert bs.n_checkpoints == 1  # nothing kept: the forward is re-solved once, step for step
     assert bs.n_f_evals == sol.stats.n_f_evals
-    sol = odeflux.solve(f, y0, (0, 1), sensealg=InterpolatingAdjoint(), dense=True, save_start=False)
+    g_resolved = y0.grad.clone()
+    y0.grad = None
+    for kw in (dict(), dict(dense=True)):  # the forward's steps kept within store_limit, or its dense output
+        sol = odeflux.solve(f, y0, (0, 1), sensealg=InterpolatingAdjoint(), save_start=False, **kw)
+        sol.ys[-1].sum().backward()
+        assert sol.backward_stats.n_checkpoints == 0 and sol.backward_stats.n_f_evals == 0
+        assert torch.equal(y0.grad, g_resolved)  # keeping the steps is exactly a re-solve, done once
+        y0.grad = None
+    sol = odeflux.solve(f, y0, (0, 1), sensealg=InterpolatingAdjoint(checkpointing=True), dense=True, save_start=False)
     sol.ys[-1].sum().backward()
-    assert sol.backward_stats.n_checkpoints == 0 and sol.backward_stats.n_f_evals == 0
+    assert sol.backward_stats.n_checkpoints == 1
     sol = odeflux.solve(f, y0, (0, 1), sensealg=GaussAdjoint(), save_start=False)
     sol.ys[-1].sum().backward()
     assert sol.backward_stats.n_quadrature_points == 3 * sol.backward_stats.n_accepted

@@ -80,6 +80,7 @@ def integrate(
     step_fn: StepFn | None = None,
     float_time: bool = False,
     on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    dense_budget: int | None = None,
 ) -> IntegrationResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
 
@@ -89,7 +90,8 @@ def integrate(
     if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).
     ``float_time=True`` hands ``f`` host floats for ``t`` instead of 0-d tensors (the adjoints' own
     right-hand sides look up the forward's interpolant by host time, with no device round trip).
-    ``on_accept(t, dt, y, y1, K)`` is called after each accepted step.
+    ``on_accept(t, dt, y, y1, K)`` is called after each accepted step. ``dense_budget`` (bytes)
+    stops keeping dense output, and drops what was kept, once it would take more than that.
     """
     direction = 1.0 if t1 > t0 else -1.0
     stats = Stats()
@@ -190,6 +192,9 @@ def integrate(
                 dense_dt.append(h)
                 dense_y.append(y)
                 dense_K.append(K)
+                if dense_budget is not None and len(dense_K) * (K.numel() + y.numel()) * y.element_size() > dense_budget:
+                    dense = False
+                    dense_t, dense_dt, dense_y, dense_K = [], [], [], []
             if on_accept is not None:
                 on_accept(t, h, y, y1, K)
             if save_times is not None:

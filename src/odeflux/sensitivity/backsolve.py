@@ -20,6 +20,7 @@ class BacksolveAdjoint(ContinuousAdjoint):
     """
 
     checkpointing: bool = True
+    uses_forward_interpolant = False
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         n, vjp, shape = run.n, run.vjp, run.y.shape

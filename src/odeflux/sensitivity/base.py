@@ -49,6 +49,13 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's.
     ``seminorm=True`` leaves the parameter adjoint out of the adjoint's error control
     (Kidger, Chen and Lyons, 2021): fewer backward steps, same accuracy in practice.
+
+    Methods that read ``y(t)`` from the forward's interpolant take it from the forward solution's
+    dense output when it kept one. Otherwise the forward's steps are kept in memory for the
+    backward pass while they take at most ``store_limit`` bytes: exactly what a re-solve from the
+    checkpoints would recompute, without recomputing it. Past that (and always with
+    ``checkpointing=True``) the forward is re-solved on each interval between saved times, so the
+    memory kept is bounded whatever the number of steps. ``store_limit=0`` always re-solves.
     """
 
     vjp: str = "autograd"
@@ -57,7 +64,11 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     solver: ExplicitRK | None = None
     seminorm: bool = False
     max_steps: int | None = None
+    store_limit: int = 32 * 2**20
     _compiled: dict = field(default_factory=dict, init=False, repr=False)
+
+    # Whether the backward pass reads y(t) from the forward's interpolant (all but backsolve).
+    uses_forward_interpolant = True
 
     def __post_init__(self) -> None:
         if self.vjp not in VJP_BACKENDS:
@@ -70,9 +81,10 @@ class ContinuousAdjoint(SensitivityAlgorithm):
             raise TypeError(f"{type(self).__name__}: solver must be an odeflux solver such as Tsit5(), got {self.solver!r}")
 
     # -- what subclasses provide ------------------------------------------------------------
-    def forward_dense(self, problem: "Problem") -> bool:
-        """Whether the forward solve keeps its dense output for the backward pass."""
-        return problem.dense
+    @property
+    def always_resolve(self) -> bool:
+        """Re-solve the forward on each checkpoint interval even when its steps are at hand."""
+        return False
 
     def integrate_interval(
         self, run: "AdjointRun", t_hi: float, t_lo: float, y_hi: torch.Tensor, y_lo: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor
@@ -165,17 +177,23 @@ class AdjointRun:
         self.atol = method.atol if method.atol is not None else problem.atol
         self.max_steps = method.max_steps or problem.max_steps
         self.dense: DenseOutput | None = None
+        self.solution_dense: DenseOutput | None = None
         self.backsolve_y: torch.Tensor | None = None
         self.module_state = _module_state(problem.user_f)
         self._vjp: VJPBackend | None = None
 
     # forward ---------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
-        p = self.problem
+        p, m = self.problem, self.method
+        want = m.uses_forward_interpolant and not m.always_resolve
         with torch.no_grad():
-            res = p.integrate(y0=self.y, dense=self.method.forward_dense(p))
+            if p.dense or not want or m.store_limit <= 0:
+                res = p.integrate(y0=self.y)
+            else:
+                res = p.integrate(y0=self.y, dense=True, dense_budget=m.store_limit)
         self.forward_result = res
-        self.dense = res.dense
+        self.dense = res.dense if want else None
+        self.solution_dense = res.dense if p.dense else None
         if not res.ys:
             return self.y.new_empty((0,) + tuple(self.y.shape))
         return torch.stack(res.ys)
@@ -320,13 +338,11 @@ class DenseQuery:
         self.order = sorted(range(len(times)), key=lambda i: direction * times[i])
 
     def forward(self) -> torch.Tensor:
-        assert self.run.dense is not None
-        return self.run.dense.evaluate(self.times)
+        return self.run.solution_dense.evaluate(self.times)
 
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        assert self.run.dense is not None
         ts = [self.times[i] for i in self.order]
-        ys = list(self.run.dense.evaluate(ts).unbind(0))
+        ys = list(self.run.solution_dense.evaluate(ts).unbind(0))
         return self.run.backward_at(ts, ys, [grad[i] for i in self.order])
 
 

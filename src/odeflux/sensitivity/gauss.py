@@ -17,8 +17,15 @@ class GaussAdjoint(ContinuousAdjoint):
     over the step by Gauss-Legendre quadrature at ``ceil((order + 1) / 2)`` nodes, with ``lambda``
     from the adjoint step's own interpolant and ``y`` from the forward's dense output.
 
-    Parameters can have any structure (no flattening on the user's side).
+    Parameters can have any structure (no flattening on the user's side). ``checkpointing``
+    as for :class:`InterpolatingAdjoint`.
     """
+
+    checkpointing: bool = False
+
+    @property
+    def always_resolve(self) -> bool:
+        return self.checkpointing
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         dense = run.forward_dense_on(t_lo, t_hi, y_lo)

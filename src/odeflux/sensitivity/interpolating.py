@@ -11,18 +11,19 @@ from .base import AdjointRun, ContinuousAdjoint
 
 @dataclass(eq=False)
 class InterpolatingAdjoint(ContinuousAdjoint):
-    """Solves ``(lambda, mu)`` backwards, taking ``y(t)`` from the forward's dense output.
+    """Solves ``(lambda, mu)`` backwards, taking ``y(t)`` from the forward's interpolant.
 
-    When the forward kept no dense output (``save_everystep=False``, as in the tutorial), or with
-    ``checkpointing=True``, the forward is re-solved with dense output on each interval between
-    saved times (its checkpoints), as SciMLSensitivity does: the memory kept between forward and
-    backward is the saved states alone.
+    When the forward solution kept no dense output (``save_everystep=False``, as in the tutorial)
+    the interpolant comes from the forward's steps kept within ``store_limit``, or else from
+    re-solving the forward with dense output on each interval between saved times (its
+    checkpoints), as SciMLSensitivity does. ``checkpointing=True`` always re-solves.
     """
 
     checkpointing: bool = False
 
-    def forward_dense(self, problem) -> bool:
-        return problem.dense and not self.checkpointing
+    @property
+    def always_resolve(self) -> bool:
+        return self.checkpointing
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         dense = run.forward_dense_on(t_lo, t_hi, y_lo)
