@@ -180,16 +180,31 @@ class ExplicitRK:
         ks = [k1]
         s = len(co.c)
         yi = y
+        # Eager mode passes dt as addmm's alpha (no extra op per stage). torch.compile would have to
+        # specialise on a Python-number alpha and recompile for every new step size, so there dt
+        # scales the coefficient rows instead.
+        compiling = torch.compiler.is_compiling()
         for i in range(1, s):
             K = torch.stack(ks).reshape(i, n)
-            yi = torch.addmm(yrow, co.a_rows[i], K, alpha=dt).reshape(shape)
+            if compiling:
+                yi = torch.addmm(yrow, co.a_rows[i] * dt, K).reshape(shape)
+            else:
+                yi = torch.addmm(yrow, co.a_rows[i], K, alpha=dt).reshape(shape)
             ks.append(f(t + co.c[i] * dt, yi))
         K = torch.stack(ks)
         Kf = K.reshape(s, n)
-        y1 = yi if self.tableau.fsal else torch.addmm(yrow, co.b_row, Kf, alpha=dt).reshape(shape)
+        if self.tableau.fsal:
+            y1 = yi
+        elif compiling:
+            y1 = torch.addmm(yrow, co.b_row * dt, Kf).reshape(shape)
+        else:
+            y1 = torch.addmm(yrow, co.b_row, Kf, alpha=dt).reshape(shape)
         err = None
         if co.e_row is not None:
-            err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
+            if compiling:
+                err = torch.mm(co.e_row * dt, Kf).reshape(shape)
+            else:
+                err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
         return StepResult(y1, err, K)
 
     def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmarks of odeflux against its peers; each module runs as ``python -m benchmarks.<name>``."""
