@@ -92,11 +92,27 @@ class DenseOutput:
         """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
-        powers = [theta ** (d + 1) for d in range(len(self._interp[0]))]
-        w = [sum(c * p for c, p in zip(row, powers)) for row in self._interp]
         y0, K = self.y0s[i], self.Ks[i]
-        wt = torch.tensor([w], dtype=y0.dtype, device=y0.device)
+        wt = self.weights_row(theta, y0.dtype, y0.device)
         return torch.addmm(y0.reshape(1, -1), wt, K.reshape(K.shape[0], -1), alpha=self.dts[i]).view(y0.shape)
+
+    def weights_row(self, theta: float, dtype: torch.dtype, device: torch.device, on_host: bool | None = None) -> torch.Tensor:
+        """``b_i(theta)`` as a ``(1, stages)`` tensor.
+
+        On the CPU the polynomial is evaluated in Python and becomes one small tensor. On an
+        accelerator that would be a blocking host-to-device copy (a synchronisation per adjoint
+        stage), so the weights are computed there from a filled scalar instead.
+        """
+        if on_host is None:
+            on_host = device.type == "cpu"
+        if on_host:
+            powers = [theta ** (d + 1) for d in range(len(self._interp[0]))]
+            w = [sum(c * p for c, p in zip(row, powers)) for row in self._interp]
+            return torch.tensor([w], dtype=dtype, device=device)
+        co = self.solver.coefficients(dtype, device)
+        deg = co.interp.shape[1]
+        exps = torch.arange(1, deg + 1, dtype=dtype, device=device)
+        return torch.full((1, deg), theta, dtype=dtype, device=device).pow_(exps) @ co.interp.T
 
     def evaluate(self, ts: Sequence[float]) -> torch.Tensor:
         """States at host times ``ts`` (any order), stacked as ``(len(ts), *state_shape)``."""
