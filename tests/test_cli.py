@@ -1,0 +1,107 @@
+"""The ``odeflux`` command line: argument errors, ``info``, a short ``train``."""
+
+import platform
+import re
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+import odeflux
+from odeflux.cli import main
+
+LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d+\.\d\d% \t Test Accuracy: \d+\.\d\d%$")
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--epochs", "-1"], ["--epochs", "positive integer", "-1"]),
+        (["train", "--epochs", "three"], ["--epochs", "positive integer"]),
+        (["train", "--batch-size", "0"], ["--batch-size", "positive integer"]),
+        (["train", "--train-split", "1.5"], ["--train-split", "between 0 and 1"]),
+        (["train", "--train-split", "0"], ["--train-split", "between 0 and 1"]),
+        (["train", "--n-samples", "70000"], ["--n-samples", "60000", "'all'"]),
+        (["train", "--n-samples", "1"], ["--n-samples", "at least 2"]),
+        (["train", "--n-samples", "2", "--train-split", "0.1"], ["--n-samples", "train set empty"]),
+        (["train", "--rtol", "0"], ["--rtol", "positive"]),
+        (["train", "--atol=-1e-3"], ["--atol", "positive"]),
+        (["train", "--lr", "nan"], ["--lr", "positive"]),
+        (["train", "--seed", "-3"], ["--seed", "non-negative"]),
+        (["train", "--threads", "0"], ["--threads", "positive integer"]),
+        (["train", "--sensealg", "reversediff"], ["--sensealg", "invalid choice", "interpolating"]),
+        (["train", "--vjp", "zygote"], ["--vjp", "invalid choice"]),
+        (["train", "--solver", "euler"], ["--solver", "invalid choice", "tsit5"]),
+        (["train", "--params", "namedtuple"], ["--params", "invalid choice"]),
+        (["train", "--bogus"], ["unrecognized arguments", "--bogus"]),
+        (["frobnicate"], ["unrecognized arguments", "frobnicate"]),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, words, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("odeflux")
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_cuda_without_gpu_is_a_one_line_error(capsys):
+    code, out, err = _run(["train", "--device", "cuda", "--epochs", "1"], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "--device cuda" in err and "--device cpu" in err
+
+
+def test_data_errors_exit_1_with_one_line(tmp_path, capsys):
+    code, out, err = _run(["train", "--device", "cpu", "--epochs", "1", "--data-dir", str(tmp_path / "nowhere")], capsys)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "nowhere" in err and "--data-dir" in err
+
+
+def test_info_reports_versions_threads_and_devices(capsys):
+    code, out, err = _run(["info"], capsys)
+    assert code == 0 and err == ""
+    assert f"odeflux {odeflux.__version__}" in out
+    assert f"Python {platform.python_version()}" in out
+    assert f"torch {torch.__version__}" in out
+    assert f"numpy {numpy.__version__}" in out
+    assert f"Threads: {torch.get_num_threads()} intra-op" in out
+    assert platform.system() in out
+    assert "Devices: cpu" in out
+    if torch.cuda.is_available():
+        assert torch.cuda.get_device_name(0) in out and f"CUDA runtime {torch.version.cuda}" in out
+    else:
+        assert "CUDA: not available" in out
+
+
+def test_short_train_prints_the_epoch_lines(capsys):
+    code, out, err = _run(
+        ["train", "--device", "cpu", "--sensealg", "direct", "--epochs", "2", "--n-samples", "300", "--params", "tree"],
+        capsys,
+    )
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [LINE.match(l).group(1, 2) for l in lines] == [("1", "2"), ("2", "2")]
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "odeflux", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"odeflux {odeflux.__version__}"

@@ -1,0 +1,56 @@
+"""The tutorial's type-stability section, in PyTorch terms: the per-step work traces as one graph.
+
+Lux checks ``@code_warntype`` for a concretely inferred return type; here the solver's step on
+the tutorial's vector field must trace under ``torch.compile(fullgraph=True)`` without a graph
+break, and the compiled step must compute what the eager one does.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+
+from odeflux.integrator import rk_step_with_error
+from odeflux.nn import VectorField
+from odeflux.solvers import Tsit5
+from odeflux.mnist.model import create_model, vector_field
+
+
+@pytest.fixture()
+def step_args():
+    torch._dynamo.reset()
+    f = VectorField(vector_field(torch.Generator().manual_seed(0)))
+    solver = Tsit5()
+    y = torch.randn(128, 20, generator=torch.Generator().manual_seed(1))
+    t = torch.zeros(())
+    co = solver.coefficients(y.dtype, y.device)
+    with torch.no_grad():
+        k = f(t, y)
+    yield solver, f, t, y, 0.1, k, co, 1e-3, 1e-3, None
+    torch._dynamo.reset()
+
+
+def test_vector_field_and_step_have_no_graph_break(step_args):
+    explanation = torch._dynamo.explain(rk_step_with_error)(*step_args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_fullgraph_compile_of_the_step_matches_eager(step_args):
+    compiled = torch.compile(rk_step_with_error, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(*step_args)
+        ref = rk_step_with_error(*step_args)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    """``create_model(compile=True)`` (``odeflux train --compile``) gives the eager model's outputs."""
+    torch._dynamo.reset()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    eager = create_model(sensealg="direct", params="tree")
+    compiled = create_model(sensealg="direct", params="tree", compile=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
