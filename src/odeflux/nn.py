@@ -35,6 +35,11 @@ class VectorField(nn.Module):
         self.module = module
         self.time_dependent = _takes_time(module) if time_dependent is None else bool(time_dependent)
 
+    @property
+    def ignores_time(self) -> bool:
+        """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
+        return not self.time_dependent
+
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:
             return self.module(t, y)
@@ -81,6 +86,7 @@ class NeuralODE(nn.Module):
         self.return_solution = return_solution
         self.solve_kwargs = dict(solve_kwargs)
         self.last_stats = None
+        self.last_backward_stats = None  # the last forward's BackwardStats, filled in by its backward pass
 
     @property
     def vector_field(self) -> nn.Module:
@@ -92,6 +98,7 @@ class NeuralODE(nn.Module):
             kwargs = {"save_start": False, **kwargs}
         sol = solve(self.field, x, self.tspan, solver=self.solver, sensealg=self.sensealg, **kwargs)
         self.last_stats = sol.stats
+        self.last_backward_stats = sol.backward_stats
         return sol if self.return_solution else sol.ys[-1]
 
     def extra_repr(self) -> str:

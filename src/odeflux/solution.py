@@ -70,7 +70,7 @@ class DenseOutput:
         self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
-        self._interp = solver.tableau.interp
+        self._interp_rev = [row[::-1] for row in solver.tableau.interp]
 
     def __len__(self) -> int:
         return len(self.dts)
@@ -106,8 +106,12 @@ class DenseOutput:
         if on_host is None:
             on_host = device.type == "cpu"
         if on_host:
-            powers = [theta ** (d + 1) for d in range(len(self._interp[0]))]
-            w = [sum(c * p for c, p in zip(row, powers)) for row in self._interp]
+            w = []
+            for row in self._interp_rev:  # Horner: b_i(theta) = theta (c_1 + theta (c_2 + ...))
+                acc = 0.0
+                for c in row:
+                    acc = acc * theta + c
+                w.append(acc * theta)
             return torch.tensor([w], dtype=dtype, device=device)
         co = self.solver.coefficients(dtype, device)
         deg = co.interp.shape[1]

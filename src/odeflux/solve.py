@@ -43,6 +43,9 @@ class Problem:
     user_f: Callable[..., torch.Tensor] = field(repr=False, default=None)
     args: Any = None
     step_fn: Callable | None = field(repr=False, default=None)
+    # f declares it ignores t (a time-independent NeuralODE field): hand it host floats, which
+    # saves a tensor op per stage.
+    float_time: bool = False
 
     def integrate(self, **overrides: Any) -> IntegrationResult:
         """Run the integrator with this problem's options, some replaced."""
@@ -50,7 +53,7 @@ class Problem:
             f=self.f, y0=self.y0, t0=self.t0, t1=self.t1, solver=self.solver, rtol=self.rtol, atol=self.atol,
             controller=self.controller, dt0=self.dt0, dtmin=self.dtmin, dtmax=self.dtmax, max_steps=self.max_steps,
             saveat=self.saveat, save_everystep=self.save_everystep, save_start=self.save_start,
-            save_end=self.save_end, dense=self.dense, step_fn=self.step_fn,
+            save_end=self.save_end, dense=self.dense, step_fn=self.step_fn, float_time=self.float_time,
         )  # fmt: skip
         opts.update(overrides)
         return integrate(**opts)
@@ -289,7 +292,7 @@ def _make_problem(
         dtmax=None if dtmax is None else float(dtmax), max_steps=max_steps, saveat=save_list,
         save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
         dense=bool(dense), params=collect_params(f, args, params), user_f=f, args=args,
-        step_fn=compiled_step() if compile else None,
+        step_fn=compiled_step() if compile else None, float_time=bool(getattr(f, "ignores_time", False)),
     )  # fmt: skip
     return problem, t_tensors  # type: ignore[return-value]
 

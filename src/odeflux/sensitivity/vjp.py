@@ -32,8 +32,8 @@ class VJPBackend:
         self.dtype = problem.y0.dtype
         self.device = problem.y0.device
 
-    def time(self, t: float | torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor):
+    def time(self, t: float | torch.Tensor) -> torch.Tensor | float:
+        if isinstance(t, torch.Tensor) or self.problem.float_time:
             return t
         return torch.full((), t, dtype=self.dtype, device=self.device)
 
