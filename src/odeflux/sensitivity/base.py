@@ -23,7 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..control import PIController
-from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, Stats
+from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status
 from ..solvers import ExplicitRK
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
@@ -83,8 +83,9 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     # -- what subclasses provide ------------------------------------------------------------
     @property
     def always_resolve(self) -> bool:
-        """Re-solve the forward on each checkpoint interval even when its steps are at hand."""
-        return False
+        """Re-solve the forward on each checkpoint interval even when its steps are at hand
+        (``checkpointing=True`` on a method that reads the forward's interpolant)."""
+        return self.uses_forward_interpolant and bool(getattr(self, "checkpointing", False))
 
     def integrate_interval(
         self, run: "AdjointRun", t_hi: float, t_lo: float, y_hi: torch.Tensor, y_lo: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor
@@ -240,6 +241,16 @@ class AdjointRun:
             raise SolveError(f"re-solving the forward on [{t_lo}, {t_hi}] failed ({res.status.name}): {res.message}", res.status)
         assert res.dense is not None
         return res.dense
+
+    def lambda_rhs(self, dense: DenseOutput) -> Callable[[float, torch.Tensor], torch.Tensor]:
+        """``dlambda/dt = -lambda^T df/dy`` with ``y(t)`` from ``dense`` (lambda alone, flat)."""
+        vjp, shape = self.vjp, self.y.shape
+
+        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
+            _, gy, _ = vjp(t, dense.at(t), z.view(shape), want_p=False)
+            return gy.reshape(-1).neg()
+
+        return rhs
 
     def split_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out = []

@@ -23,19 +23,10 @@ class GaussAdjoint(ContinuousAdjoint):
 
     checkpointing: bool = False
 
-    @property
-    def always_resolve(self) -> bool:
-        return self.checkpointing
-
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         dense = run.forward_dense_on(t_lo, t_hi, y_lo)
-        n, vjp, shape = run.n, run.vjp, run.y.shape
-        solver = run.solver
-
-        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
-            _, gy, _ = vjp(t, dense.at(t), z.view(shape), want_p=False)
-            return gy.reshape(-1).neg()
-
+        vjp, shape, solver = run.vjp, run.y.shape, run.solver
+        rhs = run.lambda_rhs(dense)
         if run.n_params == 0:
             return run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None).y, mu
 

@@ -21,10 +21,6 @@ class InterpolatingAdjoint(ContinuousAdjoint):
 
     checkpointing: bool = False
 
-    @property
-    def always_resolve(self) -> bool:
-        return self.checkpointing
-
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         dense = run.forward_dense_on(t_lo, t_hi, y_lo)
         n, vjp, shape = run.n, run.vjp, run.y.shape

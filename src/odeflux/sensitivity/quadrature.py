@@ -53,13 +53,8 @@ class QuadratureAdjoint(ContinuousAdjoint):
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
         dense = run.forward_dense_on(t_lo, t_hi, y_lo)
-        n, vjp, shape = run.n, run.vjp, run.y.shape
-
-        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
-            _, gy, _ = vjp(t, dense.at(t), z.view(shape), want_p=False)
-            return gy.reshape(-1).neg()
-
-        res = run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None, dense=True)
+        vjp, shape = run.vjp, run.y.shape
+        res = run.adjoint_integrate(run.lambda_rhs(dense), lam, t_hi, t_lo, error_size=None, dense=True)
         if run.n_params == 0:
             return res.y, mu
         lam_dense = res.dense
