@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .control import ConstantStepSize, StepSizeController, error_ratio, initial_step
+from .control import StepSizeController, error_ratio, initial_step
 from .solution import DenseOutput, Stats, Status
 from .solvers.tableau import ExplicitRK
 
