@@ -4,6 +4,7 @@ import platform
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -45,6 +46,11 @@ def _run(argv, capsys) -> tuple[int, str, str]:
         (["train", "--solver", "euler"], ["--solver", "invalid choice", "tsit5"]),
         (["train", "--params", "namedtuple"], ["--params", "invalid choice"]),
         (["train", "--bogus"], ["unrecognized arguments", "--bogus"]),
+        (["train", "--model", "resnet"], ["--model", "invalid choice", "tutorial"]),
+        (["train", "--resume", "somewhere", "--run-dir", "elsewhere"], ["--resume", "drop --run-dir"]),
+        (["evaluate"], ["CHECKPOINT"]),
+        (["evaluate", "ckpt", "--split", "validation"], ["--split", "invalid choice"]),
+        (["predict", "ckpt"], ["IMAGE"]),
         (["frobnicate"], ["unrecognized arguments", "frobnicate"]),
     ],
 )
@@ -105,3 +111,55 @@ def test_python_dash_m_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "odeflux", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"odeflux {odeflux.__version__}"
+
+
+# --- run directories, resuming, progress ---------------------------------------------------------
+
+SHORT = ["train", "--device", "cpu", "--sensealg", "direct", "--epochs", "2", "--n-samples", "200"]
+
+
+def test_the_default_run_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(SHORT, capsys)
+    assert code == 0 and err == ""
+    assert len(out.strip().splitlines()) == 2 and all(LINE.match(l) for l in out.strip().splitlines())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_dir_without_a_value_goes_under_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run([*SHORT, "--run-dir"], capsys)
+    assert code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", run.name)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.png", "last.pt", "metrics.jsonl", "prev.pt"]
+    assert str(Path("runs") / run.name) in err and all(LINE.match(l) for l in out.strip().splitlines())
+
+
+def test_progress_bars_go_to_stderr_only(tmp_path, capsys):
+    code, out, err = _run([*SHORT, "--progress"], capsys)
+    assert code == 0
+    assert all(LINE.match(l) for l in out.strip().splitlines()) and len(out.strip().splitlines()) == 2
+    assert "epoch 1/2" in err and "batch" in err
+
+
+def test_run_dir_problems_are_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, out, err = _run([*SHORT, "--run-dir", str(tmp_path / "file")], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "is a file" in err
+    code, out, err = _run(["train", "--resume", str(tmp_path / "nothing-here")], capsys)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_resume_keeps_the_runs_configuration(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run([*SHORT, "--run-dir", str(run)], capsys)[0] == 0
+    code, out, err = _run([*SHORT, "--run-dir", str(run)], capsys)  # the same directory again
+    assert code == 2 and "--resume" in err
+    code, out, err = _run(["train", "--resume", str(run), "--lr", "0.5"], capsys)
+    assert code == 2 and out == "" and "--lr" in err and "keeps its configuration" in err
+    code, out, err = _run(["train", "--resume", str(run)], capsys)  # finished: nothing to do
+    assert code == 0 and out == "" and "--epochs" in err
+    code, out, err = _run(["train", "--resume", str(run), "--epochs", "3", "--sensealg", "direct"], capsys)
+    assert code == 0, err  # a flag equal to the run's own value is fine
+    assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("3", "3")]

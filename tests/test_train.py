@@ -171,3 +171,88 @@ def test_tutorial_runs_reach_the_tutorials_accuracy(kwargs):
     last = res.epochs[-1]
     assert (res.n_train, res.n_test) == (1350, 150)
     assert last.train_accuracy >= 0.85 and last.test_accuracy >= 0.80, last
+
+
+# --- reproducibility, config, ODE work -----------------------------------------------------------
+
+
+def _small_run(images, **kwargs):
+    x, y = images
+    config = TrainConfig(**{"device": "cpu", "epochs": 2, "batch_size": 64, "lr": 3e-3, "sensealg": "direct", **kwargs})
+    return train(config, log=None, data=((x[:192], y[:192]), (x[192:], y[192:])))
+
+
+def _numbers(res):
+    return [(e.train_accuracy, e.test_accuracy, e.mean_loss, e.f_evals_forward, e.f_evals_backward) for e in res.epochs]
+
+
+def test_the_same_seed_gives_the_same_numbers(images):
+    a, b, c = _small_run(images, seed=3), _small_run(images, seed=3), _small_run(images, seed=4)
+    sa, sb, sc = (r.model.state_dict() for r in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert _numbers(a) == _numbers(b)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # another seed: other weights and batches
+
+
+def test_deterministic_runs_and_restores_the_global_flag(images):
+    before = torch.are_deterministic_algorithms_enabled()
+    det = _small_run(images, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() == before
+    plain = _small_run(images)
+    assert all(torch.equal(v, plain.model.state_dict()[k]) for k, v in det.model.state_dict().items())
+
+
+def test_an_op_without_a_deterministic_kernel_is_a_clear_error(images, monkeypatch):
+    import odeflux.mnist.train as train_module
+
+    def refuse(*args, **kwargs):  # what torch raises for such an op under use_deterministic_algorithms(True)
+        raise RuntimeError("scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+                           "'torch.use_deterministic_algorithms(True)'.\nmore details")
+
+    monkeypatch.setattr(train_module, "train_step", refuse)
+    with pytest.raises(train_module.DeterminismError) as err:
+        _small_run(images, deterministic=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "--deterministic" in msg and "scatter_add_cuda_kernel" in msg
+    with pytest.raises(RuntimeError, match="scatter_add") as err:  # without the flag it is not ours to explain
+        _small_run(images)
+    assert not isinstance(err.value, train_module.DeterminismError)
+
+
+def test_epoch_results_count_the_ode_work(images):
+    res = _small_run(images, sensealg="interpolating", params="tree", epochs=1)
+    e = res.epochs[0]
+    # Tsit5: 6 new evaluations per step (FSAL) plus the first; the adjoint runs its own steps.
+    assert e.f_evals_forward >= 7 and e.f_evals_backward > 0 and e.lr == 3e-3
+    direct = _small_run(images, epochs=1).epochs[0]
+    assert direct.f_evals_backward == direct.f_evals_forward
+
+
+def test_config_round_trips_through_a_dict():
+    from dataclasses import asdict
+
+    config = TrainConfig(sensealg="gauss", n_samples="all", data_dir="/data", seed=5)
+    assert TrainConfig.from_dict(asdict(config)) == config
+    assert TrainConfig.from_dict({"epochs": 2}) == TrainConfig(epochs=2)
+    with pytest.raises(ValueError, match="unknown config fields colour"):
+        TrainConfig.from_dict({"colour": "red"})
+
+
+def test_the_architecture_reaches_create_model():
+    from odeflux.mnist.train import build_model, model_archs
+
+    tutorial = build_model(TrainConfig(params="tree")).state_dict()
+    assert all(torch.equal(v, create_model(params="tree").state_dict()[k]) for k, v in tutorial.items())
+    if "odenet" not in model_archs():
+        pytest.skip("create_model has no arch='odenet' yet")
+    model = build_model(TrainConfig(arch="odenet", params="tree"))
+    assert any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def test_the_kill_hook_accepts_only_its_forms():
+    from odeflux.mnist.train import _KillHook
+
+    assert _KillHook(None).kind is None and _KillHook("batch:3").at == 3
+    for bad in ("batch", "batch:0", "step:2", "epoch:x"):
+        with pytest.raises(ValueError, match="ODEFLUX_TEST_KILL_AT"):
+            _KillHook(bad)

@@ -1,20 +1,31 @@
-"""The ``odeflux`` command line: ``odeflux train`` (the Lux tutorial's runs) and ``odeflux info``.
+"""The ``odeflux`` command line: ``train`` (the Lux tutorial's runs and beyond), ``evaluate`` and
+``predict`` (a trained checkpoint put to use) and ``info``.
 
 Bad input ends in one line on stderr naming the problem and the fix, and a non-zero exit:
-2 for arguments, 1 for data, device and solver failures.
+2 for arguments, 1 for data, checkpoint, image, device and solver failures. ``odeflux train``
+prints the tutorial's epoch lines and nothing else on stdout; notes and progress bars go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 MNIST_TRAIN_SIZE = 60_000
 DEFAULT_COMMAND = "train"
+COMMANDS = ("train", "evaluate", "predict", "info")
+#: ``--run-dir`` given without a value: a new directory under ``runs/`` named for the start time.
+AUTO_RUN_DIR = "\0auto"
+#: Flags a resumed run may change (everything else is the checkpoint's): more epochs, where the
+#: data lives, how it runs. Other flags must match the checkpoint's values.
+RESUMABLE = ("epochs", "data_dir", "device", "threads", "deterministic")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,38 +93,53 @@ def _n_samples(text: str) -> int | str:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``odeflux`` argument parser (subcommands ``train`` and ``info``)."""
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The ``odeflux`` argument parser (subcommands ``train``, ``evaluate``, ``predict``, ``info``).
+
+    ``suppress_defaults``: flags left out of the command line are absent from the result (tells
+    which flags were given).
+    """
     from .mnist.data import DATASETS
     from .mnist.model import ADAPTIVE_SOLVERS, PARAM_STRUCTURES, SENSEALGS, VJPS
-    from .mnist.train import DEVICES
+    from .mnist.train import DEVICES, model_archs
 
     from . import __version__
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
     parser.add_argument("--version", action="version", version=f"odeflux {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,info}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
 
     t = sub.add_parser(
         "train",
         help="train the tutorial's Neural-ODE MNIST classifier (the default command)",
-        description="Train the Lux tutorial's Neural-ODE MNIST classifier; prints one line per epoch.",
+        description="Train the Lux tutorial's Neural-ODE MNIST classifier; prints one line per epoch. With --run-dir "
+        "each epoch also appends to DIR/metrics.jsonl, redraws DIR/curves.png and checkpoints to DIR/last.pt "
+        "(previous: DIR/prev.pt); without it nothing is written. Under torchrun the processes train "
+        "data-parallel (gloo on CPU, NCCL on GPU) and only rank 0 prints and writes.",
         formatter_class=_DefaultsFormatter,
     )
-    add = t.add_argument
+
+    def add(*flags, **kwargs):
+        if suppress_defaults:
+            kwargs["default"] = argparse.SUPPRESS
+        t.add_argument(*flags, **kwargs)
+
     add("--sensealg", choices=SENSEALGS, default="interpolating", help="gradient method of the ODE layer")
     add("--vjp", choices=VJPS, default="autograd",
         help="vector-Jacobian products of the continuous adjoints (jacobian: full Jacobians, slow for this state)")
     add("--device", choices=DEVICES, default="auto", help="auto: a working CUDA GPU if there is one, else the CPU")
+    add("--model", choices=model_archs(), default="tutorial",
+        help="tutorial: the Lux tutorial's dense model; odenet: a convolutional ODE-Net")
     add("--params", choices=PARAM_STRUCTURES, default="flat",
         help="flat: one parameter vector (the tutorial's ComponentArray); tree: each layer's own")
     add("--epochs", type=_positive_int, default=9, help="passes over the training images")
-    add("--batch-size", type=_positive_int, default=128, help="images per optimisation step")
+    add("--batch-size", type=_positive_int, default=128,
+        help="images per optimisation step (under torchrun: the global batch, shared by the processes)")
     add("--n-samples", type=_n_samples, default=1500,
         help="the first N training images, split by --train-split; 'all': official 60k/10k split")
     add("--train-split", type=_fraction, default=0.9, help="fraction of --n-samples to train on")
     add("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    add("--seed", type=_nonneg_int, default=0, help="seeds the initial weights and the batch order")
+    add("--seed", type=_nonneg_int, default=0, help="seeds the initial weights, the batch order and torch's generator")
     add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of the ODE solves")
     add("--atol", type=_positive_float, default=1e-3, help="absolute tolerance of the ODE solves")
     add("--solver", choices=ADAPTIVE_SOLVERS, default="tsit5", help="adaptive Runge-Kutta method of the ODE layer")
@@ -122,6 +148,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory holding the IDX files; otherwise $ODEFLUX_DATA_DIR, the cache, the bundled 1500 images, a download")
     add("--threads", type=_positive_int, default=1, help="torch intra-op threads; the model's ops are too small to gain from more")
     add("--compile", action="store_true", help="run the solver's per-step work through torch.compile(fullgraph=True)")
+    add("--run-dir", nargs="?", const=AUTO_RUN_DIR, default=None, metavar="DIR",
+        help="write metrics.jsonl, curves.png and checkpoints (last.pt, prev.pt) to DIR after each epoch; "
+        "without DIR: runs/<start time>")
+    add("--resume", default=None, metavar="RUN_DIR",
+        help="continue the run checkpointed in RUN_DIR (or from a checkpoint file such as RUN_DIR/prev.pt) "
+        f"with its configuration; only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE)} may change")
+    add("--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="a progress bar per epoch on stderr (default: when stderr is a terminal)")
+    add("--deterministic", action="store_true",
+        help="torch.use_deterministic_algorithms(True) (and CUBLAS_WORKSPACE_CONFIG on CUDA); an error names "
+        "any operation without a deterministic implementation")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="accuracy, confusion matrix and ODE work of a trained checkpoint",
+        description="Evaluate a checkpoint on its run's test (or training) images: accuracy, confusion matrix "
+        "(also drawn as a PNG) and the mean forward function evaluations per batch.",
+        formatter_class=_DefaultsFormatter,
+    )
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its last.pt) or a checkpoint file")
+    e.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which part of the run's data (its --n-samples/--train-split, or the official files)")
+    e.add_argument("--data-dir", default=None, help="directory holding the IDX files (default: as in training)")
+    e.add_argument("--device", choices=DEVICES, default="auto", help="where to run the model")
+    e.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: the run's)")
+    e.add_argument("--plot", default=None, metavar="PNG",
+                   help="where to draw the confusion matrix (default: confusion-<split>.png beside the checkpoint)")
+    e.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files with a trained checkpoint",
+        description="Classify PNG or JPEG images with a checkpoint. Each image is made MNIST-like: grayscale, "
+        "inverted when its border is light (dark digit on paper), cropped to the digit, scaled to fit 20x20 "
+        "and centred by mass in 28x28. Prints one line per image: the class, its probability, all ten.",
+        formatter_class=_DefaultsFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory (its last.pt) or a checkpoint file")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run the model")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads")
 
     sub.add_parser("info", help="versions, threads, CPU and GPU details", description="Print versions, threads, CPU and GPU details.")
     return parser
@@ -140,33 +207,190 @@ def _check_train_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _fail(prog: str, message: str, code: int) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _config_field(dest: str) -> str:
+    return "arch" if dest == "model" else dest
+
+
+def _new_run_dir() -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>``, with a suffix if a run already took that second."""
+    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def _resumed_config(args: argparse.Namespace, given: set[str], ckpt):
+    """The checkpoint's config with the allowed overrides; (config, None) or (None, error message)."""
+    from .mnist.train import TrainConfig
+
+    saved = TrainConfig.from_dict(ckpt.config)
+    overrides = {}
+    for dest in sorted(given):
+        name = _config_field(dest)
+        if not hasattr(saved, name):
+            continue
+        value = getattr(args, dest)
+        if dest in RESUMABLE:
+            overrides[name] = value
+        elif value != getattr(saved, name):
+            flag = "--" + dest.replace("_", "-")
+            return None, (f"{flag} {value} differs from the resumed run's {getattr(saved, name)}: a resumed run keeps "
+                          f"its configuration (only {', '.join('--' + f.replace('_', '-') for f in RESUMABLE)} may "
+                          f"change); drop {flag}, or start a new run with --run-dir")
+    return dataclasses.replace(saved, **overrides), None
+
+
+def _want_progress(flag: bool | None) -> tuple[bool, str | None]:
+    """Whether to draw progress bars (``None``: when stderr is a terminal), and an error if tqdm is missing."""
+    show = sys.stderr.isatty() if flag is None else flag
+    if not show:
+        return False, None
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False, ("--progress needs tqdm: pip install 'odeflux[app]'" if flag else None)
+    return True, None
+
+
+def _run_train(args: argparse.Namespace, given: set[str]) -> int:
+    from .mnist.checkpoint import CheckpointError, load_checkpoint
     from .mnist.data import MNISTDataError
-    from .mnist.train import DeviceError, TrainConfig, train
+    from .mnist.distributed import DistributedError, launch_context
+    from .mnist.train import DeterminismError, DeviceError, RunDirError, TrainConfig, check_run_dir, train
     from .solution import SolveError
 
     prog = "odeflux train"
-    problem = _check_train_args(args)
-    if problem:
-        print(f"{prog}: error: {problem}", file=sys.stderr)
-        return 2
-    config = TrainConfig(
-        sensealg=args.sensealg, vjp=args.vjp, device=args.device, params=args.params, epochs=args.epochs,
-        batch_size=args.batch_size, n_samples=args.n_samples, train_split=args.train_split, lr=args.lr,
-        seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
-        dataset=args.dataset, compile=args.compile, threads=args.threads,
-    )  # fmt: skip
     try:
-        train(config, log=lambda line: print(line, flush=True))
-    except DeviceError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except MNISTDataError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        main_rank = launch_context().is_main
+    except DistributedError as exc:
+        return _fail(prog, str(exc), 2)
+    progress, problem = _want_progress(args.progress)
+    if problem:
+        return _fail(prog, problem, 2)
+    ckpt = None
+    try:
+        if args.resume is not None:
+            if args.run_dir is not None:
+                return _fail(prog, "--resume continues the run in its own directory: drop --run-dir", 2)
+            ckpt = load_checkpoint(args.resume)
+            try:
+                config, problem = _resumed_config(args, given, ckpt)
+            except (TypeError, ValueError) as exc:
+                return _fail(prog, f"{ckpt.path}: its config cannot be used ({exc})", 1)
+            if problem:
+                return _fail(prog, problem, 2)
+            run_dir = ckpt.run_dir
+            if ckpt.epoch >= config.epochs:
+                if main_rank:
+                    print(f"{prog}: the run in {run_dir} has done its {ckpt.epoch} epochs; pass --epochs N "
+                          f"(more than {ckpt.epoch}) to train further", file=sys.stderr)
+                return 0
+        else:
+            problem = _check_train_args(args)
+            if problem:
+                return _fail(prog, problem, 2)
+            config = TrainConfig(
+                sensealg=args.sensealg, vjp=args.vjp, device=args.device, params=args.params, epochs=args.epochs,
+                batch_size=args.batch_size, n_samples=args.n_samples, train_split=args.train_split, lr=args.lr,
+                seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
+                dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model,
+                deterministic=args.deterministic,
+            )  # fmt: skip
+            run_dir = None
+            if args.run_dir is not None:
+                run_dir = check_run_dir(_new_run_dir() if args.run_dir == AUTO_RUN_DIR else args.run_dir)
+        if run_dir is not None and main_rank:
+            what = f"resuming epoch {ckpt.epoch + 1} of {config.epochs} in" if ckpt is not None else "writing to"
+            print(f"{prog}: {what} {run_dir}", file=sys.stderr)
+        train(config, log=lambda line: print(line, flush=True), run_dir=run_dir, resume=ckpt, progress=progress)
+    except (DeviceError, RunDirError, DistributedError) as exc:
+        return _fail(prog, str(exc), 2)
+    except (MNISTDataError, CheckpointError, DeterminismError) as exc:
+        return _fail(prog, str(exc), 1)
     except SolveError as exc:
-        print(f"{prog}: error: {exc} (try tighter --rtol/--atol or a smaller --lr)", file=sys.stderr)
-        return 1
+        return _fail(prog, f"{exc} (try tighter --rtol/--atol or a smaller --lr)", 1)
+    return 0
+
+
+def _matrix_table(matrix: list[list[int]]) -> list[str]:
+    n = len(matrix)
+    width = max(4, max(len(str(v)) for row in matrix for v in row) + 1)
+    lines = ["true\\pred " + "".join(f"{j:>{width}}" for j in range(n))]
+    lines += [f"{i:>9} " + "".join(f"{v:>{width}}" for v in row) for i, row in enumerate(matrix)]
+    return lines
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .mnist.checkpoint import CheckpointError
+    from .mnist.data import BatchLoader, MNISTDataError, tutorial_split
+    from .mnist.evaluate import class_names, evaluate, load_trained
+    from .mnist.metrics import plot_confusion_matrix
+    from .mnist.train import DeviceError
+
+    prog = "odeflux evaluate"
+    try:
+        model, config, ckpt = load_trained(args.checkpoint, args.device)
+        data_dir = args.data_dir if args.data_dir is not None else config.data_dir
+        train_part, test_part = tutorial_split(config.n_samples, config.train_split, data_dir=data_dir,
+                                               dataset=config.dataset)  # fmt: skip
+        x, y = test_part if args.split == "test" else train_part
+        device = next(model.parameters()).device
+        batch_size = args.batch_size or config.batch_size
+        res = evaluate(model, BatchLoader((x, y), batch_size).to(device))
+        plot = Path(args.plot) if args.plot else ckpt.path.parent / f"confusion-{args.split}.png"
+        title = f"{config.dataset} {args.split}: accuracy {100 * res.accuracy:.2f}% ({ckpt.path.name}, epoch {ckpt.epoch})"
+        plot_confusion_matrix(res.confusion, plot, labels=class_names(config.dataset), title=title)
+    except DeviceError as exc:
+        return _fail(prog, str(exc), 2)
+    except (CheckpointError, MNISTDataError) as exc:
+        return _fail(prog, str(exc), 1)
+    except OSError as exc:
+        return _fail(prog, f"cannot write the plot: {exc.strerror or exc} ({exc.filename}); pass --plot PATH", 1)
+    names = class_names(config.dataset)
+    split = "official test files" if config.n_samples == "all" and args.split == "test" else (
+        "official training files" if config.n_samples == "all" else f"{args.split} part of the run's {config.n_samples} images")
+    fevals = "n/a (no ODE layer)" if res.f_evals_forward is None else f"{res.f_evals_forward:.1f}"
+    lines = [
+        f"checkpoint: {ckpt.path} (epoch {ckpt.epoch} of {config.epochs}; {config.arch} model, sensealg {config.sensealg}, "
+        f"seed {config.seed})",
+        f"data: {config.dataset}, {split} ({res.n_images} images), on {device.type}",
+        f"accuracy: {100 * res.accuracy:.2f}% ({res.correct}/{res.n_images})",
+        f"mean forward f evaluations per batch: {fevals} (batches of {batch_size})",
+        "confusion matrix (rows: true class, columns: predicted class):",
+        *_matrix_table(res.confusion),
+    ]
+    if names != class_names("mnist"):
+        lines.append("classes: " + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+    lines.append(f"confusion matrix plot: {plot}")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .mnist.checkpoint import CheckpointError
+    from .mnist.evaluate import ImageError, class_names, load_images, load_trained, predict
+    from .mnist.train import DeviceError
+
+    prog = "odeflux predict"
+    try:
+        images = load_images(args.images)  # every file checked before the model is loaded
+        model, config, _ = load_trained(args.checkpoint, args.device)
+    except DeviceError as exc:
+        return _fail(prog, str(exc), 2)
+    except (CheckpointError, ImageError) as exc:
+        return _fail(prog, str(exc), 1)
+    names = class_names(config.dataset)
+    probs = predict(model, images)
+    for path, p in zip(args.images, probs.tolist()):
+        k = max(range(len(p)), key=p.__getitem__)
+        label = str(k) if names[k] == str(k) else f"{k} {names[k]}"
+        print(f"{path}: {label} (p={p[k]:.3f}) | " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(p)))
     return 0
 
 
@@ -221,17 +445,31 @@ def info_text() -> str:
     return "\n".join(lines + cuda_lines)
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The ``train`` flags present on the command line (by destination name)."""
+    return set(vars(build_parser(suppress_defaults=True).parse_args(argv))) - {"command"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``odeflux`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "info", "-h", "--help", "--version"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, DEFAULT_COMMAND)  # `odeflux --epochs 3` means `odeflux train --epochs 3`
     args = build_parser().parse_args(argv)
     try:
         if args.command == "info":
             print(info_text())
             return 0
-        return _run_train(args)
+        if args.command in ("evaluate", "predict"):
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(args.threads)
+            try:
+                return _run_evaluate(args) if args.command == "evaluate" else _run_predict(args)
+            finally:
+                torch.set_num_threads(threads)
+        return _run_train(args, _given(argv) if args.resume is not None else set())
     except KeyboardInterrupt:
         print("odeflux: interrupted", file=sys.stderr)
         return 130
