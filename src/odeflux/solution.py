@@ -67,6 +67,9 @@ class DenseOutput:
         self.dts = dts
         self.y0s = y0s
         self.Ks = Ks
+        # 2-d views of each step's start and stages, made once: at() is on the adjoints' hot path.
+        self._rows = [y0.reshape(1, -1) for y0 in y0s]
+        self._mats = [K.reshape(K.shape[0], -1) for K in Ks]
         self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
@@ -92,9 +95,9 @@ class DenseOutput:
         """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
-        y0, K = self.y0s[i], self.Ks[i]
+        y0 = self.y0s[i]
         wt = self.weights_row(theta, y0.dtype, y0.device)
-        return torch.addmm(y0.reshape(1, -1), wt, K.reshape(K.shape[0], -1), alpha=self.dts[i]).view(y0.shape)
+        return torch.addmm(self._rows[i], wt, self._mats[i], alpha=self.dts[i]).view(y0.shape)
 
     def weights_row(self, theta: float, dtype: torch.dtype, device: torch.device, on_host: bool | None = None) -> torch.Tensor:
         """``b_i(theta)`` as a ``(1, stages)`` tensor.

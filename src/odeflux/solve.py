@@ -135,6 +135,9 @@ def solve(
         shift = (t1_tensor - t1_tensor.detach()).to(problem.y0.dtype)
         last = sol.ys[-1] + shift * f1
         sol.ys = torch.cat([sol.ys[:-1], last.unsqueeze(0)])
+    if sol.status == Status.NONFINITE and not bool(torch.isfinite(y0.detach()).all()):
+        # Checked only on failure: up front it would cost a host synchronisation every solve.
+        raise ValueError("y0 contains NaN or Inf: the initial state must be finite")
     if throw and sol.status != Status.SUCCESS:
         raise SolveError(f"solve failed ({sol.status.name}): {sol.message}", sol.status, sol)
     return sol
@@ -206,10 +209,6 @@ def _make_problem(
         )
     if y0.numel() == 0:
         raise ValueError("y0 is empty: the state needs at least one element")
-    # On an accelerator this check would cost a synchronisation per solve; there a non-finite y0
-    # shows up in the first error norm instead (status NONFINITE at t0).
-    if y0.device.type == "cpu" and not bool(torch.isfinite(y0.detach()).all()):
-        raise ValueError("y0 contains NaN or Inf: the initial state must be finite")
 
     if isinstance(t_span, torch.Tensor):
         if t_span.numel() != 2:

@@ -41,6 +41,20 @@ class VJPBackend:
         raise NotImplementedError
 
 
+def _engine_grad() -> Callable[..., tuple]:
+    """``torch.autograd.grad`` without its Python-side argument handling, which costs about a
+    sixth of a small VJP. The inputs here are always well formed (``v`` has the shape of ``f``'s
+    output, checked at the first evaluation); where the engine is not exposed, the public API."""
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    run = getattr(engine, "run_backward", None)
+    if run is None:
+        return lambda out, inputs, v: torch.autograd.grad(out, inputs, v, allow_unused=True)
+    return lambda out, inputs, v: run((out,), (v,), False, False, tuple(inputs), True, False)
+
+
+_grad = _engine_grad()
+
+
 class AutogradVJP(VJPBackend):
     def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
         self.stats.n_vjp_evals += 1
@@ -50,7 +64,7 @@ class AutogradVJP(VJPBackend):
             out = self.problem.f(self.time(t), y_)
             inputs = ([y_] if want_y else []) + (self.params if want_p else [])
             if out.requires_grad and inputs:
-                grads = list(torch.autograd.grad(out, inputs, v, allow_unused=True))
+                grads = list(_grad(out, inputs, v))
             else:  # f depends on none of them
                 grads = [None] * len(inputs)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
