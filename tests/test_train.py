@@ -1,5 +1,6 @@
 """The training loop: one step, tree vs flat parameters, Adam as Lux's, the epoch line, a full run."""
 
+import math
 import re
 
 import pytest
@@ -256,3 +257,19 @@ def test_the_kill_hook_accepts_only_its_forms():
     for bad in ("batch", "batch:0", "step:2", "epoch:x"):
         with pytest.raises(ValueError, match="ODEFLUX_TEST_KILL_AT"):
             _KillHook(bad)
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes_exactly():
+    from odeflux.mnist.train import CosineLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = CosineLR(opt, 0.5, total=10)
+    lrs = []
+    for _ in range(10):
+        sched()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.5 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 0
+    assert lrs[5] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 2)))
+    resumed = CosineLR(opt, 0.5, total=10, step=6)
+    resumed()
+    assert opt.param_groups[0]["lr"] == lrs[6]

@@ -139,6 +139,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="the first N training images, split by --train-split; 'all': official 60k/10k split")
     add("--train-split", type=_fraction, default=0.9, help="fraction of --n-samples to train on")
     add("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    add("--lr-schedule", choices=("constant", "cosine"), default="constant",
+        help="cosine: the learning rate decays from --lr to 0 over all batches of all epochs")
     add("--seed", type=_nonneg_int, default=0, help="seeds the initial weights, the batch order and torch's generator")
     add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of the ODE solves")
     add("--atol", type=_positive_float, default=1e-3, help="absolute tolerance of the ODE solves")
@@ -300,7 +302,7 @@ def _run_train(args: argparse.Namespace, given: set[str]) -> int:
                 batch_size=args.batch_size, n_samples=args.n_samples, train_split=args.train_split, lr=args.lr,
                 seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
                 dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model,
-                deterministic=args.deterministic,
+                deterministic=args.deterministic, lr_schedule=args.lr_schedule,
             )  # fmt: skip
             run_dir = None
             if args.run_dir is not None:

@@ -4,8 +4,9 @@
 ``Lux.setup`` does (Glorot-uniform weights, zero biases) from a seeded ``torch.Generator``.
 ``arch="odenet"``: after Chen et al. (2018)'s ODE-Net: a strided convolutional downsampler, an ODE
 block whose time-dependent vector field is two 3x3 convolutions with GroupNorm, and a linear head
-over the flattened feature maps (Chen et al. average-pool them first, which trains several times
-slower); PyTorch's default initialisation, drawn from the seeded generator. With ``params="flat"``
+over the flattened feature maps (Chen et al. average-pool them first, which learns far slower:
+see benchmarks/results/odenet_full_mnist.md); PyTorch's default initialisation, drawn from the
+seeded generator. With ``params="flat"``
 every parameter lives in one vector, as the tutorial's ``ComponentArray`` holds them.
 """
 
@@ -32,8 +33,8 @@ ARCHS = ("tutorial", "odenet")
 IMAGE_SIZE = 28 * 28
 HIDDEN = 20
 N_CLASSES = 10
-#: The ODE-Net's default channel count: Chen et al. use 64; 32 reaches 99 % on MNIST at a third
-#: of the cost (benchmarks/results/odenet_full_mnist.md).
+#: The ODE-Net's default channel count: Chen et al. use 64; 32 reaches 99 % on MNIST in ~40 % of
+#: the time per batch (benchmarks/results/odenet_full_mnist.md).
 ODENET_WIDTH = 32
 ODENET_MAP = 6  # the downsampler's output side for 28 x 28 images
 

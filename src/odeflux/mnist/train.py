@@ -57,6 +57,23 @@ def model_archs() -> tuple[str, ...]:
     return ("tutorial",) if "arch" not in inspect.signature(create_model).parameters else ("tutorial", "odenet")
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class CosineLR:
+    """Cosine decay of the learning rate from its initial value to 0 over ``total`` optimiser steps,
+    set before each step from the global step count (so a resumed run continues it exactly)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, total: int, step: int = 0):
+        self.optimizer, self.base_lr, self.total, self.count = optimizer, base_lr, max(total, 1), step
+
+    def __call__(self) -> None:
+        lr = 0.5 * self.base_lr * (1 + math.cos(math.pi * min(self.count, self.total) / self.total))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.count += 1
+
+
 @dataclass
 class TrainConfig:
     """Everything the tutorial varies; the defaults are its first run."""
@@ -70,6 +87,7 @@ class TrainConfig:
     n_samples: int | str = 1500
     train_split: float = 0.9
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # "cosine": lr decays to 0 over all batches of all epochs
     seed: int = 0
     rtol: float = 1e-3
     atol: float = 1e-3
@@ -86,7 +104,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "sensealg": SENSEALGS, "vjp": VJPS, "device": DEVICES, "params": PARAM_STRUCTURES, "solver": ADAPTIVE_SOLVERS,
-            "arch": model_archs(),
+            "arch": model_archs(), "lr_schedule": LR_SCHEDULES,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -371,6 +389,7 @@ def train_epoch(
     ctx: DistContext | None = None,
     counter: FEvalCounter | None = None,
     batches: Iterable[Batch] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> tuple[float, torch.Tensor]:
     """One pass over ``loader`` (or ``batches``, the same batches wrapped, e.g. in a progress bar).
 
@@ -385,6 +404,8 @@ def train_epoch(
     _sync(device)
     start = time.perf_counter()
     for batch in loader if batches is None else batches:
+        if before_step is not None:  # a learning-rate schedule
+            before_step()
         if dist:
             loss_sum += ddp_train_step(model, batch, optimizer, ctx, loss_fn)
         else:
@@ -563,6 +584,10 @@ def _train(
                          run_dir=None if run_dir is None else Path(run_dir), start_epoch=start_epoch)  # fmt: skip
     result.epochs = [EpochResult.from_record(r) for r in history]
     counter = FEvalCounter(model)
+    schedule = None
+    if config.lr_schedule == "cosine":
+        n = len(train_loader)
+        schedule = CosineLR(optimizer, config.lr, n * config.epochs, step=n * start_epoch)
     bar = _progress_bar if progress and ctx.is_main else None
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -571,7 +596,9 @@ def _train(
             batches = hook.wrap(train_loader)
             if bar is not None:
                 batches = bar(batches, len(train_loader), f"epoch {epoch + 1}/{config.epochs}")
-            seconds, loss_sum = train_epoch(net, train_loader, optimizer, loss_fn, ctx=ctx, counter=counter, batches=batches)
+            seconds, loss_sum = train_epoch(
+                net, train_loader, optimizer, loss_fn, ctx=ctx, counter=counter, batches=batches, before_step=schedule
+            )
             if ctx.enabled:
                 totals = torch.tensor([float(loss_sum), *counter.totals()], dtype=torch.float64, device=device)
                 loss_total, *evals = distributed.all_reduce_sum(totals, ctx).tolist()
