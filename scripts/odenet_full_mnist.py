@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ from odeflux.mnist.data import BatchLoader, tutorial_split
 from odeflux.mnist.model import (
     ADAPTIVE_SOLVERS, ODENET_WIDTH, PARAM_STRUCTURES, SENSEALGS, VJPS, FlatParameters, create_model, odenet,
 )  # fmt: skip
-from odeflux.mnist.train import accuracy, make_optimizer, train_step, warmup
+from odeflux.mnist.train import CosineLR, accuracy, make_optimizer, train_step, warmup
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -90,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, a.lr)
     total_steps = a.epochs * len(train_loader)
-    sched = None
-    if a.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    sched = CosineLR(optimizer, a.lr, total_steps) if a.schedule == "cosine" else None
     head = "pooled" if a.pooled_head else "flat"
     print(f"# odenet width={a.width} head={head} params={n_params} train={len(y_train)} test={len(y_test)} "
           f"batch={a.batch_size} lr={a.lr} schedule={a.schedule} sensealg={a.sensealg} solver={a.solver} "
@@ -109,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         loss_sum = torch.zeros(())
         start, cpu_start = time.perf_counter(), time.process_time()
         for batch in train_loader:
+            if sched is not None:
+                sched()
             loss_sum += train_step(model, batch, optimizer)
             nfe.append(node.last_stats.n_f_evals)
-            if sched is not None:
-                sched.step()
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
         test_acc = accuracy(model, test_loader)
