@@ -22,7 +22,7 @@ class BacksolveAdjoint(ContinuousAdjoint):
     checkpointing: bool = True
     uses_forward_interpolant = False
 
-    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
+    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         n, vjp, shape = run.n, run.vjp, run.y.shape
         y_start = y_hi.reshape(-1) if (self.checkpointing or run.backsolve_y is None) else run.backsolve_y
 

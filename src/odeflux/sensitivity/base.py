@@ -16,7 +16,7 @@ import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -88,10 +88,12 @@ class ContinuousAdjoint(SensitivityAlgorithm):
         return self.uses_forward_interpolant and bool(getattr(self, "checkpointing", False))
 
     def integrate_interval(
-        self, run: "AdjointRun", t_hi: float, t_lo: float, y_hi: torch.Tensor, y_lo: torch.Tensor, lam: torch.Tensor, mu: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Carry ``(lambda, mu)`` from ``t_hi`` back to ``t_lo`` (flat tensors); ``y_hi``/``y_lo``
-        are the forward states kept at the interval's ends."""
+        self, run: "AdjointRun", t_hi: float, t_lo: float, y_hi: torch.Tensor | None, y_lo: torch.Tensor,
+        lam: torch.Tensor, mu: torch.Tensor, dense: DenseOutput | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Carry ``(lambda, mu)`` from ``t_hi`` back to ``t_lo`` (flat tensors). ``y_hi``/``y_lo``
+        are the forward states at the ends (``y_hi`` is ``None`` inside a checkpoint interval) and
+        ``dense`` the forward's interpolant there (``None`` unless ``uses_forward_interpolant``)."""
         raise NotImplementedError
 
     # -- the shared machinery ----------------------------------------------------------------
@@ -228,18 +230,51 @@ class AdjointRun:
             )
         return res
 
-    def forward_dense_on(self, t_lo: float, t_hi: float, y_lo: torch.Tensor) -> DenseOutput:
-        """The forward's dense output over ``[t_lo, t_hi]``: kept from the forward, or re-solved
-        from the checkpoint ``y(t_lo)`` (the interpolating adjoint's checkpointing)."""
+    def pieces(self, t_lo: float, t_hi: float, y_lo: torch.Tensor) -> Iterator[tuple[float, float, torch.Tensor, DenseOutput | None]]:
+        """The interval ``[t_lo, t_hi]`` as ``(a, b, y(a), dense output on [a, b])`` pieces, last first.
+
+        The dense output is the forward's own (kept within ``store_limit``, or the solution's), or
+        a re-solve from the checkpoint ``y(t_lo)``. A re-solve whose dense output would take more
+        than ``max(store_limit, 1 MiB)`` keeps only the state every so many steps instead, and the
+        pieces between those are re-solved one at a time: the memory held is bounded whatever the
+        number of steps. Methods that do not read ``y(t)`` get ``None``.
+        """
+        if not self.method.uses_forward_interpolant:
+            yield t_lo, t_hi, y_lo, None
+            return
         if self.dense is not None:
-            return self.dense
+            yield t_lo, t_hi, y_lo, self.dense
+            return
+        budget = max(self.method.store_limit, 2**20)
+        per_step = (self.problem.solver.tableau.stages + 1) * y_lo.numel() * y_lo.element_size()
+        every = max(1, budget // per_step)
+        marks: list[tuple[float, torch.Tensor]] = []
+        end_tol = 1e-12 * max(1.0, abs(t_lo), abs(t_hi))
+        accepted = 0
+
+        def mark(t: float, h: float, y: torch.Tensor, y1: torch.Tensor, K: torch.Tensor) -> None:
+            nonlocal accepted
+            accepted += 1
+            if accepted % every == 0 and abs(t + h - t_hi) > end_tol:
+                marks.append((t + h, y1))
+
+        dense = self._resolve(t_lo, t_hi, y_lo, dense_budget=budget, on_accept=mark)
+        if dense is not None:
+            yield t_lo, t_hi, y_lo, dense
+            return
+        bounds = [(t_lo, y_lo)] + marks + [(t_hi, None)]
+        for j in range(len(bounds) - 2, -1, -1):
+            (a, ya), (b, _) = bounds[j], bounds[j + 1]
+            yield a, b, ya, self._resolve(a, b, ya)
+
+    def _resolve(self, t_lo: float, t_hi: float, y_lo: torch.Tensor, **kw: Any) -> DenseOutput | None:
+        """Re-solve the forward from the checkpoint ``y(t_lo)`` with dense output."""
         p = self.problem
-        res = p.integrate(y0=y_lo, t0=t_lo, t1=t_hi, saveat=None, save_everystep=False, save_start=False, save_end=False, dense=True)
+        res = p.integrate(y0=y_lo, t0=t_lo, t1=t_hi, saveat=None, save_everystep=False, save_start=False, save_end=False, dense=True, **kw)
         self.bstats.n_checkpoints += 1
         self.bstats.n_f_evals += res.stats.n_f_evals
         if res.status != Status.SUCCESS:
             raise SolveError(f"re-solving the forward on [{t_lo}, {t_hi}] failed ({res.status.name}): {res.message}", res.status)
-        assert res.dense is not None
         return res.dense
 
     def lambda_rhs(self, dense: DenseOutput) -> Callable[[float, torch.Tensor], torch.Tensor]:
@@ -297,7 +332,10 @@ class AdjointRun:
                     lam = lam + g.reshape(-1)
                 t_lo, y_lo, _ = knots[k - 1]
                 if direction * (t_hi - t_lo) > 0:
-                    lam, mu = self.method.integrate_interval(self, t_hi, t_lo, y_hi, y_lo, lam, mu)
+                    for a, b, ya, dense in self.pieces(t_lo, t_hi, y_lo):
+                        yb = y_hi if b == t_hi else None
+                        lam, mu = self.method.integrate_interval(self, b, a, yb, ya, lam, mu, dense)
+                        del dense  # one piece's dense output alive at a time
             g0 = knots[0][2]
             if g0 is not None:
                 lam = lam + g0.reshape(-1)

@@ -23,8 +23,7 @@ class GaussAdjoint(ContinuousAdjoint):
 
     checkpointing: bool = False
 
-    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
-        dense = run.forward_dense_on(t_lo, t_hi, y_lo)
+    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         vjp, shape, solver = run.vjp, run.y.shape, run.solver
         rhs = run.lambda_rhs(dense)
         if run.n_params == 0:

@@ -21,8 +21,7 @@ class InterpolatingAdjoint(ContinuousAdjoint):
 
     checkpointing: bool = False
 
-    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
-        dense = run.forward_dense_on(t_lo, t_hi, y_lo)
+    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         n, vjp, shape = run.n, run.vjp, run.y.shape
 
         def rhs(t: float, z: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,7 @@ class QuadratureAdjoint(ContinuousAdjoint):
     quad_atol: float | None = None
     max_depth: int = 12
 
-    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu):
-        dense = run.forward_dense_on(t_lo, t_hi, y_lo)
+    def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         vjp, shape = run.vjp, run.y.shape
         res = run.adjoint_integrate(run.lambda_rhs(dense), lam, t_hi, t_lo, error_size=None, dense=True)
         if run.n_params == 0:
@@ -72,7 +71,11 @@ class QuadratureAdjoint(ContinuousAdjoint):
             run.bstats.n_quadrature_points += len(ts)
             return torch.stack(out)
 
-        def quad(a: float, b: float, depth: int) -> torch.Tensor:
+        # Adaptive bisection with an explicit work list (a recursive closure would be a reference
+        # cycle holding both interpolants until the garbage collector runs).
+        work = [(*sorted((t0, t0 + dt)), 0) for t0, dt in zip(lam_dense.t_starts, lam_dense.dts)]
+        while work:
+            a, b, depth = work.pop()
             half, mid = (b - a) / 2, (a + b) / 2
             vals = integrand([mid + half * float(xi) for xi in x])
             wts = torch.tensor(np.stack([wk, wg]) * half, dtype=vals.dtype, device=vals.device)
@@ -80,10 +83,7 @@ class QuadratureAdjoint(ContinuousAdjoint):
             err = float(torch.linalg.vector_norm(est[0] - est[1], ord=math.inf))
             size = float(torch.linalg.vector_norm(est[0], ord=math.inf))
             if err <= max(atol, rtol * size) or depth >= self.max_depth:
-                return est[0]
-            return quad(a, mid, depth + 1) + quad(mid, b, depth + 1)
-
-        for t_start, dt in zip(lam_dense.t_starts, lam_dense.dts):
-            a, b = sorted((t_start, t_start + dt))
-            total = total + quad(a, b, 0)
+                total = total + est[0]
+            else:
+                work += [(a, mid, depth + 1), (mid, b, depth + 1)]
         return res.y, total
