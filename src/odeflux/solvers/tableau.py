@@ -183,7 +183,7 @@ class ExplicitRK:
         # Eager mode passes dt as addmm's alpha (no extra op per stage). torch.compile would have to
         # specialise on a Python-number alpha and recompile for every new step size, so there dt
         # scales the coefficient rows instead.
-        compiling = torch.compiler.is_compiling()
+        compiling = _is_compiling()
         for i in range(1, s):
             K = torch.stack(ks).reshape(i, n)
             if compiling:
@@ -220,3 +220,11 @@ class ExplicitRK:
         s = K.shape[0]
         out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
         return out.reshape((weights.shape[0],) + tuple(y0.shape))
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+# torch.compiler.is_compiling is public from torch 2.3; the package supports torch >= 2.2.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_compiling)
