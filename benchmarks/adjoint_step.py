@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +32,9 @@ from odeflux.mnist.model import create_model
 from .common import (
     CountingField,
     Timing,
-    command_line,
     fmt_seconds,
     interleaved,
+    invocation,
     machine_info,
     markdown_table,
     result_document,
@@ -435,13 +434,6 @@ def memory_scaling(t1s: list[float], quick: bool) -> str:
     return markdown_table(["configuration"] + [f"t in [0, {t1:g}]" for t1 in t1s], rows, align="l" + "r" * len(t1s))
 
 
-def invocation(argv: list[str] | None) -> str | None:
-    """The command for the results file; called from run_all, this benchmark's own command and run_all's."""
-    if argv is None:
-        return None  # run as a script: common.command_line() tells it
-    return shlex.join(["python", "-m", "benchmarks.adjoint_step", *argv]) + f" (run by {command_line()})"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.adjoint_step", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (odeflux train's default: 1)")
@@ -524,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{time.perf_counter() - start:.0f} s."
     )
     doc = result_document(
-        "Adjoint methods: one training step", "\n\n".join(parts), machine=machine, command=invocation(argv)
+        "Adjoint methods: one training step", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.adjoint_step", argv)
     )
     print(doc)
     if not (args.no_write or args.quick):

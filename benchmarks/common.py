@@ -286,3 +286,11 @@ class CountingField(nn.Module):
 
     def callback_accept_step(self, t0: Any, y0: Any, dt: Any) -> None:
         self.n_accepted += 1
+
+
+def invocation(module: str, argv: list[str] | None) -> str | None:
+    """The command line for a results file. ``None`` when the benchmark runs as a script
+    (``command_line()`` tells it then); under ``run_all``, its own command and ``run_all``'s."""
+    if argv is None:
+        return None
+    return shlex.join(["python", "-m", module, *argv]) + f" (run by {command_line()})"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +27,9 @@ from odeflux.mnist.train import make_optimizer, train_step, warmup
 
 from .common import (
     Timing,
-    command_line,
     fmt_seconds,
     interleaved,
+    invocation,
     machine_info,
     markdown_table,
     result_document,
@@ -124,13 +123,6 @@ def section_table(timings: dict[str, Timing], k: int) -> str:
     )  # fmt: skip
 
 
-def invocation(argv: list[str] | None) -> str | None:
-    """The command for the results file; called from run_all, this benchmark's own command and run_all's."""
-    if argv is None:
-        return None  # run as a script: common.command_line() tells it
-    return shlex.join(["python", "-m", "benchmarks.full_mnist", *argv]) + f" (run by {command_line()})"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.full_mnist", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=100, help="training steps (batches of 128) per timing")
@@ -206,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
     doc = result_document(
-        "Full MNIST: training throughput", "\n\n".join(parts), machine=machine, command=invocation(argv)
+        "Full MNIST: training throughput", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.full_mnist", argv)
     )
     print(doc)
     if not (args.no_write or args.quick):

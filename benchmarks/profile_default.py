@@ -20,7 +20,6 @@ import functools
 import io
 import os
 import pstats
-import shlex
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,8 +38,8 @@ from odeflux.mnist.model import create_model
 from odeflux.mnist.train import make_optimizer, train_epoch, warmup
 
 from .common import (
-    command_line,
     fmt_seconds,
+    invocation,
     machine_info,
     markdown_table,
     result_document,
@@ -234,13 +233,6 @@ def torch_ops(model, loader, opt, epochs: int, n: int = 15) -> tuple[str, float]
     return table, n_ops / steps
 
 
-def invocation(argv: list[str] | None) -> str | None:
-    """The command for the results file; called from run_all, this benchmark's own command and run_all's."""
-    if argv is None:
-        return None  # run as a script: common.command_line() tells it
-    return shlex.join(["python", "-m", "benchmarks.profile_default", *argv]) + f" (run by {command_line()})"
-
-
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_default", description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=6, help="epochs profiled per view")
@@ -279,7 +271,7 @@ def main(argv: list[str] | None = None) -> str:
         f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
     ]
     doc = result_document(
-        "Profile of the default training step", "\n\n".join(parts), machine=machine, command=invocation(argv)
+        "Profile of the default training step", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.profile_default", argv)
     )
     print(doc)
     if not (args.no_write or args.quick):

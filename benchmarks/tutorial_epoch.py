@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from odeflux.mnist.train import make_optimizer, train_epoch, warmup
 
 from .common import (
     Timing,
-    command_line,
     fmt_seconds,
     interleaved,
+    invocation,
     machine_info,
     markdown_table,
     result_document,
@@ -153,13 +152,6 @@ def section_targets(sec: Section, diffrax_note: str) -> list[Target]:
     return out
 
 
-def invocation(argv: list[str] | None) -> str | None:
-    """The command for the results file; called from run_all, this benchmark's own command and run_all's."""
-    if argv is None:
-        return None  # run as a script: common.command_line() tells it
-    return shlex.join(["python", "-m", "benchmarks.tutorial_epoch", *argv]) + f" (run by {command_line()})"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tutorial_epoch", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -241,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
     doc = result_document("Tutorial epoch: odeflux's runs against torchdiffeq, torchode and diffrax",
-                          "\n\n".join(parts), machine=machine, command=invocation(argv))  # fmt: skip
+                          "\n\n".join(parts), machine=machine, command=invocation("benchmarks.tutorial_epoch", argv))  # fmt: skip
     print(doc)
     if not (args.no_write or args.quick):
         print(f"written to {write_result(args.out, doc)}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,8 @@ from pathlib import Path
 
 from .common import (
     Timing,
-    command_line,
     fmt_seconds,
+    invocation,
     machine_info,
     markdown_table,
     result_document,
@@ -132,13 +131,6 @@ def section_table(runs: dict[str, list[RunTime]]) -> str:
     )  # fmt: skip
 
 
-def invocation(argv: list[str] | None) -> str | None:
-    """The command for the results file; called from run_all, this benchmark's own command and run_all's."""
-    if argv is None:
-        return None  # run as a script: common.command_line() tells it
-    return shlex.join(["python", "-m", "benchmarks.whole_run", *argv]) + f" (run by {command_line()})"
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.whole_run", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="timed runs of each configuration at the first thread count")
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
     doc = result_document(
-        "Whole run: process start to the last epoch line", "\n\n".join(parts), machine=machine, command=invocation(argv)
+        "Whole run: process start to the last epoch line", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.whole_run", argv)
     )
     print(doc)
     if not (args.no_write or args.quick):

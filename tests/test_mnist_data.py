@@ -16,7 +16,7 @@ from odeflux import mnist
 from odeflux.mnist import BatchLoader, MNISTDataError, load_mnist, read_idx, tutorial_split
 from odeflux.mnist import data as data_mod
 from odeflux.mnist import download as download_mod
-from odeflux.mnist.idx import parse_idx, write_idx
+from odeflux.mnist.idx import write_idx
 
 
 def _find_canonical() -> Path | None:

@@ -1,6 +1,7 @@
 """odeflux: neural ordinary differential equations for PyTorch, with the adjoint family."""
 
 from .control import ConstantStepSize, IController, PIController, StepSizeController
+from .nn import NeuralODE
 from .sensitivity import (
     BacksolveAdjoint,
     ContinuousAdjoint,
@@ -10,7 +11,6 @@ from .sensitivity import (
     QuadratureAdjoint,
     SensitivityAlgorithm,
 )
-from .nn import NeuralODE
 from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, Status
 from .solve import solve
 from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5

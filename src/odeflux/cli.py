@@ -99,11 +99,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     ``suppress_defaults``: flags left out of the command line are absent from the result (tells
     which flags were given).
     """
+    from . import __version__
     from .mnist.data import DATASETS
     from .mnist.model import ADAPTIVE_SOLVERS, PARAM_STRUCTURES, SENSEALGS, VJPS
     from .mnist.train import DEVICES, model_archs
-
-    from . import __version__
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
     parser.add_argument("--version", action="version", version=f"odeflux {__version__}")

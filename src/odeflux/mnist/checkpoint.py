@@ -30,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .fileio import atomic_write_bytes, fsync_dir
+
 __all__ = [
     "CHECKPOINT_NAME", "Checkpoint", "CheckpointError", "PREVIOUS_NAME", "atomic_write_bytes", "is_intact", "load_checkpoint",
     "resolve_checkpoint", "rng_state", "save_checkpoint", "set_rng_state",
@@ -72,19 +74,6 @@ class Checkpoint:
 # --- atomic files ------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -99,23 +88,6 @@ def _write_synced(file: Path, data: bytes, midway: Callable[[], None] | None) ->
         f.write(data[half:])
         f.flush()
         os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync, rename.
-
-    Readers see the old file or the new one, never a mix.
-    """
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        _write_synced(tmp, data, None)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 # --- save and load -----------------------------------------------------------------------------
@@ -161,7 +133,7 @@ def save_checkpoint(run_dir: str | os.PathLike, payload: dict[str, Any], *, _mid
     except BaseException:
         new.unlink(missing_ok=True)
         raise
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return last
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .fileio import fsync_dir
 from .idx import MNISTDataError
 
 __all__ = ["MIRRORS", "MIRRORS_ENV", "MNIST_FILES", "RemoteFile", "download_file", "mirrors_from_env"]
@@ -165,7 +166,7 @@ def _fetch(url: str, remote: RemoteFile, final: Path, timeout: float) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _remove_stale_parts(dest_dir: Path, name: str) -> None:
@@ -179,15 +180,3 @@ def _remove_stale_parts(dest_dir: Path, name: str) -> None:
             pass  # another process's file, or already gone
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

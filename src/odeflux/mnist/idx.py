@@ -5,11 +5,12 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import atomic_write_bytes
 
 __all__ = ["MNISTDataError", "parse_idx", "read_idx", "write_idx"]
 
@@ -98,14 +99,4 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     data = header + np.ascontiguousarray(array, dtype=native.newbyteorder(">")).tobytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 __all__ = ["CURVES_NAME", "FIELDS", "METRICS_NAME", "MetricsLog", "plot_confusion_matrix", "plot_learning_curves", "read_metrics"]
 

@@ -35,8 +35,8 @@ from torch.nn import functional as F
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
-from .optim import Adam
 from .model import ADAPTIVE_SOLVERS, PARAM_STRUCTURES, SENSEALGS, VJPS, create_model, trainable_parameters
+from .optim import Adam
 
 DEVICES = ("auto", "cpu", "cuda")
 CONFIG_NAME = "config.json"
