@@ -34,12 +34,10 @@ from .common import (
     Timing,
     fmt_seconds,
     interleaved,
-    invocation,
     machine_info,
     markdown_table,
-    result_document,
+    publish,
     set_threads,
-    write_result,
 )
 from .peers import torchdiffeq_tutorial, torchode_tutorial
 from .peers.torch_tutorial import build_model
@@ -515,12 +513,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
         f"{time.perf_counter() - start:.0f} s."
     )
-    doc = result_document(
-        "Adjoint methods: one training step", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.adjoint_step", argv)
-    )
-    print(doc)
-    if not (args.no_write or args.quick):
-        print(f"written to {write_result(args.out, doc)}")
+    publish(
+        "Adjoint methods: one training step",
+        parts, machine, "benchmarks.adjoint_step", argv, args.out, not (args.no_write or args.quick),
+    )  # fmt: skip
     return data
 
 

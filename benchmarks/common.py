@@ -294,3 +294,12 @@ def invocation(module: str, argv: list[str] | None) -> str | None:
     if argv is None:
         return None
     return shlex.join(["python", "-m", module, *argv]) + f" (run by {command_line()})"
+
+
+def publish(title: str, parts: list[str], machine: str, module: str, argv: list[str] | None, out, write: bool) -> str:
+    """Assemble a results document, print it, and (``write``) save it atomically to ``out``."""
+    doc = result_document(title, "\n\n".join(parts), machine=machine, command=invocation(module, argv))
+    print(doc)
+    if write:
+        print(f"written to {write_result(out, doc)}")
+    return doc

@@ -29,12 +29,10 @@ from .common import (
     Timing,
     fmt_seconds,
     interleaved,
-    invocation,
     machine_info,
     markdown_table,
-    result_document,
+    publish,
     set_threads,
-    write_result,
 )
 from .peers import diffrax_client, torchdiffeq_tutorial, torchode_tutorial
 from .provenance import code_state
@@ -197,12 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
         parts.append(f"diffrax: {missing}.")
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
-    doc = result_document(
-        "Full MNIST: training throughput", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.full_mnist", argv)
-    )
-    print(doc)
-    if not (args.no_write or args.quick):
-        print(f"written to {write_result(args.out, doc)}")
+    publish(
+        "Full MNIST: training throughput",
+        parts, machine, "benchmarks.full_mnist", argv, args.out, not (args.no_write or args.quick),
+    )  # fmt: skip
     return {"targets": targets, "sections": sections}
 
 

@@ -39,12 +39,10 @@ from odeflux.mnist.train import make_optimizer, train_epoch, warmup
 
 from .common import (
     fmt_seconds,
-    invocation,
     machine_info,
     markdown_table,
-    result_document,
+    publish,
     set_threads,
-    write_result,
 )
 from .provenance import code_state
 
@@ -270,12 +268,10 @@ def main(argv: list[str] | None = None) -> str:
         f"(nested calls included).\n\n{top_ops}",
         f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
     ]
-    doc = result_document(
-        "Profile of the default training step", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.profile_default", argv)
-    )
-    print(doc)
-    if not (args.no_write or args.quick):
-        print(f"written to {write_result(args.out, doc)}")
+    doc = publish(
+        "Profile of the default training step",
+        parts, machine, "benchmarks.profile_default", argv, args.out, not (args.no_write or args.quick),
+    )  # fmt: skip
     return doc
 
 

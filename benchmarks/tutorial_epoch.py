@@ -31,12 +31,10 @@ from .common import (
     Timing,
     fmt_seconds,
     interleaved,
-    invocation,
     machine_info,
     markdown_table,
-    result_document,
+    publish,
     set_threads,
-    write_result,
 )
 from .peers import diffrax_client, torchdiffeq_tutorial, torchode_tutorial
 from .peers.torch_tutorial import build_model
@@ -232,11 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
         parts.append(f"diffrax: {missing}.")
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
-    doc = result_document("Tutorial epoch: odeflux's runs against torchdiffeq, torchode and diffrax",
-                          "\n\n".join(parts), machine=machine, command=invocation("benchmarks.tutorial_epoch", argv))  # fmt: skip
-    print(doc)
-    if not (args.no_write or args.quick):
-        print(f"written to {write_result(args.out, doc)}")
+    publish(
+        "Tutorial epoch: odeflux's runs against torchdiffeq, torchode and diffrax",
+        parts, machine, "benchmarks.tutorial_epoch", argv, args.out, not (args.no_write or args.quick),
+    )  # fmt: skip
     return {"targets": targets, "sections": sections}
 
 

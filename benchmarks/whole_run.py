@@ -26,11 +26,9 @@ from pathlib import Path
 from .common import (
     Timing,
     fmt_seconds,
-    invocation,
     machine_info,
     markdown_table,
-    result_document,
-    write_result,
+    publish,
 )
 from .peers import diffrax_client
 from .provenance import code_state
@@ -219,12 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
         parts.append(f"diffrax: {missing}.")
     parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
                  f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
-    doc = result_document(
-        "Whole run: process start to the last epoch line", "\n\n".join(parts), machine=machine, command=invocation("benchmarks.whole_run", argv)
-    )
-    print(doc)
-    if not (args.no_write or args.quick):
-        print(f"written to {write_result(args.out, doc)}")
+    publish(
+        "Whole run: process start to the last epoch line",
+        parts, machine, "benchmarks.whole_run", argv, args.out, not (args.no_write or args.quick),
+    )  # fmt: skip
     return {"targets": targets, "sections": sections}
 
 

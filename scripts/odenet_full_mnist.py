@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,24 +24,18 @@ import torch
 from torch.nn import functional as F
 
 from odeflux.mnist.data import BatchLoader, tutorial_split
+from odeflux.mnist.fileio import atomic_write_bytes
 from odeflux.mnist.model import (
-    ADAPTIVE_SOLVERS, ODENET_WIDTH, PARAM_STRUCTURES, SENSEALGS, VJPS, FlatParameters, create_model, odenet,
+    ADAPTIVE_SOLVERS,
+    ODENET_WIDTH,
+    PARAM_STRUCTURES,
+    SENSEALGS,
+    VJPS,
+    FlatParameters,
+    create_model,
+    odenet,
 )  # fmt: skip
 from odeflux.mnist.train import CosineLR, accuracy, make_optimizer, train_step, warmup
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _node_kwargs(model: torch.nn.Module) -> dict:
@@ -125,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
               f"test {100 * test_acc:.2f}%  NFE/batch (forward) mean {row['nfe_mean']:.1f} "
               f"[{row['nfe_min']}, {row['nfe_max']}]  load {row['load_avg']:.1f}", flush=True)
         if a.jsonl is not None:
-            _atomic_write(a.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+            a.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(a.jsonl, "".join(json.dumps(r) + "\n" for r in rows).encode())
     print(f"# done: {a.epochs} epochs in {time.perf_counter() - run_start:.0f}s wall, {time.process_time():.0f}s cpu, "
           f"final test accuracy {100 * rows[-1]['test_accuracy']:.2f}%", flush=True)
 
