@@ -258,3 +258,12 @@ def test_errors_are_one_line():
         with pytest.raises((TypeError, ValueError)) as info:
             odeflux.solve(decay, Y0, (0.0, 1.0), **kwargs)
         assert "\n" not in str(info.value)
+
+
+def test_saveat_in_float32_snaps_onto_the_span_ends():
+    """torch.linspace(0, 6.28, n) ends at float32(6.28) > 6.28: that is the end, not outside it."""
+    sol = odeflux.solve(lambda t, y: torch.stack([y[1], -y[0]]), torch.tensor([1.0, 0.0]), (0.0, 6.28),
+                        saveat=torch.linspace(0, 6.28, 50), rtol=1e-6, atol=1e-8)  # fmt: skip
+    assert sol.ts.shape == (50,) and float(sol.ts[-1]) == pytest.approx(6.28)
+    with pytest.raises(ValueError, match="outside t_span"):
+        odeflux.solve(lambda t, y: -y, torch.ones(1), (0.0, 1.0), saveat=[0.5, 1.001])

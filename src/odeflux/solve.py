@@ -275,6 +275,10 @@ def _make_problem(
         if not save_list:
             raise ValueError("saveat is empty: pass at least one time, or leave saveat=None")
         lo, hi = min(t0, t1), max(t0, t1)
+        # Times that round-tripped through float32 (torch.linspace(0, 6.28, n), say) may miss the
+        # ends by an ulp: those snap onto them.
+        snap = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(t0), abs(t1))
+        save_list = [lo if abs(v - lo) <= snap else hi if abs(v - hi) <= snap else v for v in save_list]
         for v in save_list:
             if not (lo <= v <= hi):
                 raise ValueError(f"saveat time {v} is outside t_span ({t0}, {t1})")
