@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from odeflux.mnist.model import create_model
 from .common import (
     CountingField,
     Timing,
+    closing_line,
     fmt_seconds,
     interleaved,
     machine_info,
@@ -457,7 +457,6 @@ def main(argv: list[str] | None = None) -> dict:
     t1s = [1.0, 10.0] if args.quick else [1.0, 10.0, 100.0, 1000.0]
     mem_table = memory_scaling(t1s, args.quick)
 
-    load = os.getloadavg()
     parts = [
         "One training step of the MNIST tutorial's model (Flatten, Dense(784->20, tanh), Neural ODE over "
         "`Dense(20->10,tanh)-Dense(10->10,tanh)-Dense(10->20,tanh)` on t in [0, 1], Dense(20->10)), initial "
@@ -509,10 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
         "but integrate y backwards again, which a long span can make blow up (a *fails* cell: the backward solve "
         "went non-finite).\n\n" + mem_table
     )
-    parts.append(
-        f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
-        f"{time.perf_counter() - start:.0f} s."
-    )
+    parts.append(closing_line(start))
     publish(
         "Adjoint methods: one training step",
         parts, machine, "benchmarks.adjoint_step", argv, args.out, not (args.no_write or args.quick),

@@ -303,3 +303,9 @@ def publish(title: str, parts: list[str], machine: str, module: str, argv: list[
     if write:
         print(f"written to {write_result(out, doc)}")
     return doc
+
+
+def closing_line(start: float | None = None) -> str:
+    """The results' last line: the load average now, and the run's duration since ``start``."""
+    load = "Load average at the end: %.2f %.2f %.2f" % os.getloadavg()
+    return load + ("." if start is None else f"; whole run {time.perf_counter() - start:.0f} s.")

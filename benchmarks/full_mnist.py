@@ -27,6 +27,7 @@ from odeflux.mnist.train import make_optimizer, train_step, warmup
 
 from .common import (
     Timing,
+    closing_line,
     fmt_seconds,
     interleaved,
     machine_info,
@@ -173,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict:
         targets.append(Target("4", f"full-MNIST images/s, default run ÷ torchdiffeq odeint_adjoint, {n} thread(s)",
                               r, 2.0, s, at_most=False, note=f"{args.steps} steps per timing"))  # fmt: skip
 
-    load = os.getloadavg()
     parts = [
         f"The tutorial's model and training step on the 60,000 MNIST training images (from `{ddir}`), shuffled "
         f"(odeflux's `BatchLoader`, seed 0), batch {BATCH}, Adam(1e-3), float32, rtol = atol = 1e-3. Each timing "
@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"round-by-round ratios.\n\n{targets_table(targets)}")  # fmt: skip
     if missing:
         parts.append(f"diffrax: {missing}.")
-    parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
-                 f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
+    parts.append(closing_line(start))
     publish(
         "Full MNIST: training throughput",
         parts, machine, "benchmarks.full_mnist", argv, args.out, not (args.no_write or args.quick),

@@ -38,6 +38,7 @@ from odeflux.mnist.model import create_model
 from odeflux.mnist.train import make_optimizer, train_epoch, warmup
 
 from .common import (
+    closing_line,
     fmt_seconds,
     machine_info,
     markdown_table,
@@ -251,7 +252,6 @@ def main(argv: list[str] | None = None) -> str:
     top_ops, ops_per_step = torch_ops(model, loader, opt, args.epochs)
     node = model.module.node if hasattr(model, "module") else model.node
     stats = node.last_stats
-    load = os.getloadavg()
 
     parts = [
         "The default run of `odeflux train` (InterpolatingAdjoint, autograd VJPs, flat parameters, Tsit5, "
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> str:
         f"torch's kernels, so Python's share is overstated; the order is what matters.\n\n{top_py}",
         f"## 3. torch operators (torch.profiler)\n\n{ops_per_step:.0f} aten operator calls per training step "
         f"(nested calls included).\n\n{top_ops}",
-        f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
+        closing_line(),
     ]
     doc = publish(
         "Profile of the default training step",

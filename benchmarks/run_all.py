@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import machine_info, result_document, write_result
+from .common import closing_line, machine_info, result_document, write_result
 from .provenance import code_state
 from .targets import Target, targets_table
 
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {durations[name]:.0f} s", flush=True)
 
     total = time.perf_counter() - start
-    load = os.getloadavg()
     lines = [
         "Issue 5's targets, each a ratio measured side by side in one run (same model, data, tolerances "
         "and float32); see each benchmark's results file for the method and the full tables: "
@@ -76,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         targets_table(targets) if targets else "No targets were measured.",
         "Target 6 (continuous adjoints keep memory flat in the number of steps) is a test, not a ratio; "
         "adjoint_step.md's memory table shows which methods do.",
-        "Durations: " + ", ".join(f"{n} {d:.0f} s" for n, d in durations.items()) + f"; total {total:.0f} s. "
-        f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.",
+        "Durations: " + ", ".join(f"{n} {d:.0f} s" for n, d in durations.items()) + f"; total {total:.0f} s. " + closing_line(),
     ]
     if failed:
         lines.append(f"Failed: {', '.join(failed)} (see the run's output).")

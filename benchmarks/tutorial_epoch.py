@@ -14,7 +14,6 @@ rounds. Measured at 2 torch threads and at 1.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from odeflux.mnist.train import make_optimizer, train_epoch, warmup
 
 from .common import (
     Timing,
+    closing_line,
     fmt_seconds,
     interleaved,
     machine_info,
@@ -193,7 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
             sections.append(run_section(n, args.rounds, data, init, modes, args.quick))
 
     targets = [t for sec in sections for t in section_targets(sec, missing or "")]
-    load = os.getloadavg()
     parts = [
         "The MNIST tutorial's model (Dense(784->20, tanh), Neural ODE over `Dense(20->10,tanh)-Dense(10->10,tanh)-"
         "Dense(10->20,tanh)` on [0, 1], Dense(20->10)) trained on the tutorial's 1350 training images: an epoch is "
@@ -228,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"(the two epochs of a round ran back to back).\n\n{targets_table(targets)}")  # fmt: skip
     if missing:
         parts.append(f"diffrax: {missing}.")
-    parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
-                 f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
+    parts.append(closing_line(start))
     publish(
         "Tutorial epoch: odeflux's runs against torchdiffeq, torchode and diffrax",
         parts, machine, "benchmarks.tutorial_epoch", argv, args.out, not (args.no_write or args.quick),

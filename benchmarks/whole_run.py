@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .common import (
     Timing,
+    closing_line,
     fmt_seconds,
     machine_info,
     markdown_table,
@@ -187,7 +188,6 @@ def main(argv: list[str] | None = None) -> dict:
             r, s = paired_ratio(base, Timing.from_samples([x.to_last for x in runs[TD_ODEINT]]))
             targets.append(Target("3b'", f"whole run ÷ torchdiffeq odeint's, {n} thread(s)", r, 1.0, s))
 
-    load = os.getloadavg()
     parts = [
         f"Wall clock from spawning each process to its epoch-{args.epochs} line (`[{args.epochs}/{args.epochs}] ...`): "
         "interpreter start, imports, reading the tutorial's 1500 images, building the model, the one-image "
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"\n\n{targets_table(targets)}")  # fmt: skip
     if missing:
         parts.append(f"diffrax: {missing}.")
-    parts.append(f"Load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; whole run "
-                 f"{time.perf_counter() - start:.0f} s.")  # fmt: skip
+    parts.append(closing_line(start))
     publish(
         "Whole run: process start to the last epoch line",
         parts, machine, "benchmarks.whole_run", argv, args.out, not (args.no_write or args.quick),

@@ -17,6 +17,18 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``odeflux`` with ``argv`` in-process: (exit code, stdout, stderr)."""
+    from odeflux.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")])]
 DTYPES = [torch.float32, torch.float64]
 

@@ -9,20 +9,11 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from conftest import run_cli
 
 import odeflux
-from odeflux.cli import main
 
 LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d+\.\d\d% \t Test Accuracy: \d+\.\d\d%$")
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize(
@@ -55,7 +46,7 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, words, capsys):
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     assert code == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -68,21 +59,21 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, words, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_cuda_without_gpu_is_a_one_line_error(capsys):
-    code, out, err = _run(["train", "--device", "cuda", "--epochs", "1"], capsys)
+    code, out, err = run_cli(["train", "--device", "cuda", "--epochs", "1"], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1
     assert "--device cuda" in err and "--device cpu" in err
 
 
 def test_data_errors_exit_1_with_one_line(tmp_path, capsys):
-    code, out, err = _run(["train", "--device", "cpu", "--epochs", "1", "--data-dir", str(tmp_path / "nowhere")], capsys)
+    code, out, err = run_cli(["train", "--device", "cpu", "--epochs", "1", "--data-dir", str(tmp_path / "nowhere")], capsys)
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "nowhere" in err and "--data-dir" in err
 
 
 def test_info_reports_versions_threads_and_devices(capsys):
-    code, out, err = _run(["info"], capsys)
+    code, out, err = run_cli(["info"], capsys)
     assert code == 0 and err == ""
     assert f"odeflux {odeflux.__version__}" in out
     assert f"Python {platform.python_version()}" in out
@@ -98,7 +89,7 @@ def test_info_reports_versions_threads_and_devices(capsys):
 
 
 def test_short_train_prints_the_epoch_lines(capsys):
-    code, out, err = _run(
+    code, out, err = run_cli(
         ["train", "--device", "cpu", "--sensealg", "direct", "--epochs", "2", "--n-samples", "300", "--params", "tree"],
         capsys,
     )
@@ -120,7 +111,7 @@ SHORT = ["train", "--device", "cpu", "--sensealg", "direct", "--epochs", "2", "-
 
 def test_the_default_run_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run(SHORT, capsys)
+    code, out, err = run_cli(SHORT, capsys)
     assert code == 0 and err == ""
     assert len(out.strip().splitlines()) == 2 and all(LINE.match(l) for l in out.strip().splitlines())
     assert list(tmp_path.iterdir()) == []
@@ -128,7 +119,7 @@ def test_the_default_run_writes_nothing(tmp_path, monkeypatch, capsys):
 
 def test_run_dir_without_a_value_goes_under_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _run([*SHORT, "--run-dir"], capsys)
+    code, out, err = run_cli([*SHORT, "--run-dir"], capsys)
     assert code == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", run.name)
@@ -137,7 +128,7 @@ def test_run_dir_without_a_value_goes_under_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_progress_bars_go_to_stderr_only(tmp_path, capsys):
-    code, out, err = _run([*SHORT, "--progress"], capsys)
+    code, out, err = run_cli([*SHORT, "--progress"], capsys)
     assert code == 0
     assert all(LINE.match(l) for l in out.strip().splitlines()) and len(out.strip().splitlines()) == 2
     assert "epoch 1/2" in err and "batch" in err
@@ -145,21 +136,21 @@ def test_progress_bars_go_to_stderr_only(tmp_path, capsys):
 
 def test_run_dir_problems_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    code, out, err = _run([*SHORT, "--run-dir", str(tmp_path / "file")], capsys)
+    code, out, err = run_cli([*SHORT, "--run-dir", str(tmp_path / "file")], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "is a file" in err
-    code, out, err = _run(["train", "--resume", str(tmp_path / "nothing-here")], capsys)
+    code, out, err = run_cli(["train", "--resume", str(tmp_path / "nothing-here")], capsys)
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "does not exist" in err
 
 
 def test_resume_keeps_the_runs_configuration(tmp_path, capsys):
     run = tmp_path / "run"
-    assert _run([*SHORT, "--run-dir", str(run)], capsys)[0] == 0
-    code, out, err = _run([*SHORT, "--run-dir", str(run)], capsys)  # the same directory again
+    assert run_cli([*SHORT, "--run-dir", str(run)], capsys)[0] == 0
+    code, out, err = run_cli([*SHORT, "--run-dir", str(run)], capsys)  # the same directory again
     assert code == 2 and "--resume" in err
-    code, out, err = _run(["train", "--resume", str(run), "--lr", "0.5"], capsys)
+    code, out, err = run_cli(["train", "--resume", str(run), "--lr", "0.5"], capsys)
     assert code == 2 and out == "" and "--lr" in err and "keeps its configuration" in err
-    code, out, err = _run(["train", "--resume", str(run)], capsys)  # finished: nothing to do
+    code, out, err = run_cli(["train", "--resume", str(run)], capsys)  # finished: nothing to do
     assert code == 0 and out == "" and "--epochs" in err
-    code, out, err = _run(["train", "--resume", str(run), "--epochs", "3", "--sensealg", "direct"], capsys)
+    code, out, err = run_cli(["train", "--resume", str(run), "--epochs", "3", "--sensealg", "direct"], capsys)
     assert code == 0, err  # a flag equal to the run's own value is fine
     assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("3", "3")]

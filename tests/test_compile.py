@@ -10,9 +10,9 @@ import torch
 import torch._dynamo
 
 from odeflux.integrator import rk_step_with_error
+from odeflux.mnist.model import create_model, vector_field
 from odeflux.nn import VectorField
 from odeflux.solvers import Tsit5
-from odeflux.mnist.model import create_model, vector_field
 
 
 @pytest.fixture()

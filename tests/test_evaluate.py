@@ -7,22 +7,13 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from odeflux.cli import main
 from odeflux.mnist.data import BatchLoader, load_mnist
 from odeflux.mnist.evaluate import ImageError, evaluate, load_image, load_trained, mnist_like, predict
 from odeflux.mnist.train import TrainConfig, accuracy, train
 from odeflux.nn import NeuralODE
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_evaluate_counts_agree_with_the_labels(trained):
 
 def test_evaluate_cli_prints_and_plots_the_confusion_matrix(trained, capsys):
     res, run_dir, _ = trained
-    code, out, err = _run(["evaluate", str(run_dir), "--device", "cpu"], capsys)
+    code, out, err = run_cli(["evaluate", str(run_dir), "--device", "cpu"], capsys)
     assert code == 0 and err == "", err
     assert f"accuracy: {100 * res.epochs[-1].test_accuracy:.2f}%" in out
     assert "(60 images)" in out and "mean forward f evaluations per batch:" in out
@@ -83,7 +74,7 @@ def test_evaluate_cli_prints_and_plots_the_confusion_matrix(trained, capsys):
 
 def test_evaluate_cli_other_split_and_plot_path(trained, tmp_path, capsys):
     _, run_dir, _ = trained
-    code, out, _ = _run(["evaluate", str(run_dir / "prev.pt"), "--split", "train", "--plot", str(tmp_path / "cm.png"),
+    code, out, _ = run_cli(["evaluate", str(run_dir / "prev.pt"), "--split", "train", "--plot", str(tmp_path / "cm.png"),
                          "--device", "cpu"], capsys)  # fmt: skip
     assert code == 0
     assert "epoch 2 of 3" in out and "(540 images)" in out and (tmp_path / "cm.png").is_file()
@@ -92,7 +83,7 @@ def test_evaluate_cli_other_split_and_plot_path(trained, tmp_path, capsys):
 def test_evaluate_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"nonsense")
     for target in (tmp_path / "x.pt", tmp_path / "missing", tmp_path):
-        code, out, err = _run(["evaluate", str(target)], capsys)
+        code, out, err = run_cli(["evaluate", str(target)], capsys)
         assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -157,7 +148,7 @@ def test_predict_cli_reports_the_models_probabilities(trained, digits, tmp_path,
     for i in range(6):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray((images[i] * 255).astype(np.uint8)).save(paths[-1])
-    code, out, err = _run(["predict", str(run_dir), *map(str, paths), "--device", "cpu"], capsys)
+    code, out, err = run_cli(["predict", str(run_dir), *map(str, paths), "--device", "cpu"], capsys)
     assert code == 0 and err == ""
     lines = out.strip().splitlines()
     assert len(lines) == 6
@@ -195,7 +186,7 @@ def test_predict_rejects_bad_files_in_one_line(trained, digits, tmp_path, capsys
         Image.new("L", (40, 40), 255).save(path)
     good = tmp_path.parent / f"good-{kind}.png"
     Image.fromarray(a).save(good)
-    code, out, err = _run(["predict", str(run_dir), str(good), str(path)], capsys)
+    code, out, err = run_cli(["predict", str(run_dir), str(good), str(path)], capsys)
     assert code == 1 and out == ""  # every file is checked before anything is printed
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("odeflux predict: error:") and "Traceback" not in err

@@ -12,7 +12,17 @@ from conftest import PROBLEMS, kepler_exact, two_body_f
 
 import odeflux
 from odeflux import (
-    BS3, RK4, ConstantStepSize, Dopri5, Euler, Heun, Midpoint, PIController, SolveError, Status, Tsit5,
+    BS3,
+    RK4,
+    ConstantStepSize,
+    Dopri5,
+    Euler,
+    Heun,
+    Midpoint,
+    PIController,
+    SolveError,
+    Status,
+    Tsit5,
 )  # fmt: skip
 from odeflux.control import initial_step
 

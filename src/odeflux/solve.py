@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .control import ConstantStepSize, PIController, StepSizeController
 from .integrator import IntegrationResult, integrate, rk_step_with_error
+from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status
 from .solvers import ExplicitRK, Tsit5
 
@@ -79,7 +80,7 @@ def solve(
     dtmax: float | None = None,
     max_steps: int = 100_000,
     controller: StepSizeController | None = None,
-    sensealg: "Any | None" = None,
+    sensealg: SensitivityAlgorithm | None = None,
     throw: bool = True,
     compile: bool = False,
 ) -> Solution:
@@ -101,8 +102,6 @@ def solve(
     otherwise check ``sol.status``. ``compile=True`` runs the per-step work through
     ``torch.compile(fullgraph=True)``.
     """
-    from .sensitivity import DirectAdjoint, SensitivityAlgorithm
-
     problem, t_tensors = _make_problem(
         f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
         dt0, dtmin, dtmax, max_steps, controller, compile,

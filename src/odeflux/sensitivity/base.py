@@ -23,12 +23,12 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..control import PIController
+from ..integrator import IntegrationResult, integrate
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status
 from ..solvers import ExplicitRK
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
 if TYPE_CHECKING:
-    from ..integrator import IntegrationResult
     from ..solve import Problem
 
 
@@ -213,8 +213,6 @@ class AdjointRun:
 
     def adjoint_integrate(self, g: Callable, z: torch.Tensor, t_hi: float, t_lo: float, error_size: int | None, **kw: Any) -> "IntegrationResult":
         """Integrate an adjoint system ``dz/dt = g(t, z)`` from ``t_hi`` back to ``t_lo``."""
-        from ..integrator import integrate
-
         res = integrate(
             g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=PIController(),
             max_steps=self.max_steps, save_start=False, save_end=True,
