@@ -28,6 +28,7 @@ from typing import Any, Callable
 from torch.nn import functional as F
 
 import odeflux
+import odeflux.fields
 import odeflux.integrator
 import odeflux.nn
 import odeflux.sensitivity.base
@@ -57,6 +58,7 @@ class Timers:
         self.total: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.phase = "outside"
+        self._active: set[str] = set()  # labels being timed: a nested call of one is not counted twice
         self._undo: list[Callable[[], None]] = []
 
     def wrap(self, owner: Any, attr: str, label: str | Callable[["Timers"], str], phase: str | None = None) -> None:
@@ -65,6 +67,9 @@ class Timers:
         @functools.wraps(orig)
         def timed(*a: Any, **kw: Any) -> Any:
             name = label(self) if callable(label) else label
+            if name in self._active:
+                return orig(*a, **kw)
+            self._active.add(name)
             before = self.phase
             if phase is not None:
                 self.phase = phase
@@ -75,6 +80,7 @@ class Timers:
                 self.total[name] += time.perf_counter() - t0
                 self.calls[name] += 1
                 self.phase = before
+                self._active.discard(name)
 
         setattr(owner, attr, timed)
         self._undo.append(lambda: setattr(owner, attr, orig))
@@ -115,6 +121,8 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(B.AdjointRun, "forward", "forward ODE solve (AdjointRun.forward)", phase="fwd")
     T.wrap(B.AdjointRun, "backward", "adjoint solve (AdjointRun.backward)", phase="bwd")
     T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "__call__", "VJP calls")
+    T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "flat", "VJP calls")
+    T.wrap(odeflux.fields.MLP, "_vjp", "the field's VJP rule")
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
     T.wrap(odeflux.nn.VectorField, "forward", lambda t: f"f evaluations ({t.phase})")
@@ -160,9 +168,11 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
         ("adjoint solve (AdjointRun.backward)", g("adjoint solve (AdjointRun.backward)"), None, 1),
         ("forward re-solve on checkpoint intervals (near 0 when the forward's steps were kept)",
          g("forward re-solve", 0.0), calls.get("forward re-solve"), 2),
-        ("VJP calls (f with graph + autograd.grad)", g("VJP calls"), calls.get("VJP calls"), 2),
-        ("f evaluations inside the VJPs", bwd_f, calls.get("f evaluations (bwd)"), 3),
-        ("autograd.grad and VJP plumbing", g("VJP calls") - bwd_f, None, 3),
+        ("VJP calls", g("VJP calls"), calls.get("VJP calls"), 2),
+        ("the vector field's VJP rule (odeflux.fields.MLP: its forward and backward products)",
+         g("the field's VJP rule", 0.0), calls.get("the field's VJP rule"), 3),
+        ("f evaluations with graph (autograd engine path)", bwd_f, calls.get("f evaluations (bwd)"), 3),
+        ("autograd.grad, output buffer, negation, plumbing", g("VJP calls") - bwd_f - g("the field's VJP rule", 0.0), None, 3),
         ("y(t) from the kept forward steps", g("y(t) from the kept forward steps", 0.0), calls.get("y(t) from the kept forward steps"), 2),
         ("adjoint integrator: RK arithmetic, cat/neg, error norm, controller",
          g("adjoint solve (AdjointRun.backward)") - g("VJP calls") - g("y(t) from the kept forward steps", 0.0)

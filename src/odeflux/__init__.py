@@ -1,7 +1,8 @@
 """odeflux: neural ordinary differential equations for PyTorch, with the adjoint family."""
 
 from .control import ConstantStepSize, IController, PIController, StepSizeController
-from .nn import NeuralODE
+from .fields import MLP
+from .nn import NeuralODE, VectorField
 from .sensitivity import (
     BacksolveAdjoint,
     ContinuousAdjoint,
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BS3", "RK4", "BacksolveAdjoint", "BackwardStats", "ContinuousAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
     "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
-    "Euler", "ExplicitRK", "Heun", "IController", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
-    "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "solve",
+    "Euler", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
+    "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,15 @@ class VectorField(nn.Module):
     def ignores_time(self) -> bool:
         """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
         return not self.time_dependent
+
+    @property
+    def vjp_rule(self) -> Callable[..., Any] | None:
+        """The wrapped module's VJP rule (see :mod:`odeflux.fields`) in the ``(t, y, v, ...)``
+        convention, or ``None`` when it has none."""
+        rule = getattr(self.module, "vjp_rule", None)
+        if rule is None or self.time_dependent:
+            return rule
+        return lambda t, y, v, **kw: rule(y, v, **kw)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:

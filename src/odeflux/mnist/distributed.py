@@ -110,6 +110,16 @@ def setup(ctx: DistContext, device: torch.device, timeout_s: float = 600.0) -> t
     return device
 
 
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (a no-op for one process). Called only on the way out of a run that
+    succeeded: after a failure the other ranks may never arrive."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def shutdown(ctx: DistContext) -> None:
     """End the process group if :func:`setup` started it (one started by the caller is left alone)."""
     if ctx.enabled and _started:

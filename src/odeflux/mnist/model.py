@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..control import IController
+from ..fields import MLP
 from ..nn import NeuralODE
 from ..solvers import SOLVERS
 
@@ -72,21 +73,16 @@ def make_sensealg(name: str, vjp: str = "autograd") -> Any:
     return cls() if name == "direct" else cls(vjp=vjp)
 
 
-class TanhMLP(nn.Module):
-    """Dense layers, each followed by ``tanh`` (Lux's ``Chain(Dense(a => b, tanh), ...)``).
+class TanhMLP(MLP):
+    """Dense layers, each followed by ``tanh`` (Lux's ``Chain(Dense(a => b, tanh), ...)``), with
+    :class:`odeflux.fields.MLP`'s hand-written VJP rule (``vjp_rule=False`` leaves it to autograd).
 
     One module call per evaluation rather than one per layer: the ODE solver calls it six times
     a step, so the per-call overhead of a ``Sequential`` shows.
     """
 
-    def __init__(self, layers: list[nn.Linear]):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            y = torch.tanh(F.linear(y, layer.weight, layer.bias))
-        return y
+    def __init__(self, layers: list[nn.Linear], vjp_rule: bool = True):
+        super().__init__(layers, "tanh", vjp_rule=vjp_rule)
 
 
 def vector_field(generator: torch.Generator) -> TanhMLP:

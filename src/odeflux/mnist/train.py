@@ -535,7 +535,9 @@ def train(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, log, data, run_dir, ckpt, progress, ctx)
+        result = _train(config, log, data, run_dir, ckpt, progress, ctx)
+        distributed.barrier(ctx)  # no rank tears the group down while another still talks to it
+        return result
     finally:
         torch.set_num_threads(threads)
         if torch.are_deterministic_algorithms_enabled() != was_deterministic:

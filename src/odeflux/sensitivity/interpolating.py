@@ -25,9 +25,7 @@ class InterpolatingAdjoint(ContinuousAdjoint):
         n, vjp, shape = run.n, run.vjp, run.y.shape
 
         def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
-            y = dense.at(t)
-            _, gy, gp = vjp(t, y, z[:n].view(shape))
-            return torch.cat([gy.reshape(-1)] + [g.reshape(-1) for g in gp]).neg_()
+            return vjp.flat(t, dense.at(t), z[:n].view(shape), negate=True)
 
         z = run.adjoint_integrate(rhs, torch.cat([lam, mu]), t_hi, t_lo, error_size=n).y
         return z[:n], z[n:]

@@ -66,8 +66,7 @@ class QuadratureAdjoint(ContinuousAdjoint):
         def integrand(ts: list[float]) -> torch.Tensor:
             out = []
             for t in ts:
-                _, _, gp = vjp(t, dense.at(t), lam_dense.at(t).view(shape), want_y=False)
-                out.append(torch.cat([g.reshape(-1) for g in gp]))
+                out.append(vjp.flat(t, dense.at(t), lam_dense.at(t).view(shape), want_y=False))
             run.bstats.n_quadrature_points += len(ts)
             return torch.stack(out)
 

@@ -40,6 +40,13 @@ class VJPBackend:
     def __call__(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True, want_f: bool = False) -> VJPResult:
         raise NotImplementedError
 
+    def flat(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+        """``[v^T df/dy (if want_y), v^T df/dp_1, ...]`` flattened into one vector, negated if asked
+        (the adjoints' right-hand sides)."""
+        _, gy, gp = self(t, y, v, want_y=want_y)
+        out = torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
+        return out.neg_() if negate else out
+
 
 def _engine_grad() -> Callable[..., tuple]:
     """``torch.autograd.grad`` without its Python-side argument handling, which costs about a
@@ -55,10 +62,40 @@ def _engine_grad() -> Callable[..., tuple]:
 _grad = _engine_grad()
 
 
+def find_vjp_rule(problem: "Problem", params: list[torch.Tensor]) -> Callable[..., Any] | None:
+    """``f``'s own VJP rule (:mod:`odeflux.fields`) when it covers exactly ``params``, in order."""
+    f = problem.user_f
+    rule = getattr(f, "vjp_rule", None) if isinstance(f, nn.Module) else None
+    if rule is None or problem.args is not None:
+        return None
+    own = list(f.parameters())
+    if len(own) != len(params) or any(a is not b for a, b in zip(own, params)):
+        return None  # frozen or extra parameters: the rule's products would not line up
+    return rule
+
+
 class AutogradVJP(VJPBackend):
+    """Reverse mode through the autograd engine, or through ``f``'s own VJP rule when it has one
+    (as Zygote uses a layer's hand-written ``rrule``)."""
+
+    def __init__(self, problem, params, stats):
+        super().__init__(problem, params, stats)
+        self.rule = find_vjp_rule(problem, params)
+
+    def flat(self, t, y, v, want_y=True, negate=False):
+        if self.rule is None:
+            return super().flat(t, y, v, want_y, negate)
+        self.stats.n_vjp_evals += 1
+        # The products are linear in v: negating the small v spares negating the long result.
+        _, gy, gp = self.rule(self.time(t), y, v.neg() if negate else v, want_y=want_y)
+        return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
+
     def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
         self.stats.n_vjp_evals += 1
         self.stats.n_f_evals += want_f
+        if self.rule is not None:
+            out, gy, gp = self.rule(self.time(t), y, v, want_y=want_y, want_p=want_p)
+            return (out if want_f else None), gy, gp
         with torch.enable_grad():
             y_ = y.detach().requires_grad_(want_y)
             out = self.problem.f(self.time(t), y_)

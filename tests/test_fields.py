@@ -1,0 +1,156 @@
+"""Vector fields with their own VJP rule: the rule against the autograd engine, and the adjoints
+that use it against the same adjoints without it and against backpropagation through the solver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import odeflux
+from odeflux import BacksolveAdjoint, DirectAdjoint, GaussAdjoint, InterpolatingAdjoint, QuadratureAdjoint
+from odeflux.fields import ACTIVATIONS, MLP
+from odeflux.mnist.model import FlatParameters, create_model
+
+CONTINUOUS = [InterpolatingAdjoint, BacksolveAdjoint, QuadratureAdjoint, GaussAdjoint]
+
+
+def mlp(activation: str = "tanh", final_activation: bool = True, seed: int = 0, **kw) -> MLP:
+    g = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(4, 6), nn.Linear(6, 5, bias=False), nn.Linear(5, 4)]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+    return MLP(layers, activation, final_activation=final_activation, **kw).double()
+
+
+@pytest.mark.parametrize("final_activation", [True, False])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("shape", [(4,), (3, 4), (2, 3, 4)], ids=["vector", "batch", "batch2"])
+def test_rule_matches_the_autograd_engine(activation, final_activation, shape):
+    m = mlp(activation, final_activation)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(shape, generator=g, dtype=torch.float64)
+    out = m(y)
+    ref = torch.autograd.grad(out, [y, *m.parameters()], v)
+    f, gy, gp = m.vjp_rule(y.detach(), v)
+    assert torch.allclose(f, out.detach(), rtol=1e-13, atol=1e-14)
+    assert gy.shape == y.shape and len(gp) == len(ref) - 1
+    for a, b in zip([gy, *gp], ref):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+    _, none_y, only_p = m.vjp_rule(y.detach(), v, want_y=False)
+    assert none_y is None and all(torch.equal(a, b) for a, b in zip(only_p, gp))
+    _, only_y, none_p = m.vjp_rule(y.detach(), v, want_p=False)
+    assert none_p is None and torch.equal(only_y, gy)
+
+
+def test_mlp_checks_its_inputs():
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        MLP([nn.Linear(2, 2)], "gelu")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MLP([nn.Conv1d(1, 1, 1)])
+    with pytest.raises(TypeError, match="non-empty"):
+        MLP([])
+    with pytest.raises(ValueError, match="3 outputs feed 4 inputs"):
+        MLP([nn.Linear(2, 3), nn.Linear(4, 2)])
+    m = MLP([nn.Linear(2, 2)])
+    m.layers.append(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="layers changed"):
+        m(torch.zeros(2))
+    assert MLP([nn.Linear(2, 2)], vjp_rule=False).vjp_rule is None
+
+
+def _grads(field: nn.Module, y0: torch.Tensor, sensealg, **kw) -> torch.Tensor:
+    y0 = y0.clone().requires_grad_()
+    for p in field.parameters():
+        p.grad = None
+    sol = odeflux.solve(field, y0, (0.0, 1.0), sensealg=sensealg, rtol=1e-9, atol=1e-9, **kw)
+    (sol.ys**2).sum().backward()
+    return torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in field.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("method", CONTINUOUS, ids=lambda m: m.__name__)
+def test_adjoints_with_the_rule_agree_with_the_engine_and_with_direct(method):
+    y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    field = odeflux.VectorField(mlp())
+    calls = []
+    rule = field.module._vjp
+    field.module._vjp = lambda *a, **k: calls.append(1) or rule(*a, **k)
+    with_rule = _grads(field, y0, method(), saveat=[0.3, 1.0])
+    assert calls, "the adjoint did not use the field's VJP rule"
+    field.module.use_vjp_rule = False
+    n = len(calls)
+    engine = _grads(field, y0, method(), saveat=[0.3, 1.0])
+    assert len(calls) == n
+    direct = _grads(field, y0, DirectAdjoint(), saveat=[0.3, 1.0])
+    assert torch.allclose(with_rule, engine, rtol=1e-10, atol=1e-12)
+    assert float((with_rule - direct).norm() / direct.norm()) < 1e-6
+
+
+def test_rule_is_skipped_when_it_does_not_cover_the_parameters():
+    """A frozen parameter or an extra tensor in args: the engine takes over, and gradients stay right."""
+    y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    m = mlp()
+    used = []
+    rule = m._vjp
+    m._vjp = lambda *a, **k: used.append(1) or rule(*a, **k)
+    m.layers[0].bias.requires_grad_(False)
+    field = odeflux.VectorField(m)
+    g = _grads(field, y0, InterpolatingAdjoint())
+    assert not used
+    ref = _grads(field, y0, DirectAdjoint())
+    assert float((g - ref).norm() / ref.norm()) < 1e-6
+    assert m.layers[0].bias.grad is None
+
+    m.layers[0].bias.requires_grad_(True)
+    extra = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)  # one more tensor to differentiate
+    sol = odeflux.solve(field, y0, (0.0, 1.0), params=[extra], sensealg=InterpolatingAdjoint(), rtol=1e-9, atol=1e-9)
+    sol.ys[-1].sum().backward()
+    assert not used and float(extra.grad) == 0.0
+
+
+class TimeMLP(nn.Module):
+    """``f(t, y) = cos(t) * mlp(y)`` with a rule in the ``(t, y, v)`` convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = mlp("sigmoid")
+        self.calls = 0
+
+    def forward(self, t, y):
+        return torch.cos(torch.as_tensor(t, dtype=y.dtype)) * self.mlp(y)
+
+    def vjp_rule(self, t, y, v, want_y=True, want_p=True):
+        self.calls += 1
+        c = torch.cos(torch.as_tensor(t, dtype=y.dtype))
+        f, gy, gp = self.mlp.vjp_rule(y, v * c, want_y=want_y, want_p=want_p)
+        return f * c, gy, gp
+
+
+def test_time_dependent_field_gets_its_rule_called_with_t():
+    y0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    tm = TimeMLP()
+    field = odeflux.VectorField(tm)
+    g = _grads(field, y0, GaussAdjoint())
+    assert tm.calls > 0
+    ref = _grads(field, y0, DirectAdjoint())
+    assert float((g - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_tutorial_model_with_flat_parameters_uses_the_rule():
+    """The tutorial's model (FlatParameters over a TanhMLP field): same gradient with and without the rule."""
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for rule in (True, False):
+        model = create_model(params="flat")
+        assert isinstance(model, FlatParameters)
+        field = model.module.node.vector_field
+        field.use_vjp_rule = rule
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append(model.flat.grad)
+        assert model.module.node.last_backward_stats.n_vjp_evals > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
