@@ -121,8 +121,9 @@ class Config:
     tight: bool = True  # whether the float64 tight-tolerance error is computed by default
 
 
-def odeflux_runner(make_alg: Callable[[], Any], dtype: torch.dtype, tol: float, t1: float = 1.0) -> Runner:
-    model = create_model(sensealg=make_alg(), params="tree", rtol=tol, atol=tol).to(dtype)
+def odeflux_runner(make_alg: Callable[[], Any], dtype: torch.dtype, tol: float, t1: float = 1.0,
+                   vjp_rule: bool = True) -> Runner:  # fmt: skip
+    model = create_model(sensealg=make_alg(), params="tree", rtol=tol, atol=tol, vjp_rule=vjp_rule).to(dtype)
     node = model.node
     node.return_solution = True
     node.tspan = (0.0, t1)
@@ -216,6 +217,9 @@ def configs(quick: bool) -> list[Config]:
             out.append(Config(f"odeflux {cls_name} {vjp}",
                               lambda d, t, cls=cls, vjp=vjp: odeflux_runner(lambda: cls(vjp=vjp), d, t),
                               group, tight=group == "fast"))  # fmt: skip
+    # The default without the tutorial field's hand-written VJP rule: every product through the engine.
+    out.append(Config("odeflux InterpolatingAdjoint autograd, engine only",
+                      lambda d, t: odeflux_runner(odeflux.InterpolatingAdjoint, d, t, vjp_rule=False)))  # fmt: skip
     for cls_name in ("InterpolatingAdjoint", "BacksolveAdjoint"):  # Kidger et al.'s seminorm, as torchdiffeq's below
         cls = getattr(odeflux, cls_name)
         out.append(

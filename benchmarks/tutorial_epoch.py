@@ -44,6 +44,7 @@ from .targets import Target, paired_ratio, targets_table
 RESULT = Path(__file__).parent / "results" / "tutorial_epoch.md"
 PACKAGES = ("torchdiffeq", "torchode", "jax", "diffrax", "optax")
 DEFAULT = "odeflux interpolating + autograd (flat)"
+ENGINE = "odeflux interpolating + autograd, engine only (flat)"
 DIRECT = "odeflux direct (flat)"
 TD_ADJOINT = "torchdiffeq odeint_adjoint"
 TD_ODEINT = "torchdiffeq odeint"
@@ -53,6 +54,8 @@ DIFFRAX_BACKSOLVE = "diffrax BacksolveAdjoint (jit)"
 # The tutorial's four runs (scripts/tutorial_runs.sh), by the flags of `odeflux train`.
 ODEFLUX_RUNS = {
     DEFAULT: dict(sensealg="interpolating", vjp="autograd", params="flat"),
+    # The default without the field's hand-written VJP rule: every product through the autograd engine.
+    ENGINE: dict(sensealg="interpolating", vjp="autograd", params="flat", vjp_rule=False),
     "odeflux gauss + autograd (tree)": dict(sensealg="gauss", vjp="autograd", params="tree"),
     "odeflux interpolating + func (flat)": dict(sensealg="interpolating", vjp="func", params="flat"),
     DIRECT: dict(sensealg="direct", params="flat"),
@@ -205,7 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
         "order. Times are the training batches only (as the tutorial's `Time`); evaluation is not run.",
         "odeflux rows are the tutorial's four runs (`scripts/tutorial_runs.sh`): `--sensealg interpolating --vjp "
         "autograd --params flat` (the default), `gauss --vjp autograd --params tree`, `interpolating --vjp func`, "
-        "`direct`; each runs `odeflux.mnist.train.train_epoch` with `create_model` and `make_optimizer`, and so do "
+        "`direct`, and the default once more with `create_model(vjp_rule=False)` (*engine only*: the products "
+        "go through the autograd engine instead of the tutorial field's hand-written VJP rule, "
+        "`odeflux.fields.MLP`); each runs `odeflux.mnist.train.train_epoch` with `create_model` and "
+        "`make_optimizer`, and so do "
         "the torch peers (same loop, only the model differs). torchdiffeq: dopri5, `odeint_adjoint` (adjoint at "
         "the forward's tolerances) or `odeint` (backpropagation through the solver). torchode: Tsit5 with "
         "`solve_ivp`'s PID gains, the batch as one problem (*joint*, as the tutorial) or 128 (*per-sample*). "

@@ -85,9 +85,10 @@ class TanhMLP(MLP):
         super().__init__(layers, "tanh", vjp_rule=vjp_rule)
 
 
-def vector_field(generator: torch.Generator) -> TanhMLP:
+def vector_field(generator: torch.Generator, vjp_rule: bool = True) -> TanhMLP:
     """The tutorial's ODE right-hand side: Dense(20->10, tanh), Dense(10->10, tanh), Dense(10->20, tanh)."""
-    return TanhMLP([dense(HIDDEN, 10, generator), dense(10, 10, generator), dense(10, HIDDEN, generator)])
+    layers = [dense(HIDDEN, 10, generator), dense(10, 10, generator), dense(10, HIDDEN, generator)]
+    return TanhMLP(layers, vjp_rule=vjp_rule)
 
 
 class FlatParameters(nn.Module):
@@ -258,6 +259,7 @@ def create_model(
     device: torch.device | str | None = None,
     arch: str = "tutorial",
     width: int | None = None,
+    vjp_rule: bool = True,
 ) -> nn.Module:
     """The ``arch`` model (``ARCHS``), initialised from ``torch.Generator().manual_seed(seed)`` in layer order.
 
@@ -267,7 +269,9 @@ def create_model(
     ``solver`` names an adaptive solver (``ADAPTIVE_SOLVERS``); the ODE block of either model is
     solved over ``(0, 1)`` with ``rtol``/``atol``. ``params="flat"`` wraps the model in
     :class:`FlatParameters`. ``compile=True`` runs the solver's per-step work through
-    ``torch.compile(fullgraph=True)``. Float32, as in the tutorial.
+    ``torch.compile(fullgraph=True)``. ``vjp_rule=False`` hides the tutorial field's hand-written
+    VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine. Float32,
+    as in the tutorial.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -295,7 +299,7 @@ def create_model(
             dense_in=dense(IMAGE_SIZE, HIDDEN, gen),
             act=nn.Tanh(),
             node=NeuralODE(
-                vector_field(gen), SOLVERS[solver](), (0.0, 1.0), alg,
+                vector_field(gen, vjp_rule), SOLVERS[solver](), (0.0, 1.0), alg,
                 rtol=rtol, atol=atol, save_start=False, compile=compile,
             ),  # fmt: skip
             dense_out=dense(HIDDEN, N_CLASSES, gen),
