@@ -123,6 +123,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "__call__", "VJP calls")
     T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "flat", "VJP calls")
     T.wrap(odeflux.fields.MLP, "_vjp", "the field's VJP rule")
+    T.wrap(odeflux.fields.MLP, "_vjp_flat", "the field's VJP rule")
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
     T.wrap(odeflux.nn.VectorField, "forward", lambda t: f"f evaluations ({t.phase})")

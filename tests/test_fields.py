@@ -25,11 +25,33 @@ def mlp(activation: str = "tanh", final_activation: bool = True, seed: int = 0, 
     return MLP(layers, activation, final_activation=final_activation, **kw).double()
 
 
+KERNELS = pytest.mark.parametrize("kernels", [True, False], ids=["numpy", "torch"])
+
+
+def count_rule_calls(m: MLP) -> list:
+    """Counts calls of the MLP's VJP rule (either form)."""
+    calls: list = []
+    for name in ("_vjp", "_vjp_flat"):
+        fn = getattr(m, name)
+        setattr(m, name, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
+    freeze = m.frozen
+
+    def frozen(y, vjp=False):
+        fn = freeze(y, vjp)
+        if fn is None or not vjp:
+            return fn
+        return lambda *a, **k: calls.append(1) or fn(*a, **k)
+
+    m.frozen = frozen
+    return calls
+
+
+@KERNELS
 @pytest.mark.parametrize("final_activation", [True, False])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("shape", [(4,), (3, 4), (2, 3, 4)], ids=["vector", "batch", "batch2"])
-def test_rule_matches_the_autograd_engine(activation, final_activation, shape):
-    m = mlp(activation, final_activation)
+def test_rule_matches_the_autograd_engine(activation, final_activation, shape, kernels):
+    m = mlp(activation, final_activation, small_cpu_kernels=kernels)
     g = torch.Generator().manual_seed(1)
     y = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
     v = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -45,6 +67,43 @@ def test_rule_matches_the_autograd_engine(activation, final_activation, shape):
     assert none_y is None and all(torch.equal(a, b) for a, b in zip(only_p, gp))
     _, only_y, none_p = m.vjp_rule(y.detach(), v, want_p=False)
     assert none_p is None and torch.equal(only_y, gy)
+    flat = torch.cat([x.reshape(-1) for x in ref])
+    assert torch.allclose(m.vjp_rule_flat(y.detach(), v), flat, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(m.vjp_rule_flat(y.detach(), v, want_y=False, negate=True), -flat[y.numel() :], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_kernels_agree_with_torch(activation, dtype):
+    """The small-CPU NumPy path against torch's ops, in the forward pass and the rule."""
+    fast, ref = mlp(activation).to(dtype), mlp(activation, small_cpu_kernels=False).to(dtype)
+    y = torch.randn(128, 4, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    v = torch.randn(128, 4, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    with torch.no_grad():
+        assert fast._small_cpu(y) is not None and ref._small_cpu(y) is None
+        out = fast(y)
+        assert out.dtype == dtype and torch.allclose(out, ref(y), **tol)
+    assert torch.allclose(fast.vjp_rule_flat(y, v, negate=True), ref.vjp_rule_flat(y, v, negate=True), **tol)
+
+
+def test_numpy_kernels_are_used_only_where_they_may_be():
+    m = mlp()
+    y = torch.randn(8, 4, dtype=torch.float64)
+    assert m._small_cpu(y) is None  # grad mode and parameters requiring grad: the graph is needed
+    out = m(y.requires_grad_())
+    assert out.grad_fn is not None
+    with torch.no_grad():
+        assert m._small_cpu(y) is not None
+        assert m._small_cpu(y.float()) is None  # parameters in another dtype: torch's error, not a silent cast
+        assert m._small_cpu(torch.zeros(100_000, 4, dtype=torch.float64)) is None  # large: torch's kernels
+        before = m(y)
+        m.layers[0].weight.mul_(2)  # in place: the arrays see it
+        assert not torch.allclose(m(y), before)
+        kernels = m._small_cpu(y)
+        m.float().double()  # .to() moves the data: the kernels are rebuilt
+        assert m._small_cpu(y) is not kernels
+        assert torch.allclose(m(y), MLP(list(m.layers), small_cpu_kernels=False)(y))
 
 
 def test_mlp_checks_its_inputs():
@@ -76,9 +135,7 @@ def _grads(field: nn.Module, y0: torch.Tensor, sensealg, **kw) -> torch.Tensor:
 def test_adjoints_with_the_rule_agree_with_the_engine_and_with_direct(method):
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     field = odeflux.VectorField(mlp())
-    calls = []
-    rule = field.module._vjp
-    field.module._vjp = lambda *a, **k: calls.append(1) or rule(*a, **k)
+    calls = count_rule_calls(field.module)
     with_rule = _grads(field, y0, method(), saveat=[0.3, 1.0])
     assert calls, "the adjoint did not use the field's VJP rule"
     field.module.use_vjp_rule = False
@@ -94,9 +151,7 @@ def test_rule_is_skipped_when_it_does_not_cover_the_parameters():
     """A frozen parameter or an extra tensor in args: the engine takes over, and gradients stay right."""
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     m = mlp()
-    used = []
-    rule = m._vjp
-    m._vjp = lambda *a, **k: used.append(1) or rule(*a, **k)
+    used = count_rule_calls(m)
     m.layers[0].bias.requires_grad_(False)
     field = odeflux.VectorField(m)
     g = _grads(field, y0, InterpolatingAdjoint())

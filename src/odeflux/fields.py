@@ -13,11 +13,23 @@ rule covers exactly the parameters being differentiated, and the autograd engine
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from . import small_cpu
+from .small_cpu import Kernels
+
+def _same_pair(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[1] is b[1]
+
+
+# torch.compiler.is_compiling is public from torch 2.3; the package supports torch >= 2.2.
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 _aten = torch.ops.aten
 
@@ -50,6 +62,7 @@ class MLP(nn.Module):
         *,
         final_activation: bool = True,
         vjp_rule: bool = True,
+        small_cpu_kernels: bool = True,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -63,9 +76,14 @@ class MLP(nn.Module):
         self._activation = activation
         self._final_activation = final_activation
         self.use_vjp_rule = vjp_rule
+        self.small_cpu_kernels = small_cpu_kernels
+        self._max_width = max(max(m.in_features, m.out_features) for m in layers)
+        self._n_params = sum(p.numel() for m in layers for p in m.parameters())
         last = len(layers) - 1
-        # Per layer (activation, its derivative), worked out once: the solver calls f six times a step.
-        self._acts = [ACTIVATIONS[activation] if (i < last or final_activation) else (None, None) for i in range(last + 1)]
+        # Per layer: the activation's name, (activation, derivative); worked out once, as the solver
+        # calls f six times a step.
+        self._act_names = [activation if (i < last or final_activation) else None for i in range(last + 1)]
+        self._acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in self._act_names]
 
     @property
     def activation(self) -> str:
@@ -82,13 +100,77 @@ class MLP(nn.Module):
         if len(self.layers) != len(self._acts):
             raise RuntimeError("MLP's layers changed after construction: build a new MLP with the new layers")
 
+    def _small_cpu(self, y: torch.Tensor, graph_free: bool = False) -> Kernels | None:
+        """NumPy kernels over this module's parameters when ``y`` is a small CPU tensor and nothing
+        needs a graph (``graph_free``: the caller's result is never differentiated); ``None``
+        otherwise, for torch's kernels."""
+        if not self.small_cpu_kernels or y.device.type != "cpu" or y.dtype not in small_cpu.DTYPES or not y.ndim:
+            return None
+        if y.numel() // y.shape[-1] * self._max_width > small_cpu.MAX_ACTIVATION_SIZE or _is_compiling():
+            return None
+        slots = self.__dict__.get("_param_slots")
+        if slots is None:  # per layer, its parameter dict: cheaper than module attribute access
+            slots = self.__dict__["_param_slots"] = [layer._parameters for layer in self.layers]
+        tensors = [(d.get("weight"), d.get("bias")) for d in slots]
+        if not graph_free and torch.is_grad_enabled():
+            if y.requires_grad or any(t is not None and t.requires_grad for pair in tensors for t in pair):
+                return None
+        ptrs = [(w.data_ptr(), b.data_ptr() if b is not None else 0) for w, b in tensors]
+        cached = self.__dict__.get("_kernel_cache")
+        # Same tensors at the same addresses: the arrays still view them (in-place updates show
+        # through; .to()/.double() or a new parameter moves the data, and the kernels are rebuilt).
+        if cached is not None and cached[1] is y.dtype and cached[2] == ptrs and all(map(_same_pair, cached[0], tensors)):
+            return cached[3]
+        layers = list(self.layers)
+        for (w, b), layer in zip(tensors, layers):
+            if w is None or (b is None) != (layer.bias is None):
+                return None  # a parametrised parameter (computed on access): leave it to torch
+            if any(t.device.type != "cpu" or t.dtype != y.dtype for t in (w, b) if t is not None):
+                return None  # torch's own error message is the one to see
+        arrays = [(small_cpu.as_array(w), None if b is None else small_cpu.as_array(b)) for w, b in tensors]
+        kernels = small_cpu.Kernels(arrays, self._act_names)
+        self.__dict__["_kernel_cache"] = (tensors, y.dtype, ptrs, kernels)
+        return kernels
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_layers()
+        kernels = self._small_cpu(y)
+        if kernels is not None:
+            out = kernels.forward(small_cpu.as_array(y).reshape(-1, y.shape[-1]))[-1]
+            return torch.from_numpy(out).view(y.shape[:-1] + (out.shape[-1],))
         for layer, (act, _) in zip(self.layers, self._acts):
             y = F.linear(y, layer.weight, layer.bias)
             if act is not None:
                 y = act(y)
         return y
+
+    def frozen(self, y: torch.Tensor, vjp: bool = False) -> Callable[..., torch.Tensor] | None:
+        """For one solve from states like ``y`` (same shape, dtype, device) with the parameters
+        left where they are: ``f(y)`` on the NumPy kernels, or with ``vjp`` the flattened rule
+        ``(y, v, want_y=True, negate=False)``, with the per-call checks done once, here. ``None``
+        where the kernels do not apply (or, with ``vjp``, the rule is off)."""
+        self._check_layers()
+        kernels = self._small_cpu(y, graph_free=vjp)
+        if kernels is None or (vjp and not self.use_vjp_rule):
+            return None
+        d_in, n_params, as_array = y.shape[-1], self._n_params, small_cpu.as_array
+        if not vjp:
+            out_shape = y.shape[:-1] + (self.layers[-1].out_features,)
+
+            def f(y: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(kernels.forward(as_array(y).reshape(-1, d_in))[-1]).view(out_shape)
+
+            return f
+
+        def vjp_flat(y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+            x = as_array(y).reshape(-1, d_in)
+            hs = kernels.forward(x, keep=True)
+            g = as_array(v).reshape(hs[-1].shape)
+            out = np.empty(x.size * want_y + n_params, dtype=x.dtype)
+            kernels.vjp(hs, -g if negate else g, out, want_y, True)
+            return torch.from_numpy(out)
+
+        return vjp_flat
 
     @property
     def vjp_rule(self) -> Callable[..., VJPRuleResult] | None:
@@ -96,8 +178,38 @@ class MLP(nn.Module):
         ``self.parameters()`` order (``None`` where not wanted); ``None`` when disabled."""
         return self._vjp if self.use_vjp_rule else None
 
+    @property
+    def vjp_rule_flat(self) -> Callable[..., torch.Tensor] | None:
+        """``(y, v, want_y=True, negate=False) -> [v^T df/dy (if want_y), *v^T df/dp]`` flattened
+        into one vector (negated with ``negate``): what an adjoint's right-hand side needs, with
+        no concatenation left to do. ``None`` when the rule is disabled."""
+        return self._vjp_flat if self.use_vjp_rule else None
+
+    def _vjp_flat(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+        self._check_layers()
+        kernels = self._small_cpu(y, graph_free=True)
+        if kernels is None:
+            _, gy, gp = self._vjp(y, v.neg() if negate else v, want_y=want_y)
+            return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
+        return self.frozen(y, vjp=True)(y, v, want_y=want_y, negate=negate)
+
     def _vjp(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True) -> VJPRuleResult:
         self._check_layers()
+        kernels = self._small_cpu(y, graph_free=True)
+        if kernels is not None:
+            x = small_cpu.as_array(y).reshape(-1, y.shape[-1])
+            hs = kernels.forward(x, keep=True)
+            out = np.empty(x.size * want_y + self._n_params * want_p, dtype=x.dtype)
+            if want_y or want_p:
+                kernels.vjp(hs, small_cpu.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
+            flat = torch.from_numpy(out)
+            gy = flat[: x.size].view(y.shape) if want_y else None
+            gp = None
+            if want_p:
+                shapes = [t.shape for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
+                chunks = flat[x.size * want_y :].split([math.prod(s) for s in shapes])
+                gp = [c.view(s) for c, s in zip(chunks, shapes)]
+            return torch.from_numpy(hs[-1]).view(v.shape), gy, gp
         layers = list(self.layers)
         acts = self._acts
         with torch.no_grad():

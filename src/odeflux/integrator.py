@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import small_cpu
 from .control import StepSizeController, error_ratio, initial_step
 from .solution import DenseOutput, Stats, Status
 from .solvers.tableau import ExplicitRK
@@ -99,7 +100,14 @@ def integrate(
     co = solver.coefficients(dtype, device)
     adaptive = solver.adaptive and controller.adaptive
     order = solver.error_order
-    step = step_fn or rk_step_with_error
+    # Small CPU states outside autograd step through NumPy (odeflux.small_cpu): same arithmetic,
+    # a fraction of torch's per-op cost at these sizes.
+    step = step_fn or (small_cpu.rk_step if small_cpu.step_applies(y0) else rk_step_with_error)
+    freeze = getattr(f, "frozen", None)
+    if freeze is not None and step_fn is None and not torch.is_grad_enabled():
+        # A field that can evaluate itself with its checks done once for the whole solve (no graph
+        # is recorded here, so nothing is lost): see odeflux.fields.MLP.frozen.
+        f = freeze(y0) or f
     span = abs(t1 - t0)
     tscale = max(abs(t0), abs(t1), 1.0)
     # The last step lands exactly on t1 rather than leaving a sliver of a step behind.

@@ -27,6 +27,15 @@ def _takes_time(module: nn.Module) -> bool:
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    glob = torch.nn.modules.module
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None)
+    )  # fmt: skip
+
+
 class VectorField(nn.Module):
     """Adapts a module to the solver's ``f(t, y)`` convention (``y``-only modules ignore ``t``)."""
 
@@ -48,6 +57,28 @@ class VectorField(nn.Module):
         if rule is None or self.time_dependent:
             return rule
         return lambda t, y, v, **kw: rule(y, v, **kw)
+
+    @property
+    def vjp_rule_flat(self) -> Callable[..., Any] | None:
+        """The wrapped module's flattened VJP rule (``vjp_rule_flat``), as :attr:`vjp_rule`."""
+        rule = getattr(self.module, "vjp_rule_flat", None)
+        if rule is None or self.time_dependent:
+            return rule
+        return lambda t, y, v, **kw: rule(y, v, **kw)
+
+    def frozen(self, y: torch.Tensor, vjp: bool = False) -> Callable[..., torch.Tensor] | None:
+        """The wrapped module's ``frozen`` evaluation for one solve (see :class:`odeflux.fields.MLP`)
+        in the ``(t, y)`` convention, or ``None``: also when forward hooks are registered, which
+        a frozen evaluation would skip."""
+        freeze = getattr(self.module, "frozen", None)
+        if freeze is None or self.time_dependent or (not vjp and (_has_hooks(self) or _has_hooks(self.module))):
+            return None
+        fn = freeze(y, vjp=vjp)
+        if fn is None:
+            return None
+        if vjp:
+            return lambda t, y, v, **kw: fn(y, v, **kw)
+        return lambda t, y: fn(y)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:

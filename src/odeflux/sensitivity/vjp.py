@@ -62,10 +62,11 @@ def _engine_grad() -> Callable[..., tuple]:
 _grad = _engine_grad()
 
 
-def find_vjp_rule(problem: "Problem", params: list[torch.Tensor]) -> Callable[..., Any] | None:
-    """``f``'s own VJP rule (:mod:`odeflux.fields`) when it covers exactly ``params``, in order."""
+def find_vjp_rule(problem: "Problem", params: list[torch.Tensor], name: str = "vjp_rule") -> Callable[..., Any] | None:
+    """``f``'s own VJP rule (``name``: ``vjp_rule`` or ``vjp_rule_flat``, see :mod:`odeflux.fields`)
+    when it covers exactly ``params``, in order."""
     f = problem.user_f
-    rule = getattr(f, "vjp_rule", None) if isinstance(f, nn.Module) else None
+    rule = getattr(f, name, None) if isinstance(f, nn.Module) else None
     if rule is None or problem.args is not None:
         return None
     own = list(f.parameters())
@@ -81,11 +82,18 @@ class AutogradVJP(VJPBackend):
     def __init__(self, problem, params, stats):
         super().__init__(problem, params, stats)
         self.rule = find_vjp_rule(problem, params)
+        self.rule_flat = find_vjp_rule(problem, params, "vjp_rule_flat") if self.rule is not None else None
+        self._freeze = find_vjp_rule(problem, params, "frozen") if self.rule_flat is not None else None
 
     def flat(self, t, y, v, want_y=True, negate=False):
         if self.rule is None:
             return super().flat(t, y, v, want_y, negate)
         self.stats.n_vjp_evals += 1
+        if self.rule_flat is not None:
+            if self._freeze is not None:  # the rule with its checks done once, at the first call
+                self.rule_flat = self._freeze(y, vjp=True) or self.rule_flat
+                self._freeze = None
+            return self.rule_flat(self.time(t), y, v, want_y=want_y, negate=negate)
         # The products are linear in v: negating the small v spares negating the long result.
         _, gy, gp = self.rule(self.time(t), y, v.neg() if negate else v, want_y=want_y)
         return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])

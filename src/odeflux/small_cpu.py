@@ -1,0 +1,180 @@
+"""NumPy kernels for small CPU tensors outside autograd: a dense-layer vector field and the RK step.
+
+On the tutorial's sizes (a 128 x 20 state, 10-wide layers) every torch op costs 3-6 us, mostly
+dispatch and set-up, while the same matrix product through NumPy's BLAS takes about 1.3 us and
+NumPy's ``tanh`` (a SIMD kernel) 0.6 us against torch's 3.5-6 us (measured in
+``benchmarks/results/profile_default.md``). The ODE solver calls the field some 40 times a
+training step, so :class:`odeflux.fields.MLP` hands its no-grad evaluations and its VJP rule to
+these kernels when the tensors are small and on the CPU. The arrays share memory with the
+tensors: nothing is copied in or out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+#: Above this many numbers in the widest activation, torch's kernels (and its threads) win.
+MAX_ACTIVATION_SIZE = 1 << 16
+DTYPES = (torch.float32, torch.float64)
+
+
+def _sigmoid(h: np.ndarray) -> None:
+    np.negative(h, out=h)
+    np.exp(h, out=h)
+    h += 1.0
+    np.reciprocal(h, out=h)
+
+
+def _relu(h: np.ndarray) -> None:
+    np.maximum(h, 0.0, out=h)
+
+
+def _d_tanh(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    return g - g * h * h
+
+
+def _d_sigmoid(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    return g * h * (1.0 - h)
+
+
+def _d_relu(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    return g * (h > 0)
+
+
+# activation name -> (in-place activation, derivative from (incoming gradient, activation output))
+ACTIVATIONS = {
+    "tanh": (lambda h: np.tanh(h, out=h), _d_tanh),
+    "sigmoid": (_sigmoid, _d_sigmoid),
+    "relu": (_relu, _d_relu),
+    "identity": (None, None),
+}
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as an array (no copy)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_neg().resolve_conj()
+    return t.numpy()
+
+
+class Kernels:
+    """The forward pass and VJP of ``layers`` (``(weight, bias or None)`` arrays with one
+    activation each) on arrays of shape ``(rows, features)``."""
+
+    def __init__(self, params: Sequence[tuple[np.ndarray, np.ndarray | None]], acts: Sequence[str | None]):
+        self.params = list(params)
+        self.forward_params = [(w.T, b) for w, b in self.params]  # x @ W^T + b, the transpose made once
+        self.acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in acts]
+
+    def forward(self, x: np.ndarray, keep: bool = False) -> list[np.ndarray]:
+        """Each layer's output (with ``keep``, the input first and every layer's output)."""
+        hs = [x]
+        for (wt, b), (act, _) in zip(self.forward_params, self.acts):
+            h = hs[-1] @ wt
+            if b is not None:
+                h += b
+            if act is not None:
+                act(h)
+            if keep:
+                hs.append(h)
+            else:
+                hs[-1] = h
+        return hs
+
+    def vjp(self, hs: list[np.ndarray], v: np.ndarray, out: np.ndarray, want_y: bool, want_p: bool) -> None:
+        """Writes ``[v^T df/dx (if want_y), v^T df/dW_1, v^T df/db_1, ...]`` into the flat ``out``,
+        given the activations ``hs`` from ``forward(x, keep=True)``."""
+        at = hs[0].size if want_y else 0
+        slots = []  # per layer: (dW, db) views of out
+        if want_p:
+            for w, b in self.params:
+                dw = out[at : at + w.size].reshape(w.shape)
+                at += w.size
+                db = None
+                if b is not None:
+                    db = out[at : at + b.size]
+                    at += b.size
+                slots.append((dw, db))
+        g = v
+        for i in range(len(self.params) - 1, -1, -1):
+            w = self.params[i][0]
+            deriv = self.acts[i][1]
+            if deriv is not None:
+                g = deriv(g, hs[i + 1])
+            if want_p:
+                dw, db = slots[i]
+                np.matmul(g.T, hs[i], out=dw)
+                if db is not None:
+                    np.add.reduce(g, axis=0, out=db)
+            if i > 0:
+                g = g @ w
+            elif want_y:
+                np.matmul(g, w, out=out[: hs[0].size].reshape(g.shape[0], -1))
+
+
+# -- the Runge-Kutta step ------------------------------------------------------------------------
+#: States up to this many numbers take the NumPy step (the tutorial's: 2560, its adjoint's 3100).
+MAX_STATE_SIZE = 1 << 16
+
+
+def step_applies(y: torch.Tensor) -> bool:
+    """Whether :func:`rk_step` may take the step from ``y``: a small CPU float state outside
+    autograd (a graph through the step is the discrete adjoint's, and needs torch's ops)."""
+    return (
+        y.device.type == "cpu" and y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE
+        and not torch.is_grad_enabled()
+    )  # fmt: skip
+
+
+def _coefficients(solver, dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """The tableau's ``a`` rows, ``b`` and ``b_err`` as arrays of ``dtype``, cached on the solver."""
+    key = ("numpy", dtype)
+    cached = solver._cache.get(key)
+    if cached is None:
+        tab = solver.tableau
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        rows = [np.asarray(r, dtype=np_dtype) for r in tab.a]
+        err = None if tab.b_err is None else np.asarray(tab.b_err, dtype=np_dtype)
+        cached = solver._cache[key] = (rows, np.asarray(tab.b, dtype=np_dtype), err)
+    return cached
+
+
+def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol: float, atol: float, n: int | None):
+    """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
+    error norm, with the stage derivatives written into one ``(stages, n)`` buffer as they come
+    (no re-stacking per stage). ``f`` still gets and returns tensors (views of the arrays).
+    Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
+    rows, b, e = _coefficients(solver, y.dtype)
+    c = solver.tableau.c
+    shape = y.shape
+    y0 = as_array(y).reshape(-1)
+    K = np.empty((len(c), y0.size), dtype=y0.dtype)
+    K[0] = as_array(k1).reshape(-1)
+    yi = y0
+    for i in range(1, len(c)):
+        yi = rows[i] @ K[:i]
+        yi *= dt
+        yi += y0
+        K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi).view(shape))).reshape(-1)
+    if not solver.tableau.fsal:
+        yi = b @ K
+        yi *= dt
+        yi += y0
+    y1, K_t = torch.from_numpy(yi).view(shape), torch.from_numpy(K).view((len(c),) + tuple(shape))
+    if e is None:
+        return y1, K_t, None
+    err = e @ K
+    err *= dt
+    if n is not None:
+        err, y0, yi = err[:n], y0[:n], yi[:n]
+    scale = np.maximum(np.abs(y0), np.abs(yi))
+    scale *= rtol
+    scale += atol
+    err /= scale
+    return y1, K_t, math.sqrt(float(err @ err) / err.size)

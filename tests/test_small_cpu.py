@@ -1,0 +1,105 @@
+"""The NumPy paths for small CPU tensors outside autograd (odeflux.small_cpu): the RK step against
+torch's, solves under no_grad against scipy, and the frozen field evaluations against the module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSIC, PROBLEMS
+from torch import nn
+
+import odeflux
+from odeflux import small_cpu
+from odeflux.integrator import rk_step_with_error
+from odeflux.solvers import SOLVERS
+
+
+def field(t, y):
+    return torch.sin(y) * torch.cos(t) - 0.3 * y
+
+
+@pytest.mark.parametrize("n", [None, 3], ids=["norm", "seminorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_numpy_step_matches_torch_step(name, dtype, n):
+    solver = SOLVERS[name]()
+    co = solver.coefficients(dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4, 5, generator=g, dtype=dtype)
+    t = torch.tensor(0.3, dtype=dtype)
+    k = field(t, y)
+    with torch.no_grad():
+        assert small_cpu.step_applies(y)
+        # A long step, so that the error estimate (a difference of near-equal sums) is well above
+        # float32's round-off, which the two summation orders would otherwise show.
+        ref = rk_step_with_error(solver, field, t, y, 0.8, k, co, 1e-4, 1e-5, n)
+        out = small_cpu.rk_step(solver, field, t, y, 0.8, k, co, 1e-4, 1e-5, n)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
+    assert out[0].shape == y.shape and out[0].dtype == dtype and torch.allclose(out[0], ref[0], **tol)
+    assert out[1].shape == ref[1].shape and torch.allclose(out[1], ref[1], **tol)
+    if ref[2] is None:
+        assert out[2] is None
+    else:
+        assert isinstance(out[2], float) and out[2] == pytest.approx(float(ref[2]), rel=1e-3 if dtype == torch.float32 else 1e-10)
+
+
+def test_numpy_step_is_used_only_outside_autograd_on_small_cpu_states():
+    y = torch.zeros(10)
+    assert not small_cpu.step_applies(y)  # grad mode: the discrete adjoint may need the graph
+    with torch.no_grad():
+        assert small_cpu.step_applies(y)
+        assert not small_cpu.step_applies(torch.zeros(small_cpu.MAX_STATE_SIZE + 1))
+        assert not small_cpu.step_applies(torch.zeros(10, dtype=torch.float16))
+        assert not small_cpu.step_applies(torch.zeros(0))
+
+
+@pytest.mark.parametrize("name", CLASSIC)
+def test_solves_under_no_grad_match_scipy_and_the_torch_path(name):
+    p = PROBLEMS[name]
+    y0 = torch.tensor(p.y0, dtype=torch.float64)
+    ts = np.linspace(*p.t_span, 5)[1:]
+    with torch.no_grad():
+        fast = odeflux.solve(p.f, y0, p.t_span, saveat=list(ts), rtol=1e-10, atol=1e-10)
+    slow = odeflux.solve(p.f, y0, p.t_span, saveat=list(ts), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fast.ys.numpy(), p.reference(ts), rtol=1e-6, atol=1e-7)
+    assert fast.stats.n_steps == slow.stats.n_steps
+    np.testing.assert_allclose(fast.ys.numpy(), slow.ys.numpy(), rtol=1e-11, atol=1e-12)
+
+
+def mlp() -> odeflux.MLP:
+    g = torch.Generator().manual_seed(0)
+    layers = [nn.Linear(6, 8), nn.Linear(8, 6)]
+    with torch.no_grad():
+        for p in (q for m in layers for q in m.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return odeflux.MLP(layers)
+
+
+def test_frozen_evaluation_matches_the_module_and_respects_hooks():
+    vf = odeflux.VectorField(mlp())
+    y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast = vf.frozen(y)
+        assert fast is not None
+        assert torch.allclose(fast(0.0, y), vf(0.0, y), rtol=1e-6, atol=1e-7)
+        seen = []
+        handle = vf.module.register_forward_hook(lambda *a: seen.append(1))
+        assert vf.frozen(y) is None  # a frozen evaluation would skip the hook
+        odeflux.solve(vf, y, (0.0, 1.0))
+        assert seen  # so the solve called the module, hooks and all
+        handle.remove()
+    vf.module.use_vjp_rule = False
+    assert vf.frozen(y, vjp=True) is None
+
+
+def test_neural_ode_gives_the_same_training_gradient_with_and_without_the_numpy_kernels():
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for kernels in (True, False):
+        m = mlp()
+        m.small_cpu_kernels = kernels
+        node = odeflux.NeuralODE(m, tspan=(0.0, 1.0), rtol=1e-6, atol=1e-6)
+        node(x).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
