@@ -85,6 +85,36 @@ class Timers:
         setattr(owner, attr, timed)
         self._undo.append(lambda: setattr(owner, attr, orig))
 
+    def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str | None]) -> None:
+        """Time the functions that ``owner.attr`` returns (``label(self, args, kwargs)`` names them
+        at creation; ``None`` leaves one untimed), as :meth:`wrap` times a method."""
+        orig = getattr(owner, attr)
+
+        @functools.wraps(orig)
+        def making(*a: Any, **kw: Any) -> Any:
+            fn = orig(*a, **kw)
+            if fn is None:
+                return None
+            make_label = lambda timers, _a=a, _kw=kw: label(timers, _a, _kw)  # noqa: E731
+
+            def timed(*b: Any, **kb: Any) -> Any:
+                name = make_label(self)
+                if name is None or name in self._active:
+                    return fn(*b, **kb)
+                self._active.add(name)
+                t0 = time.perf_counter()
+                try:
+                    return fn(*b, **kb)
+                finally:
+                    self.total[name] += time.perf_counter() - t0
+                    self.calls[name] += 1
+                    self._active.discard(name)
+
+            return timed
+
+        setattr(owner, attr, making)
+        self._undo.append(lambda: setattr(owner, attr, orig))
+
     def add(self, label: str, seconds: float) -> None:
         self.total[label] += seconds
         self.calls[label] += 1
@@ -127,6 +157,9 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
     T.wrap(odeflux.nn.VectorField, "forward", lambda t: f"f evaluations ({t.phase})")
+    # A solve evaluates the field through its frozen form (checks once per solve), the adjoint its rule.
+    T.wrap_made(odeflux.nn.VectorField, "frozen",
+                lambda t, a, kw: "the field's VJP rule" if kw.get("vjp") else f"f evaluations ({t.phase})")  # fmt: skip
     T.wrap(odeflux.integrator, "initial_step", "initial step size")
     steps = 0
     start = time.perf_counter()

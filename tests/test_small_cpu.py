@@ -103,3 +103,29 @@ def test_neural_ode_gives_the_same_training_gradient_with_and_without_the_numpy_
         node(x).pow(2).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [None, 4])
+def test_numpy_initial_step_matches_torch(n):
+    from odeflux.control import initial_step
+
+    y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f0 = field(torch.tensor(0.0, dtype=torch.float64), y0)
+    args = (field, 0.0, y0, f0, 1.0, 5, 1e-6, 1e-8, 10.0, n, False)
+    ref = initial_step(*args)  # grad mode: torch's norms
+    with torch.no_grad():
+        assert small_cpu.step_applies(y0)
+        out = initial_step(*args)
+    assert out[1] == ref[1] == 1 and out[0] == pytest.approx(ref[0], rel=1e-12)
+
+
+def test_dense_output_on_numpy_matches_torch():
+    y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        sol = odeflux.solve(field, y0, (0.0, 2.0), dense=True, rtol=1e-8, atol=1e-8)
+        assert sol.dense._small_cpu
+        ts = np.linspace(0.0, 2.0, 13)
+        fast = torch.stack([sol.dense.at(float(t)) for t in ts])
+    slow = torch.stack([sol.dense.at(float(t)) for t in ts])  # grad mode: torch's addmm
+    assert torch.allclose(fast, slow, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(slow.numpy(), sol.dense.evaluate(list(ts)).numpy(), rtol=1e-13, atol=1e-14)

@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
+
+from . import small_cpu
 
 
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, n: int | None = None) -> torch.Tensor:
@@ -51,24 +54,58 @@ def initial_step(
 
 
 def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_time) -> tuple[float, int]:
-    yf, ff = (y0.reshape(-1)[:n], f0.reshape(-1)[:n]) if n is not None else (y0, f0)
-    scale = yf.abs().mul(rtol).add_(atol)
-    d = torch.stack([torch.linalg.vector_norm(yf / scale), torch.linalg.vector_norm(ff / scale)])
-    d0, d1 = (d / math.sqrt(yf.numel())).tolist()
+    # The norms on NumPy for small CPU states (odeflux.small_cpu): a dozen tiny ops either way.
+    norms = _NumpyNorms(y0, f0, rtol, atol, n) if small_cpu.step_applies(y0) else _TorchNorms(y0, f0, rtol, atol, n)
+    d0, d1 = norms.d0, norms.d1
     if not (math.isfinite(d0) and math.isfinite(d1)):
         return float("nan"), 0
     dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     dt0 = min(dt0, dtmax)
-    y1 = torch.add(y0, f0, alpha=direction * dt0)
     t = t0 + direction * dt0
-    f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), y1)
-    df = (f1 - f0).reshape(-1)[:n] if n is not None else f1 - f0
-    d2 = rms_scaled(df, scale) / dt0
+    f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), norms.euler(direction * dt0))
+    d2 = norms.rms_change(f1) / dt0
     m = max(d1, d2)
     if not math.isfinite(m):
         return dt0, 1
     dt1 = max(1e-6, dt0 * 1e-3) if m <= 1e-15 else (0.01 / m) ** (1.0 / order)
     return min(100 * dt0, dt1, dtmax), 1
+
+
+class _TorchNorms:
+    """The initial-step heuristic's scaled norms on tensors: ``d0 = ||y0||``, ``d1 = ||f0||``,
+    an Euler step, and ``||f1 - f0||``, all scaled by ``atol + rtol |y0|`` (first ``n`` entries)."""
+
+    def __init__(self, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, n: int | None):
+        self.y0, self.f0, self.n = y0, f0, n
+        yf, ff = (y0.reshape(-1)[:n], f0.reshape(-1)[:n]) if n is not None else (y0, f0)
+        self.scale = yf.abs().mul(rtol).add_(atol)
+        d = torch.stack([torch.linalg.vector_norm(yf / self.scale), torch.linalg.vector_norm(ff / self.scale)])
+        self.d0, self.d1 = (d / math.sqrt(yf.numel())).tolist()
+
+    def euler(self, h: float) -> torch.Tensor:
+        return torch.add(self.y0, self.f0, alpha=h)
+
+    def rms_change(self, f1: torch.Tensor) -> float:
+        df = (f1 - self.f0).reshape(-1)[: self.n] if self.n is not None else f1 - self.f0
+        return rms_scaled(df, self.scale)
+
+
+class _NumpyNorms(_TorchNorms):
+    def __init__(self, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, n: int | None):
+        self.shape, self.n = y0.shape, n
+        self.y0, self.f0 = small_cpu.as_array(y0).reshape(-1), small_cpu.as_array(f0).reshape(-1)
+        self.scale = np.abs(self.y0[:n]) * rtol + atol
+        self.d0, self.d1 = self._rms(self.y0[:n]), self._rms(self.f0[:n])
+
+    def _rms(self, x: np.ndarray) -> float:
+        x = x / self.scale
+        return math.sqrt(float(x @ x) / x.size)
+
+    def euler(self, h: float) -> torch.Tensor:
+        return torch.from_numpy(self.y0 + h * self.f0).view(self.shape)
+
+    def rms_change(self, f1: torch.Tensor) -> float:
+        return self._rms(small_cpu.as_array(f1).reshape(-1)[: self.n] - self.f0[: self.n])
 
 
 class StepSizeController:

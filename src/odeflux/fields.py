@@ -158,7 +158,7 @@ class MLP(nn.Module):
             out_shape = y.shape[:-1] + (self.layers[-1].out_features,)
 
             def f(y: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(kernels.forward(as_array(y).reshape(-1, d_in))[-1]).view(out_shape)
+                return torch.from_numpy(kernels.forward(as_array(y).reshape(-1, d_in))[-1].reshape(out_shape))
 
             return f
 

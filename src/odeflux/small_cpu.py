@@ -56,11 +56,10 @@ ACTIVATIONS = {
 
 def as_array(t: torch.Tensor) -> np.ndarray:
     """The tensor's memory as an array (no copy)."""
-    if t.requires_grad:
-        t = t.detach()
-    if t.is_neg() or t.is_conj():
-        t = t.resolve_neg().resolve_conj()
-    return t.numpy()
+    try:
+        return t.numpy()
+    except RuntimeError:  # it requires grad, or carries a lazy negation or conjugation
+        return t.detach().resolve_neg().resolve_conj().numpy()
 
 
 class Kernels:
@@ -123,13 +122,15 @@ class Kernels:
 MAX_STATE_SIZE = 1 << 16
 
 
+def applies_to(y: torch.Tensor) -> bool:
+    """Whether ``y`` is a state for these kernels: small, on the CPU, float32 or float64."""
+    return y.device.type == "cpu" and y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE
+
+
 def step_applies(y: torch.Tensor) -> bool:
-    """Whether :func:`rk_step` may take the step from ``y``: a small CPU float state outside
+    """Whether :func:`rk_step` may take the step from ``y``: :func:`applies_to` it, outside
     autograd (a graph through the step is the discrete adjoint's, and needs torch's ops)."""
-    return (
-        y.device.type == "cpu" and y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE
-        and not torch.is_grad_enabled()
-    )  # fmt: skip
+    return not torch.is_grad_enabled() and applies_to(y)
 
 
 def _coefficients(solver, dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
@@ -161,12 +162,12 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
         yi = rows[i] @ K[:i]
         yi *= dt
         yi += y0
-        K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi).view(shape))).reshape(-1)
+        K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
     if not solver.tableau.fsal:
         yi = b @ K
         yi *= dt
         yi += y0
-    y1, K_t = torch.from_numpy(yi).view(shape), torch.from_numpy(K).view((len(c),) + tuple(shape))
+    y1, K_t = torch.from_numpy(yi.reshape(shape)), torch.from_numpy(K.reshape((len(c),) + tuple(shape)))
     if e is None:
         return y1, K_t, None
     err = e @ K

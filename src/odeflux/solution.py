@@ -7,7 +7,10 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import torch
+
+from . import small_cpu
 
 if TYPE_CHECKING:
     from .solvers.tableau import ExplicitRK
@@ -74,6 +77,8 @@ class DenseOutput:
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
         self._interp_rev = [row[::-1] for row in solver.tableau.interp]
+        self._small_cpu = bool(y0s) and small_cpu.applies_to(y0s[0])
+        self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
 
     def __len__(self) -> int:
         return len(self.dts)
@@ -96,8 +101,30 @@ class DenseOutput:
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
         y0 = self.y0s[i]
+        if self._small_cpu and not torch.is_grad_enabled():  # on NumPy (odeflux.small_cpu)
+            y0_np, K_np = self._arrays(i)
+            out = np.asarray(self._weights(theta), dtype=K_np.dtype) @ K_np
+            out *= self.dts[i]
+            out += y0_np
+            return torch.from_numpy(out.reshape(y0.shape))
         wt = self.weights_row(theta, y0.dtype, y0.device)
         return torch.addmm(self._rows[i], wt, self._mats[i], alpha=self.dts[i]).view(y0.shape)
+
+    def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Step ``i``'s start and stages as arrays (views, made once)."""
+        if self._np[i] is None:
+            self._np[i] = (small_cpu.as_array(self._rows[i]).reshape(-1), small_cpu.as_array(self._mats[i]))
+        return self._np[i]
+
+    def _weights(self, theta: float) -> list[float]:
+        """``b_i(theta)`` on the host, by Horner: ``theta (c_1 + theta (c_2 + ...))``."""
+        w = []
+        for row in self._interp_rev:
+            acc = 0.0
+            for c in row:
+                acc = acc * theta + c
+            w.append(acc * theta)
+        return w
 
     def weights_row(self, theta: float, dtype: torch.dtype, device: torch.device, on_host: bool | None = None) -> torch.Tensor:
         """``b_i(theta)`` as a ``(1, stages)`` tensor.
@@ -109,13 +136,7 @@ class DenseOutput:
         if on_host is None:
             on_host = device.type == "cpu"
         if on_host:
-            w = []
-            for row in self._interp_rev:  # Horner: b_i(theta) = theta (c_1 + theta (c_2 + ...))
-                acc = 0.0
-                for c in row:
-                    acc = acc * theta + c
-                w.append(acc * theta)
-            return torch.tensor([w], dtype=dtype, device=device)
+            return torch.tensor([self._weights(theta)], dtype=dtype, device=device)
         co = self.solver.coefficients(dtype, device)
         deg = co.interp.shape[1]
         exps = torch.arange(1, deg + 1, dtype=dtype, device=device)
