@@ -13,6 +13,7 @@ rule covers exactly the parameters being differentiated, and the autograd engine
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -42,6 +43,49 @@ ACTIVATIONS: dict[str, tuple[Callable | None, Callable | None]] = {
 }
 
 VJPRuleResult = tuple[torch.Tensor, "torch.Tensor | None", "list[torch.Tensor] | None"]
+
+
+class FrozenField:
+    """An :class:`MLP` on its NumPy kernels for one solve (see :meth:`MLP.frozen`): ``f(y)``."""
+
+    def __init__(self, kernels: Kernels, d_in: int, out_shape: torch.Size):
+        self.kernels, self.d_in, self.out_shape = kernels, d_in, out_shape
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.on_arrays(small_cpu.as_array(y)).reshape(self.out_shape))
+
+    def on_arrays(self, x: np.ndarray) -> np.ndarray:
+        """``f`` of the state's array (any shape with the state's size), as a flat array: for
+        :func:`odeflux.small_cpu.rk_step`, which then needs no tensors at all."""
+        return self.kernels.forward(x.reshape(-1, self.d_in))[-1].reshape(-1)
+
+
+class FrozenVJP:
+    """An :class:`MLP`'s flattened VJP rule on its NumPy kernels for one solve (see
+    :meth:`MLP.frozen`): ``(y, v, want_y=True, negate=False) -> [v^T df/dy, *v^T df/dp]``."""
+
+    def __init__(self, kernels: Kernels, d_in: int, n_params: int):
+        self.kernels, self.d_in, self.n_params = kernels, d_in, n_params
+
+    def __call__(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+        return self._from(self.kernels.forward(small_cpu.as_array(y).reshape(-1, self.d_in), keep=True), v, want_y, negate)
+
+    def at_states(self, ys: torch.Tensor) -> list[Callable[..., torch.Tensor]]:
+        """For states stacked as ``(m, *shape)``, all known in advance (a Runge-Kutta step's stages):
+        one forward pass over all of them, and per state the rest of the rule, ``(v, want_y=True,
+        negate=False) -> flat``, which takes ``v`` as a tensor or an array."""
+        m = ys.shape[0]
+        hs = self.kernels.forward(small_cpu.as_array(ys).reshape(-1, self.d_in), keep=True)
+        blocks = [h.reshape(m, -1, h.shape[-1]) for h in hs]
+        return [functools.partial(self._from, [b[j] for b in blocks]) for j in range(m)]
+
+    def _from(self, hs: list[np.ndarray], v: torch.Tensor | np.ndarray, want_y: bool = True, negate: bool = False,
+              array: bool = False) -> torch.Tensor | np.ndarray:  # fmt: skip
+        """The rest of the rule from the activations ``hs``; ``array=True`` returns the array."""
+        g = (v if isinstance(v, np.ndarray) else small_cpu.as_array(v)).reshape(hs[-1].shape)
+        out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
+        self.kernels.vjp(hs, -g if negate else g, out, want_y, True)
+        return out if array else torch.from_numpy(out)
 
 
 class MLP(nn.Module):
@@ -153,24 +197,10 @@ class MLP(nn.Module):
         kernels = self._small_cpu(y, graph_free=vjp)
         if kernels is None or (vjp and not self.use_vjp_rule):
             return None
-        d_in, n_params, as_array = y.shape[-1], self._n_params, small_cpu.as_array
+        d_in, n_params = y.shape[-1], self._n_params
         if not vjp:
-            out_shape = y.shape[:-1] + (self.layers[-1].out_features,)
-
-            def f(y: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(kernels.forward(as_array(y).reshape(-1, d_in))[-1].reshape(out_shape))
-
-            return f
-
-        def vjp_flat(y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
-            x = as_array(y).reshape(-1, d_in)
-            hs = kernels.forward(x, keep=True)
-            g = as_array(v).reshape(hs[-1].shape)
-            out = np.empty(x.size * want_y + n_params, dtype=x.dtype)
-            kernels.vjp(hs, -g if negate else g, out, want_y, True)
-            return torch.from_numpy(out)
-
-        return vjp_flat
+            return FrozenField(kernels, d_in, y.shape[:-1] + (self.layers[-1].out_features,))
+        return FrozenVJP(kernels, d_in, n_params)
 
     @property
     def vjp_rule(self) -> Callable[..., VJPRuleResult] | None:

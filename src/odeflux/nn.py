@@ -36,6 +36,33 @@ def _has_hooks(module: nn.Module) -> bool:
     )  # fmt: skip
 
 
+class _FieldOfY:
+    """A frozen field of ``y`` alone in the solver's ``(t, y)`` convention, keeping its
+    array-level entry point (``on_arrays``) where it has one."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        if hasattr(fn, "on_arrays"):
+            on_arrays = fn.on_arrays
+            self.on_arrays = lambda t, x: on_arrays(x)
+
+    def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.fn(y)
+
+
+class _RuleOfY:
+    """A frozen VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its
+    batched form (``at_states``) where it has one."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        if hasattr(fn, "at_states"):
+            self.at_states = fn.at_states
+
+    def __call__(self, t: Any, y: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return self.fn(y, v, **kw)
+
+
 class VectorField(nn.Module):
     """Adapts a module to the solver's ``f(t, y)`` convention (``y``-only modules ignore ``t``)."""
 
@@ -76,9 +103,7 @@ class VectorField(nn.Module):
         fn = freeze(y, vjp=vjp)
         if fn is None:
             return None
-        if vjp:
-            return lambda t, y, v, **kw: fn(y, v, **kw)
-        return lambda t, y: fn(y)
+        return _RuleOfY(fn) if vjp else _FieldOfY(fn)
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:

@@ -56,10 +56,12 @@ ACTIVATIONS = {
 
 def as_array(t: torch.Tensor) -> np.ndarray:
     """The tensor's memory as an array (no copy)."""
+    if t.requires_grad:
+        t = t.detach()
     try:
         return t.numpy()
-    except RuntimeError:  # it requires grad, or carries a lazy negation or conjugation
-        return t.detach().resolve_neg().resolve_conj().numpy()
+    except RuntimeError:  # a lazy negation or conjugation (checking first would cost every call)
+        return t.resolve_neg().resolve_conj().numpy()
 
 
 class Kernels:
@@ -158,11 +160,15 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     K = np.empty((len(c), y0.size), dtype=y0.dtype)
     K[0] = as_array(k1).reshape(-1)
     yi = y0
+    on_arrays = getattr(f, "on_arrays", None)  # a frozen field that takes arrays: no tensors at all
     for i in range(1, len(c)):
         yi = rows[i] @ K[:i]
         yi *= dt
         yi += y0
-        K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
+        if on_arrays is not None:
+            K[i] = on_arrays(t + c[i] * dt, yi)
+        else:
+            K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
     if not solver.tableau.fsal:
         yi = b @ K
         yi *= dt

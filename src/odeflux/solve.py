@@ -121,10 +121,10 @@ def solve(
             f0 = problem.f(torch.full((), problem.t0, dtype=problem.y0.dtype, device=problem.y0.device), problem.y0)
         shift = (t0_tensor - t0_tensor.detach()).to(problem.y0.dtype)
         problem.y0 = problem.y0 - shift * f0
-    if not needs_grad or sensealg is None or isinstance(sensealg, DirectAdjoint):
+    if not needs_grad:
         sol = _from_result(problem.integrate(), problem)
     else:
-        sol = sensealg.solve(problem)
+        sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
     if problem.y0 is not y0_given and len(sol.ts) and float(sol.ts[0]) == problem.t0:
         sol.ys = torch.cat([y0_given.unsqueeze(0), sol.ys[1:]])  # y(t0) = y0 whatever t0 is
     if needs_grad and t1_tensor.requires_grad and sol.status == Status.SUCCESS and len(sol.ts) and float(sol.ts[-1]) == problem.t1:
@@ -300,6 +300,7 @@ def _make_problem(
 
 
 _COMPILED_STEP: Callable | None = None
+_DIRECT = DirectAdjoint()  # solve()'s default method
 
 
 def compiled_step() -> Callable:

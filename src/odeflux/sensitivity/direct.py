@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ..solution import Solution
 from .base import SensitivityAlgorithm
+from .rk_reverse import reverse_pass_rule, solve_reverse
 
 if TYPE_CHECKING:
     from ..solve import Problem
@@ -17,12 +18,22 @@ class DirectAdjoint(SensitivityAlgorithm):
     The gradient is exact for the discrete solution the solver computed, with no extra backward
     solve; the memory it keeps grows with the number of steps. Step-size decisions are treated as
     constants, as in every discrete adjoint.
+
+    Where the field brings a VJP rule (:mod:`odeflux.fields`) and the state is small and on the
+    CPU, the same reverse pass is written out by hand (:mod:`.rk_reverse`) rather than recorded as
+    a graph; ``hand_written=False`` always records the graph.
     """
+
+    def __init__(self, hand_written: bool = True):
+        self.hand_written = hand_written
 
     def solve(self, problem: "Problem") -> Solution:
         from ..solve import _from_result
 
+        vjp = reverse_pass_rule(problem) if self.hand_written else None
+        if vjp is not None:
+            return solve_reverse(problem, vjp)
         return _from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
-        return "DirectAdjoint()"
+        return "DirectAdjoint()" if self.hand_written else "DirectAdjoint(hand_written=False)"

@@ -1,0 +1,153 @@
+"""DirectAdjoint's reverse pass written out by hand, for small CPU states and a field with a VJP rule.
+
+Backpropagating through an explicit Runge-Kutta step ``y1 = y + h sum_i b_i k_i``,
+``k_i = f(Y_i)``, ``Y_i = y + h sum_{j<i} a_ij k_j`` gives, from the cotangent ``ybar1`` of
+``y1`` (and ``Kbar`` of the stages, where a saved state was interpolated inside the step):
+
+    kbar_i = h b_i ybar1 + Kbar_i + h sum_{j>i} a_ji Ybar_j,    Ybar_i = J_f(Y_i)^T kbar_i,
+    ybar   = ybar1 + sum_i Ybar_i,                              pbar  += sum_i (d f(Y_i)/dp)^T kbar_i,
+
+stages last to first, steps last to first. That is exactly what autograd computes through the
+solver's operations (the step sizes are constants in both), but here each stage costs one call of
+the field's VJP rule on NumPy (:mod:`odeflux.small_cpu`) instead of a recorded graph of tiny torch
+ops. The forward pass keeps each accepted step's start and stages, as the graph would.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from .. import small_cpu
+from ..solution import BackwardStats, Solution, SolveError, Status
+from .base import _AdjointFunction
+from .vjp import find_vjp_rule
+
+if TYPE_CHECKING:
+    from ..solve import Problem
+
+
+def reverse_pass_rule(problem: "Problem") -> Callable[..., torch.Tensor] | None:
+    """The field's flattened VJP rule for this problem when the hand-written reverse pass applies:
+    a small CPU state, no differentiable dense output, no compiled step, and a rule (frozen for the
+    solve) covering exactly the parameters that require grad; otherwise ``None``."""
+    if problem.dense or problem.step_fn is not None or not small_cpu.applies_to(problem.y0):
+        return None
+    params = [p for p in problem.params if p.requires_grad]
+    freeze = find_vjp_rule(problem, params, "frozen")
+    return None if freeze is None else freeze(problem.y0.detach(), vjp=True)
+
+
+class ReverseRun:
+    """Forward: the solve without a graph, keeping its steps. Backward: the reverse pass above."""
+
+    def __init__(self, problem: "Problem", params: list[torch.Tensor], vjp: Callable[..., torch.Tensor]):
+        self.problem, self.params, self.vjp = problem, params, vjp
+        self.y = problem.y0.detach()
+        self.bstats = BackwardStats()
+        self.result = None
+
+    def forward(self) -> torch.Tensor:
+        with torch.no_grad():
+            self.result = self.problem.integrate(y0=self.y, dense=True)
+        ys = self.result.ys
+        return torch.stack(ys) if ys else self.y.new_empty((0,) + tuple(self.y.shape))
+
+    def backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        res = self.result
+        if res.status != Status.SUCCESS:
+            raise SolveError(f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status)
+        with torch.no_grad():
+            return self._backward(grad_ys)
+
+    def _backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        res, p = self.result, self.problem
+        tab = p.solver.tableau
+        n, shape = self.y.numel(), self.y.shape
+        dtype = small_cpu.as_array(self.y).dtype
+        dense = res.dense
+        n_steps = 0 if dense is None else len(dense)
+        starts = [] if dense is None else dense.t_starts
+        ends = starts[1:] + [res.t] if n_steps else []
+        direction = 1.0 if p.t1 > p.t0 else -1.0
+        keys = [direction * e for e in ends]
+
+        # Cotangents of the step boundaries (ybar[i]: the state before step i) and of the stages.
+        ybar = np.zeros((n_steps + 1, n), dtype=dtype)
+        kbar: dict[int, np.ndarray] = {}
+        grads = small_cpu.as_array(grad_ys.contiguous()).reshape(len(res.ts), n)
+        for t, g in zip(res.ts, grads):
+            if t == p.t0 or not n_steps:
+                ybar[0] += g
+                continue
+            i = min(bisect.bisect_left(keys, direction * t), n_steps - 1)  # the step whose end is at or past t
+            if t == ends[i]:
+                ybar[i + 1] += g
+            else:  # interpolated inside step i: y(t) = y_i + h sum_j b_j(theta) k_j
+                theta = (t - starts[i]) / dense.dts[i]
+                w = np.asarray(tab.dense_weights(theta), dtype=dtype) * dense.dts[i]
+                kbar.setdefault(i, np.zeros((tab.stages, n), dtype=dtype))
+                kbar[i] += np.outer(w, g)
+                ybar[i] += g
+
+        A = np.asarray(tab.a_matrix(), dtype=dtype)
+        b = np.asarray(tab.b, dtype=dtype)
+        # Stages whose k feeds nothing (an FSAL method's last: b = 0, used by no later stage) need
+        # a VJP only where an interpolated saved state gave them a cotangent.
+        feeds = [bool(b[j] != 0 or A[j + 1 :, j].any()) for j in range(tab.stages)]
+        mu = np.zeros(sum(q.numel() for q in self.params), dtype=dtype)
+        at_states = getattr(self.vjp, "at_states", None)
+        for i in range(n_steps - 1, -1, -1):
+            h = dense.dts[i]
+            y_i = small_cpu.as_array(dense.y0s[i]).reshape(n)
+            K = small_cpu.as_array(dense.Ks[i]).reshape(tab.stages, n)
+            stage_in = A @ K
+            stage_in *= h
+            stage_in += y_i
+            kb = np.outer(b * h, ybar[i + 1])
+            if i in kbar:
+                kb += kbar[i]
+            Ybar = np.zeros((tab.stages, n), dtype=dtype)
+            acc = ybar[i + 1].copy()
+            live = [j for j in range(tab.stages) if feeds[j] or i in kbar]
+            # With the rule's batched form: one forward pass of the field over all the live stages.
+            at = None if at_states is None else dict(zip(live, at_states(torch.from_numpy(stage_in[live].reshape((len(live),) + shape)))))
+            for j in reversed(live):
+                v = kb[j]
+                if j + 1 < tab.stages:
+                    v = v + h * (A[j + 1 :, j] @ Ybar[j + 1 :])
+                if at is not None:
+                    out = at[j](v, array=True)
+                else:
+                    t_j = starts[i] + tab.c[j] * h
+                    y_j, v_j = torch.from_numpy(stage_in[j].reshape(shape)), torch.from_numpy(v.reshape(shape))
+                    out = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
+                self.bstats.n_vjp_evals += 1
+                Ybar[j] = out[:n]
+                acc += out[:n]
+                mu += out[n:]
+            ybar[i] += acc
+        grad_y0 = torch.from_numpy(ybar[0].reshape(shape))
+        grad_params, at = [], 0
+        for q in self.params:
+            grad_params.append(torch.from_numpy(mu[at : at + q.numel()].reshape(q.shape)))
+            at += q.numel()
+        return grad_y0, grad_params
+
+
+def solve_reverse(problem: "Problem", vjp: Callable[..., torch.Tensor]) -> Solution:
+    """The solve, differentiable through :class:`ReverseRun`."""
+    params = [q for q in problem.params if q.requires_grad]
+    run = ReverseRun(problem, params, vjp)
+    ys = _AdjointFunction.apply(run, problem.y0, *params)
+    res = run.result
+    return Solution(
+        ts=torch.tensor(res.ts, dtype=problem.y0.dtype, device=problem.y0.device),
+        ys=ys, stats=res.stats, status=res.status, message=res.message, backward_stats=run.bstats, t_final=res.t,
+    )  # fmt: skip
+
+
+__all__: list[Any] = ["ReverseRun", "reverse_pass_rule", "solve_reverse"]
