@@ -85,35 +85,45 @@ class Timers:
         setattr(owner, attr, timed)
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str | None]) -> None:
-        """Time the functions that ``owner.attr`` returns (``label(self, args, kwargs)`` names them
-        at creation; ``None`` leaves one untimed), as :meth:`wrap` times a method."""
+    def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str]) -> None:
+        """Time the callables that ``owner.attr`` returns, and their array-level entry points
+        (``on_arrays``, ``at_states``), under ``label(self, args, kwargs)`` decided at creation."""
         orig = getattr(owner, attr)
+        timers = self
+
+        class Timed:
+            def __init__(self, fn: Any, name: Callable[[], str]):
+                self._fn, self._name = fn, name
+                for entry in ("on_arrays", "at_states"):
+                    if hasattr(fn, entry):
+                        setattr(self, entry, timers._timed(getattr(fn, entry), name))
+
+            def __call__(self, *b: Any, **kb: Any) -> Any:
+                return timers._timed(self._fn, self._name)(*b, **kb)
 
         @functools.wraps(orig)
         def making(*a: Any, **kw: Any) -> Any:
             fn = orig(*a, **kw)
-            if fn is None:
-                return None
-            make_label = lambda timers, _a=a, _kw=kw: label(timers, _a, _kw)  # noqa: E731
-
-            def timed(*b: Any, **kb: Any) -> Any:
-                name = make_label(self)
-                if name is None or name in self._active:
-                    return fn(*b, **kb)
-                self._active.add(name)
-                t0 = time.perf_counter()
-                try:
-                    return fn(*b, **kb)
-                finally:
-                    self.total[name] += time.perf_counter() - t0
-                    self.calls[name] += 1
-                    self._active.discard(name)
-
-            return timed
+            return None if fn is None else Timed(fn, lambda: label(timers, a, kw))
 
         setattr(owner, attr, making)
         self._undo.append(lambda: setattr(owner, attr, orig))
+
+    def _timed(self, fn: Callable, name_of: Callable[[], str]) -> Callable:
+        def timed(*b: Any, **kb: Any) -> Any:
+            name = name_of()
+            if name in self._active:
+                return fn(*b, **kb)
+            self._active.add(name)
+            t0 = time.perf_counter()
+            try:
+                return fn(*b, **kb)
+            finally:
+                self.total[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+                self._active.discard(name)
+
+        return timed
 
     def add(self, label: str, seconds: float) -> None:
         self.total[label] += seconds

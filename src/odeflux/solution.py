@@ -110,6 +110,28 @@ class DenseOutput:
         wt = self.weights_row(theta, y0.dtype, y0.device)
         return torch.addmm(self._rows[i], wt, self._mats[i], alpha=self.dts[i]).view(y0.shape)
 
+    def at_arrays(self, ts: Sequence[float]) -> np.ndarray:
+        """States at host times ``ts`` as one ``(len(ts), state size)`` array (small CPU states;
+        see :attr:`on_arrays`): one product per forward step the times fall in."""
+        idx = [self.step_index(t) for t in ts]
+        theta = np.array([(t - self.t_starts[i]) / self.dts[i] for t, i in zip(ts, idx)])
+        w = self.solver.tableau.dense_weights(theta)  # (m, stages), float64
+        y0_np, K_np = self._arrays(idx[0])
+        out = np.empty((len(ts), K_np.shape[1]), dtype=K_np.dtype)
+        for i in dict.fromkeys(idx):
+            rows = [j for j, k in enumerate(idx) if k == i]
+            y0_np, K_np = self._arrays(i)
+            block = np.dot(w[rows].astype(K_np.dtype), K_np)
+            block *= self.dts[i]
+            block += y0_np
+            out[rows] = block
+        return out
+
+    @property
+    def on_arrays(self) -> bool:
+        """Whether the steps are small CPU arrays (odeflux.small_cpu): :meth:`at_arrays` applies."""
+        return self._small_cpu
+
     def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Step ``i``'s start and stages as arrays (views, made once)."""
         if self._np[i] is None:

@@ -40,6 +40,12 @@ class VJPBackend:
     def __call__(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True, want_f: bool = False) -> VJPResult:
         raise NotImplementedError
 
+    def at_states(self, ys: torch.Tensor) -> list[Callable[..., torch.Tensor]] | None:
+        """For states ``ys`` stacked as ``(m, *shape)`` and known in advance (a step's stages): per
+        state, ``(v, want_y=True, negate=False) -> flat(t, y, v, ...)``, with whatever work does
+        not depend on ``v`` done for all of them at once. ``None`` where the backend cannot."""
+        return None
+
     def flat(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
         """``[v^T df/dy (if want_y), v^T df/dp_1, ...]`` flattened into one vector, negated if asked
         (the adjoints' right-hand sides)."""
@@ -85,15 +91,34 @@ class AutogradVJP(VJPBackend):
         self.rule_flat = find_vjp_rule(problem, params, "vjp_rule_flat") if self.rule is not None else None
         self._freeze = find_vjp_rule(problem, params, "frozen") if self.rule_flat is not None else None
 
+    def _frozen_rule(self, y: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+        if self._freeze is not None:  # the rule with its checks done once, at the first call
+            self.rule_flat = self._freeze(y, vjp=True) or self.rule_flat
+            self._freeze = None
+        return self.rule_flat
+
+    def at_states(self, ys):
+        rule = self._frozen_rule(ys[0]) if self.rule_flat is not None else None
+        batched = getattr(rule, "at_states", None)
+        if batched is None:
+            return None
+        stats = self.stats
+
+        def counted(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+            def call(v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+                stats.n_vjp_evals += 1
+                return fn(v, want_y=want_y, negate=negate)
+
+            return call
+
+        return [counted(fn) for fn in batched(ys)]
+
     def flat(self, t, y, v, want_y=True, negate=False):
         if self.rule is None:
             return super().flat(t, y, v, want_y, negate)
         self.stats.n_vjp_evals += 1
         if self.rule_flat is not None:
-            if self._freeze is not None:  # the rule with its checks done once, at the first call
-                self.rule_flat = self._freeze(y, vjp=True) or self.rule_flat
-                self._freeze = None
-            return self.rule_flat(self.time(t), y, v, want_y=want_y, negate=negate)
+            return self._frozen_rule(y)(self.time(t), y, v, want_y=want_y, negate=negate)
         # The products are linear in v: negating the small v spares negating the long result.
         _, gy, gp = self.rule(self.time(t), y, v.neg() if negate else v, want_y=want_y)
         return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
