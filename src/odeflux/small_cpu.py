@@ -143,56 +143,64 @@ def step_applies(y: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and applies_to(y)
 
 
-def _coefficients(solver, dtype: torch.dtype) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
-    """The tableau's ``a`` rows, ``b`` and ``b_err`` as arrays of ``dtype``, cached on the solver."""
+def _coefficients(solver, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``[1 | a]`` (stages x (1 + stages)), ``[1, b]`` and ``b_err`` of the tableau as arrays of
+    ``dtype``, cached on the solver: with the step's start as row 0 of the stage buffer, a stage's
+    state is one product with a row of the first."""
     key = ("numpy", dtype)
     cached = solver._cache.get(key)
     if cached is None:
         tab = solver.tableau
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        rows = [np.asarray(r, dtype=np_dtype) for r in tab.a]
+        s = tab.stages
+        a = np.zeros((s, s + 1))
+        a[:, 0] = 1.0
+        a[:, 1:] = tab.a_matrix()
+        b = np.concatenate(([1.0], tab.b))
         err = None if tab.b_err is None else np.asarray(tab.b_err, dtype=np_dtype)
-        cached = solver._cache[key] = (rows, np.asarray(tab.b, dtype=np_dtype), err)
+        cached = solver._cache[key] = (a.astype(np_dtype), b.astype(np_dtype), err)
     return cached
 
 
 def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol: float, atol: float, n: int | None):
     """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
-    error norm, with the stage derivatives written into one ``(stages, n)`` buffer as they come
-    (no re-stacking per stage). ``f`` still gets and returns tensors (views of the arrays).
+    error norm, with the stage derivatives written into one buffer as they come (no re-stacking
+    per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
+    ``on_arrays``; a right-hand side with ``prepare_step(t, dt)`` hears of each step first.
     Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
-    rows, b, e = _coefficients(solver, y.dtype)
+    a, b, e = _coefficients(solver, y.dtype)
     c = solver.tableau.c
-    shape = y.shape
+    s, shape = len(c), y.shape
     y0 = as_array(y).reshape(-1)
-    K = np.empty((len(c), y0.size), dtype=y0.dtype)
-    K[0] = as_array(k1).reshape(-1)
-    yi = y0
+    X = np.empty((s + 1, y0.size), dtype=y0.dtype)  # the start, then the stage derivatives
+    X[0] = y0
+    X[1] = as_array(k1).reshape(-1)
+    coef = a * dt
+    coef[:, 0] = 1.0
     on_arrays = getattr(f, "on_arrays", None)  # a frozen field that takes arrays: no tensors at all
     prepare = getattr(f, "prepare_step", None)  # a right-hand side that batches work over the stages
     if prepare is not None:
         prepare(t, dt)
-    for i in range(1, len(c)):
-        yi = rows[i] @ K[:i]
-        yi *= dt
-        yi += y0
+    yi = y0
+    for i in range(1, s):
+        yi = np.dot(coef[i, : i + 1], X[: i + 1])
         if on_arrays is not None:
-            K[i] = on_arrays(t + c[i] * dt, yi)
+            X[i + 1] = on_arrays(t + c[i] * dt, yi)
         else:
-            K[i] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
+            X[i + 1] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
+    K = X[1:]
     if not solver.tableau.fsal:
-        yi = b @ K
-        yi *= dt
-        yi += y0
-    y1, K_t = torch.from_numpy(yi.reshape(shape)), torch.from_numpy(K.reshape((len(c),) + tuple(shape)))
+        bb = b * dt
+        bb[0] = 1.0
+        yi = np.dot(bb, X)
+    y1, K_t = torch.from_numpy(yi.reshape(shape)), torch.from_numpy(K.reshape((s,) + tuple(shape)))
     if e is None:
         return y1, K_t, None
-    err = e @ K
-    err *= dt
+    err = np.dot(e * dt, K)
     if n is not None:
         err, y0, yi = err[:n], y0[:n], yi[:n]
     scale = np.maximum(np.abs(y0), np.abs(yi))
     scale *= rtol
     scale += atol
     err /= scale
-    return y1, K_t, math.sqrt(float(err @ err) / err.size)
+    return y1, K_t, math.sqrt(float(np.dot(err, err)) / err.size)

@@ -24,7 +24,7 @@ import torch
 from .. import small_cpu
 from ..solution import BackwardStats, Solution, SolveError, Status
 from .base import _AdjointFunction
-from .vjp import find_vjp_rule
+from .vjp import find_vjp_rules
 
 if TYPE_CHECKING:
     from ..solve import Problem
@@ -37,7 +37,7 @@ def reverse_pass_rule(problem: "Problem") -> Callable[..., torch.Tensor] | None:
     if problem.dense or problem.step_fn is not None or not small_cpu.applies_to(problem.y0):
         return None
     params = [p for p in problem.params if p.requires_grad]
-    freeze = find_vjp_rule(problem, params, "frozen")
+    freeze = find_vjp_rules(problem, params)["frozen"]
     return None if freeze is None else freeze(problem.y0.detach(), vjp=True)
 
 

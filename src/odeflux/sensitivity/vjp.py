@@ -68,17 +68,20 @@ def _engine_grad() -> Callable[..., tuple]:
 _grad = _engine_grad()
 
 
-def find_vjp_rule(problem: "Problem", params: list[torch.Tensor], name: str = "vjp_rule") -> Callable[..., Any] | None:
-    """``f``'s own VJP rule (``name``: ``vjp_rule`` or ``vjp_rule_flat``, see :mod:`odeflux.fields`)
-    when it covers exactly ``params``, in order."""
+RULE_NAMES = ("vjp_rule", "vjp_rule_flat", "frozen")
+
+
+def find_vjp_rules(problem: "Problem", params: list[torch.Tensor]) -> dict[str, Callable[..., Any] | None]:
+    """``f``'s own VJP rule and its variants by name (``RULE_NAMES``, see :mod:`odeflux.fields`),
+    each ``None`` unless ``f`` has it and it covers exactly ``params``, in order."""
     f = problem.user_f
-    rule = getattr(f, name, None) if isinstance(f, nn.Module) else None
-    if rule is None or problem.args is not None:
-        return None
+    none: dict[str, Callable[..., Any] | None] = dict.fromkeys(RULE_NAMES)
+    if not isinstance(f, nn.Module) or problem.args is not None or getattr(f, "vjp_rule", None) is None:
+        return none
     own = list(f.parameters())
     if len(own) != len(params) or any(a is not b for a, b in zip(own, params)):
-        return None  # frozen or extra parameters: the rule's products would not line up
-    return rule
+        return none  # frozen or extra parameters: the rule's products would not line up
+    return {name: getattr(f, name, None) for name in RULE_NAMES}
 
 
 class AutogradVJP(VJPBackend):
@@ -87,9 +90,10 @@ class AutogradVJP(VJPBackend):
 
     def __init__(self, problem, params, stats):
         super().__init__(problem, params, stats)
-        self.rule = find_vjp_rule(problem, params)
-        self.rule_flat = find_vjp_rule(problem, params, "vjp_rule_flat") if self.rule is not None else None
-        self._freeze = find_vjp_rule(problem, params, "frozen") if self.rule_flat is not None else None
+        rules = find_vjp_rules(problem, params)
+        self.rule = rules["vjp_rule"]
+        self.rule_flat = rules["vjp_rule_flat"] if self.rule is not None else None
+        self._freeze = rules["frozen"] if self.rule_flat is not None else None
 
     def _frozen_rule(self, y: torch.Tensor) -> Callable[..., torch.Tensor] | None:
         if self._freeze is not None:  # the rule with its checks done once, at the first call
