@@ -32,6 +32,7 @@ import odeflux.fields
 import odeflux.integrator
 import odeflux.nn
 import odeflux.sensitivity.base
+import odeflux.sensitivity.interpolating
 import odeflux.sensitivity.vjp
 import odeflux.solution
 from odeflux.mnist.data import BatchLoader, tutorial_split
@@ -94,9 +95,10 @@ class Timers:
         class Timed:
             def __init__(self, fn: Any, name: Callable[[], str]):
                 self._fn, self._name = fn, name
-                for entry in ("on_arrays", "at_states"):
-                    if hasattr(fn, entry):
-                        setattr(self, entry, timers._timed(getattr(fn, entry), name))
+                if hasattr(fn, "on_arrays"):
+                    self.on_arrays = timers._timed(fn.on_arrays, name)
+                if hasattr(fn, "at_states"):  # timed by its caller (the adjoint's stage batches)
+                    self.at_states = fn.at_states
 
             def __call__(self, *b: Any, **kb: Any) -> Any:
                 return timers._timed(self._fn, self._name)(*b, **kb)
@@ -160,16 +162,16 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(odeflux.nn, "solve", "solve() call")
     T.wrap(B.AdjointRun, "forward", "forward ODE solve (AdjointRun.forward)", phase="fwd")
     T.wrap(B.AdjointRun, "backward", "adjoint solve (AdjointRun.backward)", phase="bwd")
-    T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "__call__", "VJP calls")
-    T.wrap(odeflux.sensitivity.vjp.AutogradVJP, "flat", "VJP calls")
-    T.wrap(odeflux.fields.MLP, "_vjp", "the field's VJP rule")
-    T.wrap(odeflux.fields.MLP, "_vjp_flat", "the field's VJP rule")
+    T.wrap(odeflux.sensitivity.interpolating._AdjointRHS, "prepare_step", "stage batches")
+    for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.FrozenVJP, "_from"),
+                        (odeflux.fields.MLP, "_vjp"), (odeflux.fields.MLP, "_vjp_flat")):  # fmt: skip
+        T.wrap(owner, attr, "VJP products")
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
     T.wrap(odeflux.nn.VectorField, "forward", lambda t: f"f evaluations ({t.phase})")
     # A solve evaluates the field through its frozen form (checks once per solve), the adjoint its rule.
     T.wrap_made(odeflux.nn.VectorField, "frozen",
-                lambda t, a, kw: "the field's VJP rule" if kw.get("vjp") else f"f evaluations ({t.phase})")  # fmt: skip
+                lambda t, a, kw: "VJP products" if kw.get("vjp") else f"f evaluations ({t.phase})")  # fmt: skip
     T.wrap(odeflux.integrator, "initial_step", "initial step size")
     steps = 0
     start = time.perf_counter()
@@ -197,7 +199,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     tot = {k: v / steps for k, v in T.total.items()}
     calls = {k: v / steps for k, v in T.calls.items()}
     g = tot.get
-    fwd_f, bwd_f = g("f evaluations (fwd)", 0.0), g("f evaluations (bwd)", 0.0)
+    fwd_f = g("f evaluations (fwd)", 0.0)
     rows_spec = [
         ("model forward", g("model forward"), None, 0),
         ("outer layers: flatten, Dense in/out, FlatParameters views",
@@ -212,15 +214,15 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
         ("adjoint solve (AdjointRun.backward)", g("adjoint solve (AdjointRun.backward)"), None, 1),
         ("forward re-solve on checkpoint intervals (near 0 when the forward's steps were kept)",
          g("forward re-solve", 0.0), calls.get("forward re-solve"), 2),
-        ("VJP calls", g("VJP calls"), calls.get("VJP calls"), 2),
-        ("the vector field's VJP rule (odeflux.fields.MLP: its forward and backward products)",
-         g("the field's VJP rule", 0.0), calls.get("the field's VJP rule"), 3),
-        ("f evaluations with graph (autograd engine path)", bwd_f, calls.get("f evaluations (bwd)"), 3),
-        ("autograd.grad, output buffer, negation, plumbing", g("VJP calls") - bwd_f - g("the field's VJP rule", 0.0), None, 3),
-        ("y(t) from the kept forward steps", g("y(t) from the kept forward steps", 0.0), calls.get("y(t) from the kept forward steps"), 2),
-        ("adjoint integrator: RK arithmetic, cat/neg, error norm, controller",
-         g("adjoint solve (AdjointRun.backward)") - g("VJP calls") - g("y(t) from the kept forward steps", 0.0)
-         - g("forward re-solve", 0.0), None, 2),
+        ("stage batches: y(t) at an adjoint step's stage times, and the field's pass over them",
+         g("stage batches", 0.0), calls.get("stage batches"), 2),
+        ("VJP rule products, per stage (the whole rule outside stage batches)",
+         g("VJP products", 0.0), calls.get("VJP products"), 2),
+        ("y(t) one time at a time (outside stage batches)", g("y(t) from the kept forward steps", 0.0),
+         calls.get("y(t) from the kept forward steps"), 2),
+        ("the rest: RK arithmetic, error norm, controller, VJP plumbing",
+         g("adjoint solve (AdjointRun.backward)") - g("stage batches", 0.0) - g("VJP products", 0.0)
+         - g("y(t) from the kept forward steps", 0.0) - g("forward re-solve", 0.0), None, 2),
         ("autograd of the outer layers and FlatParameters, engine", g("loss.backward()") - g("adjoint solve (AdjointRun.backward)"), None, 1),
         ("optimizer step (make_optimizer's Adam)", g("optimizer step (make_optimizer's Adam)"), None, 0),
     ]  # fmt: skip

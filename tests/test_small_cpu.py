@@ -129,3 +129,17 @@ def test_dense_output_on_numpy_matches_torch():
     slow = torch.stack([sol.dense.at(float(t)) for t in ts])  # grad mode: torch's addmm
     assert torch.allclose(fast, slow, rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(slow.numpy(), sol.dense.evaluate(list(ts)).numpy(), rtol=1e-13, atol=1e-14)
+
+
+def test_dense_output_at_many_times_matches_one_at_a_time():
+    """at_arrays (the adjoints' stage batches) against evaluate, inside one step and across steps."""
+    y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        sol = odeflux.solve(field, y0, (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
+        d = sol.dense
+        assert d.on_arrays and len(d) > 3
+        inside = [d.t_starts[1] + f * d.dts[1] for f in (0.1, 0.5, 0.9, 1.0)]
+        across = [0.0, 0.3, 1.1, 1.7, 2.0]
+        for ts in (inside, across, across[::-1]):
+            got = d.at_arrays(ts).reshape((len(ts),) + tuple(y0.shape))
+            np.testing.assert_allclose(got, d.evaluate(ts).numpy(), rtol=1e-13, atol=1e-14)

@@ -80,10 +80,12 @@ class FrozenVJP:
         return [functools.partial(self._from, [b[j] for b in blocks]) for j in range(m)]
 
     def _from(self, hs: list[np.ndarray], v: torch.Tensor | np.ndarray, want_y: bool = True, negate: bool = False,
-              array: bool = False) -> torch.Tensor | np.ndarray:  # fmt: skip
-        """The rest of the rule from the activations ``hs``; ``array=True`` returns the array."""
+              array: bool = False, out: np.ndarray | None = None) -> torch.Tensor | np.ndarray:  # fmt: skip
+        """The rest of the rule from the activations ``hs``; ``array=True`` returns the array
+        (written into ``out`` when given)."""
         g = (v if isinstance(v, np.ndarray) else small_cpu.as_array(v)).reshape(hs[-1].shape)
-        out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
+        if out is None:
+            out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
         self.kernels.vjp(hs, -g if negate else g, out, want_y, True)
         return out if array else torch.from_numpy(out)
 

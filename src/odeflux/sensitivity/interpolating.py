@@ -40,7 +40,7 @@ class _AdjointRHS:
     def __init__(self, run: AdjointRun, dense):
         self.n, self.vjp, self.shape, self.dense = run.n, run.vjp, run.y.shape, dense
         self.c = run.solver.tableau.c[1:]
-        self.pending: dict[float, object] = {}
+        self.pending: list[tuple[float, object]] = []  # (stage time, its rule), in stage order
         # (A flag, not a bound method stored on self: that would be a reference cycle, keeping each
         # piece's dense output alive until the garbage collector runs.)
         self.batched = dense.on_arrays and type(self.vjp).at_states is not VJPBackend.at_states
@@ -53,11 +53,11 @@ class _AdjointRHS:
         fns = self.vjp.at_states(ys)
         if fns is None:
             self.batched = False
-        self.pending = dict(zip(times, fns)) if fns is not None else {}
+        # In stage order, consumed in stage order: two stages may share a time (Tsit5's last two).
+        self.pending = list(zip(times, fns))[::-1] if fns is not None else []
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         lam = z[: self.n].view(self.shape)
-        fn = self.pending.pop(t, None)
-        if fn is not None:
-            return fn(lam, negate=True)
+        if self.pending and self.pending[-1][0] == t:
+            return self.pending.pop()[1](lam, negate=True)
         return self.vjp.flat(t, self.dense.at(t), lam, negate=True)

@@ -98,38 +98,37 @@ class ReverseRun:
         # Stages whose k feeds nothing (an FSAL method's last: b = 0, used by no later stage) need
         # a VJP only where an interpolated saved state gave them a cotangent.
         feeds = [bool(b[j] != 0 or A[j + 1 :, j].any()) for j in range(tab.stages)]
-        mu = np.zeros(sum(q.numel() for q in self.params), dtype=dtype)
+        n_p = sum(q.numel() for q in self.params)
+        mu = np.zeros(n_p, dtype=dtype)
         at_states = getattr(self.vjp, "at_states", None)
         for i in range(n_steps - 1, -1, -1):
             h = dense.dts[i]
+            hA = A * h
             y_i = small_cpu.as_array(dense.y0s[i]).reshape(n)
             K = small_cpu.as_array(dense.Ks[i]).reshape(tab.stages, n)
-            stage_in = A @ K
-            stage_in *= h
+            stage_in = np.dot(hA, K)
             stage_in += y_i
             kb = np.outer(b * h, ybar[i + 1])
             if i in kbar:
                 kb += kbar[i]
-            Ybar = np.zeros((tab.stages, n), dtype=dtype)
-            acc = ybar[i + 1].copy()
+            # Row j: the VJP of stage j, [Ybar_j, its parameter part]; stages without one stay 0.
+            R = np.zeros((tab.stages, n + n_p), dtype=dtype)
             live = [j for j in range(tab.stages) if feeds[j] or i in kbar]
             # With the rule's batched form: one forward pass of the field over all the live stages.
             at = None if at_states is None else dict(zip(live, at_states(torch.from_numpy(stage_in[live].reshape((len(live),) + shape)))))
             for j in reversed(live):
-                v = kb[j]
-                if j + 1 < tab.stages:
-                    v = v + h * (A[j + 1 :, j] @ Ybar[j + 1 :])
+                v = kb[j] + np.dot(hA[j + 1 :, j], R[j + 1 :, :n]) if j + 1 < tab.stages else kb[j]
                 if at is not None:
-                    out = at[j](v, array=True)
+                    at[j](v, array=True, out=R[j])
                 else:
                     t_j = starts[i] + tab.c[j] * h
                     y_j, v_j = torch.from_numpy(stage_in[j].reshape(shape)), torch.from_numpy(v.reshape(shape))
-                    out = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
+                    R[j] = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
                 self.bstats.n_vjp_evals += 1
-                Ybar[j] = out[:n]
-                acc += out[:n]
-                mu += out[n:]
-            ybar[i] += acc
+            total = np.add.reduce(R, axis=0)
+            ybar[i] += ybar[i + 1]
+            ybar[i] += total[:n]
+            mu += total[n:]
         grad_y0 = torch.from_numpy(ybar[0].reshape(shape))
         grad_params, at = [], 0
         for q in self.params:
