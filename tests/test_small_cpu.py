@@ -143,3 +143,35 @@ def test_dense_output_at_many_times_matches_one_at_a_time():
         for ts in (inside, across, across[::-1]):
             got = d.at_arrays(ts).reshape((len(ts),) + tuple(y0.shape))
             np.testing.assert_allclose(got, d.evaluate(ts).numpy(), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("vjp", ["func", "jacobian"])
+def test_torch_func_transforms_see_torch_ops(vjp):
+    """Under torch.func transforms (the func and jacobian VJP backends) the kernels step aside: the
+    tutorial field's gradients through them match the default's."""
+    from odeflux.mnist.model import create_model
+
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for backend in ("autograd", vjp):
+        model = create_model(vjp=backend, params="flat")
+        model(x).pow(2).sum().backward()
+        grads.append(model.flat.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_and_vmap_are_not_dropped():
+    m = mlp()
+    y = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    t = torch.randn(5, 6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, jvp = torch.func.jvp(m, (y,), (t,))
+        ref = odeflux.MLP(list(m.layers), small_cpu_kernels=False)
+        _, jvp_ref = torch.func.jvp(ref, (y,), (t,))
+        assert torch.allclose(jvp, jvp_ref, rtol=1e-5, atol=1e-6) and jvp.abs().sum() > 0
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            out = m(fwAD.make_dual(y, t))
+            assert torch.allclose(fwAD.unpack_dual(out).tangent, jvp_ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(torch.func.vmap(m)(y.unsqueeze(1)).squeeze(1), ref(y), rtol=1e-5, atol=1e-6)

@@ -150,9 +150,9 @@ class MLP(nn.Module):
         """NumPy kernels over this module's parameters when ``y`` is a small CPU tensor and nothing
         needs a graph (``graph_free``: the caller's result is never differentiated); ``None``
         otherwise, for torch's kernels."""
-        if not self.small_cpu_kernels or y.device.type != "cpu" or y.dtype not in small_cpu.DTYPES or not y.ndim:
-            return None
-        if y.numel() // y.shape[-1] * self._max_width > small_cpu.MAX_ACTIVATION_SIZE or _is_compiling():
+        if _is_compiling() or not self.small_cpu_kernels or y.dtype not in small_cpu.DTYPES or not y.ndim:
+            return None  # (torch.compile traces torch's ops: checked first, before anything it cannot trace)
+        if y.numel() // y.shape[-1] * self._max_width > small_cpu.MAX_ACTIVATION_SIZE or not small_cpu.plain(y):
             return None
         slots = self.__dict__.get("_param_slots")
         if slots is None:  # per layer, its parameter dict: cheaper than module attribute access

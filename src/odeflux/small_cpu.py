@@ -132,9 +132,24 @@ class Kernels:
 MAX_STATE_SIZE = 1 << 16
 
 
+_functorch = torch._C._functorch
+_transform_active = getattr(_functorch, "peek_interpreter_stack", lambda: None)
+_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain CPU tensor NumPy can read in full, and no transform would miss the
+    work: no ``torch.func`` transform (vmap, jacfwd, grad, ...) running, nor a forward-mode AD level
+    open (its tangents would be dropped)."""
+    return (
+        t.device.type == "cpu" and _transform_active() is None and not _functorch_wrapped(t)
+        and torch.autograd.forward_ad._current_level < 0
+    )  # fmt: skip
+
+
 def applies_to(y: torch.Tensor) -> bool:
-    """Whether ``y`` is a state for these kernels: small, on the CPU, float32 or float64."""
-    return y.device.type == "cpu" and y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE
+    """Whether ``y`` is a state for these kernels: small, plain (:func:`plain`), float32 or float64."""
+    return y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE and plain(y)
 
 
 def step_applies(y: torch.Tensor) -> bool:
