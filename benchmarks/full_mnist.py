@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         # For reference, not the target's verdict: backpropagation through the solver against an adjoint.
         r, s = paired_ratio(timings[TD_ADJOINT], timings[DIRECT])
         targets.append(Target("4'", f"full-MNIST images/s, DirectAdjoint ÷ torchdiffeq odeint_adjoint, {n} thread(s)",
-                              r, 2.0, s, at_most=False, note="for reference: discrete vs continuous adjoint"))  # fmt: skip
+                              r, 2.0, s, at_most=False,
+                              note="for reference: discrete vs continuous adjoint"))  # fmt: skip
 
     parts = [
         f"The tutorial's model and training step on the 60,000 MNIST training images (from `{ddir}`), shuffled "

@@ -63,27 +63,10 @@ class Timers:
         self._undo: list[Callable[[], None]] = []
 
     def wrap(self, owner: Any, attr: str, label: str | Callable[["Timers"], str], phase: str | None = None) -> None:
+        """Time ``owner.attr`` under ``label`` (or ``label(self)``), in ``phase`` while it runs."""
         orig = getattr(owner, attr)
-
-        @functools.wraps(orig)
-        def timed(*a: Any, **kw: Any) -> Any:
-            name = label(self) if callable(label) else label
-            if name in self._active:
-                return orig(*a, **kw)
-            self._active.add(name)
-            before = self.phase
-            if phase is not None:
-                self.phase = phase
-            t0 = time.perf_counter()
-            try:
-                return orig(*a, **kw)
-            finally:
-                self.total[name] += time.perf_counter() - t0
-                self.calls[name] += 1
-                self.phase = before
-                self._active.discard(name)
-
-        setattr(owner, attr, timed)
+        name = (lambda: label(self)) if callable(label) else (lambda: label)
+        setattr(owner, attr, functools.wraps(orig)(self._timed(orig, name, phase)))
         self._undo.append(lambda: setattr(owner, attr, orig))
 
     def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str]) -> None:
@@ -111,18 +94,22 @@ class Timers:
         setattr(owner, attr, making)
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def _timed(self, fn: Callable, name_of: Callable[[], str]) -> Callable:
+    def _timed(self, fn: Callable, name_of: Callable[[], str], phase: str | None = None) -> Callable:
         def timed(*b: Any, **kb: Any) -> Any:
             name = name_of()
             if name in self._active:
                 return fn(*b, **kb)
             self._active.add(name)
+            before = self.phase
+            if phase is not None:
+                self.phase = phase
             t0 = time.perf_counter()
             try:
                 return fn(*b, **kb)
             finally:
                 self.total[name] += time.perf_counter() - t0
                 self.calls[name] += 1
+                self.phase = before
                 self._active.discard(name)
 
         return timed

@@ -72,7 +72,8 @@ def test_matches_finite_differences():
                 old, vals = float(flat[i]), []
                 for s in (1, -1):
                     flat[i] = old + s * eps
-                    vals.append(float((odeflux.solve(f, y0, (0.0, 1.0), saveat=[0.5, 1.0], rtol=1e-12, atol=1e-12).ys ** 2).sum()))
+                    sol = odeflux.solve(f, y0, (0.0, 1.0), saveat=[0.5, 1.0], rtol=1e-12, atol=1e-12)
+                    vals.append(float((sol.ys**2).sum()))
                 flat[i] = old
                 fd.append((vals[0] - vals[1]) / (2 * eps))
     assert torch.allclose(g, torch.tensor(fd, dtype=torch.float64), rtol=1e-5, atol=1e-6)
@@ -96,8 +97,9 @@ def test_applies_only_where_it_may():
     f = odeflux.VectorField(m)
     y0 = torch.zeros(3, 4, dtype=torch.float64)
     problem, _ = _make_problem(
-        f, y0, (0.0, 1.0), None, None, None, 1e-6, 1e-6, None, False, True, True, None, None, None, None, 100, None, False
-    )
+        f, y0, (0.0, 1.0), None, None, None, 1e-6, 1e-6, None, False, True, True,
+        None, None, None, None, 100, None, False,
+    )  # fmt: skip
     assert reverse_pass_rule(problem) is not None
     m.layers[0].bias.requires_grad_(False)  # the rule would not line up with the parameters
     assert reverse_pass_rule(problem) is None

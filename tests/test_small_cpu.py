@@ -41,7 +41,8 @@ def test_numpy_step_matches_torch_step(name, dtype, n):
     if ref[2] is None:
         assert out[2] is None
     else:
-        assert isinstance(out[2], float) and out[2] == pytest.approx(float(ref[2]), rel=1e-3 if dtype == torch.float32 else 1e-10)
+        rel = 1e-3 if dtype == torch.float32 else 1e-10
+        assert isinstance(out[2], float) and out[2] == pytest.approx(float(ref[2]), rel=rel)
 
 
 def test_numpy_step_is_used_only_outside_autograd_on_small_cpu_states():

@@ -68,7 +68,8 @@ class FrozenVJP:
         self.kernels, self.d_in, self.n_params = kernels, d_in, n_params
 
     def __call__(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
-        return self._from(self.kernels.forward(small_cpu.as_array(y).reshape(-1, self.d_in), keep=True), v, want_y, negate)
+        hs = self.kernels.forward(small_cpu.as_array(y).reshape(-1, self.d_in), keep=True)
+        return self._from(hs, v, want_y, negate)
 
     def at_states(self, ys: torch.Tensor) -> list[Callable[..., torch.Tensor]]:
         """For states stacked as ``(m, *shape)``, all known in advance (a Runge-Kutta step's stages):
@@ -140,7 +141,10 @@ class MLP(nn.Module):
         return self._final_activation
 
     def extra_repr(self) -> str:
-        return f"activation={self._activation!r}, final_activation={self._final_activation}, vjp_rule={self.use_vjp_rule}"
+        return (
+            f"activation={self._activation!r}, final_activation={self._final_activation}, "
+            f"vjp_rule={self.use_vjp_rule}, small_cpu_kernels={self.small_cpu_kernels}"
+        )
 
     def _check_layers(self) -> None:
         if len(self.layers) != len(self._acts):
@@ -165,7 +169,10 @@ class MLP(nn.Module):
         cached = self.__dict__.get("_kernel_cache")
         # Same tensors at the same addresses: the arrays still view them (in-place updates show
         # through; .to()/.double() or a new parameter moves the data, and the kernels are rebuilt).
-        if cached is not None and cached[1] is y.dtype and cached[2] == ptrs and all(map(_same_pair, cached[0], tensors)):
+        if (
+            cached is not None and cached[1] is y.dtype and cached[2] == ptrs
+            and all(map(_same_pair, cached[0], tensors))
+        ):  # fmt: skip
             return cached[3]
         layers = list(self.layers)
         for (w, b), layer in zip(tensors, layers):

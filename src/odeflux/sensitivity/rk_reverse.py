@@ -115,7 +115,9 @@ class ReverseRun:
             R = np.zeros((tab.stages, n + n_p), dtype=dtype)
             live = [j for j in range(tab.stages) if feeds[j] or i in kbar]
             # With the rule's batched form: one forward pass of the field over all the live stages.
-            at = None if at_states is None else dict(zip(live, at_states(torch.from_numpy(stage_in[live].reshape((len(live),) + shape)))))
+            at = None
+            if at_states is not None:
+                at = dict(zip(live, at_states(torch.from_numpy(stage_in[live].reshape((len(live),) + shape)))))
             for j in reversed(live):
                 v = kb[j] + np.dot(hA[j + 1 :, j], R[j + 1 :, :n]) if j + 1 < tab.stages else kb[j]
                 if at is not None:

@@ -46,7 +46,9 @@ class VJPBackend:
         not depend on ``v`` done for all of them at once. ``None`` where the backend cannot."""
         return None
 
-    def flat(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
+    def flat(
+        self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False
+    ) -> torch.Tensor:
         """``[v^T df/dy (if want_y), v^T df/dp_1, ...]`` flattened into one vector, negated if asked
         (the adjoints' right-hand sides)."""
         _, gy, gp = self(t, y, v, want_y=want_y)
