@@ -2,11 +2,13 @@
 
 On the tutorial's sizes (a 128 x 20 state, 10-wide layers) every torch op costs 3-6 us, mostly
 dispatch and set-up, while the same matrix product through NumPy's BLAS takes about 1.3 us and
-NumPy's ``tanh`` (a SIMD kernel) 0.6 us against torch's 3.5-6 us (measured in
-``benchmarks/results/profile_default.md``). The ODE solver calls the field some 40 times a
-training step, so :class:`odeflux.fields.MLP` hands its no-grad evaluations and its VJP rule to
-these kernels when the tensors are small and on the CPU. The arrays share memory with the
-tensors: nothing is copied in or out.
+NumPy's ``tanh`` (a SIMD kernel) 0.6 us against torch's 3.5-6 us (measured on this project's
+machine; the README's Performance section has the training-step numbers). A training step calls
+the field some 40 times and takes ~10 Runge-Kutta steps, so where nothing needs a graph (the
+continuous adjoints' solves) and the tensors are small, on the CPU and plain (no ``torch.func``
+transform or forward-mode AD about), :class:`odeflux.fields.MLP` hands its evaluations and its
+VJP rule to these kernels, and the integrator its steps. The arrays share memory with the
+tensors: nothing is copied in or out, and in-place updates of the parameters show through.
 """
 
 from __future__ import annotations
