@@ -176,3 +176,21 @@ def test_forward_mode_and_vmap_are_not_dropped():
             out = m(fwAD.make_dual(y, t))
             assert torch.allclose(fwAD.unpack_dual(out).tangent, jvp_ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(torch.func.vmap(m)(y.unsqueeze(1)).squeeze(1), ref(y), rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_step_aside_for_autocast_subclasses_and_sparse_states():
+    m = mlp()
+    y = torch.randn(8, 6)
+    with torch.no_grad():
+        assert m._small_cpu(y) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m._small_cpu(y) is None and not small_cpu.step_applies(y)
+            assert m(y).dtype == torch.bfloat16  # torch's autocast semantics, kept
+
+        class Tagged(torch.Tensor):
+            pass
+
+        assert m._small_cpu(y.as_subclass(Tagged)) is None
+        assert not small_cpu.applies_to(y.to_sparse())
+        assert m._small_cpu(torch.zeros(0, 6)) is None
+        assert m(torch.zeros(6)).shape == (6,)  # a single state: one row

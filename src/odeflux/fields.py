@@ -154,7 +154,7 @@ class MLP(nn.Module):
         """NumPy kernels over this module's parameters when ``y`` is a small CPU tensor and nothing
         needs a graph (``graph_free``: the caller's result is never differentiated); ``None``
         otherwise, for torch's kernels."""
-        if _is_compiling() or not self.small_cpu_kernels or y.dtype not in small_cpu.DTYPES or not y.ndim:
+        if _is_compiling() or not self.small_cpu_kernels or y.dtype not in small_cpu.DTYPES or not y.numel():
             return None  # (torch.compile traces torch's ops: checked first, before anything it cannot trace)
         if y.numel() // y.shape[-1] * self._max_width > small_cpu.MAX_ACTIVATION_SIZE or not small_cpu.plain(y):
             return None

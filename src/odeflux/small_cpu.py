@@ -139,13 +139,25 @@ _transform_active = getattr(_functorch, "peek_interpreter_stack", lambda: None)
 _functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a plain CPU tensor NumPy can read in full, and no transform would miss the
-    work: no ``torch.func`` transform (vmap, jacfwd, grad, ...) running, nor a forward-mode AD level
-    open (its tangents would be dropped)."""
+    """Whether ``t`` is a plain, dense CPU tensor NumPy can read in full (not a subclass with
+    behaviour of its own), and nothing would miss the work: no ``torch.func`` transform (vmap,
+    jacfwd, grad, ...) running, no forward-mode AD level open (its tangents would be dropped), no
+    CPU autocast (it would compute in another precision)."""
     return (
-        t.device.type == "cpu" and _transform_active() is None and not _functorch_wrapped(t)
-        and torch.autograd.forward_ad._current_level < 0
+        type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.layout == torch.strided
+        and _transform_active() is None and not _functorch_wrapped(t)
+        and torch.autograd.forward_ad._current_level < 0 and not _autocast_cpu()
     )  # fmt: skip
 
 
