@@ -118,3 +118,17 @@ def test_a_failed_solve_cannot_be_differentiated():
     assert not sol.success
     with pytest.raises(odeflux.SolveError, match="cannot differentiate a solve that failed"):
         sol.ys[-1].sum().backward()
+
+
+def test_t_span_gradients_through_the_hand_written_pass():
+    out = []
+    for hand_written in (True, False):
+        m = mlp()
+        y0 = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        span = torch.tensor([0.1, 0.9], dtype=torch.float64, requires_grad=True)
+        sol = odeflux.solve(odeflux.VectorField(m), y0, span, sensealg=DirectAdjoint(hand_written=hand_written),
+                            rtol=1e-9, atol=1e-9)  # fmt: skip
+        (sol.ys**2).sum().backward()
+        out.append(torch.cat([span.grad, y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in m.parameters()]))
+    assert torch.allclose(out[0], out[1], rtol=1e-9, atol=1e-11)
+    assert out[0][:2].abs().min() > 0
