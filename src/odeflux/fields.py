@@ -9,6 +9,11 @@ attribute, called in the module's own convention: ``rule(y, v, want_y=, want_p=)
 of ``y``, ``rule(t, y, v, ...)`` for a module of ``(t, y)``; it returns ``(f, v^T df/dy,
 [v^T df/dp for p in module.parameters()])``. The ``"autograd"`` VJP backend uses it when the
 rule covers exactly the parameters being differentiated, and the autograd engine otherwise.
+
+On small CPU tensors outside autograd, :class:`MLP` computes on NumPy (:mod:`odeflux.small_cpu`),
+and ``MLP.frozen(y)`` hands a solve its evaluation (:class:`FrozenField`) or VJP rule
+(:class:`FrozenVJP`) with the per-call checks done once; the solver and the adjoints look for
+those forms, and for ``vjp_rule_flat`` (the products already concatenated), by name.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ class MLP(nn.Module):
     ``activation`` is one of ``ACTIVATIONS`` (``"tanh"``, ``"sigmoid"``, ``"relu"``,
     ``"identity"``); ``final_activation=False`` leaves the last layer linear. The layers and
     activations are fixed at construction. ``vjp_rule=False`` (or setting ``use_vjp_rule``) hides
-    the rule, so adjoints go through the autograd engine (for comparison).
+    the rule, so adjoints go through the autograd engine (for comparison);
+    ``small_cpu_kernels=False`` (or setting it) keeps every evaluation on torch's ops.
     """
 
     def __init__(
