@@ -90,7 +90,9 @@ class _TorchNorms:
         return rms_scaled(df, self.scale)
 
 
-class _NumpyNorms(_TorchNorms):
+class _NumpyNorms:
+    """:class:`_TorchNorms` on the arrays of a small CPU state (odeflux.small_cpu)."""
+
     def __init__(self, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, n: int | None):
         self.shape, self.n = y0.shape, n
         self.y0, self.f0 = small_cpu.as_array(y0).reshape(-1), small_cpu.as_array(f0).reshape(-1)

@@ -29,13 +29,11 @@ from torch.nn import functional as F
 
 from . import small_cpu
 from .small_cpu import Kernels
+from .solvers.tableau import _is_compiling
 
 def _same_pair(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] is b[1]
 
-
-# torch.compiler.is_compiling is public from torch 2.3; the package supports torch >= 2.2.
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 _aten = torch.ops.aten
 
@@ -195,8 +193,7 @@ class MLP(nn.Module):
         self._check_layers()
         kernels = self._small_cpu(y)
         if kernels is not None:
-            out = kernels.forward(small_cpu.as_array(y).reshape(-1, y.shape[-1]))[-1]
-            return torch.from_numpy(out).view(y.shape[:-1] + (out.shape[-1],))
+            return self._field(kernels, y)(y)
         for layer, (act, _) in zip(self.layers, self._acts):
             y = F.linear(y, layer.weight, layer.bias)
             if act is not None:
@@ -212,10 +209,10 @@ class MLP(nn.Module):
         kernels = self._small_cpu(y, graph_free=vjp)
         if kernels is None or (vjp and not self.use_vjp_rule):
             return None
-        d_in, n_params = y.shape[-1], self._n_params
-        if not vjp:
-            return FrozenField(kernels, d_in, y.shape[:-1] + (self.layers[-1].out_features,))
-        return FrozenVJP(kernels, d_in, n_params)
+        return FrozenVJP(kernels, y.shape[-1], self._n_params) if vjp else self._field(kernels, y)
+
+    def _field(self, kernels: Kernels, y: torch.Tensor) -> FrozenField:
+        return FrozenField(kernels, y.shape[-1], y.shape[:-1] + (self.layers[-1].out_features,))
 
     @property
     def vjp_rule(self) -> Callable[..., VJPRuleResult] | None:
@@ -236,7 +233,7 @@ class MLP(nn.Module):
         if kernels is None:
             _, gy, gp = self._vjp(y, v.neg() if negate else v, want_y=want_y)
             return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
-        return self.frozen(y, vjp=True)(y, v, want_y=want_y, negate=negate)
+        return FrozenVJP(kernels, y.shape[-1], self._n_params)(y, v, want_y=want_y, negate=negate)
 
     def _vjp(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True) -> VJPRuleResult:
         self._check_layers()

@@ -51,8 +51,8 @@ class _FieldOfY:
 
 
 class _RuleOfY:
-    """A frozen VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its
-    batched form (``at_states``) where it has one."""
+    """A VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its batched form
+    (``at_states``) where it has one."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -76,22 +76,20 @@ class VectorField(nn.Module):
         """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
         return not self.time_dependent
 
+    def _rule(self, name: str) -> Callable[..., Any] | None:
+        rule = getattr(self.module, name, None)
+        return rule if rule is None or self.time_dependent else _RuleOfY(rule)
+
     @property
     def vjp_rule(self) -> Callable[..., Any] | None:
         """The wrapped module's VJP rule (see :mod:`odeflux.fields`) in the ``(t, y, v, ...)``
         convention, or ``None`` when it has none."""
-        rule = getattr(self.module, "vjp_rule", None)
-        if rule is None or self.time_dependent:
-            return rule
-        return lambda t, y, v, **kw: rule(y, v, **kw)
+        return self._rule("vjp_rule")
 
     @property
     def vjp_rule_flat(self) -> Callable[..., Any] | None:
         """The wrapped module's flattened VJP rule (``vjp_rule_flat``), as :attr:`vjp_rule`."""
-        rule = getattr(self.module, "vjp_rule_flat", None)
-        if rule is None or self.time_dependent:
-            return rule
-        return lambda t, y, v, **kw: rule(y, v, **kw)
+        return self._rule("vjp_rule_flat")
 
     def frozen(self, y: torch.Tensor, vjp: bool = False) -> Callable[..., torch.Tensor] | None:
         """The wrapped module's ``frozen`` evaluation for one solve (see :class:`odeflux.fields.MLP`)

@@ -172,7 +172,7 @@ def step_applies(y: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and applies_to(y)
 
 
-def _coefficients(solver, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def coefficients(solver, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``[1 | a]`` (stages x (1 + stages)), ``[1, b]`` and ``b_err`` of the tableau as arrays of
     ``dtype``, cached on the solver: with the step's start as row 0 of the stage buffer, a stage's
     state is one product with a row of the first."""
@@ -197,7 +197,7 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
     ``on_arrays``; a right-hand side with ``prepare_step(t, dt)`` hears of each step first.
     Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
-    a, b, e = _coefficients(solver, y.dtype)
+    a, b, e = coefficients(solver, y.dtype)
     c = solver.tableau.c
     s, shape = len(c), y.shape
     y0 = as_array(y).reshape(-1)

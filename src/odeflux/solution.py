@@ -79,7 +79,6 @@ class DenseOutput:
         self._interp_rev = [row[::-1] for row in solver.tableau.interp]
         self._small_cpu = bool(y0s) and small_cpu.applies_to(y0s[0])
         self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
-        self._interp_np: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.dts)
@@ -115,12 +114,8 @@ class DenseOutput:
         """States at host times ``ts`` as one ``(len(ts), state size)`` array (small CPU states;
         see :attr:`on_arrays`): one product per forward step the times fall in."""
         idx = [self.step_index(t) for t in ts]
-        if self._interp_np is None:  # (b_i(theta) = sum_d interp[i][d] theta^(d+1)), as arrays
-            P = np.asarray(self.solver.tableau.interp, dtype=np.float64)
-            self._interp_np = (np.arange(1, P.shape[1] + 1), P.T.copy())
-        powers, PT = self._interp_np
-        theta = np.array([(t - self.t_starts[i]) / self.dts[i] for t, i in zip(ts, idx)])
-        w = np.dot(theta[:, None] ** powers, PT)  # (m, stages), float64
+        theta = [(t - self.t_starts[i]) / self.dts[i] for t, i in zip(ts, idx)]
+        w = self.solver.tableau.dense_weights(theta)  # (m, stages), float64
         first = idx[0]
         if all(i == first for i in idx):  # the usual case: all in one forward step
             y0_np, K_np = self._arrays(first)

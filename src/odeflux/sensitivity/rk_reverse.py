@@ -93,8 +93,8 @@ class ReverseRun:
                 kbar[i] += np.outer(w, g)
                 ybar[i] += g
 
-        A = np.asarray(tab.a_matrix(), dtype=dtype)
-        b = np.asarray(tab.b, dtype=dtype)
+        a_ext, b_ext, _ = small_cpu.coefficients(p.solver, self.y.dtype)
+        A, b = a_ext[:, 1:], b_ext[1:]
         # Stages whose k feeds nothing (an FSAL method's last: b = 0, used by no later stage) need
         # a VJP only where an interpolated saved state gave them a cotangent.
         feeds = [bool(b[j] != 0 or A[j + 1 :, j].any()) for j in range(tab.stages)]
@@ -132,10 +132,10 @@ class ReverseRun:
             ybar[i] += total[:n]
             mu += total[n:]
         grad_y0 = torch.from_numpy(ybar[0].reshape(shape))
-        grad_params, at = [], 0
+        grad_params, offset = [], 0
         for q in self.params:
-            grad_params.append(torch.from_numpy(mu[at : at + q.numel()].reshape(q.shape)))
-            at += q.numel()
+            grad_params.append(torch.from_numpy(mu[offset : offset + q.numel()].reshape(q.shape)))
+            offset += q.numel()
         return grad_y0, grad_params
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -56,12 +57,17 @@ class ButcherTableau:
             A[i, : len(row)] = row
         return A
 
+    @functools.cached_property
+    def _interp_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(exponents 1..deg, interp^T)`` as arrays, made once: the adjoints evaluate the
+        weights on every step."""
+        P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
+        return np.arange(1, P.shape[1] + 1), P.T.copy()
+
     def dense_weights(self, theta: np.ndarray | float) -> np.ndarray:
         """``b_i(theta)`` for each stage (shape ``(..., stages)``), evaluated in float64."""
-        theta = np.asarray(theta, dtype=np.float64)[..., None]
-        P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
-        powers = theta ** np.arange(1, P.shape[1] + 1)  # (..., deg)
-        return powers @ P.T
+        exponents, PT = self._interp_arrays
+        return np.asarray(theta, dtype=np.float64)[..., None] ** exponents @ PT
 
 
 def polynomial_weights(terms: Sequence[tuple[Sequence[float], np.ndarray]], stages: int) -> tuple[tuple[float, ...], ...]:
