@@ -71,7 +71,8 @@ class Timers:
 
     def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str]) -> None:
         """Time the callables that ``owner.attr`` returns, and their array-level entry points
-        (``on_arrays``, ``at_states``), under ``label(self, args, kwargs)`` decided at creation."""
+        (``on_arrays``; ``stage_plan`` is passed through, its parts timed on their own), under
+        ``label(self, args, kwargs)`` decided at creation."""
         orig = getattr(owner, attr)
         timers = self
 
@@ -80,8 +81,8 @@ class Timers:
                 self._fn, self._name = fn, name
                 if hasattr(fn, "on_arrays"):
                     self.on_arrays = timers._timed(fn.on_arrays, name)
-                if hasattr(fn, "at_states"):  # timed by its caller (the adjoint's stage batches)
-                    self.at_states = fn.at_states
+                if hasattr(fn, "stage_plan"):  # timed by its caller (the adjoint's stage batches)
+                    self.stage_plan = fn.stage_plan
 
             def __call__(self, *b: Any, **kb: Any) -> Any:
                 return timers._timed(self._fn, self._name)(*b, **kb)
@@ -150,8 +151,10 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(B.AdjointRun, "forward", "forward ODE solve (AdjointRun.forward)", phase="fwd")
     T.wrap(B.AdjointRun, "backward", "adjoint solve (AdjointRun.backward)", phase="bwd")
     T.wrap(odeflux.sensitivity.interpolating._AdjointRHS, "prepare_step", "stage batches")
-    for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.FrozenVJP, "_from"),
-                        (odeflux.fields.MLP, "_vjp"), (odeflux.fields.MLP, "_vjp_flat")):  # fmt: skip
+    T.wrap(odeflux.small_cpu.StagePlan, "stage", "stage VJPs: lambda")
+    T.wrap(odeflux.small_cpu.StagePlan, "params_into", "stage VJPs: mu")
+    for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.MLP, "_vjp"),
+                        (odeflux.fields.MLP, "_vjp_flat")):  # fmt: skip
         T.wrap(owner, attr, "VJP products")
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
@@ -203,12 +206,16 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
          g("forward re-solve", 0.0), calls.get("forward re-solve"), 2),
         ("stage batches: y(t) at an adjoint step's stage times, and the field's pass over them",
          g("stage batches", 0.0), calls.get("stage batches"), 2),
-        ("VJP rule products, per stage (the whole rule outside stage batches)",
-         g("VJP products", 0.0), calls.get("VJP products"), 2),
+        ("stage VJPs, lambda's part: v^T df/dy, one stage at a time", g("stage VJPs: lambda", 0.0),
+         calls.get("stage VJPs: lambda"), 2),
+        ("stage VJPs, mu's part: v^T df/dp, a step's stages at once", g("stage VJPs: mu", 0.0),
+         calls.get("stage VJPs: mu"), 2),
+        ("whole VJP rule (each interval's first evaluation)", g("VJP products", 0.0), calls.get("VJP products"), 2),
         ("y(t) one time at a time (outside stage batches)", g("y(t) from the kept forward steps", 0.0),
          calls.get("y(t) from the kept forward steps"), 2),
         ("the rest: RK arithmetic, error norm, controller, VJP plumbing",
          g("adjoint solve (AdjointRun.backward)") - g("stage batches", 0.0) - g("VJP products", 0.0)
+         - g("stage VJPs: lambda", 0.0) - g("stage VJPs: mu", 0.0)
          - g("y(t) from the kept forward steps", 0.0) - g("forward re-solve", 0.0), None, 2),
         ("autograd of the outer layers and FlatParameters, engine", g("loss.backward()") - g("adjoint solve (AdjointRun.backward)"), None, 1),
         ("optimizer step (make_optimizer's Adam)", g("optimizer step (make_optimizer's Adam)"), None, 0),

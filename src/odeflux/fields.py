@@ -18,7 +18,6 @@ those forms, and for ``vjp_rule_flat`` (the products already concatenated), by n
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -72,26 +71,16 @@ class FrozenVJP:
 
     def __call__(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
         hs = self.kernels.forward(small_cpu.as_array(y).reshape(-1, self.d_in), keep=True)
-        return self._from(hs, v, want_y, negate)
-
-    def at_states(self, ys: torch.Tensor) -> list[Callable[..., torch.Tensor]]:
-        """For states stacked as ``(m, *shape)``, all known in advance (a Runge-Kutta step's stages):
-        one forward pass over all of them, and per state the rest of the rule, ``(v, want_y=True,
-        negate=False) -> flat``, which takes ``v`` as a tensor or an array."""
-        m = ys.shape[0]
-        hs = self.kernels.forward(small_cpu.as_array(ys).reshape(-1, self.d_in), keep=True)
-        blocks = [h.reshape(m, -1, h.shape[-1]) for h in hs]
-        return [functools.partial(self._from, [b[j] for b in blocks]) for j in range(m)]
-
-    def _from(self, hs: list[np.ndarray], v: torch.Tensor | np.ndarray, want_y: bool = True, negate: bool = False,
-              array: bool = False, out: np.ndarray | None = None) -> torch.Tensor | np.ndarray:  # fmt: skip
-        """The rest of the rule from the activations ``hs``; ``array=True`` returns the array
-        (written into ``out`` when given)."""
-        g = (v if isinstance(v, np.ndarray) else small_cpu.as_array(v)).reshape(hs[-1].shape)
-        if out is None:
-            out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
+        g = small_cpu.as_array(v).reshape(hs[-1].shape)
+        out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
         self.kernels.vjp(hs, -g if negate else g, out, want_y, True)
-        return out if array else torch.from_numpy(out)
+        return torch.from_numpy(out)
+
+    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> small_cpu.StagePlan:
+        """For ``m`` states stacked as an ``(m, state size)`` array, all known in advance (a
+        Runge-Kutta step's stages): one forward pass over all of them, then the rule per state in
+        two parts (:class:`odeflux.small_cpu.StagePlan`)."""
+        return self.kernels.stage_plan(ys.reshape(-1, self.d_in), ys.shape[0], negate)
 
 
 class MLP(nn.Module):

@@ -52,12 +52,12 @@ class _FieldOfY:
 
 class _RuleOfY:
     """A VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its batched form
-    (``at_states``) where it has one."""
+    (``stage_plan``) where it has one."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
-        if hasattr(fn, "at_states"):
-            self.at_states = fn.at_states
+        if hasattr(fn, "stage_plan"):
+            self.stage_plan = fn.stage_plan
 
     def __call__(self, t: Any, y: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
         return self.fn(y, v, **kw)

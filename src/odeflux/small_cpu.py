@@ -56,6 +56,26 @@ ACTIVATIONS = {
 }
 
 
+def _factor_tanh(h: np.ndarray) -> np.ndarray:
+    f = h * h
+    return np.subtract(1.0, f, out=f)
+
+
+def _factor_sigmoid(h: np.ndarray) -> np.ndarray:
+    f = np.subtract(1.0, h)
+    f *= h
+    return f
+
+
+# activation name -> its derivative as a factor of the activation output (for StagePlan)
+FACTORS = {
+    "tanh": _factor_tanh,
+    "sigmoid": _factor_sigmoid,
+    "relu": lambda h: (h > 0).astype(h.dtype),
+    "identity": None,
+}
+
+
 def as_array(t: torch.Tensor) -> np.ndarray:
     """The tensor's memory as an array (no copy)."""
     if t.requires_grad:
@@ -74,6 +94,7 @@ class Kernels:
         self.params = list(params)
         self.forward_params = [(w.T, b) for w, b in self.params]  # x @ W^T + b, the transpose made once
         self._ones_cache: dict[tuple[int, np.dtype], np.ndarray] = {}
+        self.act_names = list(acts)
         self.acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in acts]
 
     def _ones(self, rows: int, dtype: np.dtype) -> np.ndarray:
@@ -127,6 +148,84 @@ class Kernels:
                 g = np.dot(g, w)
             elif want_y:
                 np.dot(g, w, out=out[: hs[0].size].reshape(g.shape[0], -1))
+
+
+    def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> "StagePlan":
+        """The VJP over ``m`` states stacked in ``x`` (``(m * rows, features)``): see :class:`StagePlan`."""
+        return StagePlan(self, x, m, negate)
+
+
+class StagePlan:
+    """The VJP of :class:`Kernels` over ``m`` states known in advance (a Runge-Kutta step's stages)
+    whose cotangents ``v_j`` come one at a time, each depending on the last.
+
+    An adjoint needs ``v_j^T df/dy`` at once (it gives the next stage's state) but ``v_j^T df/dp``
+    only summed over the step. So the forward pass over all states, with each activation's
+    derivative, is done here once; :meth:`stage` then costs a product and a multiply per layer,
+    keeping each layer's gradient; and :meth:`params_into` / :meth:`params_total` turn those into
+    the parameter products for all states in one batched product per layer, instead of two small
+    ones per layer and state. With ``negate`` every product comes negated (the sign is folded into
+    the last layer's factor: no extra pass).
+    """
+
+    def __init__(self, kernels: Kernels, x: np.ndarray, m: int, negate: bool):
+        self.kernels, self.m = kernels, m
+        rows = self.rows = x.shape[0] // m
+        hs = kernels.forward(x, keep=True)
+        self.inputs = [h.reshape(m, rows, h.shape[-1]) for h in hs[:-1]]  # each layer's input
+        self.factors: list[np.ndarray | None] = []
+        for i, h in enumerate(hs[1:]):
+            make = FACTORS[kernels.act_names[i]] if kernels.act_names[i] is not None else None
+            self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
+        self.sign = -1.0 if negate else 1.0
+        if negate:
+            last = self.factors[-1]
+            if last is not None:
+                np.negative(last, out=last)
+        self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
+        self.n_in = rows * x.shape[-1]
+
+    def stage(self, j: int, v: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``v^T df/dy`` at state ``j`` into ``out`` (flat, the state's size); keeps what
+        :meth:`params_into` needs."""
+        g = v.reshape(self.rows, -1)
+        last = len(self.grads) - 1
+        for i in range(last, -1, -1):
+            gi, fi = self.grads[i][j], self.factors[i]
+            if fi is not None:
+                np.multiply(g, fi[j], out=gi)
+            elif i == last and self.sign < 0:
+                np.negative(g, out=gi)
+            else:
+                gi[...] = g
+            w = self.kernels.params[i][0]
+            if i > 0:
+                g = np.dot(gi, w)
+            else:
+                np.dot(gi, w, out=out.reshape(self.rows, -1))
+        return out
+
+    def params_into(self, out: np.ndarray) -> None:
+        """Row ``j`` of ``out`` (``(m, n_params)``, rows may be strided) gets ``v_j^T df/dp``, in
+        the layers' ``(weight, bias)`` order; every state's :meth:`stage` must have run."""
+        at = 0
+        for (w, b), g, x in zip(self.kernels.params, self.grads, self.inputs):
+            np.matmul(g.transpose(0, 2, 1), x, out=out[:, at : at + w.size].reshape(self.m, *w.shape))
+            at += w.size
+            if b is not None:
+                np.matmul(self.kernels._ones(self.rows, g.dtype), g, out=out[:, at : at + b.size])
+                at += b.size
+
+    def params_total(self, out: np.ndarray) -> None:
+        """``sum_j v_j^T df/dp`` into the flat ``out`` (one product per layer over all states)."""
+        at = 0
+        for (w, b), g, x in zip(self.kernels.params, self.grads, self.inputs):
+            g2 = g.reshape(-1, g.shape[-1])
+            np.dot(g2.T, x.reshape(-1, x.shape[-1]), out=out[at : at + w.size].reshape(w.shape))
+            at += w.size
+            if b is not None:
+                np.dot(self.kernels._ones(g2.shape[0], g.dtype), g2, out=out[at : at + b.size])
+                at += b.size
 
 
 # -- the Runge-Kutta step ------------------------------------------------------------------------
@@ -195,7 +294,8 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
     error norm, with the stage derivatives written into one buffer as they come (no re-stacking
     per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
-    ``on_arrays``; a right-hand side with ``prepare_step(t, dt)`` hears of each step first.
+    ``on_arrays``; a right-hand side with ``prepare_step(t, dt)`` hears of each step first, and
+    may answer with a plan for it (``n``, ``stage(i, y_head, out)``, ``finish(out)``: see the code).
     Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
     a, b, e = coefficients(solver, y.dtype)
     c = solver.tableau.c
@@ -208,15 +308,25 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     coef[:, 0] = 1.0
     on_arrays = getattr(f, "on_arrays", None)  # a frozen field that takes arrays: no tensors at all
     prepare = getattr(f, "prepare_step", None)  # a right-hand side that batches work over the stages
-    if prepare is not None:
-        prepare(t, dt)
+    plan = prepare(t, dt) if prepare is not None else None
     yi = y0
-    for i in range(1, s):
-        yi = np.dot(coef[i, : i + 1], X[: i + 1])
-        if on_arrays is not None:
-            X[i + 1] = on_arrays(t + c[i] * dt, yi)
-        else:
-            X[i + 1] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
+    if plan is not None:
+        # A split right-hand side (an adjoint's lambda and mu): the stages compute their first
+        # plan.n entries from the first plan.n of the state alone; the rest of every new stage
+        # comes at the end, all at once (plan.finish).
+        m = plan.n
+        for i in range(1, s):
+            plan.stage(i, np.dot(coef[i, : i + 1], X[: i + 1, :m]), X[i + 1, :m])
+        plan.finish(X[2:, m:])
+        if solver.tableau.fsal:
+            yi = np.dot(coef[s - 1, :s], X[:s])
+    else:
+        for i in range(1, s):
+            yi = np.dot(coef[i, : i + 1], X[: i + 1])
+            if on_arrays is not None:
+                X[i + 1] = on_arrays(t + c[i] * dt, yi)
+            else:
+                X[i + 1] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
     K = X[1:]
     if not solver.tableau.fsal:
         bb = b * dt

@@ -31,33 +31,44 @@ class InterpolatingAdjoint(ContinuousAdjoint):
 class _AdjointRHS:
     """``d(lambda, mu)/dt = -(lambda^T df/dy, lambda^T df/dp)`` at ``y(t)`` from ``dense``.
 
-    Where the forward's steps are NumPy-backed and the VJP backend has a batched form, it also
-    offers ``prepare_step(t, h)``, which :func:`odeflux.small_cpu.rk_step` calls before each
-    step: ``y`` at all the step's new stage times at once, and the field's pass over them
-    batched, so that each stage only does the part that depends on ``lambda``.
+    Where the forward's steps are NumPy-backed and the VJP backend has a batched form
+    (``stage_plan``), it also offers ``prepare_step(t, h)``, which :func:`odeflux.small_cpu.rk_step`
+    calls before each step: ``y`` at all the step's new stage times at once, the field's pass over
+    them batched, and a plan by which each stage computes only ``lambda``'s derivative (mu does
+    not feed back into anything), and mu's derivatives come for all stages together at the end.
     """
 
     def __init__(self, run: AdjointRun, dense):
         self.n, self.vjp, self.shape, self.dense = run.n, run.vjp, run.y.shape, dense
         self.c = run.solver.tableau.c[1:]
-        self.pending: list[tuple[float, object]] = []  # (stage time, its rule), in stage order
         # (A flag, not a bound method stored on self: that would be a reference cycle, keeping each
         # piece's dense output alive until the garbage collector runs.)
-        self.batched = dense.on_arrays and type(self.vjp).at_states is not VJPBackend.at_states
+        self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan
 
-    def prepare_step(self, t: float, h: float) -> None:
+    def prepare_step(self, t: float, h: float) -> "_SplitStep | None":
         if not self.batched:
-            return
-        times = [t + c * h for c in self.c]  # as rk_step computes them, so they match exactly
-        ys = torch.from_numpy(self.dense.at_arrays(times).reshape((len(times),) + tuple(self.shape)))
-        fns = self.vjp.at_states(ys)
-        if fns is None:
+            return None
+        plan = self.vjp.stage_plan(self.dense.at_arrays([t + c * h for c in self.c]), negate=True)
+        if plan is None:
             self.batched = False
-        # In stage order, consumed in stage order: two stages may share a time (Tsit5's last two).
-        self.pending = list(zip(times, fns))[::-1] if fns is not None else []
+            return None
+        return _SplitStep(self.n, plan)
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
-        lam = z[: self.n].view(self.shape)
-        if self.pending and self.pending[-1][0] == t:
-            return self.pending.pop()[1](lam, negate=True)
-        return self.vjp.flat(t, self.dense.at(t), lam, negate=True)
+        return self.vjp.flat(t, self.dense.at(t), z[: self.n].view(self.shape), negate=True)
+
+
+class _SplitStep:
+    """One adjoint step's plan for :func:`odeflux.small_cpu.rk_step`: stage ``i`` (from 1) is
+    the plan's state ``i - 1``; ``finish`` writes mu's part of stages 1.. into its rows."""
+
+    __slots__ = ("n", "plan")
+
+    def __init__(self, n: int, plan):
+        self.n, self.plan = n, plan
+
+    def stage(self, i: int, lam, out) -> None:
+        self.plan.stage(i - 1, lam, out)
+
+    def finish(self, out) -> None:
+        self.plan.params_into(out)

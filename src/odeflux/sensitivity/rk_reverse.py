@@ -100,7 +100,8 @@ class ReverseRun:
         feeds = [bool(b[j] != 0 or A[j + 1 :, j].any()) for j in range(tab.stages)]
         n_p = sum(q.numel() for q in self.params)
         mu = np.zeros(n_p, dtype=dtype)
-        at_states = getattr(self.vjp, "at_states", None)
+        mu_step = np.empty(n_p, dtype=dtype)
+        stage_plan = getattr(self.vjp, "stage_plan", None)
         for i in range(n_steps - 1, -1, -1):
             h = dense.dts[i]
             hA = A * h
@@ -111,26 +112,28 @@ class ReverseRun:
             kb = np.outer(b * h, ybar[i + 1])
             if i in kbar:
                 kb += kbar[i]
-            # Row j: the VJP of stage j, [Ybar_j, its parameter part]; stages without one stay 0.
-            R = np.zeros((tab.stages, n + n_p), dtype=dtype)
+            Ybar = np.zeros((tab.stages, n), dtype=dtype)  # row j: J_f(Y_j)^T kbar_j; stages without a VJP stay 0
             live = [j for j in range(tab.stages) if feeds[j] or i in kbar]
-            # With the rule's batched form: one forward pass of the field over all the live stages.
-            at = None
-            if at_states is not None:
-                at = dict(zip(live, at_states(torch.from_numpy(stage_in[live].reshape((len(live),) + shape)))))
-            for j in reversed(live):
-                v = kb[j] + np.dot(hA[j + 1 :, j], R[j + 1 :, :n]) if j + 1 < tab.stages else kb[j]
-                if at is not None:
-                    at[j](v, array=True, out=R[j])
+            # With the rule's batched form: one forward pass of the field over all the live stages,
+            # and their parameter products together at the end.
+            plan = stage_plan(stage_in[live]) if stage_plan is not None else None
+            for k in range(len(live) - 1, -1, -1):
+                j = live[k]
+                v = kb[j] + np.dot(hA[j + 1 :, j], Ybar[j + 1 :]) if j + 1 < tab.stages else kb[j]
+                if plan is not None:
+                    plan.stage(k, v, Ybar[j])
                 else:
                     t_j = starts[i] + tab.c[j] * h
                     y_j, v_j = torch.from_numpy(stage_in[j].reshape(shape)), torch.from_numpy(v.reshape(shape))
-                    R[j] = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
+                    row = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
+                    Ybar[j] = row[:n]
+                    mu += row[n:]
                 self.bstats.n_vjp_evals += 1
-            total = np.add.reduce(R, axis=0)
+            if plan is not None:
+                plan.params_total(mu_step)
+                mu += mu_step
             ybar[i] += ybar[i + 1]
-            ybar[i] += total[:n]
-            mu += total[n:]
+            ybar[i] += np.add.reduce(Ybar, axis=0)
         grad_y0 = torch.from_numpy(ybar[0].reshape(shape))
         grad_params, offset = [], 0
         for q in self.params:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -17,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..solution import BackwardStats
 
 if TYPE_CHECKING:
+    from ..small_cpu import StagePlan
     from ..solve import Problem
 
 VJPResult = tuple["torch.Tensor | None", "torch.Tensor | None", "list[torch.Tensor] | None"]
@@ -40,10 +42,10 @@ class VJPBackend:
     def __call__(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True, want_f: bool = False) -> VJPResult:
         raise NotImplementedError
 
-    def at_states(self, ys: torch.Tensor) -> list[Callable[..., torch.Tensor]] | None:
-        """For states ``ys`` stacked as ``(m, *shape)`` and known in advance (a step's stages): per
-        state, ``(v, want_y=True, negate=False) -> flat(t, y, v, ...)``, with whatever work does
-        not depend on ``v`` done for all of them at once. ``None`` where the backend cannot."""
+    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> "StagePlan | None":
+        """For ``m`` states known in advance (a step's stages; an ``(m, state size)`` array of a
+        small CPU state): the VJPs at all of them as one :class:`odeflux.small_cpu.StagePlan`, its
+        ``v``-independent work done at once. ``None`` where the backend has no such form."""
         return None
 
     def flat(
@@ -103,15 +105,16 @@ class AutogradVJP(VJPBackend):
             self._freeze = None
         return self.rule_flat
 
-    def at_states(self, ys):
-        rule = self._frozen_rule(ys[0]) if self.rule_flat is not None else None
-        batched = getattr(rule, "at_states", None)
+    def stage_plan(self, ys, negate=False):
+        if self.rule_flat is None:
+            return None
+        rule = self._frozen_rule(torch.from_numpy(ys[0]).view(self.problem.y0.shape))
+        batched = getattr(rule, "stage_plan", None)
         if batched is None:
             return None
-        fns = batched(ys)
-        # Counted here, not per call (one Python layer less per stage): a step evaluates them all.
-        self.stats.n_vjp_evals += len(fns)
-        return fns
+        # Counted here, not per stage (one Python layer less per stage): a step evaluates them all.
+        self.stats.n_vjp_evals += ys.shape[0]
+        return batched(ys, negate)
 
     def flat(self, t, y, v, want_y=True, negate=False):
         if self.rule_flat is None:  # the engine, or a rule with no flat form: __call__ and concatenate
