@@ -198,6 +198,7 @@ class MLP(nn.Module):
         kernels = self._small_cpu(y, graph_free=vjp)
         if kernels is None or (vjp and not self.use_vjp_rule):
             return None
+        kernels = kernels.for_rows(y.numel() // y.shape[-1])  # biases laid out per row, for this solve
         return FrozenVJP(kernels, y.shape[-1], self._n_params) if vjp else self._field(kernels, y)
 
     def _field(self, kernels: Kernels, y: torch.Tensor) -> FrozenField:
