@@ -189,7 +189,7 @@ class StagePlan:
     """
 
     def __init__(self, kernels: Kernels, x: np.ndarray, m: int, negate: bool):
-        self.kernels, self.m = kernels, m
+        self.kernels, self.m, self.dtype = kernels, m, x.dtype
         rows = self.rows = x.shape[0] // m
         hs = kernels.forward(x, keep=True)
         self.inputs = [h.reshape(m, rows, h.shape[-1]) for h in hs[:-1]]  # each layer's input
