@@ -107,6 +107,23 @@ def test_numpy_kernels_are_used_only_where_they_may_be():
         assert torch.allclose(m(y), MLP(list(m.layers), small_cpu_kernels=False)(y))
 
 
+def test_kernels_are_kept_for_new_views_of_the_same_memory():
+    """A flat parameter vector cuts new views each forward: same memory, same layout, same kernels;
+    a view with another layout over that memory gets new ones, and computes with it."""
+    m = mlp()
+    y = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        kernels = m._small_cpu(y)
+        w = m.layers[0]._parameters["weight"]
+        m.layers[0]._parameters["weight"] = w.view(w.shape)  # a new object over the same memory
+        assert m._small_cpu(y) is kernels
+        w.mul_(3)  # still seen through
+        assert torch.allclose(m(y), MLP(list(m.layers), small_cpu_kernels=False)(y))
+        m.layers[0]._parameters["weight"] = w.t().contiguous().t()  # other memory and strides
+        assert m._small_cpu(y) is not kernels
+        assert torch.allclose(m(y), MLP(list(m.layers), small_cpu_kernels=False)(y))
+
+
 def test_mlp_checks_its_inputs():
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         MLP([nn.Linear(2, 2)], "gelu")

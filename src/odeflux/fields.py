@@ -34,6 +34,12 @@ def _same_pair(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] is b[1]
 
 
+def _layout(tensors: list[tuple]) -> list[tuple]:
+    return [
+        (t.shape, t.stride(), t.dtype, t.device) if t is not None else None for pair in tensors for t in pair
+    ]  # fmt: skip
+
+
 _aten = torch.ops.aten
 
 # name -> (activation, its derivative as a function of (incoming gradient, activation output))
@@ -162,11 +168,15 @@ class MLP(nn.Module):
         cached = self.__dict__.get("_kernel_cache")
         # Same tensors at the same addresses: the arrays still view them (in-place updates show
         # through; .to()/.double() or a new parameter moves the data, and the kernels are rebuilt).
-        if (
-            cached is not None and cached[1] is y.dtype and cached[2] == ptrs
-            and all(map(_same_pair, cached[0], tensors))
-        ):  # fmt: skip
-            return cached[3]
+        if cached is not None and cached[1] is y.dtype and cached[2] == ptrs:
+            if all(map(_same_pair, cached[0], tensors)):
+                return cached[3]
+            # New tensor objects over the same memory, laid out the same (a flat parameter vector's
+            # views, cut afresh each forward): the arrays view them just as well. (The cached
+            # arrays keep their memory alive, so an equal address is that same memory.)
+            if _layout(tensors) == _layout(cached[0]):
+                self.__dict__["_kernel_cache"] = (tensors,) + cached[1:]
+                return cached[3]
         layers = list(self.layers)
         for (w, b), layer in zip(tensors, layers):
             if w is None or (b is None) != (layer.bias is None):
