@@ -104,7 +104,7 @@ class _NumpyNorms:
         return math.sqrt(float(x @ x) / x.size)
 
     def euler(self, h: float) -> torch.Tensor:
-        return torch.from_numpy(self.y0 + h * self.f0).view(self.shape)
+        return torch.from_numpy((self.y0 + h * self.f0).reshape(self.shape))
 
     def rms_change(self, f1: torch.Tensor) -> float:
         return self._rms(small_cpu.as_array(f1).reshape(-1)[: self.n] - self.f0[: self.n])

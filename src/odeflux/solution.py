@@ -70,9 +70,9 @@ class DenseOutput:
         self.dts = dts
         self.y0s = y0s
         self.Ks = Ks
-        # 2-d views of each step's start and stages, made once: at() is on the adjoints' hot path.
-        self._rows = [y0.reshape(1, -1) for y0 in y0s]
-        self._mats = [K.reshape(K.shape[0], -1) for K in Ks]
+        # 2-d views of each step's start and stages, made on first use: at() is on the adjoints' hot
+        # path (the torch views, or the NumPy ones for small CPU states: one kind is ever used).
+        self._2d: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(dts)
         self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
@@ -108,7 +108,8 @@ class DenseOutput:
             out += y0_np
             return torch.from_numpy(out.reshape(y0.shape))
         wt = self.weights_row(theta, y0.dtype, y0.device)
-        return torch.addmm(self._rows[i], wt, self._mats[i], alpha=self.dts[i]).view(y0.shape)
+        row, mat = self._views(i)
+        return torch.addmm(row, wt, mat, alpha=self.dts[i]).view(y0.shape)
 
     def at_arrays(self, ts: Sequence[float]) -> np.ndarray:
         """States at host times ``ts`` as one ``(len(ts), state size)`` array (small CPU states;
@@ -143,8 +144,16 @@ class DenseOutput:
     def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Step ``i``'s start and stages as arrays (views, made once)."""
         if self._np[i] is None:
-            self._np[i] = (small_cpu.as_array(self._rows[i]).reshape(-1), small_cpu.as_array(self._mats[i]))
+            K = small_cpu.as_array(self.Ks[i])
+            self._np[i] = (small_cpu.as_array(self.y0s[i]).reshape(-1), K.reshape(K.shape[0], -1))
         return self._np[i]
+
+    def _views(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``i``'s start ``(1, n)`` and stages ``(stages, n)`` as tensor views (made once)."""
+        if self._2d[i] is None:
+            K = self.Ks[i]
+            self._2d[i] = (self.y0s[i].reshape(1, -1), K.reshape(K.shape[0], -1))
+        return self._2d[i]
 
     def _weights(self, theta: float) -> list[float]:
         """``b_i(theta)`` on the host, by Horner: ``theta (c_1 + theta (c_2 + ...))``."""

@@ -108,7 +108,7 @@ class AutogradVJP(VJPBackend):
     def stage_plan(self, ys, negate=False):
         if self.rule_flat is None:
             return None
-        rule = self._frozen_rule(torch.from_numpy(ys[0]).view(self.problem.y0.shape))
+        rule = self.rule_flat if self._freeze is None else self._frozen_rule(torch.from_numpy(ys[0]).view(self.problem.y0.shape))
         batched = getattr(rule, "stage_plan", None)
         if batched is None:
             return None
