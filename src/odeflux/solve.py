@@ -111,11 +111,11 @@ def solve(
             f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), got {sensealg!r}"
         )
     needs_grad = torch.is_grad_enabled() and (
-        problem.y0.requires_grad or any(p.requires_grad for p in problem.params) or any(t.requires_grad for t in t_tensors)
+        problem.y0.requires_grad or any(p.requires_grad for p in problem.params) or any(t is not None for t in t_tensors)
     )
     t0_tensor, t1_tensor = t_tensors
     y0_given = problem.y0
-    if needs_grad and t0_tensor.requires_grad:
+    if needs_grad and t0_tensor is not None:
         # y(t; t0 + d, y0) = y(t; t0, y0 - d f(t0, y0)) to first order: dL/dt0 = -<dL/dy0, f(t0, y0)>.
         with torch.no_grad():
             f0 = problem.f(torch.full((), problem.t0, dtype=problem.y0.dtype, device=problem.y0.device), problem.y0)
@@ -127,7 +127,7 @@ def solve(
         sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
     if problem.y0 is not y0_given and len(sol.ts) and float(sol.ts[0]) == problem.t0:
         sol.ys = torch.cat([y0_given.unsqueeze(0), sol.ys[1:]])  # y(t0) = y0 whatever t0 is
-    if needs_grad and t1_tensor.requires_grad and sol.status == Status.SUCCESS and len(sol.ts) and float(sol.ts[-1]) == problem.t1:
+    if needs_grad and t1_tensor is not None and sol.status == Status.SUCCESS and len(sol.ts) and float(sol.ts[-1]) == problem.t1:
         # dL/dt1 = <dL/dy(t1), f(t1, y(t1))> for the state saved at t1.
         with torch.no_grad():
             f1 = problem.f(torch.full((), problem.t1, dtype=problem.y0.dtype, device=problem.y0.device), sol.ys[-1])
@@ -197,7 +197,7 @@ def _as_float(name: str, v: Any) -> float:
 def _make_problem(
     f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
     dt0, dtmin, dtmax, max_steps, controller, compile,
-) -> tuple[Problem, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+) -> tuple[Problem, tuple[torch.Tensor | None, torch.Tensor | None]]:  # fmt: skip
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
     if not isinstance(y0, torch.Tensor):
@@ -225,9 +225,8 @@ def _make_problem(
         raise ValueError(f"t_span must be finite, got ({t0}, {t1})")
     if t0 == t1:
         raise ValueError(f"t_span has equal ends ({t0}, {t1}): give an interval of nonzero length")
-    t_tensors = tuple(
-        t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=torch.float64) for t in t_pair
-    )
+    # The ends that may carry a gradient: tensors that require one (plain numbers never do).
+    t_tensors = tuple(t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in t_pair)
 
     rtol, atol = _as_float("rtol", rtol), _as_float("atol", atol)
     for name, v in (("rtol", rtol), ("atol", atol)):
@@ -241,7 +240,7 @@ def _make_problem(
     if not isinstance(solver, ExplicitRK):
         raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
     if controller is None:
-        controller = PIController() if solver.adaptive else ConstantStepSize()
+        controller = _DEFAULT_PI if solver.adaptive else ConstantStepSize()
     if not isinstance(controller, StepSizeController):
         raise TypeError(f"controller must be a step-size controller such as odeflux.PIController(), got {controller!r}")
     if controller.adaptive and not solver.adaptive:
@@ -299,6 +298,7 @@ def _make_problem(
     return problem, t_tensors  # type: ignore[return-value]
 
 
+_DEFAULT_PI = PIController()  # controllers keep no state of their own (init_state holds it): one serves all
 _COMPILED_STEP: Callable | None = None
 _DIRECT = DirectAdjoint()  # solve()'s default method
 
