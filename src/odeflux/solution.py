@@ -115,25 +115,23 @@ class DenseOutput:
         """States at host times ``ts`` as one ``(len(ts), state size)`` array (small CPU states;
         see :attr:`on_arrays`): one product per forward step the times fall in."""
         idx = [self.step_index(t) for t in ts]
-        theta = [(t - self.t_starts[i]) / self.dts[i] for t, i in zip(ts, idx)]
-        w = self.solver.tableau.dense_weights(theta)  # (m, stages), float64
-        first = idx[0]
-        if all(i == first for i in idx):  # the usual case: all in one forward step
-            y0_np, K_np = self._arrays(first)
-            out = np.dot(w.astype(K_np.dtype), K_np)
-            out *= self.dts[first]
-            out += y0_np
-            return out
-        out = None
-        for i in dict.fromkeys(idx):
-            rows = [j for j, k in enumerate(idx) if k == i]
+        dts = [self.dts[i] for i in idx]
+        w = self.solver.tableau.dense_weights([(t - self.t_starts[i]) / h for t, i, h in zip(ts, idx, dts)])
+        w *= np.asarray(dts)[:, None]  # (m, stages): y(t) = y_i + sum_j w_j K_ij
+        y0_np, K_np = self._arrays(idx[0])
+        w = w.astype(K_np.dtype)
+        m = len(ts)
+        out = np.empty((m, K_np.shape[1]), dtype=K_np.dtype)
+        a = 0
+        while a < m:  # one product per run of times in the same forward step (the stage times: 1-3 runs)
+            i, b = idx[a], a + 1
+            while b < m and idx[b] == i:
+                b += 1
             y0_np, K_np = self._arrays(i)
-            block = np.dot(w[rows].astype(K_np.dtype), K_np)
-            block *= self.dts[i]
+            block = out[a:b]
+            np.dot(w[a:b], K_np, out=block)
             block += y0_np
-            if out is None:
-                out = np.empty((len(ts), K_np.shape[1]), dtype=K_np.dtype)
-            out[rows] = block
+            a = b
         return out
 
     @property
