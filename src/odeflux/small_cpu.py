@@ -67,11 +67,38 @@ def _factor_sigmoid(h: np.ndarray) -> np.ndarray:
     return f
 
 
-# activation name -> its derivative as a factor of the activation output (for StagePlan)
+def _negated(factor):
+    def negated(h: np.ndarray) -> np.ndarray:
+        f = factor(h)
+        return np.negative(f, out=f)
+
+    return negated
+
+
+def _neg_factor_tanh(h: np.ndarray) -> np.ndarray:
+    f = h * h
+    f -= 1.0
+    return f
+
+
+def _neg_factor_sigmoid(h: np.ndarray) -> np.ndarray:
+    f = h - 1.0
+    f *= h
+    return f
+
+
+# activation name -> its derivative as a factor of the activation output (for StagePlan), and
+# that factor negated (as cheap as the factor itself where it can be)
 FACTORS = {
     "tanh": _factor_tanh,
     "sigmoid": _factor_sigmoid,
     "relu": lambda h: (h > 0).astype(h.dtype),
+    "identity": None,
+}
+NEG_FACTORS = {
+    "tanh": _neg_factor_tanh,
+    "sigmoid": _neg_factor_sigmoid,
+    "relu": _negated(FACTORS["relu"]),
     "identity": None,
 }
 
@@ -194,14 +221,12 @@ class StagePlan:
         hs = kernels.forward(x, keep=True)
         self.inputs = [h.reshape(m, rows, h.shape[-1]) for h in hs[:-1]]  # each layer's input
         self.factors: list[np.ndarray | None] = []
+        last = len(hs) - 2
         for i, h in enumerate(hs[1:]):
-            make = FACTORS[kernels.act_names[i]] if kernels.act_names[i] is not None else None
+            name = kernels.act_names[i] or "identity"
+            make = (NEG_FACTORS if negate and i == last else FACTORS)[name]
             self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
         self.sign = -1.0 if negate else 1.0
-        if negate:
-            last = self.factors[-1]
-            if last is not None:
-                np.negative(last, out=last)
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
         self.n_in = rows * x.shape[-1]
 
