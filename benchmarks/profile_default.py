@@ -62,11 +62,14 @@ class Timers:
         self._active: set[str] = set()  # labels being timed: a nested call of one is not counted twice
         self._undo: list[Callable[[], None]] = []
 
-    def wrap(self, owner: Any, attr: str, label: str | Callable[["Timers"], str], phase: str | None = None) -> None:
-        """Time ``owner.attr`` under ``label`` (or ``label(self)``), in ``phase`` while it runs."""
+    def wrap(
+        self, owner: Any, attr: str, label: str | Callable[["Timers"], str], phase: str | None = None, outside: str | None = None
+    ) -> None:
+        """Time ``owner.attr`` under ``label`` (or ``label(self)``), in ``phase`` while it runs;
+        with ``outside``, only calls made outside that label's timer."""
         orig = getattr(owner, attr)
         name = (lambda: label(self)) if callable(label) else (lambda: label)
-        setattr(owner, attr, functools.wraps(orig)(self._timed(orig, name, phase)))
+        setattr(owner, attr, functools.wraps(orig)(self._timed(orig, name, phase, outside)))
         self._undo.append(lambda: setattr(owner, attr, orig))
 
     def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str]) -> None:
@@ -95,10 +98,10 @@ class Timers:
         setattr(owner, attr, making)
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def _timed(self, fn: Callable, name_of: Callable[[], str], phase: str | None = None) -> Callable:
+    def _timed(self, fn: Callable, name_of: Callable[[], str], phase: str | None = None, outside: str | None = None) -> Callable:
         def timed(*b: Any, **kb: Any) -> Any:
             name = name_of()
-            if name in self._active:
+            if name in self._active or outside in self._active:
                 return fn(*b, **kb)
             self._active.add(name)
             before = self.phase
@@ -150,9 +153,10 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(odeflux.nn, "solve", "solve() call")
     T.wrap(B.AdjointRun, "forward", "forward ODE solve (AdjointRun.forward)", phase="fwd")
     T.wrap(B.AdjointRun, "backward", "adjoint solve (AdjointRun.backward)", phase="bwd")
-    T.wrap(odeflux.sensitivity.interpolating._AdjointRHS, "prepare_step", "stage batches")
-    T.wrap(odeflux.small_cpu.StagePlan, "stage", "stage VJPs: lambda")
-    T.wrap(odeflux.small_cpu.StagePlan, "params_into", "stage VJPs: mu")
+    T.wrap(odeflux.sensitivity.rhs._PlannedRHS, "prepare_step", "stage batches")
+    T.wrap(odeflux.sensitivity.rhs.AdjointRHS, "__call__", "single evaluations")
+    T.wrap(odeflux.small_cpu.StagePlan, "stage", "stage VJPs: lambda", outside="single evaluations")
+    T.wrap(odeflux.small_cpu.StagePlan, "params_into", "stage VJPs: mu", outside="single evaluations")
     for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.MLP, "_vjp"),
                         (odeflux.fields.MLP, "_vjp_flat")):  # fmt: skip
         T.wrap(owner, attr, "VJP products")
@@ -210,12 +214,13 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
          calls.get("stage VJPs: lambda"), 2),
         ("stage VJPs, mu's part: v^T df/dp, a step's stages at once", g("stage VJPs: mu", 0.0),
          calls.get("stage VJPs: mu"), 2),
-        ("whole VJP rule (each interval's first evaluation)", g("VJP products", 0.0), calls.get("VJP products"), 2),
-        ("y(t) one time at a time (outside stage batches)", g("y(t) from the kept forward steps", 0.0),
-         calls.get("y(t) from the kept forward steps"), 2),
+        ("single evaluations (the interval's first, the initial step's): one-state plans, y(t) included",
+         g("single evaluations", 0.0), calls.get("single evaluations"), 2),
+        ("whole VJP rule, y(t) one time at a time (where no plan applies)",
+         g("VJP products", 0.0) + g("y(t) from the kept forward steps", 0.0), calls.get("VJP products"), 2),
         ("the rest: RK arithmetic, error norm, controller, VJP plumbing",
          g("adjoint solve (AdjointRun.backward)") - g("stage batches", 0.0) - g("VJP products", 0.0)
-         - g("stage VJPs: lambda", 0.0) - g("stage VJPs: mu", 0.0)
+         - g("stage VJPs: lambda", 0.0) - g("stage VJPs: mu", 0.0) - g("single evaluations", 0.0)
          - g("y(t) from the kept forward steps", 0.0) - g("forward re-solve", 0.0), None, 2),
         ("autograd of the outer layers and FlatParameters, engine", g("loss.backward()") - g("adjoint solve (AdjointRun.backward)"), None, 1),
         ("optimizer step (make_optimizer's Adam)", g("optimizer step (make_optimizer's Adam)"), None, 0),

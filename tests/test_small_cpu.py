@@ -241,16 +241,27 @@ def test_stage_plan_matches_the_rule_state_by_state(activation, final_activation
     np.testing.assert_allclose(total, rows[:, n : n + n_p].sum(0), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("seminorm", [False, True])
-@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "bs3"])
-def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, seminorm, monkeypatch):
-    """The interpolating adjoint's split steps (lambda per stage, mu's stages at the end) give the
-    gradients the engine's per-stage products give, over several saved times."""
-    from odeflux.sensitivity import interpolating
+ADJOINTS_WITH_PLANS = {
+    "interpolating": lambda: odeflux.InterpolatingAdjoint(),
+    "interpolating-seminorm": lambda: odeflux.InterpolatingAdjoint(seminorm=True),
+    "gauss": lambda: odeflux.GaussAdjoint(),
+    "quadrature": lambda: odeflux.QuadratureAdjoint(),
+}
 
-    calls = []
-    finish = interpolating._SplitStep.finish
-    monkeypatch.setattr(interpolating._SplitStep, "finish", lambda self, out: calls.append(1) or finish(self, out))
+
+@pytest.mark.parametrize("method", list(ADJOINTS_WITH_PLANS))
+@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "bs3"])
+def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, method, monkeypatch):
+    """The adjoints' planned steps (lambda per stage, the field's pass and mu's parts batched; the
+    Gauss and quadrature nodes batched too) give the gradients the engine's per-call products
+    give, over several saved times."""
+    from odeflux.sensitivity import rhs
+
+    steps, plans = [], []
+    prepare = rhs._PlannedRHS.prepare_step
+    monkeypatch.setattr(rhs._PlannedRHS, "prepare_step", lambda self, t, h: steps.append(1) or prepare(self, t, h))
+    params_into = small_cpu.StagePlan.params_into
+    monkeypatch.setattr(small_cpu.StagePlan, "params_into", lambda self, out: plans.append(1) or params_into(self, out))
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out = []
     for rule in (True, False):
@@ -258,9 +269,11 @@ def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, semi
         m.use_vjp_rule = rule
         y = y0.clone().requires_grad_()
         sol = odeflux.solve(odeflux.VectorField(m), y, (0.0, 1.0), solver=SOLVERS[solver](), saveat=[0.2, 0.6, 1.0],
-                            sensealg=odeflux.InterpolatingAdjoint(seminorm=seminorm), rtol=1e-7, atol=1e-7)  # fmt: skip
+                            sensealg=ADJOINTS_WITH_PLANS[method](), rtol=1e-7, atol=1e-7)  # fmt: skip
         (sol.ys**3).sum().backward()
         out.append(torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in m.parameters()]))
-        if rule:
-            assert len(calls) == sol.backward_stats.n_steps > 3  # every adjoint step went through the plan
+        if rule:  # every adjoint step was planned, and mu's parts came from plans
+            assert len(steps) == sol.backward_stats.n_steps > 3 and plans
+            n_plans = len(plans)
+    assert len(plans) == n_plans  # without the rule, no plans
     assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-12), float((out[0] - out[1]).abs().max())

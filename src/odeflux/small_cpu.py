@@ -230,9 +230,9 @@ class StagePlan:
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
         self.n_in = rows * x.shape[-1]
 
-    def stage(self, j: int, v: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``v^T df/dy`` at state ``j`` into ``out`` (flat, the state's size); keeps what
-        :meth:`params_into` needs."""
+    def stage(self, j: int, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
+        """``v^T df/dy`` at state ``j`` into ``out`` (flat, the state's size; with no ``out``,
+        not computed); keeps what :meth:`params_into` needs."""
         g = v.reshape(self.rows, -1)
         last = len(self.grads) - 1
         for i in range(last, -1, -1):
@@ -246,7 +246,7 @@ class StagePlan:
             w = self.kernels.params[i][0]
             if i > 0:
                 g = np.dot(gi, w)
-            else:
+            elif out is not None:
                 np.dot(gi, w, out=out.reshape(self.rows, -1))
         return out
 

@@ -26,6 +26,7 @@ from ..control import PIController
 from ..integrator import IntegrationResult, integrate
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status
 from ..solvers import ExplicitRK
+from .rhs import LambdaRHS
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
 if TYPE_CHECKING:
@@ -275,15 +276,12 @@ class AdjointRun:
             raise SolveError(f"re-solving the forward on [{t_lo}, {t_hi}] failed ({res.status.name}): {res.message}", res.status)
         return res.dense
 
-    def lambda_rhs(self, dense: DenseOutput) -> Callable[[float, torch.Tensor], torch.Tensor]:
-        """``dlambda/dt = -lambda^T df/dy`` with ``y(t)`` from ``dense`` (lambda alone, flat)."""
-        vjp, shape = self.vjp, self.y.shape
-
-        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
-            _, gy, _ = vjp(t, dense.at(t), z.view(shape), want_p=False)
-            return gy.reshape(-1).neg()
-
-        return rhs
+    def lambda_rhs(
+        self, dense: DenseOutput, t_known: float | None = None, y_known: torch.Tensor | None = None
+    ) -> Callable[[float, torch.Tensor], torch.Tensor]:
+        """``dlambda/dt = -lambda^T df/dy`` with ``y(t)`` from ``dense`` (lambda alone, flat), or
+        ``y_known`` at ``t_known``."""
+        return LambdaRHS(self, dense, t_known, y_known)
 
     def split_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out = []

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import small_cpu
 from .base import AdjointRun, ContinuousAdjoint
 
 
@@ -25,7 +26,7 @@ class GaussAdjoint(ContinuousAdjoint):
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         vjp, shape, solver = run.vjp, run.y.shape, run.solver
-        rhs = run.lambda_rhs(dense)
+        rhs = run.lambda_rhs(dense, t_hi, y_hi)
         if run.n_params == 0:
             return run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None).y, mu
 
@@ -36,15 +37,24 @@ class GaussAdjoint(ContinuousAdjoint):
         theta_t = torch.tensor(thetas, dtype=lam.dtype, device=lam.device)
         lam_weights = solver.dense_weights(theta_t, co)  # (m, stages), fixed for every step
         acc: list[torch.Tensor] = []
+        batched = getattr(rhs, "batched", False)  # small CPU arrays and a batched VJP rule
 
         def on_accept(t: float, h: float, z0: torch.Tensor, z1: torch.Tensor, K: torch.Tensor) -> None:
             lams = solver.interpolate(z0, h, K, lam_weights)  # (m, n)
+            run.bstats.n_quadrature_points += m
+            plan = vjp.stage_plan(dense.at_arrays([t + float(th) * h for th in thetas])) if batched else None
+            if plan is not None:  # the field's pass over all nodes at once, then only the parameter parts
+                for j, lam_j in enumerate(small_cpu.as_array(lams).reshape(m, -1)):
+                    plan.stage(j, lam_j)
+                rows = np.empty((m, run.n_params), dtype=plan.dtype)
+                plan.params_into(rows)
+                acc.append(torch.from_numpy(np.dot((w * (abs(h) / 2)).astype(rows.dtype), rows)))
+                return
             part = None
             for j in range(m):
                 tau = t + float(thetas[j]) * h
                 g = vjp.flat(tau, dense.at(tau), lams[j].view(shape), want_y=False)
                 part = g * float(w[j]) if part is None else part.add_(g, alpha=float(w[j]))
-            run.bstats.n_quadrature_points += m
             acc.append(part.mul_(abs(h) / 2))
 
         z = run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None, on_accept=on_accept).y

@@ -53,7 +53,8 @@ class QuadratureAdjoint(ContinuousAdjoint):
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         vjp, shape = run.vjp, run.y.shape
-        res = run.adjoint_integrate(run.lambda_rhs(dense), lam, t_hi, t_lo, error_size=None, dense=True)
+        rhs = run.lambda_rhs(dense, t_hi, y_hi)
+        res = run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None, dense=True)
         if run.n_params == 0:
             return res.y, mu
         lam_dense = res.dense
@@ -63,7 +64,17 @@ class QuadratureAdjoint(ContinuousAdjoint):
         x, wk, wg = kronrod_rule()
         total = mu
 
+        batched = getattr(rhs, "batched", False) and lam_dense.on_arrays  # small CPU arrays, a batched rule
+
         def integrand(ts: list[float]) -> torch.Tensor:
+            plan = vjp.stage_plan(dense.at_arrays(ts)) if batched else None
+            if plan is not None:  # the field's pass over all nodes at once, then only the parameter parts
+                for j, lam_j in enumerate(lam_dense.at_arrays(ts)):
+                    plan.stage(j, lam_j)
+                rows = np.empty((len(ts), run.n_params), dtype=plan.dtype)
+                plan.params_into(rows)
+                run.bstats.n_quadrature_points += len(ts)
+                return torch.from_numpy(rows)
             out = []
             for t in ts:
                 out.append(vjp.flat(t, dense.at(t), lam_dense.at(t).view(shape), want_y=False))

@@ -1,0 +1,96 @@
+"""The continuous adjoints' right-hand sides, with y(t) from the forward's interpolant.
+
+``AdjointRHS`` is the interpolating adjoint's ``(lambda, mu)`` system, ``LambdaRHS`` the
+``lambda`` equation alone (the Gauss and quadrature adjoints get ``mu`` by quadrature). Both are
+plain ``f(t, z)`` callables; where the forward's steps are small CPU arrays and the VJP backend
+has a batched form (``stage_plan``, :class:`odeflux.small_cpu.StagePlan`) they also answer
+:func:`odeflux.small_cpu.rk_step`'s ``prepare_step(t, h)`` with a plan for the step: ``y`` at all
+its new stage times at once, the field's pass over them batched, each stage then computing only
+``lambda``'s derivative, and ``mu``'s (which feeds back into nothing) for all stages at the end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .. import small_cpu
+from .vjp import VJPBackend
+
+if TYPE_CHECKING:
+    from ..solution import DenseOutput
+    from .base import AdjointRun
+
+
+class _PlannedRHS:
+    def __init__(self, run: "AdjointRun", dense: "DenseOutput", t_known: float | None = None, y_known: torch.Tensor | None = None):
+        self.n, self.vjp, self.shape, self.dense = run.n, run.vjp, run.y.shape, dense
+        # The forward state at one time, where the adjoint starts (the interval's end): taken as it
+        # is rather than interpolated (exact, and no lookup for the adjoint's first evaluation).
+        self.t_known, self.y_known = (t_known, y_known) if y_known is not None else (None, None)
+        self.c = run.solver.tableau.c[1:]
+        # (A flag, not a bound method stored on self: that would be a reference cycle, keeping each
+        # piece's dense output alive until the garbage collector runs.)
+        self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan
+
+    def _plan(self, times: list[float]) -> "small_cpu.StagePlan | None":
+        if len(times) == 1 and times[0] == self.t_known:
+            ys = small_cpu.as_array(self.y_known).reshape(1, -1)
+        else:
+            ys = self.dense.at_arrays(times)
+        plan = self.vjp.stage_plan(ys, negate=True)
+        if plan is None:
+            self.batched = False
+        return plan
+
+    def prepare_step(self, t: float, h: float) -> "_PlannedStep | None":
+        if not self.batched:
+            return None
+        plan = self._plan([t + c * h for c in self.c])  # as rk_step computes them, so they match exactly
+        return None if plan is None else _PlannedStep(self.n, plan)
+
+
+class AdjointRHS(_PlannedRHS):
+    """``d(lambda, mu)/dt = -(lambda^T df/dy, lambda^T df/dp)`` at ``y(t)``, on the flat ``z = (lambda, mu)``."""
+
+    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        lam = z[: self.n]
+        plan = self._plan([t]) if self.batched else None
+        if plan is not None:  # one state's plan: cheaper than the whole rule on tensors
+            out = np.empty(z.numel(), dtype=plan.dtype)
+            plan.stage(0, small_cpu.as_array(lam), out[: self.n])
+            plan.params_into(out[None, self.n :])
+            return torch.from_numpy(out)
+        return self.vjp.flat(t, self.dense.at(t), lam.view(self.shape), negate=True)
+
+
+class LambdaRHS(_PlannedRHS):
+    """``dlambda/dt = -lambda^T df/dy`` at ``y(t)``, on the flat ``lambda``."""
+
+    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        plan = self._plan([t]) if self.batched else None
+        if plan is not None:
+            out = np.empty(self.n, dtype=plan.dtype)
+            return torch.from_numpy(plan.stage(0, small_cpu.as_array(z), out))
+        _, gy, _ = self.vjp(t, self.dense.at(t), z.view(self.shape), want_p=False)
+        return gy.reshape(-1).neg()
+
+
+class _PlannedStep:
+    """One adjoint step's plan for :func:`odeflux.small_cpu.rk_step`: stage ``i`` (from 1) is the
+    plan's state ``i - 1``; ``finish`` writes ``mu``'s part of stages 1.. into its rows (none for
+    ``LambdaRHS``, whose state is ``lambda`` alone)."""
+
+    __slots__ = ("n", "plan")
+
+    def __init__(self, n: int, plan: Any):
+        self.n, self.plan = n, plan
+
+    def stage(self, i: int, lam: np.ndarray, out: np.ndarray) -> None:
+        self.plan.stage(i - 1, lam, out)
+
+    def finish(self, out: np.ndarray) -> None:
+        if out.shape[1]:
+            self.plan.params_into(out)
