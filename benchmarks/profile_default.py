@@ -63,8 +63,9 @@ class Timers:
         self._undo: list[Callable[[], None]] = []
 
     def wrap(
-        self, owner: Any, attr: str, label: str | Callable[["Timers"], str], phase: str | None = None, outside: str | None = None
-    ) -> None:
+        self, owner: Any, attr: str, label: str | Callable[[Timers], str], phase: str | None = None,
+        outside: str | None = None,
+    ) -> None:  # fmt: skip
         """Time ``owner.attr`` under ``label`` (or ``label(self)``), in ``phase`` while it runs;
         with ``outside``, only calls made outside that label's timer."""
         orig = getattr(owner, attr)
@@ -72,7 +73,7 @@ class Timers:
         setattr(owner, attr, functools.wraps(orig)(self._timed(orig, name, phase, outside)))
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def wrap_made(self, owner: Any, attr: str, label: Callable[["Timers", tuple, dict], str]) -> None:
+    def wrap_made(self, owner: Any, attr: str, label: Callable[[Timers, tuple, dict], str]) -> None:
         """Time the callables that ``owner.attr`` returns, and their array-level entry points
         (``on_arrays``; ``stage_plan`` is passed through, its parts timed on their own), under
         ``label(self, args, kwargs)`` decided at creation."""
@@ -98,7 +99,9 @@ class Timers:
         setattr(owner, attr, making)
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def _timed(self, fn: Callable, name_of: Callable[[], str], phase: str | None = None, outside: str | None = None) -> Callable:
+    def _timed(
+        self, fn: Callable, name_of: Callable[[], str], phase: str | None = None, outside: str | None = None
+    ) -> Callable:
         def timed(*b: Any, **kb: Any) -> Any:
             name = name_of()
             if name in self._active or outside in self._active:

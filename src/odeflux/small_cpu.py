@@ -136,7 +136,7 @@ class Kernels:
             ones = self._ones_cache[(rows, dtype)] = np.ones(rows, dtype=dtype)
         return ones
 
-    def for_rows(self, rows: int) -> "Kernels":
+    def for_rows(self, rows: int) -> Kernels:
         """These kernels with each bias copied out to ``rows`` rows, for one solve of states with
         ``rows`` rows (or stacks of them): adding a bias of the output's own shape takes a third
         of the time of a broadcast add. The copies are taken now, so in-place updates of the
@@ -197,7 +197,7 @@ class Kernels:
                 np.dot(g, w, out=out[: hs[0].size].reshape(g.shape[0], -1))
 
 
-    def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> "StagePlan":
+    def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> StagePlan:
         """The VJP over ``m`` states stacked in ``x`` (``(m * rows, features)``): see :class:`StagePlan`."""
         return StagePlan(self, x, m, negate)
 

@@ -28,7 +28,7 @@ class Status(enum.IntEnum):
 class SolveError(RuntimeError):
     """A solve did not reach the end of its time span. ``status`` and ``solution`` say how far it got."""
 
-    def __init__(self, message: str, status: Status, solution: "Solution | None" = None):
+    def __init__(self, message: str, status: Status, solution: Solution | None = None):
         super().__init__(message)
         self.status = status
         self.solution = solution
@@ -43,7 +43,7 @@ class Stats:
     n_accepted: int = 0
     n_rejected: int = 0
 
-    def add(self, other: "Stats") -> None:
+    def add(self, other: Stats) -> None:
         for fl in fields(other):
             setattr(self, fl.name, getattr(self, fl.name) + getattr(other, fl.name))
 
@@ -64,7 +64,7 @@ class BackwardStats(Stats):
 class DenseOutput:
     """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
 
-    def __init__(self, solver: "ExplicitRK", t_starts: list[float], dts: list[float], y0s: list[torch.Tensor], Ks: list[torch.Tensor]):
+    def __init__(self, solver: ExplicitRK, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor], Ks: list[torch.Tensor]):
         self.solver = solver
         self.t_starts = t_starts
         self.dts = dts

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 
 class _PlannedRHS:
-    def __init__(self, run: "AdjointRun", dense: "DenseOutput", t_known: float | None = None, y_known: torch.Tensor | None = None):
+    def __init__(
+        self, run: AdjointRun, dense: DenseOutput, t_known: float | None = None, y_known: torch.Tensor | None = None
+    ):
         self.n, self.vjp, self.shape, self.dense = run.n, run.vjp, run.y.shape, dense
         # The forward state at one time, where the adjoint starts (the interval's end): taken as it
         # is rather than interpolated (exact, and no lookup for the adjoint's first evaluation).
@@ -35,7 +37,7 @@ class _PlannedRHS:
         # piece's dense output alive until the garbage collector runs.)
         self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan
 
-    def _plan(self, times: list[float]) -> "small_cpu.StagePlan | None":
+    def _plan(self, times: list[float]) -> small_cpu.StagePlan | None:
         if len(times) == 1 and times[0] == self.t_known:
             ys = small_cpu.as_array(self.y_known).reshape(1, -1)
         else:
@@ -45,7 +47,7 @@ class _PlannedRHS:
             self.batched = False
         return plan
 
-    def prepare_step(self, t: float, h: float) -> "_PlannedStep | None":
+    def prepare_step(self, t: float, h: float) -> _PlannedStep | None:
         if not self.batched:
             return None
         plan = self._plan([t + c * h for c in self.c])  # as rk_step computes them, so they match exactly

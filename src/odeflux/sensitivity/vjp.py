@@ -27,7 +27,7 @@ VJPResult = tuple["torch.Tensor | None", "torch.Tensor | None", "list[torch.Tens
 class VJPBackend:
     """``(t, y, v) -> (f(t, y) if want_f, v^T df/dy if want_y, [v^T df/dp_i] if want_p)``."""
 
-    def __init__(self, problem: "Problem", params: list[torch.Tensor], stats: BackwardStats):
+    def __init__(self, problem: Problem, params: list[torch.Tensor], stats: BackwardStats):
         self.problem = problem
         self.params = params
         self.stats = stats
@@ -42,7 +42,7 @@ class VJPBackend:
     def __call__(self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True, want_f: bool = False) -> VJPResult:
         raise NotImplementedError
 
-    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> "StagePlan | None":
+    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> StagePlan | None:
         """For ``m`` states known in advance (a step's stages; an ``(m, state size)`` array of a
         small CPU state): the VJPs at all of them as one :class:`odeflux.small_cpu.StagePlan`, its
         ``v``-independent work done at once. ``None`` where the backend has no such form."""
@@ -75,7 +75,7 @@ _grad = _engine_grad()
 RULE_NAMES = ("vjp_rule", "vjp_rule_flat", "frozen")
 
 
-def find_vjp_rules(problem: "Problem", params: list[torch.Tensor]) -> dict[str, Callable[..., Any] | None]:
+def find_vjp_rules(problem: Problem, params: list[torch.Tensor]) -> dict[str, Callable[..., Any] | None]:
     """``f``'s own VJP rule and its variants by name (``RULE_NAMES``, see :mod:`odeflux.fields`),
     each ``None`` unless ``f`` has it and it covers exactly ``params``, in order."""
     f = problem.user_f
@@ -149,7 +149,7 @@ class FunctionalF:
     ``args``; tensors that ``f`` only captures from its closure cannot be substituted.
     """
 
-    def __init__(self, problem: "Problem", params: list[torch.Tensor], backend: str):
+    def __init__(self, problem: Problem, params: list[torch.Tensor], backend: str):
         self.user_f = problem.user_f
         self.args = problem.args
         module = self.user_f if isinstance(self.user_f, nn.Module) else None
@@ -244,7 +244,7 @@ VJP_BACKENDS: dict[str, Callable[..., VJPBackend]] = {
 }
 
 
-def make_vjp(method: Any, problem: "Problem", params: list[torch.Tensor], stats: BackwardStats) -> VJPBackend:
+def make_vjp(method: Any, problem: Problem, params: list[torch.Tensor], stats: BackwardStats) -> VJPBackend:
     name = method.vjp
     if name == "compile":
         return CompileVJP(problem, params, stats, method._compiled)
