@@ -250,7 +250,7 @@ ADJOINTS_WITH_PLANS = {
 
 
 @pytest.mark.parametrize("method", list(ADJOINTS_WITH_PLANS))
-@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "bs3"])
+@pytest.mark.parametrize("solver", ["tsit5", "dopri5", "bs3", "heun"])  # heun: no FSAL
 def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, method, monkeypatch):
     """The adjoints' planned steps (lambda per stage, the field's pass and mu's parts batched; the
     Gauss and quadrature nodes batched too) give the gradients the engine's per-call products

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..control import PIController
+from ..control import ConstantStepSize, PIController
 from ..integrator import IntegrationResult, integrate
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status
 from ..solvers import ExplicitRK
@@ -177,6 +177,12 @@ class AdjointRun:
         self.param_sizes = [p.numel() for p in params]
         self.n_params = sum(self.param_sizes)
         self.solver = method.solver or problem.solver
+        if not self.solver.adaptive and problem.dt0 is None:
+            raise ValueError(
+                f"{type(method).__name__}'s adjoint solve uses {type(self.solver).__name__}, which takes fixed steps, "
+                "and the forward solve has no dt0 for them: pass dt0= to solve, or give the adjoint an adaptive "
+                "solver (solver=Tsit5())"
+            )
         self.rtol = method.rtol if method.rtol is not None else problem.rtol
         self.atol = method.atol if method.atol is not None else problem.atol
         self.max_steps = method.max_steps or problem.max_steps
@@ -214,8 +220,11 @@ class AdjointRun:
 
     def adjoint_integrate(self, g: Callable, z: torch.Tensor, t_hi: float, t_lo: float, error_size: int | None, **kw: Any) -> "IntegrationResult":
         """Integrate an adjoint system ``dz/dt = g(t, z)`` from ``t_hi`` back to ``t_lo``."""
+        # A fixed-step method steps the adjoint back with the forward's step size (as the forward's
+        # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
+        controller, dt0 = (PIController(), None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         res = integrate(
-            g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=PIController(),
+            g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0,
             max_steps=self.max_steps, save_start=False, save_end=True,
             error_size=error_size if self.method.seminorm else None, float_time=True, **kw,
         )  # fmt: skip

@@ -48,7 +48,7 @@ class _PlannedRHS:
         return plan
 
     def prepare_step(self, t: float, h: float) -> _PlannedStep | None:
-        if not self.batched:
+        if not self.batched or not len(self.c):  # (a one-stage method has no new stages to plan)
             return None
         plan = self._plan([t + c * h for c in self.c])  # as rk_step computes them, so they match exactly
         return None if plan is None else _PlannedStep(self.n, plan)
