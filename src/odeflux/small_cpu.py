@@ -253,6 +253,9 @@ class StagePlan:
     def params_into(self, out: np.ndarray) -> None:
         """Row ``j`` of ``out`` (``(m, n_params)``, rows may be strided) gets ``v_j^T df/dp``, in
         the layers' ``(weight, bias)`` order; every state's :meth:`stage` must have run."""
+        if self.m == 1:  # one state (an adjoint's single evaluation): plain products cost less than stacked ones
+            self.params_total(out[0])
+            return
         at = 0
         for (w, b), g, x in zip(self.kernels.params, self.grads, self.inputs):
             np.matmul(g.transpose(0, 2, 1), x, out=out[:, at : at + w.size].reshape(self.m, *w.shape))
