@@ -383,11 +383,11 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     y1, K_t = torch.from_numpy(yi.reshape(shape)), torch.from_numpy(K.reshape((s,) + tuple(shape)))
     if e is None:
         return y1, K_t, None
-    err = np.dot(e * dt, K)
+    err = np.dot(e, K)
     if n is not None:
         err, y0, yi = err[:n], y0[:n], yi[:n]
+    # ||dt e.K / (atol + rtol s)|| = |dt| / rtol * ||e.K / (atol / rtol + s)||: two passes fewer
     scale = np.maximum(np.abs(y0), np.abs(yi))
-    scale *= rtol
-    scale += atol
+    scale += atol / rtol
     err /= scale
-    return y1, K_t, math.sqrt(float(np.dot(err, err)) / err.size)
+    return y1, K_t, abs(dt) / rtol * math.sqrt(float(np.dot(err, err)) / err.size)
