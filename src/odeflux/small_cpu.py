@@ -196,7 +196,6 @@ class Kernels:
             elif want_y:
                 np.dot(g, w, out=out[: hs[0].size].reshape(g.shape[0], -1))
 
-
     def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> StagePlan:
         """The VJP over ``m`` states stacked in ``x`` (``(m * rows, features)``): see :class:`StagePlan`."""
         return StagePlan(self, x, m, negate)
@@ -228,7 +227,6 @@ class StagePlan:
             self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
         self.sign = -1.0 if negate else 1.0
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
-        self.n_in = rows * x.shape[-1]
 
     def stage(self, j: int, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
         """``v^T df/dy`` at state ``j`` into ``out`` (flat, the state's size; with no ``out``,
@@ -342,8 +340,11 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
     error norm, with the stage derivatives written into one buffer as they come (no re-stacking
     per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
-    ``on_arrays``; a right-hand side with ``prepare_step(t, dt)`` hears of each step first, and
-    may answer with a plan for it (``n``, ``stage(i, y_head, out)``, ``finish(out)``: see the code).
+    ``on_arrays``. A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may
+    answer with a plan for it: ``plan.n``, how many leading entries of the state a stage's
+    derivative depends on and the plan computes per stage; ``plan.stage(i, head, out)``, the first
+    ``n`` entries of stage ``i``'s derivative from the first ``n`` of its state; and
+    ``plan.finish(out)``, the other entries of stages 2.. all at once (an adjoint's ``mu``).
     Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
     a, b, e = coefficients(solver, y.dtype)
     c = solver.tableau.c
