@@ -174,7 +174,7 @@ class MLP(nn.Module):
             # New tensor objects over the same memory, laid out the same (a flat parameter vector's
             # views, cut afresh each forward): the arrays view them just as well. (The cached
             # arrays keep their memory alive, so an equal address is that same memory.)
-            if _layout(tensors) == _layout(cached[0]):
+            if _layout(tensors) == cached[4]:
                 self.__dict__["_kernel_cache"] = (tensors,) + cached[1:]
                 return cached[3]
         layers = list(self.layers)
@@ -185,7 +185,7 @@ class MLP(nn.Module):
                 return None  # torch's own error message is the one to see
         arrays = [(small_cpu.as_array(w), None if b is None else small_cpu.as_array(b)) for w, b in tensors]
         kernels = small_cpu.Kernels(arrays, self._act_names)
-        self.__dict__["_kernel_cache"] = (tensors, y.dtype, ptrs, kernels)
+        self.__dict__["_kernel_cache"] = (tensors, y.dtype, ptrs, kernels, _layout(tensors))
         return kernels
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:

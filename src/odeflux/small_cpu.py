@@ -31,10 +31,6 @@ def _sigmoid(h: np.ndarray) -> None:
     np.reciprocal(h, out=h)
 
 
-def _relu(h: np.ndarray) -> None:
-    np.maximum(h, 0.0, out=h)
-
-
 def _d_tanh(g: np.ndarray, h: np.ndarray) -> np.ndarray:
     return g - g * h * h
 
@@ -51,7 +47,7 @@ def _d_relu(g: np.ndarray, h: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {
     "tanh": (lambda h: np.tanh(h, out=h), _d_tanh),
     "sigmoid": (_sigmoid, _d_sigmoid),
-    "relu": (_relu, _d_relu),
+    "relu": (lambda h: np.maximum(h, 0.0, out=h), _d_relu),
     "identity": (None, None),
 }
 
@@ -67,14 +63,6 @@ def _factor_sigmoid(h: np.ndarray) -> np.ndarray:
     return f
 
 
-def _negated(factor):
-    def negated(h: np.ndarray) -> np.ndarray:
-        f = factor(h)
-        return np.negative(f, out=f)
-
-    return negated
-
-
 def _neg_factor_tanh(h: np.ndarray) -> np.ndarray:
     f = h * h
     f -= 1.0
@@ -87,8 +75,8 @@ def _neg_factor_sigmoid(h: np.ndarray) -> np.ndarray:
     return f
 
 
-# activation name -> its derivative as a factor of the activation output (for StagePlan), and
-# that factor negated (as cheap as the factor itself where it can be)
+# activation name -> its derivative as a factor of the activation output, a new array (for
+# StagePlan, which computes it once for many gradients), and that factor negated (as cheap)
 FACTORS = {
     "tanh": _factor_tanh,
     "sigmoid": _factor_sigmoid,
@@ -98,7 +86,7 @@ FACTORS = {
 NEG_FACTORS = {
     "tanh": _neg_factor_tanh,
     "sigmoid": _neg_factor_sigmoid,
-    "relu": _negated(FACTORS["relu"]),
+    "relu": lambda h: np.negative((h > 0).astype(h.dtype)),
     "identity": None,
 }
 
@@ -128,7 +116,7 @@ class Kernels:
         self.forward_params = [(w.T, b) for w, b in self.params]  # x @ W^T + b, the transpose made once
         self._ones_cache: dict[tuple[int, np.dtype], np.ndarray] = {}
         self.act_names = list(acts)
-        self.acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in acts]
+        self.acts = [ACTIVATIONS[a or "identity"] for a in acts]
 
     def _ones(self, rows: int, dtype: np.dtype) -> np.ndarray:
         ones = self._ones_cache.get((rows, dtype))
@@ -165,20 +153,25 @@ class Kernels:
                 hs[-1] = h
         return hs
 
+    def param_views(self, out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per layer, ``(dW, db)`` views of ``out``, whose last axis holds the flat parameter
+        products in the layers' ``(weight, bias)`` order (any leading axes are kept)."""
+        views, at, lead = [], 0, out.shape[:-1]
+        for w, b in self.params:
+            dw = out[..., at : at + w.size].reshape(lead + w.shape)
+            at += w.size
+            db = None
+            if b is not None:
+                db = out[..., at : at + b.size]
+                at += b.size
+            views.append((dw, db))
+        return views
+
     def vjp(self, hs: list[np.ndarray], v: np.ndarray, out: np.ndarray, want_y: bool, want_p: bool) -> None:
         """Writes ``[v^T df/dx (if want_y), v^T df/dW_1, v^T df/db_1, ...]`` into the flat ``out``,
         given the activations ``hs`` from ``forward(x, keep=True)``."""
-        at = hs[0].size if want_y else 0
-        slots = []  # per layer: (dW, db) views of out
-        if want_p:
-            for w, b in self.params:
-                dw = out[at : at + w.size].reshape(w.shape)
-                at += w.size
-                db = None
-                if b is not None:
-                    db = out[at : at + b.size]
-                    at += b.size
-                slots.append((dw, db))
+        n_y = hs[0].size if want_y else 0
+        slots = self.param_views(out[n_y:]) if want_p else None
         ones = self._ones(v.shape[0], v.dtype) if want_p else None
         g = v
         for i in range(len(self.params) - 1, -1, -1):
@@ -194,7 +187,7 @@ class Kernels:
             if i > 0:
                 g = np.dot(g, w)
             elif want_y:
-                np.dot(g, w, out=out[: hs[0].size].reshape(g.shape[0], -1))
+                np.dot(g, w, out=out[:n_y].reshape(g.shape[0], -1))
 
     def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> StagePlan:
         """The VJP over ``m`` states stacked in ``x`` (``(m * rows, features)``): see :class:`StagePlan`."""
@@ -222,8 +215,7 @@ class StagePlan:
         self.factors: list[np.ndarray | None] = []
         last = len(hs) - 2
         for i, h in enumerate(hs[1:]):
-            name = kernels.act_names[i] or "identity"
-            make = (NEG_FACTORS if negate and i == last else FACTORS)[name]
+            make = (NEG_FACTORS if negate and i == last else FACTORS)[kernels.act_names[i] or "identity"]
             self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
         self.sign = -1.0 if negate else 1.0
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
@@ -254,24 +246,20 @@ class StagePlan:
         if self.m == 1:  # one state (an adjoint's single evaluation): plain products cost less than stacked ones
             self.params_total(out[0])
             return
-        at = 0
-        for (w, b), g, x in zip(self.kernels.params, self.grads, self.inputs):
-            np.matmul(g.transpose(0, 2, 1), x, out=out[:, at : at + w.size].reshape(self.m, *w.shape))
-            at += w.size
-            if b is not None:
-                np.matmul(self.kernels._ones(self.rows, g.dtype), g, out=out[:, at : at + b.size])
-                at += b.size
+        ones = self.kernels._ones(self.rows, self.dtype)
+        for (dw, db), g, x in zip(self.kernels.param_views(out), self.grads, self.inputs):
+            np.matmul(g.transpose(0, 2, 1), x, out=dw)
+            if db is not None:
+                np.matmul(ones, g, out=db)
 
     def params_total(self, out: np.ndarray) -> None:
         """``sum_j v_j^T df/dp`` into the flat ``out`` (one product per layer over all states)."""
-        at = 0
-        for (w, b), g, x in zip(self.kernels.params, self.grads, self.inputs):
+        ones = self.kernels._ones(self.m * self.rows, self.dtype)
+        for (dw, db), g, x in zip(self.kernels.param_views(out), self.grads, self.inputs):
             g2 = g.reshape(-1, g.shape[-1])
-            np.dot(g2.T, x.reshape(-1, x.shape[-1]), out=out[at : at + w.size].reshape(w.shape))
-            at += w.size
-            if b is not None:
-                np.dot(self.kernels._ones(g2.shape[0], g.dtype), g2, out=out[at : at + b.size])
-                at += b.size
+            np.dot(g2.T, x.reshape(-1, x.shape[-1]), out=dw)
+            if db is not None:
+                np.dot(ones, g2, out=db)
 
 
 # -- the Runge-Kutta step ------------------------------------------------------------------------

@@ -118,10 +118,10 @@ class DenseOutput:
         dts = [self.dts[i] for i in idx]
         w = self.solver.tableau.dense_weights([(t - self.t_starts[i]) / h for t, i, h in zip(ts, idx, dts)])
         w *= np.asarray(dts)[:, None]  # (m, stages): y(t) = y_i + sum_j w_j K_ij
-        y0_np, K_np = self._arrays(idx[0])
-        w = w.astype(K_np.dtype)
+        K0 = self._arrays(idx[0])[1]
+        w = w.astype(K0.dtype)
         m = len(ts)
-        out = np.empty((m, K_np.shape[1]), dtype=K_np.dtype)
+        out = np.empty((m, K0.shape[1]), dtype=K0.dtype)
         a = 0
         while a < m:  # one product per run of times in the same forward step (the stage times: 1-3 runs)
             i, b = idx[a], a + 1

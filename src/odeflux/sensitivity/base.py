@@ -174,8 +174,7 @@ class AdjointRun:
         self.forward_result: IntegrationResult | None = None
         self.y = problem.y0.detach()
         self.n = self.y.numel()
-        self.param_sizes = [p.numel() for p in params]
-        self.n_params = sum(self.param_sizes)
+        self.n_params = sum(p.numel() for p in params)
         self.solver = method.solver or problem.solver
         if not self.solver.adaptive and problem.dt0 is None:
             raise ValueError(
@@ -292,12 +291,6 @@ class AdjointRun:
         ``y_known`` at ``t_known``."""
         return LambdaRHS(self, dense, t_known, y_known)
 
-    def split_params(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for p, chunk in zip(self.params, torch.split(flat, self.param_sizes)):
-            out.append(chunk.view_as(p))
-        return out
-
     def backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         res = self.forward_result
         assert res is not None
@@ -344,7 +337,12 @@ class AdjointRun:
             g0 = knots[0][2]
             if g0 is not None:
                 lam = lam + g0.reshape(-1)
-        return lam.view_as(self.y), self.split_params(mu)
+        return lam.view_as(self.y), split_like(mu, self.params)
+
+
+def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` cut into views shaped as ``params``, in order (their gradients, concatenated)."""
+    return [chunk.view_as(p) for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params]))]
 
 
 def _module_state(f: Any) -> list[tuple[nn.Module, str, str, torch.Tensor]]:

@@ -10,6 +10,7 @@ import torch
 
 from .. import small_cpu
 from .base import AdjointRun, ContinuousAdjoint
+from .rhs import param_rows
 
 
 @dataclass(eq=False)
@@ -37,19 +38,16 @@ class GaussAdjoint(ContinuousAdjoint):
         theta_t = torch.tensor(thetas, dtype=lam.dtype, device=lam.device)
         lam_weights = solver.dense_weights(theta_t, co)  # (m, stages), fixed for every step
         acc: list[torch.Tensor] = []
-        batched = getattr(rhs, "batched", False)  # small CPU arrays and a batched VJP rule
 
         def on_accept(t: float, h: float, z0: torch.Tensor, z1: torch.Tensor, K: torch.Tensor) -> None:
             lams = solver.interpolate(z0, h, K, lam_weights)  # (m, n)
             run.bstats.n_quadrature_points += m
-            plan = vjp.stage_plan(dense.at_arrays([t + float(th) * h for th in thetas])) if batched else None
-            if plan is not None:  # the field's pass over all nodes at once, then only the parameter parts
-                for j, lam_j in enumerate(small_cpu.as_array(lams).reshape(m, -1)):
-                    plan.stage(j, lam_j)
-                rows = np.empty((m, run.n_params), dtype=plan.dtype)
-                plan.params_into(rows)
-                acc.append(torch.from_numpy(np.dot((w * (abs(h) / 2)).astype(rows.dtype), rows)))
-                return
+            if rhs.batched:  # small CPU arrays and a rule with stage plans: the nodes in one batch
+                taus = [t + float(th) * h for th in thetas]
+                rows = param_rows(vjp, dense, taus, small_cpu.as_array(lams).reshape(m, -1), run.n_params)
+                if rows is not None:
+                    acc.append(torch.from_numpy(np.dot((w * (abs(h) / 2)).astype(rows.dtype), rows)))
+                    return
             part = None
             for j in range(m):
                 tau = t + float(thetas[j]) * h

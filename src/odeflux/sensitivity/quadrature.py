@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .base import AdjointRun, ContinuousAdjoint
+from .rhs import param_rows
 
 # Gauss-Kronrod 7-15 (QUADPACK's QK15) on [-1, 1]: Kronrod nodes from the outside in, the centre last.
 _XGK = np.array([
@@ -64,21 +65,16 @@ class QuadratureAdjoint(ContinuousAdjoint):
         x, wk, wg = kronrod_rule()
         total = mu
 
-        batched = getattr(rhs, "batched", False) and lam_dense.on_arrays  # small CPU arrays, a batched rule
+        batched = rhs.batched and lam_dense.on_arrays  # small CPU arrays and a rule with stage plans
 
         def integrand(ts: list[float]) -> torch.Tensor:
-            plan = vjp.stage_plan(dense.at_arrays(ts)) if batched else None
-            if plan is not None:  # the field's pass over all nodes at once, then only the parameter parts
-                for j, lam_j in enumerate(lam_dense.at_arrays(ts)):
-                    plan.stage(j, lam_j)
-                rows = np.empty((len(ts), run.n_params), dtype=plan.dtype)
-                plan.params_into(rows)
-                run.bstats.n_quadrature_points += len(ts)
+            run.bstats.n_quadrature_points += len(ts)
+            rows = param_rows(vjp, dense, ts, lam_dense.at_arrays(ts), run.n_params) if batched else None
+            if rows is not None:  # the nodes in one batch
                 return torch.from_numpy(rows)
             out = []
             for t in ts:
                 out.append(vjp.flat(t, dense.at(t), lam_dense.at(t).view(shape), want_y=False))
-            run.bstats.n_quadrature_points += len(ts)
             return torch.stack(out)
 
         # Adaptive bisection with an explicit work list (a recursive closure would be a reference

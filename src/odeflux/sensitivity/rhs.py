@@ -80,6 +80,22 @@ class LambdaRHS(_PlannedRHS):
         return gy.reshape(-1).neg()
 
 
+def param_rows(
+    vjp: VJPBackend, dense: DenseOutput, ts: list[float], lams: np.ndarray, n_params: int
+) -> np.ndarray | None:
+    """Row ``j``: ``lams[j]^T df/dp`` at ``y(ts[j])`` from ``dense`` (small CPU arrays), with the
+    field's pass over all the states batched in one stage plan; ``None`` where the backend has no
+    plan. The Gauss and quadrature adjoints' nodes."""
+    plan = vjp.stage_plan(dense.at_arrays(ts))
+    if plan is None:
+        return None
+    for j, lam in enumerate(lams):
+        plan.stage(j, lam)  # (no out: only the parameter part is wanted)
+    rows = np.empty((len(ts), n_params), dtype=plan.dtype)
+    plan.params_into(rows)
+    return rows
+
+
 class _PlannedStep:
     """One adjoint step's plan for :func:`odeflux.small_cpu.rk_step`: stage ``i`` (from 1) is the
     plan's state ``i - 1``; ``finish`` writes ``mu``'s part of stages 1.. into its rows (none for

@@ -23,7 +23,7 @@ import torch
 
 from .. import small_cpu
 from ..solution import BackwardStats, Solution, SolveError, Status
-from .base import _AdjointFunction
+from .base import _AdjointFunction, split_like
 from .vjp import find_vjp_rules
 
 if TYPE_CHECKING:
@@ -134,12 +134,7 @@ class ReverseRun:
                 mu += mu_step
             ybar[i] += ybar[i + 1]
             ybar[i] += np.add.reduce(Ybar, axis=0)
-        grad_y0 = torch.from_numpy(ybar[0].reshape(shape))
-        grad_params, offset = [], 0
-        for q in self.params:
-            grad_params.append(torch.from_numpy(mu[offset : offset + q.numel()].reshape(q.shape)))
-            offset += q.numel()
-        return grad_y0, grad_params
+        return torch.from_numpy(ybar[0].reshape(shape)), split_like(torch.from_numpy(mu), self.params)
 
 
 def solve_reverse(problem: "Problem", vjp: Callable[..., torch.Tensor]) -> Solution:
