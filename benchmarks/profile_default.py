@@ -169,7 +169,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     # A solve evaluates the field through its frozen form (checks once per solve), the adjoint its rule.
     T.wrap_made(odeflux.nn.VectorField, "frozen",
                 lambda t, a, kw: "VJP products" if kw.get("vjp") else f"f evaluations ({t.phase})")  # fmt: skip
-    T.wrap(odeflux.integrator, "initial_step", "initial step size")
+    T.wrap(odeflux.integrator, "initial_step", lambda t: f"initial step size ({t.phase})")
     steps = 0
     start = time.perf_counter()
     try:
@@ -204,7 +204,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
         ("solve(): input checks, Problem, autograd.Function set-up", g("solve() call") - g("forward ODE solve (AdjointRun.forward)"), None, 1),
         ("forward ODE solve (no graph)", g("forward ODE solve (AdjointRun.forward)"), None, 1),
         ("f evaluations", fwd_f, calls.get("f evaluations (fwd)"), 2),
-        ("initial step size (incl. its f evaluation)", g("initial step size", 0.0), None, 2),
+        ("initial step size (incl. its f evaluation)", g("initial step size (fwd)", 0.0), None, 2),
         ("solver arithmetic, error norm, controller, host syncs", g("forward ODE solve (AdjointRun.forward)") - fwd_f, None, 2),
         ("loss + zero_grad", g("loss + zero_grad"), None, 0),
         ("loss.backward()", g("loss.backward()"), None, 0),
@@ -221,7 +221,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
          g("single evaluations", 0.0), calls.get("single evaluations"), 2),
         ("whole VJP rule, y(t) one time at a time (where no plan applies)",
          g("VJP products", 0.0) + g("y(t) from the kept forward steps", 0.0), calls.get("VJP products"), 2),
-        ("the rest: RK arithmetic, error norm, controller, VJP plumbing",
+        ("the rest: RK arithmetic, error norms (the initial step's too), controller, VJP plumbing",
          g("adjoint solve (AdjointRun.backward)") - g("stage batches", 0.0) - g("VJP products", 0.0)
          - g("stage VJPs: lambda", 0.0) - g("stage VJPs: mu", 0.0) - g("single evaluations", 0.0)
          - g("y(t) from the kept forward steps", 0.0) - g("forward re-solve", 0.0), None, 2),

@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "tutorial_epoch": [],
     "whole_run": [],
     "full_mnist": [],
+    "blas_threads": [],
     "profile_default": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.

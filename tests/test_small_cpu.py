@@ -277,3 +277,58 @@ def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, meth
             n_plans = len(plans)
     assert len(plans) == n_plans  # without the rule, no plans
     assert torch.allclose(out[0], out[1], rtol=1e-10, atol=1e-12), float((out[0] - out[1]).abs().max())
+
+
+# -- NumPy's BLAS on one thread while the kernels run ---------------------------------------------
+def _blas():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    libs = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+    if not libs:
+        pytest.skip("threadpoolctl finds no BLAS library behind NumPy here")
+    return threadpoolctl, libs
+
+
+@pytest.fixture
+def two_blas_threads():
+    """NumPy's BLAS set to 2 threads for the test (so that holding it to one shows), then restored."""
+    threadpoolctl, libs = _blas()
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert all(lib.get_num_threads() == 2 for lib in libs)
+        yield libs
+
+
+def test_one_blas_thread_holds_blas_to_one_thread_and_restores_it(two_blas_threads):
+    libs = two_blas_threads
+    with small_cpu.one_blas_thread:
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+        with small_cpu.one_blas_thread:  # nested: still one, and the inner exit does not restore
+            pass
+        assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+    assert [lib.get_num_threads() for lib in libs] == [2] * len(libs)
+    with pytest.raises(RuntimeError, match="boom"), small_cpu.one_blas_thread:
+        raise RuntimeError("boom")
+    assert [lib.get_num_threads() for lib in libs] == [2] * len(libs)  # restored on an exception too
+
+
+@pytest.mark.parametrize("sensealg", ["interpolating", "gauss", "direct"])
+def test_numpy_kernels_run_on_one_blas_thread_in_solves_and_backward_passes(two_blas_threads, sensealg, monkeypatch):
+    """The NumPy kernels (the field's passes, the RK step) see one BLAS thread in the forward solve
+    and in the backward pass (a continuous adjoint's solve, DirectAdjoint's hand-written reverse
+    pass); the user's own NumPy work before and after keeps its threads."""
+    libs = two_blas_threads
+    seen = []
+    forward, step = small_cpu.Kernels.forward, small_cpu.rk_step
+    monkeypatch.setattr(small_cpu.Kernels, "forward", lambda *a, **k: seen.append(libs[0].get_num_threads()) or forward(*a, **k))
+    monkeypatch.setattr(small_cpu, "rk_step", lambda *a: seen.append(libs[0].get_num_threads()) or step(*a))
+    field_ = odeflux.MLP([nn.Linear(4, 8), nn.Linear(8, 4)], "tanh")
+    alg = {"interpolating": odeflux.InterpolatingAdjoint(), "gauss": odeflux.GaussAdjoint(),
+           "direct": odeflux.DirectAdjoint()}[sensealg]  # fmt: skip
+    y = torch.randn(16, 4, requires_grad=True)
+    out = odeflux.NeuralODE(field_, sensealg=alg)(y)
+    n_forward = len(seen)
+    assert libs[0].get_num_threads() == 2
+    out.square().sum().backward()
+    assert libs[0].get_num_threads() == 2 and y.grad is not None
+    if sensealg != "direct":  # (DirectAdjoint records the forward through torch's ops)
+        assert n_forward > 0
+    assert len(seen) > n_forward and set(seen) == {1}

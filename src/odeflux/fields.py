@@ -192,7 +192,8 @@ class MLP(nn.Module):
         self._check_layers()
         kernels = self._small_cpu(y)
         if kernels is not None:
-            return self._field(kernels, y)(y)
+            with small_cpu.one_blas_thread:
+                return self._field(kernels, y)(y)
         for layer, (act, _) in zip(self.layers, self._acts):
             y = F.linear(y, layer.weight, layer.bias)
             if act is not None:
@@ -233,17 +234,19 @@ class MLP(nn.Module):
         if kernels is None:
             _, gy, gp = self._vjp(y, v.neg() if negate else v, want_y=want_y)
             return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
-        return FrozenVJP(kernels, y.shape[-1], self._n_params)(y, v, want_y=want_y, negate=negate)
+        with small_cpu.one_blas_thread:
+            return FrozenVJP(kernels, y.shape[-1], self._n_params)(y, v, want_y=want_y, negate=negate)
 
     def _vjp(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True) -> VJPRuleResult:
         self._check_layers()
         kernels = self._small_cpu(y, graph_free=True)
         if kernels is not None:
             x = small_cpu.as_array(y).reshape(-1, y.shape[-1])
-            hs = kernels.forward(x, keep=True)
-            out = np.empty(x.size * want_y + self._n_params * want_p, dtype=x.dtype)
-            if want_y or want_p:
-                kernels.vjp(hs, small_cpu.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
+            with small_cpu.one_blas_thread:
+                hs = kernels.forward(x, keep=True)
+                out = np.empty(x.size * want_y + self._n_params * want_p, dtype=x.dtype)
+                if want_y or want_p:
+                    kernels.vjp(hs, small_cpu.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
             flat = torch.from_numpy(out)
             gy = flat[: x.size].view(y.shape) if want_y else None
             gp = None

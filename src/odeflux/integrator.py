@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,7 +57,19 @@ def rk_step_with_error(
     return y1, K, e
 
 
-def integrate(
+def integrate(f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: ExplicitRK, **options: Any) -> IntegrationResult:
+    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
+
+    The options are :func:`_integrate`'s. Small CPU states step through NumPy
+    (:mod:`odeflux.small_cpu`), with NumPy's BLAS held to one thread meanwhile.
+    """
+    if options.get("step_fn") is None and small_cpu.step_applies(y0):
+        with small_cpu.one_blas_thread:
+            return _integrate(f, y0, t0, t1, solver, **options)
+    return _integrate(f, y0, t0, t1, solver, **options)
+
+
+def _integrate(
     f: VectorField,
     y0: torch.Tensor,
     t0: float,
@@ -83,9 +95,7 @@ def integrate(
     on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     dense_budget: int | None = None,
 ) -> IntegrationResult:
-    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
-
-    ``saveat`` (host times, in the direction of integration) replaces the default saving of the
+    """:func:`integrate`'s work. ``saveat`` (host times, in the direction of integration) replaces the default saving of the
     start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
     error norm to the first entries of the flattened state (a seminorm). ``k0`` is ``f(t0, y0)``
     if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).

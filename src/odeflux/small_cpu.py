@@ -14,6 +14,7 @@ tensors: nothing is copied in or out, and in-place updates of the parameters sho
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -260,6 +261,56 @@ class StagePlan:
             np.dot(g2.T, x.reshape(-1, x.shape[-1]), out=dw)
             if db is not None:
                 np.dot(ones, g2, out=db)
+
+
+# -- BLAS threads ------------------------------------------------------------------------------
+class _OneBLASThread:
+    """Runs NumPy's BLAS on one thread while the block runs (nestable, restored after).
+
+    These kernels' products are far too small to gain from threads, yet some pass OpenBLAS's
+    threading thresholds (an RK step's stage sums over a 2560-number state; a stage plan's batched
+    products). With torch's own thread pool active on the same cores, OpenBLAS's worker threads
+    then wait on each other: measured on 2 cores with 2 torch threads, a batch-512 tutorial epoch
+    took 2.5 times as long as on 1 thread. Needs ``threadpoolctl``; without it this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._libs: list | None = None
+        self._saved: list[int] = []
+
+    def _controllers(self) -> list:
+        if self._libs is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                self._libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+            except Exception:  # noqa: BLE001 (no threadpoolctl, or a BLAS it cannot drive: leave the threads alone)
+                self._libs = []
+        return self._libs
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                libs = self._controllers()
+                self._saved = [lib.get_num_threads() for lib in libs]
+                for lib, n in zip(libs, self._saved):
+                    if n != 1:
+                        lib.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._libs or [], self._saved):
+                    if n != 1:
+                        lib.set_num_threads(n)
+
+
+#: ``with one_blas_thread:`` around work on these kernels (see :class:`_OneBLASThread`).
+one_blas_thread = _OneBLASThread()
 
 
 # -- the Runge-Kutta step ------------------------------------------------------------------------

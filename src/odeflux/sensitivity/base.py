@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .. import small_cpu
 from ..control import ConstantStepSize, PIController
 from ..integrator import IntegrationResult, integrate
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status
@@ -31,6 +32,9 @@ from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
 if TYPE_CHECKING:
     from ..solve import Problem
+
+
+_NO_GUARD = contextlib.nullcontext()
 
 
 class SensitivityAlgorithm:
@@ -307,7 +311,7 @@ class AdjointRun:
             raise SolveError(
                 f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status
             )
-        with _restored(self.module_state):
+        with _restored(self.module_state), (small_cpu.one_blas_thread if small_cpu.applies_to(self.y) else _NO_GUARD):
             return self._backward_at(ts, ys, grads)
 
     def _backward_at(self, ts, ys, grads):

@@ -60,7 +60,7 @@ class ReverseRun:
         res = self.result
         if res.status != Status.SUCCESS:
             raise SolveError(f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status)
-        with torch.no_grad():
+        with torch.no_grad(), small_cpu.one_blas_thread:  # (this run exists only for small CPU states)
             return self._backward(grad_ys)
 
     def _backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
