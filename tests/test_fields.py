@@ -227,3 +227,24 @@ def test_tutorial_model_with_flat_parameters_uses_the_rule():
         grads.append(model.flat.grad)
         assert model.module.node.last_backward_stats.n_vjp_evals > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_forms_are_kept_across_solves_and_see_the_biases_as_they_are_now():
+    """A solve's frozen field and VJP rule are kept with the kernels for the next solve of the same
+    shape, with the per-row bias copies brought up to date each time: an optimizer's in-place
+    update between solves shows in the next solve's evaluations and products."""
+    m = mlp()
+    ref = MLP(list(m.layers), small_cpu_kernels=False)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    v = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        field, rule = m.frozen(y), m.frozen(y, vjp=True)
+        assert m.frozen(y) is field and m.frozen(y, vjp=True) is rule  # kept
+        assert m.frozen(y[:3]) is not field  # another shape, another form
+        for layer in m.layers:
+            if layer.bias is not None:
+                layer.bias.add_(0.5)
+            layer.weight.mul_(1.5)
+        field, rule = m.frozen(y), m.frozen(y, vjp=True)
+        assert torch.allclose(field(y), ref(y), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(rule(y, v), ref.vjp_rule_flat(y, v), rtol=1e-12, atol=1e-12)

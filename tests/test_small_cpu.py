@@ -290,8 +290,11 @@ def _blas():
 
 @pytest.fixture
 def two_blas_threads():
-    """NumPy's BLAS set to 2 threads for the test (so that holding it to one shows), then restored."""
-    threadpoolctl, libs = _blas()
+    """The BLAS libraries the hold drives (those loaded at its first use, NumPy's among them) set to
+    2 threads for the test, so that holding them to one shows; restored after."""
+    threadpoolctl, _ = _blas()
+    libs = small_cpu.one_blas_thread._controllers()
+    assert libs  # threadpoolctl sees a BLAS, so the hold drives it
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         assert all(lib.get_num_threads() == 2 for lib in libs)
         yield libs

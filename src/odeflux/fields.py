@@ -65,7 +65,7 @@ class FrozenField:
     def on_arrays(self, x: np.ndarray) -> np.ndarray:
         """``f`` of the state's array (any shape with the state's size), as a flat array: for
         :func:`odeflux.small_cpu.rk_step`, which then needs no tensors at all."""
-        return self.kernels.forward(x.reshape(-1, self.d_in))[-1].reshape(-1)
+        return self.kernels.output(x.reshape(-1, self.d_in)).reshape(-1)
 
 
 class FrozenVJP:
@@ -209,8 +209,20 @@ class MLP(nn.Module):
         kernels = self._small_cpu(y, graph_free=vjp)
         if kernels is None or (vjp and not self.use_vjp_rule):
             return None
-        kernels = kernels.for_rows(y.numel() // y.shape[-1])  # biases laid out per row, for this solve
-        return FrozenVJP(kernels, y.shape[-1], self._n_params) if vjp else self._field(kernels, y)
+        # Kept with the kernels (which live as long as the parameters' memory and layout do), and
+        # brought up to date here: each solve's form sees the biases as they are now.
+        forms = kernels.__dict__.setdefault("frozen_forms", {})
+        key = (vjp, y.shape)
+        form = forms.get(key)
+        if form is not None:
+            form.kernels.refresh_rows()
+            return form
+        if len(forms) >= 8:  # (many state shapes: keep a few, not one per shape ever seen)
+            forms.clear()
+        tiled = kernels.for_rows(y.numel() // y.shape[-1])  # biases laid out per row
+        form = FrozenVJP(tiled, y.shape[-1], self._n_params) if vjp else self._field(tiled, y)
+        forms[key] = form
+        return form
 
     def _field(self, kernels: Kernels, y: torch.Tensor) -> FrozenField:
         return FrozenField(kernels, y.shape[-1], y.shape[:-1] + (self.layers[-1].out_features,))

@@ -118,6 +118,11 @@ class Kernels:
         self._ones_cache: dict[tuple[int, np.dtype], np.ndarray] = {}
         self.act_names = list(acts)
         self.acts = [ACTIVATIONS[a or "identity"] for a in acts]
+        self._chain()
+
+    def _chain(self) -> None:
+        # (W^T, bias, activation) per layer: the loop of output() reads nothing else
+        self.chain = [(wt, b, act) for (wt, b), (act, _) in zip(self.forward_params, self.acts)]
 
     def _ones(self, rows: int, dtype: np.dtype) -> np.ndarray:
         ones = self._ones_cache.get((rows, dtype))
@@ -126,14 +131,34 @@ class Kernels:
         return ones
 
     def for_rows(self, rows: int) -> Kernels:
-        """These kernels with each bias copied out to ``rows`` rows, for one solve of states with
+        """These kernels with each bias copied out to ``rows`` rows, for solves of states with
         ``rows`` rows (or stacks of them): adding a bias of the output's own shape takes a third
         of the time of a broadcast add. The copies are taken now, so in-place updates of the
-        biases after this call do not show through (a solve's frozen forms are made per solve)."""
+        biases show through only after :meth:`refresh_rows` (a solve's frozen form calls it)."""
         tiled = object.__new__(Kernels)
         tiled.__dict__.update(self.__dict__)
+        tiled._bias_sources = [b for _, b in self.forward_params]
         tiled.forward_params = [(wt, None if b is None else _rows_of(b, rows)) for wt, b in self.forward_params]
+        tiled._chain()
         return tiled
+
+    def refresh_rows(self) -> None:
+        """Copy the biases' current values into the row copies of :meth:`for_rows`."""
+        for (_, rows), b in zip(self.forward_params, self.__dict__.get("_bias_sources", ())):
+            if b is not None:
+                rows[...] = b
+
+    def output(self, x: np.ndarray) -> np.ndarray:
+        """The last layer's output of ``x`` (``(rows, features)``, rows matching a :meth:`for_rows`
+        copy): :meth:`forward` without the list of activations, a solve's f evaluation."""
+        h = x
+        for wt, b, act in self.chain:
+            h = np.dot(h, wt)
+            if b is not None:
+                h += b
+            if act is not None:
+                act(h)
+        return h
 
     def forward(self, x: np.ndarray, keep: bool = False) -> list[np.ndarray]:
         """Each layer's output (with ``keep``, the input first and every layer's output)."""
