@@ -60,12 +60,13 @@ class FrozenField:
         self.kernels, self.d_in, self.out_shape = kernels, d_in, out_shape
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.on_arrays(small_cpu.as_array(y)).reshape(self.out_shape))
+        out = self.kernels.output(small_cpu.as_array(y).reshape(-1, self.d_in))
+        return torch.from_numpy(out.reshape(self.out_shape))
 
-    def on_arrays(self, x: np.ndarray) -> np.ndarray:
-        """``f`` of the state's array (any shape with the state's size), as a flat array: for
-        :func:`odeflux.small_cpu.rk_step`, which then needs no tensors at all."""
-        return self.kernels.output(x.reshape(-1, self.d_in)).reshape(-1)
+    def on_arrays(self, x: np.ndarray, out: np.ndarray) -> None:
+        """``f`` of the state's array ``x`` written into the flat array ``out`` (both of the
+        state's size): for :func:`odeflux.small_cpu.rk_step`, which then needs no tensors at all."""
+        self.kernels.output(x.reshape(-1, self.d_in), out.reshape(-1, self.out_shape[-1]))
 
 
 class FrozenVJP:

@@ -44,7 +44,7 @@ class _FieldOfY:
         self.fn = fn
         if hasattr(fn, "on_arrays"):
             on_arrays = fn.on_arrays
-            self.on_arrays = lambda t, x: on_arrays(x)
+            self.on_arrays = lambda t, x, out: on_arrays(x, out)
 
     def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
         return self.fn(y)

@@ -148,12 +148,13 @@ class Kernels:
             if b is not None:
                 rows[...] = b
 
-    def output(self, x: np.ndarray) -> np.ndarray:
+    def output(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The last layer's output of ``x`` (``(rows, features)``, rows matching a :meth:`for_rows`
-        copy): :meth:`forward` without the list of activations, a solve's f evaluation."""
-        h = x
-        for wt, b, act in self.chain:
-            h = np.dot(h, wt)
+        copy), written into ``out`` (``(rows, outputs)``) if given: :meth:`forward` without the
+        list of activations, a solve's f evaluation."""
+        h, last = x, len(self.chain) - 1
+        for i, (wt, b, act) in enumerate(self.chain):
+            h = np.dot(h, wt) if i < last or out is None else np.dot(h, wt, out=out)
             if b is not None:
                 h += b
             if act is not None:
@@ -404,7 +405,7 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
     error norm, with the stage derivatives written into one buffer as they come (no re-stacking
     per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
-    ``on_arrays``. A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may
+    ``on_arrays(t, x, out)``, which writes ``f`` of the flat array ``x`` into the flat ``out``. A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may
     answer with a plan for it: ``plan.n``, how many leading entries of the state a stage's
     derivative depends on and the plan computes per stage; ``plan.stage(i, head, out)``, the first
     ``n`` entries of stage ``i``'s derivative from the first ``n`` of its state; and
@@ -437,7 +438,7 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
         for i in range(1, s):
             yi = np.dot(coef[i, : i + 1], X[: i + 1])
             if on_arrays is not None:
-                X[i + 1] = on_arrays(t + c[i] * dt, yi)
+                on_arrays(t + c[i] * dt, yi, X[i + 1])
             else:
                 X[i + 1] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
     K = X[1:]
