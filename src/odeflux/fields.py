@@ -77,11 +77,16 @@ class FrozenVJP:
         self.kernels, self.d_in, self.n_params = kernels, d_in, n_params
 
     def __call__(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
-        hs = self.kernels.forward(small_cpu.as_array(y).reshape(-1, self.d_in), keep=True)
-        g = small_cpu.as_array(v).reshape(hs[-1].shape)
-        out = np.empty(hs[0].size * want_y + self.n_params, dtype=hs[0].dtype)
-        self.kernels.vjp(hs, -g if negate else g, out, want_y, True)
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.on_arrays(small_cpu.as_array(y), small_cpu.as_array(v), want_y, True, negate))
+
+    def on_arrays(self, y: np.ndarray, v: np.ndarray, want_y: bool = True, want_p: bool = True, negate: bool = False) -> np.ndarray:
+        """The rule on the arrays of a state and a cotangent (any shapes of the state's size):
+        ``[v^T df/dy (if want_y), *v^T df/dp (if want_p)]`` as one flat array."""
+        hs = self.kernels.forward(y.reshape(-1, self.d_in), keep=True)
+        g = v.reshape(hs[-1].shape)
+        out = np.empty(hs[0].size * want_y + self.n_params * want_p, dtype=hs[0].dtype)
+        self.kernels.vjp(hs, -g if negate else g, out, want_y, want_p)
+        return out
 
     def stage_plan(self, ys: np.ndarray, negate: bool = False) -> small_cpu.StagePlan:
         """For ``m`` states stacked as an ``(m, state size)`` array, all known in advance (a

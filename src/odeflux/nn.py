@@ -51,13 +51,14 @@ class _FieldOfY:
 
 
 class _RuleOfY:
-    """A VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its batched form
-    (``stage_plan``) where it has one."""
+    """A VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its array-level
+    forms (``stage_plan``, ``on_arrays``) where it has them."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
-        if hasattr(fn, "stage_plan"):
-            self.stage_plan = fn.stage_plan
+        for name in ("stage_plan", "on_arrays"):
+            if hasattr(fn, name):
+                setattr(self, name, getattr(fn, name))
 
     def __call__(self, t: Any, y: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
         return self.fn(y, v, **kw)

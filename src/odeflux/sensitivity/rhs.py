@@ -37,15 +37,25 @@ class _PlannedRHS:
         # piece's dense output alive until the garbage collector runs.)
         self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan
 
-    def _plan(self, times: list[float]) -> small_cpu.StagePlan | None:
+    def _states(self, times: list[float]) -> np.ndarray:
         if len(times) == 1 and times[0] == self.t_known:
-            ys = small_cpu.as_array(self.y_known).reshape(1, -1)
-        else:
-            ys = self.dense.at_arrays(times)
-        plan = self.vjp.stage_plan(ys, negate=True)
+            return small_cpu.as_array(self.y_known).reshape(1, -1)
+        return self.dense.at_arrays(times)
+
+    def _plan(self, times: list[float]) -> small_cpu.StagePlan | None:
+        plan = self.vjp.stage_plan(self._states(times), negate=True)
         if plan is None:
             self.batched = False
         return plan
+
+    def _single(self, t: float, v: torch.Tensor, want_p: bool) -> torch.Tensor | None:
+        """The negated products at one time on arrays (the backend's rule on the arrays at once:
+        fewer calls than a one-state plan), or ``None`` where the backend has no array form."""
+        out = self.vjp.on_arrays(self._states([t])[0], small_cpu.as_array(v), want_p, negate=True)
+        if out is None:
+            self.batched = False
+            return None
+        return torch.from_numpy(out)
 
     def prepare_step(self, t: float, h: float) -> _PlannedStep | None:
         if not self.batched or not len(self.c):  # (a one-stage method has no new stages to plan)
@@ -59,12 +69,9 @@ class AdjointRHS(_PlannedRHS):
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         lam = z[: self.n]
-        plan = self._plan([t]) if self.batched else None
-        if plan is not None:  # one state's plan: cheaper than the whole rule on tensors
-            out = np.empty(z.numel(), dtype=plan.dtype)
-            plan.stage(0, small_cpu.as_array(lam), out[: self.n])
-            plan.params_into(out[None, self.n :])
-            return torch.from_numpy(out)
+        out = self._single(t, lam, want_p=True) if self.batched else None
+        if out is not None:  # (lambda, mu)'s layout is the rule's flat one
+            return out
         return self.vjp.flat(t, self.dense.at(t), lam.view(self.shape), negate=True)
 
 
@@ -72,10 +79,9 @@ class LambdaRHS(_PlannedRHS):
     """``dlambda/dt = -lambda^T df/dy`` at ``y(t)``, on the flat ``lambda``."""
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
-        plan = self._plan([t]) if self.batched else None
-        if plan is not None:
-            out = np.empty(self.n, dtype=plan.dtype)
-            return torch.from_numpy(plan.stage(0, small_cpu.as_array(z), out))
+        out = self._single(t, z, want_p=False) if self.batched else None
+        if out is not None:
+            return out
         _, gy, _ = self.vjp(t, self.dense.at(t), z.view(self.shape), want_p=False)
         return gy.reshape(-1).neg()
 

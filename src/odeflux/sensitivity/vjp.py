@@ -48,6 +48,11 @@ class VJPBackend:
         ``v``-independent work done at once. ``None`` where the backend has no such form."""
         return None
 
+    def on_arrays(self, y: np.ndarray, v: np.ndarray, want_p: bool = True, negate: bool = False) -> np.ndarray | None:
+        """For one state known as an array (a small CPU state): ``[v^T df/dy, v^T df/dp (if
+        want_p)]`` as one flat array, negated if asked. ``None`` where the backend has no such form."""
+        return None
+
     def flat(
         self, t: float, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False
     ) -> torch.Tensor:
@@ -105,16 +110,26 @@ class AutogradVJP(VJPBackend):
             self._freeze = None
         return self.rule_flat
 
-    def stage_plan(self, ys, negate=False):
+    def _array_form(self, y: np.ndarray, name: str) -> Callable[..., Any] | None:
         if self.rule_flat is None:
             return None
-        rule = self.rule_flat if self._freeze is None else self._frozen_rule(torch.from_numpy(ys[0]).view(self.problem.y0.shape))
-        batched = getattr(rule, "stage_plan", None)
+        rule = self.rule_flat if self._freeze is None else self._frozen_rule(torch.from_numpy(y).view(self.problem.y0.shape))
+        return getattr(rule, name, None)
+
+    def stage_plan(self, ys, negate=False):
+        batched = self._array_form(ys[0], "stage_plan")
         if batched is None:
             return None
         # Counted here, not per stage (one Python layer less per stage): a step evaluates them all.
         self.stats.n_vjp_evals += ys.shape[0]
         return batched(ys, negate)
+
+    def on_arrays(self, y, v, want_p=True, negate=False):
+        rule = self._array_form(y, "on_arrays")
+        if rule is None:
+            return None
+        self.stats.n_vjp_evals += 1
+        return rule(y, v, True, want_p, negate)
 
     def flat(self, t, y, v, want_y=True, negate=False):
         if self.rule_flat is None:  # the engine, or a rule with no flat form: __call__ and concatenate
