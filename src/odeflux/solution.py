@@ -79,6 +79,7 @@ class DenseOutput:
         self._interp_rev = [row[::-1] for row in solver.tableau.interp]
         self._small_cpu = bool(y0s) and small_cpu.applies_to(y0s[0])
         self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
+        self._q: dict[int, np.ndarray] = {}  # _powers' matrices of the steps last looked up
 
     def __len__(self) -> int:
         return len(self.dts)
@@ -111,26 +112,46 @@ class DenseOutput:
         row, mat = self._views(i)
         return torch.addmm(row, wt, mat, alpha=self.dts[i]).view(y0.shape)
 
+    def _powers(self, i: int) -> np.ndarray:
+        """Step ``i``'s interpolant as a polynomial in ``theta`` with matrix coefficients,
+        ``y(t) = y_i + sum_k theta^k Q_k`` (``Q = h P^T K_i``, ``(degree, state size)``; kept for
+        the last few steps looked up):
+        a lookup is then one product with the powers of ``theta``, no stage weights to form."""
+        q = self._q.get(i)
+        if q is None:
+            if len(self._q) >= 4:  # the adjoints walk the steps in order: a few recent ones suffice
+                del self._q[next(iter(self._q))]
+            K = self._arrays(i)[1]
+            PT = self.solver.tableau._interp_arrays[1]  # (degree, stages), float64
+            q = self._q[i] = np.dot(PT.astype(K.dtype), K)
+            q *= self.dts[i]
+        return q
+
     def at_arrays(self, ts: Sequence[float]) -> np.ndarray:
         """States at host times ``ts`` as one ``(len(ts), state size)`` array (small CPU states;
         see :attr:`on_arrays`): one product per forward step the times fall in."""
         idx = [self.step_index(t) for t in ts]
-        dts = [self.dts[i] for i in idx]
-        w = self.solver.tableau.dense_weights([(t - self.t_starts[i]) / h for t, i, h in zip(ts, idx, dts)])
-        w *= np.asarray(dts)[:, None]  # (m, stages): y(t) = y_i + sum_j w_j K_ij
-        K0 = self._arrays(idx[0])[1]
-        w = w.astype(K0.dtype)
+        deg = len(self.solver.tableau.interp[0])
+        rows = []
+        for t, i in zip(ts, idx):
+            theta = (t - self.t_starts[i]) / self.dts[i]
+            p, row = 1.0, []
+            for _ in range(deg):
+                p *= theta
+                row.append(p)
+            rows.append(row)
+        y0_np = self._arrays(idx[0])[0]
+        T = np.array(rows, dtype=y0_np.dtype)  # (m, degree): the powers theta^1..theta^degree
         m = len(ts)
-        out = np.empty((m, K0.shape[1]), dtype=K0.dtype)
+        out = np.empty((m, y0_np.size), dtype=y0_np.dtype)
         a = 0
         while a < m:  # one product per run of times in the same forward step (the stage times: 1-3 runs)
             i, b = idx[a], a + 1
             while b < m and idx[b] == i:
                 b += 1
-            y0_np, K_np = self._arrays(i)
             block = out[a:b]
-            np.dot(w[a:b], K_np, out=block)
-            block += y0_np
+            np.dot(T[a:b], self._powers(i), out=block)
+            block += self._arrays(i)[0]
             a = b
         return out
 
