@@ -120,6 +120,22 @@ def test_numpy_initial_step_matches_torch(n):
     assert out[1] == ref[1] == 1 and out[0] == pytest.approx(ref[0], rel=1e-12)
 
 
+def test_initial_step_through_a_frozen_fields_arrays_matches_torch():
+    """A frozen field's initial step evaluates on the arrays (on_arrays): the same step size as
+    the module through torch's ops."""
+    from odeflux.control import initial_step
+
+    m = odeflux.VectorField(odeflux.MLP([nn.Linear(5, 7), nn.Linear(7, 5)], "tanh").double())
+    y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor(0.0, dtype=torch.float64)
+    ref = initial_step(m, 0.0, y0, m(t, y0), 1.0, 5, 1e-6, 1e-8, 10.0)  # grad mode: torch's ops
+    with torch.no_grad():
+        frozen = m.frozen(y0)
+        assert hasattr(frozen, "on_arrays")
+        out = initial_step(frozen, 0.0, y0, m(t, y0), 1.0, 5, 1e-6, 1e-8, 10.0)
+    assert out[1] == ref[1] == 1 and out[0] == pytest.approx(ref[0], rel=1e-12)
+
+
 def test_dense_output_on_numpy_matches_torch():
     y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():

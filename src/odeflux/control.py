@@ -44,26 +44,36 @@ def initial_step(
     dtmax: float,
     n: int | None = None,
     float_time: bool = False,
+    on_numpy: bool | None = None,
 ) -> tuple[float, int]:
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
     Returns the step (positive) and the number of extra ``f`` evaluations it spent (one).
+    ``on_numpy`` says whether the state is one for odeflux.small_cpu (worked out if ``None``).
     """
+    if on_numpy is None:
+        on_numpy = small_cpu.step_applies(y0)
     with torch.no_grad():  # a heuristic: nothing here is differentiated
-        return _initial_step(f, t0, y0.detach(), f0.detach(), direction, order, rtol, atol, dtmax, n, float_time)
+        return _initial_step(f, t0, y0.detach(), f0.detach(), direction, order, rtol, atol, dtmax, n, float_time, on_numpy)
 
 
-def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_time) -> tuple[float, int]:
+def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_time, on_numpy) -> tuple[float, int]:
     # The norms on NumPy for small CPU states (odeflux.small_cpu): a dozen tiny ops either way.
-    norms = _NumpyNorms(y0, f0, rtol, atol, n) if small_cpu.step_applies(y0) else _TorchNorms(y0, f0, rtol, atol, n)
+    norms = _NumpyNorms(y0, f0, rtol, atol, n) if on_numpy else _TorchNorms(y0, f0, rtol, atol, n)
     d0, d1 = norms.d0, norms.d1
     if not (math.isfinite(d0) and math.isfinite(d1)):
         return float("nan"), 0
     dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     dt0 = min(dt0, dtmax)
     t = t0 + direction * dt0
-    f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), norms.euler(direction * dt0))
-    d2 = norms.rms_change(f1) / dt0
+    on_arrays = getattr(f, "on_arrays", None) if isinstance(norms, _NumpyNorms) else None
+    if on_arrays is not None:  # a frozen field on the arrays themselves (odeflux.small_cpu.rk_step's protocol)
+        f1 = np.empty_like(norms.f0)
+        on_arrays(t, norms.euler_array(direction * dt0), f1)
+        d2 = norms.rms_change_array(f1) / dt0
+    else:
+        f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), norms.euler(direction * dt0))
+        d2 = norms.rms_change(f1) / dt0
     m = max(d1, d2)
     if not math.isfinite(m):
         return dt0, 1
@@ -103,11 +113,17 @@ class _NumpyNorms:
         x = x / self.scale
         return math.sqrt(float(x @ x) / x.size)
 
+    def euler_array(self, h: float) -> np.ndarray:
+        return self.y0 + h * self.f0
+
     def euler(self, h: float) -> torch.Tensor:
-        return torch.from_numpy((self.y0 + h * self.f0).reshape(self.shape))
+        return torch.from_numpy(self.euler_array(h).reshape(self.shape))
+
+    def rms_change_array(self, f1: np.ndarray) -> float:
+        return self._rms(f1[: self.n] - self.f0[: self.n])
 
     def rms_change(self, f1: torch.Tensor) -> float:
-        return self._rms(small_cpu.as_array(f1).reshape(-1)[: self.n] - self.f0[: self.n])
+        return self.rms_change_array(small_cpu.as_array(f1).reshape(-1))
 
 
 class StepSizeController:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from . import small_cpu
@@ -118,6 +119,8 @@ def _integrate(
         # A field that can evaluate itself with its checks done once for the whole solve (no graph
         # is recorded here, so nothing is lost): see odeflux.fields.MLP.frozen.
         f = freeze(y0) or f
+    # A field that evaluates on the NumPy step's arrays (a frozen one): the whole solve stays on them.
+    on_arrays = getattr(f, "on_arrays", None) if step is small_cpu.rk_step else None
     span = abs(t1 - t0)
     tscale = max(abs(t0), abs(t1), 1.0)
     # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
@@ -143,12 +146,20 @@ def _integrate(
     t, y = t0, y0
     k = k0
     if k is None:
-        k = f(as_time(t0), y0)
+        if on_arrays is not None:  # (a frozen field: its output is the state's shape and dtype by construction)
+            k_np = np.empty(y0.shape, dtype=small_cpu.as_array(y0).dtype)
+            on_arrays(t0, small_cpu.as_array(y0), k_np)
+            k = torch.from_numpy(k_np)
+        else:
+            k = f(as_time(t0), y0)
+            _check_derivative(k, y0)
         stats.n_f_evals += 1
-        _check_derivative(k, y0)
 
     def result(status: Status, message: str, dt_next: float) -> IntegrationResult:
-        dense_out = DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K) if dense and dense_dt else None
+        dense_out = (
+            DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K, True if step is small_cpu.rk_step else None)
+            if dense and dense_dt else None
+        )  # fmt: skip
         t_end = t1 if status == Status.SUCCESS else t
         # On failure this is the last state reached, so the caller sees how far it got (saved once:
         # save_start or save_everystep may already hold it).
@@ -172,7 +183,9 @@ def _integrate(
     elif not adaptive:
         raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
     else:
-        dt, extra = initial_step(f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time)
+        dt, extra = initial_step(
+            f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time, step is small_cpu.rk_step
+        )
         stats.n_f_evals += extra
         if not math.isfinite(dt):
             return result(Status.NONFINITE, _nonfinite_message(t0, None), float("nan"))

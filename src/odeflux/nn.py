@@ -102,7 +102,13 @@ class VectorField(nn.Module):
         fn = freeze(y, vjp=vjp)
         if fn is None:
             return None
-        return _RuleOfY(fn) if vjp else _FieldOfY(fn)
+        kept = self.__dict__.get("_wrapped_forms")
+        if kept is None:
+            kept = self.__dict__["_wrapped_forms"] = {}
+        wrapped = kept.get(vjp)
+        if wrapped is None or wrapped.fn is not fn:  # (the module keeps its forms: so do we, their wrappers)
+            wrapped = kept[vjp] = _RuleOfY(fn) if vjp else _FieldOfY(fn)
+        return wrapped
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:

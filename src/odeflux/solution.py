@@ -64,7 +64,10 @@ class BackwardStats(Stats):
 class DenseOutput:
     """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
 
-    def __init__(self, solver: ExplicitRK, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor], Ks: list[torch.Tensor]):
+    def __init__(
+        self, solver: ExplicitRK, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
+        Ks: list[torch.Tensor], small_cpu_arrays: bool | None = None,
+    ):  # fmt: skip
         self.solver = solver
         self.t_starts = t_starts
         self.dts = dts
@@ -76,8 +79,9 @@ class DenseOutput:
         self.direction = 1.0 if (not dts or dts[0] > 0) else -1.0
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
-        self._interp_rev = [row[::-1] for row in solver.tableau.interp]
-        self._small_cpu = bool(y0s) and small_cpu.applies_to(y0s[0])
+        self._interp_rev = solver.tableau.interp_reversed
+        # (The integrator knows whether its steps were small CPU arrays, and says so.)
+        self._small_cpu = bool(y0s) and (small_cpu.applies_to(y0s[0]) if small_cpu_arrays is None else small_cpu_arrays)
         self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
         self._q: dict[int, np.ndarray] = {}  # _powers' matrices of the steps last looked up
 

@@ -58,6 +58,11 @@ class ButcherTableau:
         return A
 
     @functools.cached_property
+    def interp_reversed(self) -> list[tuple[float, ...]]:
+        """Each stage's interpolant coefficients, highest power first (for Horner's rule)."""
+        return [row[::-1] for row in self.interp]
+
+    @functools.cached_property
     def _interp_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(exponents 1..deg, interp^T)`` as arrays, made once: the adjoints evaluate the
         weights on every step."""
