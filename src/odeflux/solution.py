@@ -61,6 +61,14 @@ class BackwardStats(Stats):
     n_quadrature_points: int = 0
 
 
+def times_tensor(ts: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Host times as a 1-d tensor of ``like``'s dtype and device (on the CPU through NumPy, which
+    turns a short list into an array several times faster than ``torch.tensor`` does)."""
+    if like.device.type == "cpu" and like.dtype in small_cpu.DTYPES:
+        return torch.from_numpy(np.array(ts, dtype=np.float32 if like.dtype == torch.float32 else np.float64))
+    return torch.tensor(ts, dtype=like.dtype, device=like.device)
+
+
 class DenseOutput:
     """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
 
@@ -126,8 +134,8 @@ class DenseOutput:
             if len(self._q) >= 4:  # the adjoints walk the steps in order: a few recent ones suffice
                 del self._q[next(iter(self._q))]
             K = self._arrays(i)[1]
-            PT = self.solver.tableau._interp_arrays[1]  # (degree, stages), float64
-            q = self._q[i] = np.dot(PT.astype(K.dtype), K)
+            PT = self.solver.tableau.interp_matrix(K.dtype)  # (degree, stages)
+            q = self._q[i] = np.dot(PT, K)
             q *= self.dts[i]
         return q
 

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from .control import ConstantStepSize, PIController, StepSizeController
 from .integrator import IntegrationResult, integrate, rk_step_with_error
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
-from .solution import Solution, SolveError, Status
+from .solution import Solution, SolveError, Status, times_tensor
 from .solvers import ExplicitRK, Tsit5
 
 _FLOATS = (torch.float32, torch.float64)
@@ -145,7 +145,7 @@ def solve(
 def _from_result(res: IntegrationResult, problem: Problem) -> Solution:
     y0 = problem.y0
     ys = torch.stack(res.ys) if res.ys else y0.new_empty((0,) + tuple(y0.shape))
-    ts = torch.tensor(res.ts, dtype=y0.dtype, device=y0.device)
+    ts = times_tensor(res.ts, y0)
     return Solution(ts=ts, ys=ys, stats=res.stats, status=res.status, message=res.message, dense=res.dense, t_final=res.t)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import small_cpu
-from ..solution import BackwardStats, Solution, SolveError, Status
+from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
 from .base import _AdjointFunction, split_like
 from .vjp import find_vjp_rules
 
@@ -144,7 +144,7 @@ def solve_reverse(problem: "Problem", vjp: Callable[..., torch.Tensor]) -> Solut
     ys = _AdjointFunction.apply(run, problem.y0, *params)
     res = run.result
     return Solution(
-        ts=torch.tensor(res.ts, dtype=problem.y0.dtype, device=problem.y0.device),
+        ts=times_tensor(res.ts, problem.y0),
         ys=ys, stats=res.stats, status=res.status, message=res.message, backward_stats=run.bstats, t_final=res.t,
     )  # fmt: skip
 

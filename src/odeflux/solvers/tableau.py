@@ -69,6 +69,14 @@ class ButcherTableau:
         P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
         return np.arange(1, P.shape[1] + 1), P.T.copy()
 
+    def interp_matrix(self, dtype: np.dtype) -> np.ndarray:
+        """``interp^T`` (degree x stages) as an array of ``dtype`` (made once per dtype)."""
+        cache = self.__dict__.setdefault("_interp_by_dtype", {})
+        m = cache.get(dtype)
+        if m is None:
+            m = cache[dtype] = self._interp_arrays[1].astype(dtype)
+        return m
+
     def dense_weights(self, theta: np.ndarray | float) -> np.ndarray:
         """``b_i(theta)`` for each stage (shape ``(..., stages)``), evaluated in float64."""
         exponents, PT = self._interp_arrays
