@@ -47,6 +47,9 @@ class Problem:
     # f declares it ignores t (a time-independent NeuralODE field): hand it host floats, which
     # saves a tensor op per stage.
     float_time: bool = False
+    # The module f is (or whose method it is): its parameters, and the tensors it holds now.
+    f_params: list[torch.Tensor] | None = field(repr=False, default=None)
+    module_state: list = field(repr=False, default_factory=list)
 
     def integrate(self, **overrides: Any) -> IntegrationResult:
         """Run the integrator with this problem's options, some replaced."""
@@ -155,8 +158,38 @@ def bind_args(f: Callable[..., torch.Tensor], args: Any) -> Callable[[torch.Tens
     return lambda t, y: f(t, y, args)
 
 
-def collect_params(f: Any, args: Any, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-    """The tensors gradients may flow to besides ``y0``: ``f``'s parameters, ``args``' tensors, ``params``."""
+ModuleState = list[tuple[nn.Module, str, str, torch.Tensor]]
+
+
+def module_tensors(f: Any) -> tuple[list[torch.Tensor] | None, ModuleState]:
+    """One walk over the module ``f`` is (or whose bound method it is): its parameters as
+    ``parameters()`` lists them, and every ``(module, "_parameters" | "_buffers", name, tensor)``
+    it holds now (the continuous adjoints put those back for their backward pass). ``(None, [])``
+    when ``f`` is no module's."""
+    module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return None, []
+    params: list[torch.Tensor] = []
+    state: ModuleState = []
+    seen: set[int] = set()
+    for mod in module.modules():
+        for name, t in mod._parameters.items():
+            if t is not None:
+                state.append((mod, "_parameters", name, t))
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    params.append(t)
+        for name, t in mod._buffers.items():
+            if t is not None:
+                state.append((mod, "_buffers", name, t))
+    return params, state
+
+
+def collect_params(
+    f: Any, args: Any, params: Sequence[torch.Tensor] | None, f_params: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """The tensors gradients may flow to besides ``y0``: ``f``'s parameters (``f_params`` when
+    :func:`module_tensors` has listed them), ``args``' tensors, ``params``."""
     found: list[torch.Tensor] = []
     seen: set[int] = set()
 
@@ -165,12 +198,10 @@ def collect_params(f: Any, args: Any, params: Sequence[torch.Tensor] | None) -> 
             seen.add(id(p))
             found.append(p)
 
-    if isinstance(f, nn.Module):
-        for p in f.parameters():
-            add(p)
-    elif hasattr(f, "__self__") and isinstance(f.__self__, nn.Module):  # a bound method of a module
-        for p in f.__self__.parameters():
-            add(p)
+    if f_params is None:
+        f_params = module_tensors(f)[0] or []
+    for p in f_params:
+        add(p)
     if args is not None:
         for leaf in pytree.tree_leaves(args):
             add(leaf)
@@ -287,12 +318,14 @@ def _make_problem(
     if dense is None:
         dense = save_everystep and save_list is None
 
+    f_params, module_state = module_tensors(f)
     problem = Problem(
         f=bind_args(f, args), y0=y0.contiguous(), t0=t0, t1=t1, solver=solver, controller=controller,
         rtol=rtol, atol=atol, dt0=dt0, dtmin=None if dtmin is None else float(dtmin),
         dtmax=None if dtmax is None else float(dtmax), max_steps=max_steps, saveat=save_list,
         save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
-        dense=bool(dense), params=collect_params(f, args, params), user_f=f, args=args,
+        dense=bool(dense), params=collect_params(f, args, params, f_params or []), user_f=f, args=args,
+        f_params=f_params, module_state=module_state,
         step_fn=compiled_step() if compile else None, float_time=bool(getattr(f, "ignores_time", False)),
     )  # fmt: skip
     return problem, t_tensors  # type: ignore[return-value]

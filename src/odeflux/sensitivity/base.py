@@ -192,7 +192,7 @@ class AdjointRun:
         self.dense: DenseOutput | None = None
         self.solution_dense: DenseOutput | None = None
         self.backsolve_y: torch.Tensor | None = None
-        self.module_state = _module_state(problem.user_f)
+        self.module_state = problem.module_state
         self._vjp: VJPBackend | None = None
 
     # forward ---------------------------------------------------------------------------------
@@ -354,20 +354,6 @@ def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Ten
             at += n
         return out
     return [chunk.view_as(p) for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params]))]
-
-
-def _module_state(f: Any) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
-    """The parameter and buffer tensors an ``nn.Module`` ``f`` holds at forward time."""
-    module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
-    if not isinstance(module, nn.Module):
-        return []
-    return [
-        (mod, kind, name, t)
-        for mod in module.modules()
-        for kind in ("_parameters", "_buffers")
-        for name, t in getattr(mod, kind).items()
-        if t is not None
-    ]
 
 
 @contextlib.contextmanager

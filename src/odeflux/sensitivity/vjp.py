@@ -85,12 +85,15 @@ def find_vjp_rules(problem: Problem, params: list[torch.Tensor]) -> dict[str, Ca
     each ``None`` unless ``f`` has it and it covers exactly ``params``, in order."""
     f = problem.user_f
     none: dict[str, Callable[..., Any] | None] = dict.fromkeys(RULE_NAMES)
-    if not isinstance(f, nn.Module) or problem.args is not None or getattr(f, "vjp_rule", None) is None:
+    if not isinstance(f, nn.Module) or problem.args is not None:
         return none
-    own = list(f.parameters())
+    rule = getattr(f, "vjp_rule", None)
+    if rule is None:
+        return none
+    own = problem.f_params if problem.f_params is not None else list(f.parameters())
     if len(own) != len(params) or any(a is not b for a, b in zip(own, params)):
         return none  # frozen or extra parameters: the rule's products would not line up
-    return {name: getattr(f, name, None) for name in RULE_NAMES}
+    return {"vjp_rule": rule, "vjp_rule_flat": getattr(f, "vjp_rule_flat", None), "frozen": getattr(f, "frozen", None)}
 
 
 class AutogradVJP(VJPBackend):
