@@ -246,24 +246,27 @@ class StagePlan:
             self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
         self.sign = -1.0 if negate else 1.0
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
+        # Back to front, what stage() reads per layer: (gradients, factors, weight, negate-only)
+        self._back = [
+            (self.grads[i], self.factors[i], kernels.params[i][0], i == last and negate)
+            for i in range(last, -1, -1)
+        ]  # fmt: skip
 
     def stage(self, j: int, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray | None:
         """``v^T df/dy`` at state ``j`` into ``out`` (flat, the state's size; with no ``out``,
         not computed); keeps what :meth:`params_into` needs."""
-        g = v.reshape(self.rows, -1)
-        last = len(self.grads) - 1
-        for i in range(last, -1, -1):
-            gi, fi = self.grads[i][j], self.factors[i]
-            if fi is not None:
-                np.multiply(g, fi[j], out=gi)
-            elif i == last and self.sign < 0:
+        g, first = v.reshape(self.rows, -1), len(self._back) - 1
+        for k, (grads, factors, w, negate_only) in enumerate(self._back):
+            gi = grads[j]
+            if factors is not None:
+                np.multiply(g, factors[j], out=gi)
+            elif negate_only:
                 np.negative(g, out=gi)
             else:
                 gi[...] = g
-            w = self.kernels.params[i][0]
-            if i > 0:
+            if k < first:
                 g = np.dot(gi, w)
-            elif out is not None:
+            elif out is not None:  # the first layer's product is v^T df/dy itself
                 np.dot(gi, w, out=out.reshape(self.rows, -1))
         return out
 
