@@ -75,16 +75,17 @@ class Timers:
 
     def wrap_made(self, owner: Any, attr: str, label: Callable[[Timers, tuple, dict], str]) -> None:
         """Time the callables that ``owner.attr`` returns, and their array-level entry points
-        (``on_arrays``; ``stage_plan`` is passed through, its parts timed on their own), under
+        (a field's ``on_arrays``; a rule's ``on_arrays`` and ``stage_plan`` are passed through, timed
+        by their callers), under
         ``label(self, args, kwargs)`` decided at creation."""
         orig = getattr(owner, attr)
         timers = self
 
         class Timed:
-            def __init__(self, fn: Any, name: Callable[[], str]):
+            def __init__(self, fn: Any, name: Callable[[], str], rule: bool):
                 self._fn, self._name = fn, name
-                if hasattr(fn, "on_arrays"):
-                    self.on_arrays = timers._timed(fn.on_arrays, name)
+                if hasattr(fn, "on_arrays"):  # a rule's is timed by its caller (the single evaluations)
+                    self.on_arrays = fn.on_arrays if rule else timers._timed(fn.on_arrays, name)
                 if hasattr(fn, "stage_plan"):  # timed by its caller (the adjoint's stage batches)
                     self.stage_plan = fn.stage_plan
 
@@ -94,7 +95,7 @@ class Timers:
         @functools.wraps(orig)
         def making(*a: Any, **kw: Any) -> Any:
             fn = orig(*a, **kw)
-            return None if fn is None else Timed(fn, lambda: label(timers, a, kw))
+            return None if fn is None else Timed(fn, lambda: label(timers, a, kw), bool(kw.get("vjp")))
 
         setattr(owner, attr, making)
         self._undo.append(lambda: setattr(owner, attr, orig))
@@ -217,7 +218,7 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
          calls.get("stage VJPs: lambda"), 2),
         ("stage VJPs, mu's part: v^T df/dp, a step's stages at once", g("stage VJPs: mu", 0.0),
          calls.get("stage VJPs: mu"), 2),
-        ("single evaluations (the interval's first, the initial step's): one-state plans, y(t) included",
+        ("single evaluations (the interval's first, the initial step's): the rule on arrays, y(t) included",
          g("single evaluations", 0.0), calls.get("single evaluations"), 2),
         ("whole VJP rule, y(t) one time at a time (where no plan applies)",
          g("VJP products", 0.0) + g("y(t) from the kept forward steps", 0.0), calls.get("VJP products"), 2),
