@@ -160,6 +160,11 @@ def test_dense_output_at_many_times_matches_one_at_a_time():
         for ts in (inside, across, across[::-1]):
             got = d.at_arrays(ts).reshape((len(ts),) + tuple(y0.shape))
             np.testing.assert_allclose(got, d.evaluate(ts).numpy(), rtol=1e-13, atol=1e-14)
+        sol32 = odeflux.solve(field, y0.float(), (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
+        got32 = sol32.dense.at_arrays(across)  # float32 all through: the powers and coefficients too
+        assert got32.dtype == np.float32
+        np.testing.assert_allclose(got32.reshape((len(across),) + tuple(y0.shape)), sol32.dense.evaluate(across).numpy(),
+                                   rtol=2e-6, atol=2e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("vjp", ["func", "jacobian"])
