@@ -96,7 +96,9 @@ def _integrate(
     on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     dense_budget: int | None = None,
 ) -> IntegrationResult:
-    """:func:`integrate`'s work. ``saveat`` (host times, in the direction of integration) replaces the default saving of the
+    """:func:`integrate`'s work.
+
+    ``saveat`` (host times, in the direction of integration) replaces the default saving of the
     start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
     error norm to the first entries of the flattened state (a seminorm). ``k0`` is ``f(t0, y0)``
     if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).

@@ -244,7 +244,6 @@ class StagePlan:
         for i, h in enumerate(hs[1:]):
             make = (NEG_FACTORS if negate and i == last else FACTORS)[kernels.act_names[i] or "identity"]
             self.factors.append(None if make is None else make(h).reshape(m, rows, h.shape[-1]))
-        self.sign = -1.0 if negate else 1.0
         self.grads = [np.empty((m, rows, w.shape[0]), dtype=x.dtype) for w, _ in kernels.params]  # dL/d(pre-activation)
         # Back to front, what stage() reads per layer: (gradients, factors, weight, negate-only)
         self._back = [
@@ -296,11 +295,12 @@ class StagePlan:
 class _OneBLASThread:
     """Runs NumPy's BLAS on one thread while the block runs (nestable, restored after).
 
-    These kernels' products are far too small to gain from threads, yet some pass OpenBLAS's
-    threading thresholds (an RK step's stage sums over a 2560-number state; a stage plan's batched
+    These kernels' products are too small to gain much from threads, yet some pass OpenBLAS's
+    threading thresholds (an RK step's stage sums over the whole state; a stage plan's batched
     products). With torch's own thread pool active on the same cores, OpenBLAS's worker threads
     then wait on each other: measured on 2 cores with 2 torch threads, a batch-512 tutorial epoch
-    took 2.5 times as long as on 1 thread. Needs ``threadpoolctl``; without it this does nothing.
+    took 2-3 times as long without this (benchmarks/blas_threads.py). The setting is
+    process-wide while it lasts. Needs ``threadpoolctl``; without it this does nothing.
     """
 
     def __init__(self) -> None:
