@@ -66,7 +66,7 @@ def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_t
     dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     dt0 = min(dt0, dtmax)
     t = t0 + direction * dt0
-    on_arrays = getattr(f, "on_arrays", None) if isinstance(norms, _NumpyNorms) else None
+    on_arrays = getattr(f, "on_arrays", None) if on_numpy else None
     if on_arrays is not None:  # a frozen field on the arrays themselves (odeflux.small_cpu.rk_step's protocol)
         f1 = np.empty_like(norms.f0)
         on_arrays(t, norms.euler_array(direction * dt0), f1)

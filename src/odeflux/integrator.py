@@ -66,8 +66,8 @@ def integrate(f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: Ex
     """
     if options.get("step_fn") is None and small_cpu.step_applies(y0):
         with small_cpu.one_blas_thread:
-            return _integrate(f, y0, t0, t1, solver, **options)
-    return _integrate(f, y0, t0, t1, solver, **options)
+            return _integrate(f, y0, t0, t1, solver, numpy_steps=True, **options)
+    return _integrate(f, y0, t0, t1, solver, numpy_steps=False, **options)
 
 
 def _integrate(
@@ -77,6 +77,7 @@ def _integrate(
     t1: float,
     solver: ExplicitRK,
     *,
+    numpy_steps: bool,
     rtol: float,
     atol: float,
     controller: StepSizeController,
@@ -96,7 +97,7 @@ def _integrate(
     on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     dense_budget: int | None = None,
 ) -> IntegrationResult:
-    """:func:`integrate`'s work.
+    """:func:`integrate`'s work; ``numpy_steps``: step through :func:`odeflux.small_cpu.rk_step`.
 
     ``saveat`` (host times, in the direction of integration) replaces the default saving of the
     start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
@@ -115,14 +116,14 @@ def _integrate(
     order = solver.error_order
     # Small CPU states outside autograd step through NumPy (odeflux.small_cpu): same arithmetic,
     # a fraction of torch's per-op cost at these sizes.
-    step = step_fn or (small_cpu.rk_step if small_cpu.step_applies(y0) else rk_step_with_error)
+    step = small_cpu.rk_step if numpy_steps else (step_fn or rk_step_with_error)
     freeze = getattr(f, "frozen", None)
     if freeze is not None and step_fn is None and not torch.is_grad_enabled():
         # A field that can evaluate itself with its checks done once for the whole solve (no graph
         # is recorded here, so nothing is lost): see odeflux.fields.MLP.frozen.
         f = freeze(y0) or f
     # A field that evaluates on the NumPy step's arrays (a frozen one): the whole solve stays on them.
-    on_arrays = getattr(f, "on_arrays", None) if step is small_cpu.rk_step else None
+    on_arrays = getattr(f, "on_arrays", None) if numpy_steps else None
     span = abs(t1 - t0)
     tscale = max(abs(t0), abs(t1), 1.0)
     # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
@@ -149,8 +150,9 @@ def _integrate(
     k = k0
     if k is None:
         if on_arrays is not None:  # (a frozen field: its output is the state's shape and dtype by construction)
-            k_np = np.empty(y0.shape, dtype=small_cpu.as_array(y0).dtype)
-            on_arrays(t0, small_cpu.as_array(y0), k_np)
+            y0_np = small_cpu.as_array(y0)
+            k_np = np.empty_like(y0_np)
+            on_arrays(t0, y0_np, k_np)
             k = torch.from_numpy(k_np)
         else:
             k = f(as_time(t0), y0)
@@ -159,7 +161,7 @@ def _integrate(
 
     def result(status: Status, message: str, dt_next: float) -> IntegrationResult:
         dense_out = (
-            DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K, True if step is small_cpu.rk_step else None)
+            DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K, True if numpy_steps else None)
             if dense and dense_dt else None
         )  # fmt: skip
         t_end = t1 if status == Status.SUCCESS else t
@@ -186,7 +188,7 @@ def _integrate(
         raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
     else:
         dt, extra = initial_step(
-            f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time, step is small_cpu.rk_step
+            f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
         )
         stats.n_f_evals += extra
         if not math.isfinite(dt):

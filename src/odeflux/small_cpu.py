@@ -121,7 +121,7 @@ class Kernels:
         self._chain()
 
     def _chain(self) -> None:
-        # (W^T, bias, activation) per layer: the loop of output() reads nothing else
+        # (W^T, bias, activation) per layer: what the forward loops read
         self.chain = [(wt, b, act) for (wt, b), (act, _) in zip(self.forward_params, self.acts)]
 
     def _ones(self, rows: int, dtype: np.dtype) -> np.ndarray:
@@ -164,7 +164,7 @@ class Kernels:
     def forward(self, x: np.ndarray, keep: bool = False) -> list[np.ndarray]:
         """Each layer's output (with ``keep``, the input first and every layer's output)."""
         hs = [x]
-        for (wt, b), (act, _) in zip(self.forward_params, self.acts):
+        for wt, b, act in self.chain:
             h = np.dot(hs[-1], wt)  # np.dot: the shortest path to BLAS for 2-d arrays
             if b is not None:
                 if b.ndim == 2 and b.shape[0] != h.shape[0]:  # a stack of states: (m, rows, width)
@@ -408,8 +408,9 @@ def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol
     """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
     error norm, with the stage derivatives written into one buffer as they come (no re-stacking
     per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
-    ``on_arrays(t, x, out)``, which writes ``f`` of the flat array ``x`` into the flat ``out``. A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may
-    answer with a plan for it: ``plan.n``, how many leading entries of the state a stage's
+    ``on_arrays(t, x, out)``, which writes ``f`` of the flat array ``x`` into the flat ``out``.
+    A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may answer with a
+    plan for it: ``plan.n``, how many leading entries of the state a stage's
     derivative depends on and the plan computes per stage; ``plan.stage(i, head, out)``, the first
     ``n`` entries of stage ``i``'s derivative from the first ``n`` of its state; and
     ``plan.finish(out)``, the other entries of stages 2.. all at once (an adjoint's ``mu``).

@@ -111,15 +111,11 @@ class DenseOutput:
 
     def at(self, t: float) -> torch.Tensor:
         """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
+        if self._small_cpu and not torch.is_grad_enabled():  # on NumPy (odeflux.small_cpu)
+            return torch.from_numpy(self.at_arrays([t]).reshape(self.y0s[0].shape))
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
         y0 = self.y0s[i]
-        if self._small_cpu and not torch.is_grad_enabled():  # on NumPy (odeflux.small_cpu)
-            y0_np, K_np = self._arrays(i)
-            out = np.asarray(self._weights(theta), dtype=K_np.dtype) @ K_np
-            out *= self.dts[i]
-            out += y0_np
-            return torch.from_numpy(out.reshape(y0.shape))
         wt = self.weights_row(theta, y0.dtype, y0.device)
         row, mat = self._views(i)
         return torch.addmm(row, wt, mat, alpha=self.dts[i]).view(y0.shape)

@@ -185,11 +185,9 @@ def module_tensors(f: Any) -> tuple[list[torch.Tensor] | None, ModuleState]:
     return params, state
 
 
-def collect_params(
-    f: Any, args: Any, params: Sequence[torch.Tensor] | None, f_params: list[torch.Tensor] | None = None
-) -> list[torch.Tensor]:
-    """The tensors gradients may flow to besides ``y0``: ``f``'s parameters (``f_params`` when
-    :func:`module_tensors` has listed them), ``args``' tensors, ``params``."""
+def collect_params(f_params: Sequence[torch.Tensor], args: Any, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The tensors gradients may flow to besides ``y0``: ``f``'s parameters (``f_params``, as
+    :func:`module_tensors` lists them), ``args``' tensors, ``params``."""
     found: list[torch.Tensor] = []
     seen: set[int] = set()
 
@@ -198,8 +196,6 @@ def collect_params(
             seen.add(id(p))
             found.append(p)
 
-    if f_params is None:
-        f_params = module_tensors(f)[0] or []
     for p in f_params:
         add(p)
     if args is not None:
@@ -324,7 +320,7 @@ def _make_problem(
         rtol=rtol, atol=atol, dt0=dt0, dtmin=None if dtmin is None else float(dtmin),
         dtmax=None if dtmax is None else float(dtmax), max_steps=max_steps, saveat=save_list,
         save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
-        dense=bool(dense), params=collect_params(f, args, params, f_params or []), user_f=f, args=args,
+        dense=bool(dense), params=collect_params(f_params or [], args, params), user_f=f, args=args,
         f_params=f_params, module_state=module_state,
         step_fn=compiled_step() if compile else None, float_time=bool(getattr(f, "ignores_time", False)),
     )  # fmt: skip
