@@ -4,7 +4,7 @@
     python -m benchmarks.run_all --quick         # smoke run of each, prints only
     python -m benchmarks.run_all --only tutorial_epoch --only whole_run
 
-About 8 to 10 minutes on a quiet 2-core machine (diffrax's start-ups and JIT compilations take a good part). A
+About 5 minutes on a 2-core machine (diffrax's start-ups and JIT compilations take a good part). A
 benchmark that fails is reported and the others still run; the exit status is then 1.
 """
 
