@@ -218,11 +218,11 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
          calls.get("stage VJPs: lambda"), 2),
         ("stage VJPs, mu's part: v^T df/dp, a step's stages at once", g("stage VJPs: mu", 0.0),
          calls.get("stage VJPs: mu"), 2),
-        ("single evaluations (the interval's first, the initial step's): the rule on arrays, y(t) included",
+        ("single evaluations (the interval's first; the initial step's where the try at the whole interval failed): the rule on arrays, y(t) included",
          g("single evaluations", 0.0), calls.get("single evaluations"), 2),
         ("whole VJP rule, y(t) one time at a time (where no plan applies)",
          g("VJP products", 0.0) + g("y(t) from the kept forward steps", 0.0), calls.get("VJP products"), 2),
-        ("the rest: RK arithmetic, error norms (the initial step's too), controller, VJP plumbing",
+        ("the rest: RK arithmetic, error norms, controller, VJP plumbing",
          g("adjoint solve (AdjointRun.backward)") - g("stage batches", 0.0) - g("VJP products", 0.0)
          - g("stage VJPs: lambda", 0.0) - g("stage VJPs: mu", 0.0) - g("single evaluations", 0.0)
          - g("y(t) from the kept forward steps", 0.0) - g("forward re-solve", 0.0), None, 2),
@@ -310,14 +310,15 @@ def main(argv: list[str] | None = None) -> str:
     top_py, steps = cprofile_top(model, loader, opt, args.epochs)
     top_ops, ops_per_step = torch_ops(model, loader, opt, args.epochs)
     node = model.module.node if hasattr(model, "module") else model.node
-    stats = node.last_stats
+    stats, bstats = node.last_stats, node.last_backward_stats
 
     parts = [
         "The default run of `odeflux train` (InterpolatingAdjoint, autograd VJPs, flat parameters, Tsit5, "
         f"rtol = atol = 1e-3, float32, batch 128 over the tutorial's 1350 images), {args.threads} torch "
         f"thread(s), after the tutorial's warm-up and one untimed epoch; each view covers {args.epochs} more "
         f"epochs ({steps} steps) as training goes on. Last forward solve: {stats.n_accepted} accepted steps, "
-        f"{stats.n_f_evals} f evaluations.",
+        f"{stats.n_f_evals} f evaluations; last adjoint solve: {bstats.n_accepted} accepted and {bstats.n_rejected} "
+        f"rejected steps, {bstats.n_vjp_evals} VJP evaluations.",
         f"## 1. Phases\n\nWall-clock timers around odeflux's functions (inclusive; derived rows are differences). "
         f"Step time with the timers {fmt_seconds(t_instr)}, without {fmt_seconds(t_plain)} (plain epochs just "
         f"before): the timers add little.\n\n{breakdown}",

@@ -105,6 +105,42 @@ def test_continuous_adjoints_agree_with_direct_at_tight_tolerance(problem, metho
     assert float((g - ref).norm() / ref.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("method", CONTINUOUS, ids=lambda m: m.__name__)
+def test_first_step_interval_saves_backward_steps_where_the_adjoint_is_smooth(method):
+    # The tutorial's field on a batch of 64 states: its adjoint is smooth enough to cross [0, 1] in
+    # one step, where Hairer's cautious start takes several. Both stay within the tolerance of
+    # backpropagation through the same forward steps (DirectAdjoint).
+    g = torch.Generator().manual_seed(0)
+    layers = [nn.Linear(20, 10), nn.Linear(10, 10), nn.Linear(10, 20)]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.in_features))
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    f = odeflux.MLP(layers).double()
+    field = lambda t, y: f(y)
+    y0 = torch.randn(64, 20, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def run(sensealg):
+        zero_grads(y0, *f.parameters())
+        sol = odeflux.solve(field, y0, (0.0, 1.0), rtol=1e-3, atol=1e-3, sensealg=sensealg, save_start=False,
+                            params=list(f.parameters()))  # fmt: skip
+        (sol.ys[-1].sin().sum() / 64).backward()
+        return flat_grads(f, y0), sol.backward_stats
+
+    ref, _ = run(DirectAdjoint())
+    fast, st_fast = run(method())  # the default: first_step="interval"
+    slow, st_slow = run(method(first_step="hairer"))
+    assert st_fast.n_accepted < st_slow.n_accepted and st_fast.n_vjp_evals < st_slow.n_vjp_evals
+    for g_ in (fast, slow):
+        assert float((g_ - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_first_step_is_checked():
+    assert InterpolatingAdjoint().first_step == "interval"
+    with pytest.raises(ValueError, match="GaussAdjoint: first_step='auto' is not one of hairer, interval"):
+        GaussAdjoint(first_step="auto")
+
+
 @pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint], ids=lambda m: m.__name__)
 def test_seminorm_leaves_the_parameter_adjoint_out_of_step_control(problem, method):
     f, y0, _ = problem

@@ -469,6 +469,63 @@ def test_initial_step_respects_dtmax_and_small_derivative():
 # Status codes and failures
 
 
+def _solve_first_step(f, y0, t1, first_step, rtol, atol, **kw):
+    from odeflux.integrator import integrate
+
+    return integrate(f, y0, 0.0, t1, Tsit5(), rtol=rtol, atol=atol, controller=kw.pop("controller", PIController()),
+                     first_step=first_step, **kw)  # fmt: skip
+
+
+def test_first_step_interval_crosses_a_smooth_span_in_one_step():
+    f = lambda t, y: -y
+    y0 = torch.ones(3, dtype=torch.float64)
+    res = _solve_first_step(f, y0, 1.0, "interval", 1e-3, 1e-3)
+    assert res.status == Status.SUCCESS
+    # f(t0, y0) and six new stages: no initial-step probe, one step.
+    assert (res.stats.n_steps, res.stats.n_rejected, res.stats.n_f_evals) == (1, 0, 7)
+    assert float((res.y - math.exp(-1.0)).abs().max()) < 1e-3
+    hairer = _solve_first_step(f, y0, 1.0, "hairer", 1e-3, 1e-3)
+    assert hairer.stats.n_steps > 1 and hairer.stats.n_f_evals == 2 + 6 * hairer.stats.n_steps
+    # dtmax bounds the try.
+    ctrl = RecordingPI()
+    _solve_first_step(f, y0, 1.0, "interval", 1e-3, 1e-3, dtmax=0.25, controller=ctrl)
+    assert ctrl.log[0][0] == pytest.approx(0.25)
+
+
+def test_first_step_interval_falls_back_to_hairer_when_the_try_fails():
+    p = PROBLEMS["van_der_pol"]
+    y0 = p.y0_tensor()
+    ctrl = RecordingPI()
+    res = _solve_first_step(p.f, y0, 6.0, "interval", 1e-6, 1e-8, controller=ctrl)
+    assert res.status == Status.SUCCESS
+    (tried, _, accepted, proposed), second = ctrl.log[0], ctrl.log[1]
+    assert tried == pytest.approx(6.0) and not accepted
+    # The next try: the smaller of the controller's proposal and Hairer's estimate from the start.
+    h0, _ = initial_step(p.f, 0.0, y0, p.f(0.0, y0), 1.0, Tsit5().order, 1e-6, 1e-8, dtmax=6.0)
+    assert second[0] == pytest.approx(min(proposed, h0), rel=1e-12)
+    # f(t0), the probe after the failed try, six stages per attempt.
+    assert res.stats.n_f_evals == 2 + 6 * res.stats.n_steps and res.stats.n_rejected >= 1
+    hairer = _solve_first_step(p.f, y0, 6.0, "hairer", 1e-6, 1e-8)
+    torch.testing.assert_close(res.y, hairer.y, rtol=1e-4, atol=1e-6)
+    ref = p.reference((6.0,))[-1]
+    assert rel_err(res.y, ref) < 1e-4
+
+
+def test_first_step_interval_survives_a_try_that_overflows():
+    # dy/dt = -y^3 from 10 in float32: the whole-span try overflows (its stages grow like powers of
+    # 1e3), and the solve must go on from Hairer's estimate rather than stop as non-finite.
+    ctrl = RecordingPI()
+    res = _solve_first_step(lambda t, y: -(y**3), torch.full((2,), 10.0), 10.0, "interval", 1e-4, 1e-6, controller=ctrl)
+    assert not math.isfinite(ctrl.log[0][1]) and not ctrl.log[0][2]
+    assert res.status == Status.SUCCESS
+    torch.testing.assert_close(res.y, torch.full((2,), 1 / math.sqrt(20.01)), rtol=1e-3, atol=0)
+
+
+def test_first_step_must_be_known():
+    with pytest.raises(ValueError, match="first_step='largest'.*hairer, interval"):
+        _solve_first_step(lambda t, y: -y, torch.ones(2), 1.0, "largest", 1e-3, 1e-3)
+
+
 def test_max_steps_status_and_error():
     p = PROBLEMS["van_der_pol"]
     sol = odeflux.solve(p.f, p.y0_tensor(), (0.0, 10.0), max_steps=7, throw=False)

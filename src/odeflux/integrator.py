@@ -96,6 +96,7 @@ def _integrate(
     float_time: bool = False,
     on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     dense_budget: int | None = None,
+    first_step: str = "hairer",
 ) -> IntegrationResult:
     """:func:`integrate`'s work; ``numpy_steps``: step through :func:`odeflux.small_cpu.rk_step`.
 
@@ -107,6 +108,11 @@ def _integrate(
     right-hand sides look up the forward's interpolant by host time, with no device round trip).
     ``on_accept(t, dt, y, y1, K)`` is called after each accepted step. ``dense_budget`` (bytes)
     stops keeping dense output, and drops what was kept, once it would take more than that.
+    ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from Hairer's estimate
+    (one extra evaluation); ``"interval"`` first tries the whole span (up to ``dtmax``) as one
+    step and, if the error estimate rejects it, goes on from the smaller of the controller's
+    proposal and Hairer's estimate. The adjoints use it: their systems are often smooth enough
+    to be crossed in far fewer steps than the forward took.
     """
     direction = 1.0 if t1 > t0 else -1.0
     stats = Stats()
@@ -182,10 +188,15 @@ def _integrate(
             ys.append(y0)
             si += 1
 
+    if first_step not in FIRST_STEPS:
+        raise ValueError(f"first_step={first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
+    speculative = False  # the first step is a try at the whole span (first_step="interval")
     if dt0 is not None:
         dt = abs(dt0)
     elif not adaptive:
         raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
+    elif first_step == "interval":
+        dt, speculative = dtmax, True
     else:
         dt, extra = initial_step(
             f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
@@ -216,6 +227,19 @@ def _integrate(
         if adaptive:
             last_err = float(err)  # the one host synchronisation per step
             accept, dt_new, ctrl_state = controller.propose(abs(h), last_err, ctrl_state, order)
+            if speculative:
+                speculative = False
+                if not accept:
+                    # The try at the whole span failed: go on as a cautious start would, from
+                    # Hairer's estimate (one more evaluation) where it is the smaller step, and
+                    # with the controller's memory of the failed try wiped.
+                    h0, extra = initial_step(
+                        f, t, y, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
+                    )
+                    stats.n_f_evals += extra
+                    if math.isfinite(h0):
+                        dt_new = min(dt_new, max(h0, dtmin))
+                    ctrl_state = controller.init_state()
         else:
             accept, dt_new = True, dt
         if accept:
@@ -274,6 +298,10 @@ def _integrate(
     if not adaptive and not bool(torch.isfinite(y).all()):
         return result(Status.NONFINITE, _nonfinite_message(t, dt, fixed_step=True), dt)
     return result(Status.SUCCESS, "", dt)
+
+
+#: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :func:`_integrate`).
+FIRST_STEPS = ("hairer", "interval")
 
 
 def _check_derivative(k: object, y0: torch.Tensor) -> None:
