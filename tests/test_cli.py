@@ -36,6 +36,7 @@ LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d
         (["train", "--vjp", "zygote"], ["--vjp", "invalid choice"]),
         (["train", "--solver", "euler"], ["--solver", "invalid choice", "tsit5"]),
         (["train", "--params", "namedtuple"], ["--params", "invalid choice"]),
+        (["train", "--adjoint-first-step", "largest"], ["--adjoint-first-step", "invalid choice", "hairer"]),
         (["train", "--bogus"], ["unrecognized arguments", "--bogus"]),
         (["train", "--model", "resnet"], ["--model", "invalid choice", "tutorial"]),
         (["train", "--resume", "somewhere", "--run-dir", "elsewhere"], ["--resume", "drop --run-dir"]),
@@ -140,6 +141,18 @@ def test_run_dir_problems_are_one_line(tmp_path, capsys):
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "is a file" in err
     code, out, err = run_cli(["train", "--resume", str(tmp_path / "nothing-here")], capsys)
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1 and "does not exist" in err
+
+
+def test_adjoint_first_step_reaches_the_model_and_stays_with_the_run(tmp_path, capsys):
+    from odeflux.mnist.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    argv = ["train", "--device", "cpu", "--epochs", "1", "--n-samples", "200", "--adjoint-first-step", "hairer"]
+    code, _, err = run_cli([*argv, "--run-dir", str(run)], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run / "last.pt").config["adjoint_first_step"] == "hairer"
+    code, _, err = run_cli(["train", "--resume", str(run), "--epochs", "2", "--adjoint-first-step", "interval"], capsys)
+    assert code == 2 and "--adjoint-first-step" in err and "keeps its configuration" in err
 
 
 def test_resume_keeps_the_runs_configuration(tmp_path, capsys):

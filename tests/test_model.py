@@ -114,11 +114,16 @@ def test_make_sensealg_maps_names():
     for name, cls in [("interpolating", InterpolatingAdjoint), ("gauss", GaussAdjoint),
                       ("backsolve", BacksolveAdjoint), ("quadrature", QuadratureAdjoint)]:  # fmt: skip
         alg = make_sensealg(name, "func")
-        assert type(alg) is cls and alg.vjp == "func"
+        assert type(alg) is cls and alg.vjp == "func" and alg.first_step == "interval"
+        assert make_sensealg(name, first_step="hairer").first_step == "hairer"
     with pytest.raises(ValueError, match="unknown sensealg"):
         make_sensealg("reversediff")
     with pytest.raises(ValueError, match="unknown vjp"):
         make_sensealg("gauss", "zygote")
+    with pytest.raises(ValueError, match="unknown adjoint first step 'auto': choose one of hairer, interval"):
+        make_sensealg("gauss", first_step="auto")
+    node = next(m for m in create_model(adjoint_first_step="hairer").modules() if isinstance(m, odeflux.NeuralODE))
+    assert node.sensealg.first_step == "hairer"
 
 
 def test_create_model_rejects_bad_choices():

@@ -148,7 +148,7 @@ def test_devices():
     "kwargs, match",
     [({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"train_split": 1.0}, "train_split"),
      ({"rtol": 0.0}, "rtol"), ({"n_samples": 1}, "n_samples"), ({"sensealg": "zygote"}, "sensealg"),
-     ({"threads": 0}, "threads")],
+     ({"threads": 0}, "threads"), ({"adjoint_first_step": "auto"}, "adjoint_first_step='auto' is not one of hairer")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

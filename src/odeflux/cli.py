@@ -101,7 +101,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """
     from . import __version__
     from .mnist.data import DATASETS
-    from .mnist.model import ADAPTIVE_SOLVERS, PARAM_STRUCTURES, SENSEALGS, VJPS
+    from .mnist.model import ADAPTIVE_SOLVERS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS
     from .mnist.train import DEVICES, model_archs
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
@@ -144,6 +144,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of the ODE solves")
     add("--atol", type=_positive_float, default=1e-3, help="absolute tolerance of the ODE solves")
     add("--solver", choices=ADAPTIVE_SOLVERS, default="tsit5", help="adaptive Runge-Kutta method of the ODE layer")
+    add("--adjoint-first-step", choices=FIRST_STEPS, default="interval",
+        help="the continuous adjoints' first step: interval tries the whole span as one step (falling back to "
+        "Hairer's estimate if rejected); hairer starts from Hairer's estimate, as SciMLSensitivity")
     add("--dataset", choices=DATASETS, default="mnist", help="MNIST, or Fashion-MNIST in the same format")
     add("--data-dir", default=None,
         help="directory holding the IDX files; otherwise $ODEFLUX_DATA_DIR, the cache, the bundled 1500 images, a download")
@@ -302,6 +305,7 @@ def _run_train(args: argparse.Namespace, given: set[str]) -> int:
                 seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
                 dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model,
                 deterministic=args.deterministic, lr_schedule=args.lr_schedule,
+                adjoint_first_step=args.adjoint_first_step,
             )  # fmt: skip
             run_dir = None
             if args.run_dir is not None:

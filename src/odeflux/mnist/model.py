@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from ..control import IController
 from ..fields import MLP
+from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
 from ..solvers import SOLVERS
 
@@ -59,18 +60,21 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
     return layer
 
 
-def make_sensealg(name: str, vjp: str = "autograd") -> Any:
+def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
     """The sensitivity algorithm for a command-line name: ``interpolating`` ->
-    ``InterpolatingAdjoint(vjp=vjp)``, ``gauss``, ``backsolve``, ``quadrature`` likewise,
-    ``direct`` -> ``DirectAdjoint()`` (which takes no VJP)."""
+    ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, ``gauss``, ``backsolve``,
+    ``quadrature`` likewise, ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no
+    adjoint solve)."""
     if name not in SENSEALGS:
         raise ValueError(f"unknown sensealg {name!r}: choose one of {', '.join(SENSEALGS)}")
     if vjp not in VJPS:
         raise ValueError(f"unknown vjp {vjp!r}: choose one of {', '.join(VJPS)}")
+    if first_step not in FIRST_STEPS:
+        raise ValueError(f"unknown adjoint first step {first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
     from ..sensitivity import SENSEALGS as ALGORITHMS
 
     cls = ALGORITHMS[name]
-    return cls() if name == "direct" else cls(vjp=vjp)
+    return cls() if name == "direct" else cls(vjp=vjp, first_step=first_step)
 
 
 class TanhMLP(MLP):
@@ -260,6 +264,7 @@ def create_model(
     arch: str = "tutorial",
     width: int | None = None,
     vjp_rule: bool = True,
+    adjoint_first_step: str = "interval",
 ) -> nn.Module:
     """The ``arch`` model (``ARCHS``), initialised from ``torch.Generator().manual_seed(seed)`` in layer order.
 
@@ -270,8 +275,9 @@ def create_model(
     solved over ``(0, 1)`` with ``rtol``/``atol``. ``params="flat"`` wraps the model in
     :class:`FlatParameters`. ``compile=True`` runs the solver's per-step work through
     ``torch.compile(fullgraph=True)``. ``vjp_rule=False`` hides the tutorial field's hand-written
-    VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine. Float32,
-    as in the tutorial.
+    VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine.
+    ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``"interval"`` or
+    SciMLSensitivity's ``"hairer"``). Float32, as in the tutorial.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -285,7 +291,7 @@ def create_model(
         raise ValueError(f"unknown params {params!r}: choose one of {', '.join(PARAM_STRUCTURES)}")
     if solver not in ADAPTIVE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of the adaptive {', '.join(ADAPTIVE_SOLVERS)}")
-    alg = make_sensealg(sensealg, vjp) if isinstance(sensealg, str) else sensealg
+    alg = make_sensealg(sensealg, vjp, adjoint_first_step) if isinstance(sensealg, str) else sensealg
     gen = torch.Generator().manual_seed(seed)
     if arch == "odenet":
         # The integral controller, as torchdiffeq's dopri5 in Chen et al.: on this field OrdinaryDiffEq's

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from . import distributed
 from .checkpoint import Checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistContext
-from .model import ADAPTIVE_SOLVERS, PARAM_STRUCTURES, SENSEALGS, VJPS, create_model, trainable_parameters
+from .model import ADAPTIVE_SOLVERS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS, create_model, trainable_parameters
 from .optim import Adam
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,11 +102,14 @@ class TrainConfig:
     threads: int | None = 1
     arch: str = "tutorial"  # create_model's arch: "tutorial" or "odenet"
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run
+    # The continuous adjoints' first step: "interval" tries each interval whole; "hairer" is
+    # SciMLSensitivity's start (see odeflux.sensitivity.base.ContinuousAdjoint).
+    adjoint_first_step: str = "interval"
 
     def __post_init__(self) -> None:
         choices = {
             "sensealg": SENSEALGS, "vjp": VJPS, "device": DEVICES, "params": PARAM_STRUCTURES, "solver": ADAPTIVE_SOLVERS,
-            "arch": model_archs(), "lr_schedule": LR_SCHEDULES,
+            "arch": model_archs(), "lr_schedule": LR_SCHEDULES, "adjoint_first_step": FIRST_STEPS,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -229,6 +232,7 @@ def build_model(config: TrainConfig, device: torch.device | str | None = None) -
     kwargs: dict[str, Any] = dict(
         sensealg=config.sensealg, vjp=config.vjp, solver=config.solver, rtol=config.rtol, atol=config.atol,
         params=config.params, seed=config.seed, compile=config.compile, device=device,
+        adjoint_first_step=config.adjoint_first_step,
     )  # fmt: skip
     if config.arch != "tutorial":  # create_model without arch= builds the tutorial's
         kwargs["arch"] = config.arch
