@@ -521,6 +521,12 @@ def test_first_step_interval_survives_a_try_that_overflows():
     torch.testing.assert_close(res.y, torch.full((2,), 1 / math.sqrt(20.01)), rtol=1e-3, atol=0)
 
 
+def test_first_step_interval_reports_a_non_finite_start_at_once():
+    f = lambda t, y: y / 0.0 - y / 0.0
+    res = _solve_first_step(f, torch.ones(2, dtype=torch.float64), 1.0, "interval", 1e-3, 1e-3)
+    assert res.status == Status.NONFINITE and res.stats.n_steps == 1  # the try, not a cascade of rejections
+
+
 def test_first_step_must_be_known():
     with pytest.raises(ValueError, match="first_step='largest'.*hairer, interval"):
         _solve_first_step(lambda t, y: -y, torch.ones(2), 1.0, "largest", 1e-3, 1e-3)

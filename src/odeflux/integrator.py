@@ -237,8 +237,9 @@ def _integrate(
                         f, t, y, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
                     )
                     stats.n_f_evals += extra
-                    if math.isfinite(h0):
-                        dt_new = min(dt_new, max(h0, dtmin))
+                    if not math.isfinite(h0):  # the start itself is not finite: no step size will do
+                        return result(Status.NONFINITE, _nonfinite_message(t, None), float("nan"))
+                    dt_new = min(dt_new, max(h0, dtmin))
                     ctrl_state = controller.init_state()
         else:
             accept, dt_new = True, dt
