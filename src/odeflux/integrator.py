@@ -24,6 +24,10 @@ VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepFn = Callable[..., tuple]
 
 
+#: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :func:`_integrate`).
+FIRST_STEPS = ("hairer", "interval")
+
+
 @dataclass
 class IntegrationResult:
     """The raw outcome of :func:`integrate`; :func:`odeflux.solve` turns it into a ``Solution``."""
@@ -299,10 +303,6 @@ def _integrate(
     if not adaptive and not bool(torch.isfinite(y).all()):
         return result(Status.NONFINITE, _nonfinite_message(t, dt, fixed_step=True), dt)
     return result(Status.SUCCESS, "", dt)
-
-
-#: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :func:`_integrate`).
-FIRST_STEPS = ("hairer", "interval")
 
 
 def _check_derivative(k: object, y0: torch.Tensor) -> None:
