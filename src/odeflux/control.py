@@ -177,6 +177,11 @@ class PIController(StepSizeController):
         return False, dt / min(1 / self.qmin, q11 / self.safety), state
 
 
+#: A PIController with the defaults, shared by the solves that pick none (a controller keeps no
+#: state of its own: ``init_state()`` hands each solve its own).
+DEFAULT_PI = PIController()
+
+
 @dataclass
 class IController(StepSizeController):
     """The classic integral controller: ``dt * clamp(safety * err**(-1/p), qmin, qmax)``."""

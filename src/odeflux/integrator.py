@@ -192,6 +192,13 @@ def _integrate(
             ys.append(y0)
             si += 1
 
+    def hairer_start(t: float, y: torch.Tensor, k: torch.Tensor) -> float:
+        # Hairer's estimate from (t, y), with f(t, y) = k; NaN where the start itself is not finite.
+        # As OrdinaryDiffEq: never below dtmin, or the first proposal could end the solve (DT_MIN).
+        h, extra = initial_step(f, t, y, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps)
+        stats.n_f_evals += extra
+        return max(h, dtmin) if math.isfinite(h) else h
+
     if first_step not in FIRST_STEPS:
         raise ValueError(f"first_step={first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
     speculative = False  # the first step is a try at the whole span (first_step="interval")
@@ -202,14 +209,9 @@ def _integrate(
     elif first_step == "interval":
         dt, speculative = dtmax, True
     else:
-        dt, extra = initial_step(
-            f, t0, y0, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
-        )
-        stats.n_f_evals += extra
+        dt = hairer_start(t0, y0, k)
         if not math.isfinite(dt):
             return result(Status.NONFINITE, _nonfinite_message(t0, None), float("nan"))
-        # As OrdinaryDiffEq: never start below dtmin, or the first proposal could end the solve (DT_MIN).
-        dt = max(dt, dtmin)
     dt = min(dt, dtmax)
     ctrl_state = controller.init_state()
     last_err = 0.0
@@ -237,13 +239,10 @@ def _integrate(
                     # The try at the whole span failed: go on as a cautious start would, from
                     # Hairer's estimate (one more evaluation) where it is the smaller step, and
                     # with the controller's memory of the failed try wiped.
-                    h0, extra = initial_step(
-                        f, t, y, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps
-                    )
-                    stats.n_f_evals += extra
+                    h0 = hairer_start(t, y, k)
                     if not math.isfinite(h0):  # the start itself is not finite: no step size will do
                         return result(Status.NONFINITE, _nonfinite_message(t, None), float("nan"))
-                    dt_new = min(dt_new, max(h0, dtmin))
+                    dt_new = min(dt_new, h0)
                     ctrl_state = controller.init_state()
         else:
             accept, dt_new = True, dt

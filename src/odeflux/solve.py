@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .control import ConstantStepSize, PIController, StepSizeController
+from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
 from .integrator import IntegrationResult, integrate, rk_step_with_error
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status, times_tensor
@@ -267,7 +267,7 @@ def _make_problem(
     if not isinstance(solver, ExplicitRK):
         raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
     if controller is None:
-        controller = _DEFAULT_PI if solver.adaptive else ConstantStepSize()
+        controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()
     if not isinstance(controller, StepSizeController):
         raise TypeError(f"controller must be a step-size controller such as odeflux.PIController(), got {controller!r}")
     if controller.adaptive and not solver.adaptive:
@@ -327,7 +327,6 @@ def _make_problem(
     return problem, t_tensors  # type: ignore[return-value]
 
 
-_DEFAULT_PI = PIController()  # controllers keep no state of their own (init_state holds it): one serves all
 _COMPILED_STEP: Callable | None = None
 _DIRECT = DirectAdjoint()  # solve()'s default method
 

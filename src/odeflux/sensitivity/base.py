@@ -23,7 +23,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import small_cpu
-from ..control import ConstantStepSize, PIController
+from ..control import DEFAULT_PI, ConstantStepSize
 from ..integrator import FIRST_STEPS, IntegrationResult, integrate
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import ExplicitRK
@@ -237,7 +237,7 @@ class AdjointRun:
         """Integrate an adjoint system ``dz/dt = g(t, z)`` from ``t_hi`` back to ``t_lo``."""
         # A fixed-step method steps the adjoint back with the forward's step size (as the forward's
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
-        controller, dt0 = (PIController(), None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
+        controller, dt0 = (DEFAULT_PI, None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         res = integrate(
             g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0,
             max_steps=self.max_steps, save_start=False, save_end=True,
