@@ -1,9 +1,9 @@
 """NumPy's BLAS held to one thread while odeflux's NumPy kernels run, against left as it is.
 
-odeflux.small_cpu runs a small CPU solve's products through NumPy's BLAS. Some of them (an RK
+odeflux's NumPy kernels (odeflux.kernels) run a small CPU solve's products through NumPy's BLAS. Some of them (an RK
 step's stage sums, a stage plan's batched products) pass OpenBLAS's threading thresholds once the
 batch grows; with torch's own threads busy on the same cores, OpenBLAS's threads then wait on each
-other. ``small_cpu.one_blas_thread`` holds NumPy's BLAS to one thread while the kernels run. This
+other. ``odeflux.kernels.arrays.one_blas_thread`` holds NumPy's BLAS to one thread while the kernels run. This
 times the default training run (InterpolatingAdjoint, autograd VJPs, flat parameters, the
 tutorial's 1350 images, Adam(1e-3), float32) with the hold (*one BLAS thread*) and without it
 (*BLAS threads as set*: NumPy's BLAS on its own thread count, here printed per section), at
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from odeflux import small_cpu
+from odeflux.kernels import arrays
 from odeflux.mnist.data import BatchLoader, tutorial_split
 from odeflux.mnist.model import create_model
 from odeflux.mnist.train import make_optimizer, train_epoch, warmup
@@ -53,7 +53,7 @@ def child(batch: int, hold: bool, threads: int, epochs: int) -> None:
     model = create_model(sensealg="interpolating", vjp="autograd", params="flat")
     opt = make_optimizer(model, 1e-3)
     if not hold:
-        small_cpu.one_blas_thread = contextlib.nullcontext()  # every caller looks it up per call
+        arrays.one_blas_thread = contextlib.nullcontext()  # every caller looks it up per call
     warmup(model, (loader.x, loader.y))
     train_epoch(model, loader, opt)
     times = []

@@ -73,32 +73,6 @@ class Timers:
         setattr(owner, attr, functools.wraps(orig)(self._timed(orig, name, phase, outside)))
         self._undo.append(lambda: setattr(owner, attr, orig))
 
-    def wrap_made(self, owner: Any, attr: str, label: Callable[[Timers, tuple, dict], str]) -> None:
-        """Time the callables that ``owner.attr`` returns, and their array-level entry points
-        (a field's ``on_arrays``; a rule's ``on_arrays`` and ``stage_plan`` are passed through, timed
-        by their callers), under
-        ``label(self, args, kwargs)`` decided at creation."""
-        orig = getattr(owner, attr)
-        timers = self
-
-        class Timed:
-            def __init__(self, fn: Any, name: Callable[[], str], rule: bool):
-                self._fn, self._name = fn, name
-                if hasattr(fn, "on_arrays"):  # a rule's is timed by its caller (the single evaluations)
-                    self.on_arrays = fn.on_arrays if rule else timers._timed(fn.on_arrays, name)
-                if hasattr(fn, "stage_plan"):  # timed by its caller (the adjoint's stage batches)
-                    self.stage_plan = fn.stage_plan
-
-            def __call__(self, *b: Any, **kb: Any) -> Any:
-                return timers._timed(self._fn, self._name)(*b, **kb)
-
-        @functools.wraps(orig)
-        def making(*a: Any, **kw: Any) -> Any:
-            fn = orig(*a, **kw)
-            return None if fn is None else Timed(fn, lambda: label(timers, a, kw), bool(kw.get("vjp")))
-
-        setattr(owner, attr, making)
-        self._undo.append(lambda: setattr(owner, attr, orig))
 
     def _timed(
         self, fn: Callable, name_of: Callable[[], str], phase: str | None = None, outside: str | None = None
@@ -157,19 +131,17 @@ def phase_breakdown(model, loader, opt, epochs: int) -> tuple[str, float, float]
     T.wrap(odeflux.nn, "solve", "solve() call")
     T.wrap(B.AdjointRun, "forward", "forward ODE solve (AdjointRun.forward)", phase="fwd")
     T.wrap(B.AdjointRun, "backward", "adjoint solve (AdjointRun.backward)", phase="bwd")
-    T.wrap(odeflux.sensitivity.rhs._PlannedRHS, "prepare_step", "stage batches")
+    T.wrap(odeflux.sensitivity.rhs._PlannedRHS, "plan_step", "stage batches")
     T.wrap(odeflux.sensitivity.rhs.AdjointRHS, "__call__", "single evaluations")
-    T.wrap(odeflux.small_cpu.StagePlan, "stage", "stage VJPs: lambda", outside="single evaluations")
-    T.wrap(odeflux.small_cpu.StagePlan, "params_into", "stage VJPs: mu", outside="single evaluations")
-    for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.MLP, "_vjp"),
-                        (odeflux.fields.MLP, "_vjp_flat")):  # fmt: skip
+    T.wrap(odeflux.kernels.dense_layers.StagePlan, "stage", "stage VJPs: lambda", outside="single evaluations")
+    T.wrap(odeflux.kernels.dense_layers.StagePlan, "params_into", "stage VJPs: mu", outside="single evaluations")
+    for owner, attr in ((odeflux.fields.FrozenVJP, "__call__"), (odeflux.fields.MLP, "_vjp")):
         T.wrap(owner, attr, "VJP products")
     T.wrap(odeflux.solution.DenseOutput, "at", "y(t) from the kept forward steps")
     T.wrap(B.AdjointRun, "_resolve", "forward re-solve")
     T.wrap(odeflux.nn.VectorField, "forward", lambda t: f"f evaluations ({t.phase})")
-    # A solve evaluates the field through its frozen form (checks once per solve), the adjoint its rule.
-    T.wrap_made(odeflux.nn.VectorField, "frozen",
-                lambda t, a, kw: "VJP products" if kw.get("vjp") else f"f evaluations ({t.phase})")  # fmt: skip
+    # A solve evaluates the field through its array form (odeflux.kernels), the adjoint its rule.
+    T.wrap(odeflux.fields.FrozenField, "evaluate", lambda t: f"f evaluations ({t.phase})")
     T.wrap(odeflux.integrator, "initial_step", lambda t: f"initial step size ({t.phase})")
     steps = 0
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from torch import nn
 import odeflux
 from odeflux import ConstantStepSize, DirectAdjoint
 from odeflux.sensitivity.rk_reverse import reverse_pass_rule
-from odeflux.solve import _make_problem
+from odeflux.problem import make_problem
 from odeflux.solvers import SOLVERS
 
 
@@ -96,7 +96,7 @@ def test_applies_only_where_it_may():
     m = mlp()
     f = odeflux.VectorField(m)
     y0 = torch.zeros(3, 4, dtype=torch.float64)
-    problem, _ = _make_problem(
+    problem, _ = make_problem(
         f, y0, (0.0, 1.0), None, None, None, 1e-6, 1e-6, None, False, True, True,
         None, None, None, None, 100, None, False,
     )  # fmt: skip
@@ -132,22 +132,3 @@ def test_t_span_gradients_through_the_hand_written_pass():
         out.append(torch.cat([span.grad, y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in m.parameters()]))
     assert torch.allclose(out[0], out[1], rtol=1e-9, atol=1e-11)
     assert out[0][:2].abs().min() > 0
-
-
-def test_a_rule_without_a_batched_form_is_called_per_stage():
-    """A frozen rule with no ``stage_plan`` (a user's own) takes the per-stage path of the pass."""
-    ref, _ = grads(False, **ADAPTIVE)
-    m = mlp()
-    freeze = m.frozen
-
-    def frozen(y, vjp=False):
-        fn = freeze(y, vjp)
-        return (lambda *a, **k: fn(*a, **k)) if vjp and fn is not None else fn
-
-    m.frozen = frozen
-    y0 = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    sol = odeflux.solve(odeflux.VectorField(m), y0, (0.0, 1.0), sensealg=DirectAdjoint(), **ADAPTIVE)
-    (sol.ys**2).sum().backward()
-    g = torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in m.parameters()])
-    assert sol.backward_stats.n_vjp_evals > 0
-    assert torch.allclose(g, ref, rtol=1e-11, atol=1e-12)

@@ -24,7 +24,9 @@ from odeflux import (
     Status,
     Tsit5,
 )  # fmt: skip
-from odeflux.control import initial_step
+from odeflux.control import initial_step as hairer_step
+from odeflux.integrator import IntegrateOptions, integrate
+from odeflux.kernels import TorchStepKernel
 
 ADAPTIVE = {"tsit5": Tsit5, "dopri5": Dopri5, "bs3": BS3, "heun": Heun}
 ALL = {**ADAPTIVE, "euler": Euler, "midpoint": Midpoint, "rk4": RK4}
@@ -423,6 +425,12 @@ def test_solver_uses_pi_controller_with_method_order():
 # Hairer's initial step (as OrdinaryDiffEq computes it), by hand in numpy.
 
 
+def initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax):
+    """Hairer's start through the torch step kernel's norms (the one implementation)."""
+    kernel = TorchStepKernel(f, Tsit5(), y0, rtol, atol, None, False, False)
+    return hairer_step(kernel.norms(t0, y0, f0), t0, direction, order, dtmax)
+
+
 def hairer_initial_step(f_np, t0, y0, direction, order, rtol, atol):
     sk = atol + np.abs(y0) * rtol
     rms = lambda v: math.sqrt(np.mean(v**2))  # noqa: E731
@@ -470,10 +478,8 @@ def test_initial_step_respects_dtmax_and_small_derivative():
 
 
 def _solve_first_step(f, y0, t1, first_step, rtol, atol, **kw):
-    from odeflux.integrator import integrate
-
-    return integrate(f, y0, 0.0, t1, Tsit5(), rtol=rtol, atol=atol, controller=kw.pop("controller", PIController()),
-                     first_step=first_step, **kw)  # fmt: skip
+    opts = IntegrateOptions(rtol=rtol, atol=atol, controller=kw.pop("controller", PIController()), first_step=first_step, **kw)
+    return integrate(f, y0, 0.0, t1, Tsit5(), opts)
 
 
 def test_first_step_interval_crosses_a_smooth_span_in_one_step():

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
-import numpy as np
 import torch
-
-from . import small_cpu
 
 
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, n: int | None = None) -> torch.Tensor:
@@ -28,102 +25,36 @@ def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: flo
     return torch.linalg.vector_norm(err / scale).div_(math.sqrt(err.numel()))
 
 
-def rms_scaled(x: torch.Tensor, scale: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x / scale)) / math.sqrt(x.numel())
+class HairerNorms(Protocol):
+    """What Hairer's initial step reads from a state ``y0`` with ``f0 = f(t0, y0)``, every norm
+    the RMS norm scaled by ``atol + rtol |y0|`` (over the first ``n`` entries for a seminorm):
+    ``d0 = ||y0||``, ``d1 = ||f0||``, and ``change(t, h) = ||f(t, y0 + h f0) - f0||`` (one
+    evaluation of ``f``). Each step kernel (:mod:`odeflux.kernels`) computes them its own way."""
+
+    d0: float
+    d1: float
+
+    def change(self, t: float, h: float) -> float: ...
 
 
-def initial_step(
-    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    t0: float,
-    y0: torch.Tensor,
-    f0: torch.Tensor,
-    direction: float,
-    order: int,
-    rtol: float,
-    atol: float,
-    dtmax: float,
-    n: int | None = None,
-    float_time: bool = False,
-    on_numpy: bool | None = None,
-) -> tuple[float, int]:
+def initial_step(norms: HairerNorms, t0: float, direction: float, order: int, dtmax: float) -> tuple[float, int]:
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
-    Returns the step (positive) and the number of extra ``f`` evaluations it spent (one).
-    ``on_numpy`` says whether the state is one for odeflux.small_cpu (worked out if ``None``).
+    Returns the step (positive; NaN where the start itself is not finite) and the number of
+    extra ``f`` evaluations it spent.
     """
-    if on_numpy is None:
-        on_numpy = small_cpu.step_applies(y0)
-    with torch.no_grad():  # a heuristic: nothing here is differentiated
-        return _initial_step(f, t0, y0.detach(), f0.detach(), direction, order, rtol, atol, dtmax, n, float_time, on_numpy)
-
-
-def _initial_step(f, t0, y0, f0, direction, order, rtol, atol, dtmax, n, float_time, on_numpy) -> tuple[float, int]:
-    # The norms on NumPy for small CPU states (odeflux.small_cpu): a dozen tiny ops either way.
-    norms = _NumpyNorms(y0, f0, rtol, atol, n) if on_numpy else _TorchNorms(y0, f0, rtol, atol, n)
     d0, d1 = norms.d0, norms.d1
     if not (math.isfinite(d0) and math.isfinite(d1)):
         return float("nan"), 0
     dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
     dt0 = min(dt0, dtmax)
-    t = t0 + direction * dt0
-    on_arrays = getattr(f, "on_arrays", None) if on_numpy else None
-    if on_arrays is not None:  # a frozen field on the arrays themselves (odeflux.small_cpu.rk_step's protocol)
-        f1 = np.empty_like(norms.f0)
-        on_arrays(t, norms.euler_array(direction * dt0), f1)
-        d2 = norms.rms_change_array(f1) / dt0
-    else:
-        f1 = f(t if float_time else torch.full((), t, dtype=y0.dtype, device=y0.device), norms.euler(direction * dt0))
-        d2 = norms.rms_change(f1) / dt0
+    with torch.no_grad():  # a heuristic: nothing here is differentiated
+        d2 = norms.change(t0 + direction * dt0, direction * dt0) / dt0
     m = max(d1, d2)
     if not math.isfinite(m):
         return dt0, 1
     dt1 = max(1e-6, dt0 * 1e-3) if m <= 1e-15 else (0.01 / m) ** (1.0 / order)
     return min(100 * dt0, dt1, dtmax), 1
-
-
-class _TorchNorms:
-    """The initial-step heuristic's scaled norms on tensors: ``d0 = ||y0||``, ``d1 = ||f0||``,
-    an Euler step, and ``||f1 - f0||``, all scaled by ``atol + rtol |y0|`` (first ``n`` entries)."""
-
-    def __init__(self, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, n: int | None):
-        self.y0, self.f0, self.n = y0, f0, n
-        yf, ff = (y0.reshape(-1)[:n], f0.reshape(-1)[:n]) if n is not None else (y0, f0)
-        self.scale = yf.abs().mul(rtol).add_(atol)
-        d = torch.stack([torch.linalg.vector_norm(yf / self.scale), torch.linalg.vector_norm(ff / self.scale)])
-        self.d0, self.d1 = (d / math.sqrt(yf.numel())).tolist()
-
-    def euler(self, h: float) -> torch.Tensor:
-        return torch.add(self.y0, self.f0, alpha=h)
-
-    def rms_change(self, f1: torch.Tensor) -> float:
-        df = (f1 - self.f0).reshape(-1)[: self.n] if self.n is not None else f1 - self.f0
-        return rms_scaled(df, self.scale)
-
-
-class _NumpyNorms:
-    """:class:`_TorchNorms` on the arrays of a small CPU state (odeflux.small_cpu)."""
-
-    def __init__(self, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, n: int | None):
-        self.shape, self.n = y0.shape, n
-        self.y0, self.f0 = small_cpu.as_array(y0).reshape(-1), small_cpu.as_array(f0).reshape(-1)
-        self.scale = np.abs(self.y0[:n]) * rtol + atol
-        self.d0, self.d1 = self._rms(self.y0[:n]), self._rms(self.f0[:n])
-
-    def _rms(self, x: np.ndarray) -> float:
-        x = x / self.scale
-        return math.sqrt(float(x @ x) / x.size)
-
-    def euler_array(self, h: float) -> np.ndarray:
-        return self.y0 + h * self.f0
-
-    def euler(self, h: float) -> torch.Tensor:
-        return torch.from_numpy(self.euler_array(h).reshape(self.shape))
-
-    def rms_change_array(self, f1: np.ndarray) -> float:
-        return self._rms(f1[: self.n] - self.f0[: self.n])
-
-    def rms_change(self, f1: torch.Tensor) -> float:
-        return self.rms_change_array(small_cpu.as_array(f1).reshape(-1))
 
 
 class StepSizeController:

@@ -10,10 +10,10 @@ of ``y``, ``rule(t, y, v, ...)`` for a module of ``(t, y)``; it returns ``(f, v^
 [v^T df/dp for p in module.parameters()])``. The ``"autograd"`` VJP backend uses it when the
 rule covers exactly the parameters being differentiated, and the autograd engine otherwise.
 
-On small CPU tensors outside autograd, :class:`MLP` computes on NumPy (:mod:`odeflux.small_cpu`),
-and ``MLP.frozen(y)`` hands a solve its evaluation (:class:`FrozenField`) or VJP rule
-(:class:`FrozenVJP`) with the per-call checks done once; the solver and the adjoints look for
-those forms, and for ``vjp_rule_flat`` (the products already concatenated), by name.
+On small CPU tensors :class:`MLP` computes on NumPy (:mod:`odeflux.kernels.dense_layers`), and
+hands a solve its evaluation and VJP rule on arrays through the array-kernel seam
+(:class:`odeflux.kernels.ArrayKernelSource`: ``array_field(y)``, ``array_vjp(y)``), built for
+that solve from the parameters as they are then.
 """
 
 from __future__ import annotations
@@ -26,18 +26,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import small_cpu
-from .small_cpu import Kernels
+from .kernels import ArrayField, ArrayVJP, arrays
+from .kernels.dense_layers import Kernels, StagePlan
 from .solvers.tableau import _is_compiling
 
 def _same_pair(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1] is b[1]
 
 
-def _layout(tensors: list[tuple]) -> list[tuple]:
-    return [
-        (t.shape, t.stride(), t.dtype, t.device) if t is not None else None for pair in tensors for t in pair
-    ]  # fmt: skip
+def _layout(tensors: list[tuple]) -> list[tuple] | None:
+    """Where each tensor's memory is and how it is laid out; ``None`` where a weight is missing
+    (a parametrised one) or a tensor has no memory NumPy could read (a transform's wrapper)."""
+    out = []
+    try:
+        for w, b in tensors:
+            if w is None:
+                return None
+            for t in (w, b):
+                out.append(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device))
+    except RuntimeError:
+        return None
+    return out
 
 
 _aten = torch.ops.aten
@@ -53,45 +62,35 @@ ACTIVATIONS: dict[str, tuple[Callable | None, Callable | None]] = {
 VJPRuleResult = tuple[torch.Tensor, "torch.Tensor | None", "list[torch.Tensor] | None"]
 
 
-class FrozenField:
-    """An :class:`MLP` on its NumPy kernels for one solve (see :meth:`MLP.frozen`): ``f(y)``."""
+class FrozenField(ArrayField):
+    """An :class:`MLP` on its NumPy kernels for one solve (see :meth:`MLP.array_field`)."""
 
     def __init__(self, kernels: Kernels, d_in: int, out_shape: torch.Size):
         self.kernels, self.d_in, self.out_shape = kernels, d_in, out_shape
 
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        out = self.kernels.output(small_cpu.as_array(y).reshape(-1, self.d_in))
+    def tensor(self, y: torch.Tensor) -> torch.Tensor:
+        """``f(y)`` on tensors (viewing the arrays)."""
+        out = self.kernels.output(arrays.as_array(y).reshape(-1, self.d_in))
         return torch.from_numpy(out.reshape(self.out_shape))
 
-    def on_arrays(self, x: np.ndarray, out: np.ndarray) -> None:
-        """``f`` of the state's array ``x`` written into the flat array ``out`` (both of the
-        state's size): for :func:`odeflux.small_cpu.rk_step`, which then needs no tensors at all."""
+    def evaluate(self, t: float, x: np.ndarray, out: np.ndarray) -> None:
         self.kernels.output(x.reshape(-1, self.d_in), out.reshape(-1, self.out_shape[-1]))
 
 
-class FrozenVJP:
-    """An :class:`MLP`'s flattened VJP rule on its NumPy kernels for one solve (see
-    :meth:`MLP.frozen`): ``(y, v, want_y=True, negate=False) -> [v^T df/dy, *v^T df/dp]``."""
+class FrozenVJP(ArrayVJP):
+    """An :class:`MLP`'s VJP rule on its NumPy kernels for one solve (see :meth:`MLP.array_vjp`)."""
 
     def __init__(self, kernels: Kernels, d_in: int, n_params: int):
         self.kernels, self.d_in, self.n_params = kernels, d_in, n_params
 
-    def __call__(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
-        return torch.from_numpy(self.on_arrays(small_cpu.as_array(y), small_cpu.as_array(v), want_y, True, negate))
-
-    def on_arrays(self, y: np.ndarray, v: np.ndarray, want_y: bool = True, want_p: bool = True, negate: bool = False) -> np.ndarray:
-        """The rule on the arrays of a state and a cotangent (any shapes of the state's size):
-        ``[v^T df/dy (if want_y), *v^T df/dp (if want_p)]`` as one flat array."""
+    def __call__(self, y: np.ndarray, v: np.ndarray, want_y: bool = True, want_p: bool = True, negate: bool = False) -> np.ndarray:
         hs = self.kernels.forward(y.reshape(-1, self.d_in), keep=True)
         g = v.reshape(hs[-1].shape)
         out = np.empty(hs[0].size * want_y + self.n_params * want_p, dtype=hs[0].dtype)
         self.kernels.vjp(hs, -g if negate else g, out, want_y, want_p)
         return out
 
-    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> small_cpu.StagePlan:
-        """For ``m`` states stacked as an ``(m, state size)`` array, all known in advance (a
-        Runge-Kutta step's stages): one forward pass over all of them, then the rule per state in
-        two parts (:class:`odeflux.small_cpu.StagePlan`)."""
+    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> StagePlan:
         return self.kernels.stage_plan(ys.reshape(-1, self.d_in), ys.shape[0], negate)
 
 
@@ -129,8 +128,6 @@ class MLP(nn.Module):
         self._final_activation = final_activation
         self.use_vjp_rule = vjp_rule
         self.small_cpu_kernels = small_cpu_kernels
-        self._max_width = max(max(m.in_features, m.out_features) for m in layers)
-        self._n_params = sum(p.numel() for m in layers for p in m.parameters())
         last = len(layers) - 1
         # Per layer: the activation's name, (activation, derivative); worked out once, as the solver
         # calls f six times a step.
@@ -155,68 +152,71 @@ class MLP(nn.Module):
         if len(self.layers) != len(self._acts):
             raise RuntimeError("MLP's layers changed after construction: build a new MLP with the new layers")
 
-    def _small_cpu(self, y: torch.Tensor, graph_free: bool = False) -> Kernels | None:
-        """NumPy kernels over this module's parameters when ``y`` is a small CPU tensor and nothing
-        needs a graph (``graph_free``: the caller's result is never differentiated); ``None``
-        otherwise, for torch's kernels."""
-        if _is_compiling() or not self.small_cpu_kernels or y.dtype not in small_cpu.DTYPES or not y.numel():
+    def _tensors(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        # Read from the layers on every call: a replaced layer or parameter is seen at once.
+        return [(layer._parameters.get("weight"), layer._parameters.get("bias")) for layer in self.layers]
+
+    def _numpy_kernels(self, y: torch.Tensor, graph_free: bool = False) -> Kernels | None:
+        """NumPy kernels over this module's parameters as they are now, when ``y`` is a small
+        CPU tensor and nothing needs a graph (``graph_free``: the caller's result is never
+        differentiated); ``None`` otherwise, for torch's kernels."""
+        if _is_compiling() or not self.small_cpu_kernels or y.dtype not in arrays.DTYPES or not y.numel():
             return None  # (torch.compile traces torch's ops: checked first, before anything it cannot trace)
-        if y.numel() // y.shape[-1] * self._max_width > small_cpu.MAX_ACTIVATION_SIZE or not small_cpu.plain(y):
+        tensors = self._tensors()
+        width = max((max(w.shape) for w, _ in tensors if w is not None), default=0)
+        if y.numel() // y.shape[-1] * width > arrays.MAX_ACTIVATION_SIZE:
             return None
-        slots = self.__dict__.get("_param_slots")
-        if slots is None:  # per layer, its parameter dict: cheaper than module attribute access
-            slots = self.__dict__["_param_slots"] = [layer._parameters for layer in self.layers]
-        tensors = [(d.get("weight"), d.get("bias")) for d in slots]
         if not graph_free and torch.is_grad_enabled():
             if y.requires_grad or any(t is not None and t.requires_grad for pair in tensors for t in pair):
                 return None
-        ptrs = [(w.data_ptr(), b.data_ptr() if b is not None else 0) for w, b in tensors]
+        if not arrays.readable(y):
+            return None
+        layout = _layout(tensors)
+        if layout is None:
+            return None  # a parametrised parameter (computed on access), or a tensor NumPy cannot read
         cached = self.__dict__.get("_kernel_cache")
-        # Same tensors at the same addresses: the arrays still view them (in-place updates show
-        # through; .to()/.double() or a new parameter moves the data, and the kernels are rebuilt).
-        if cached is not None and cached[1] is y.dtype and cached[2] == ptrs:
-            if all(map(_same_pair, cached[0], tensors)):
-                return cached[3]
-            # New tensor objects over the same memory, laid out the same (a flat parameter vector's
-            # views, cut afresh each forward): the arrays view them just as well. (The cached
-            # arrays keep their memory alive, so an equal address is that same memory.)
-            if _layout(tensors) == cached[4]:
+        if cached is not None and cached[1] is y.dtype and cached[2] == layout:
+            # The same memory, laid out the same: the arrays still view it (in-place updates, an
+            # optimizer's step, load_state_dict show through; .to() or .double() moves it). New
+            # tensor objects over it (a flat parameter vector's views, cut afresh each forward)
+            # are checked for what NumPy would drop. (The cached arrays keep their memory alive,
+            # so an equal address is that same memory.)
+            if all(map(_same_pair, cached[0], tensors)) or all(arrays.readable(t) for pair in tensors for t in pair if t is not None):
                 self.__dict__["_kernel_cache"] = (tensors,) + cached[1:]
                 return cached[3]
-        layers = list(self.layers)
-        for (w, b), layer in zip(tensors, layers):
-            if w is None or (b is None) != (layer.bias is None):
-                return None  # a parametrised parameter (computed on access): leave it to torch
-            if any(t.device.type != "cpu" or t.dtype != y.dtype for t in (w, b) if t is not None):
-                return None  # torch's own error message is the one to see
-        arrays = [(small_cpu.as_array(w), None if b is None else small_cpu.as_array(b)) for w, b in tensors]
-        kernels = small_cpu.Kernels(arrays, self._act_names)
-        self.__dict__["_kernel_cache"] = (tensors, y.dtype, ptrs, kernels, _layout(tensors))
+            return None
+        for (w, b), layer in zip(tensors, self.layers):
+            if (b is None) != (layer.bias is None):
+                return None
+            if any(t.dtype != y.dtype or not arrays.readable(t) for t in (w, b) if t is not None):
+                return None  # another dtype or device (torch's own error message is the one to see), or a transform's
+        kernels = Kernels([(arrays.as_array(w), None if b is None else arrays.as_array(b)) for w, b in tensors], self._act_names)
+        self.__dict__["_kernel_cache"] = (tensors, y.dtype, layout, kernels)
         return kernels
+
+    @property
+    def _n_params(self) -> int:
+        return sum(t.numel() for pair in self._tensors() for t in pair if t is not None)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_layers()
-        kernels = self._small_cpu(y)
+        kernels = self._numpy_kernels(y)
         if kernels is not None:
-            with small_cpu.one_blas_thread:
-                return self._field(kernels, y)(y)
+            with arrays.one_blas_thread:
+                return self._field(kernels, y).tensor(y)
         for layer, (act, _) in zip(self.layers, self._acts):
             y = F.linear(y, layer.weight, layer.bias)
             if act is not None:
                 y = act(y)
         return y
 
-    def frozen(self, y: torch.Tensor, vjp: bool = False) -> Callable[..., torch.Tensor] | None:
-        """For one solve from states like ``y`` (same shape, dtype, device) with the parameters
-        left where they are: ``f(y)`` on the NumPy kernels, or with ``vjp`` the flattened rule
-        ``(y, v, want_y=True, negate=False)``, with the per-call checks done once, here. ``None``
-        where the kernels do not apply (or, with ``vjp``, the rule is off)."""
+    def _form(self, y: torch.Tensor, vjp: bool) -> FrozenField | FrozenVJP | None:
         self._check_layers()
-        kernels = self._small_cpu(y, graph_free=vjp)
+        kernels = self._numpy_kernels(y, graph_free=vjp)
         if kernels is None or (vjp and not self.use_vjp_rule):
             return None
-        # Kept with the kernels (which live as long as the parameters' memory and layout do), and
-        # brought up to date here: each solve's form sees the biases as they are now.
+        # Kept with the kernels (which live as long as the parameters' memory does), and brought up
+        # to date here: each solve's form sees the biases as they are now.
         forms = kernels.__dict__.setdefault("frozen_forms", {})
         key = (vjp, y.shape)
         form = forms.get(key)
@@ -230,6 +230,16 @@ class MLP(nn.Module):
         forms[key] = form
         return form
 
+    def array_field(self, y: torch.Tensor) -> FrozenField | None:
+        """``f`` on the NumPy kernels for one solve from states like ``y`` (same shape and dtype),
+        the parameters as they are now; ``None`` where the kernels do not apply."""
+        return self._form(y, vjp=False)
+
+    def array_vjp(self, y: torch.Tensor) -> FrozenVJP | None:
+        """The VJP rule on the NumPy kernels for one solve from states like ``y``; ``None`` where
+        the kernels do not apply or the rule is off."""
+        return self._form(y, vjp=True)
+
     def _field(self, kernels: Kernels, y: torch.Tensor) -> FrozenField:
         return FrozenField(kernels, y.shape[-1], y.shape[:-1] + (self.layers[-1].out_features,))
 
@@ -239,32 +249,16 @@ class MLP(nn.Module):
         ``self.parameters()`` order (``None`` where not wanted); ``None`` when disabled."""
         return self._vjp if self.use_vjp_rule else None
 
-    @property
-    def vjp_rule_flat(self) -> Callable[..., torch.Tensor] | None:
-        """``(y, v, want_y=True, negate=False) -> [v^T df/dy (if want_y), *v^T df/dp]`` flattened
-        into one vector (negated with ``negate``): what an adjoint's right-hand side needs, with
-        no concatenation left to do. ``None`` when the rule is disabled."""
-        return self._vjp_flat if self.use_vjp_rule else None
-
-    def _vjp_flat(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, negate: bool = False) -> torch.Tensor:
-        self._check_layers()
-        kernels = self._small_cpu(y, graph_free=True)
-        if kernels is None:
-            _, gy, gp = self._vjp(y, v.neg() if negate else v, want_y=want_y)
-            return torch.cat(([gy.reshape(-1)] if want_y else []) + [g.reshape(-1) for g in gp])
-        with small_cpu.one_blas_thread:
-            return FrozenVJP(kernels, y.shape[-1], self._n_params)(y, v, want_y=want_y, negate=negate)
-
     def _vjp(self, y: torch.Tensor, v: torch.Tensor, want_y: bool = True, want_p: bool = True) -> VJPRuleResult:
         self._check_layers()
-        kernels = self._small_cpu(y, graph_free=True)
+        kernels = self._numpy_kernels(y, graph_free=True)
         if kernels is not None:
-            x = small_cpu.as_array(y).reshape(-1, y.shape[-1])
-            with small_cpu.one_blas_thread:
+            x = arrays.as_array(y).reshape(-1, y.shape[-1])
+            with arrays.one_blas_thread:
                 hs = kernels.forward(x, keep=True)
                 out = np.empty(x.size * want_y + self._n_params * want_p, dtype=x.dtype)
                 if want_y or want_p:
-                    kernels.vjp(hs, small_cpu.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
+                    kernels.vjp(hs, arrays.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
             flat = torch.from_numpy(out)
             gy = flat[: x.size].view(y.shape) if want_y else None
             gp = None

@@ -1,9 +1,12 @@
-"""The adaptive time-stepping loop: step, control, save, keep dense output.
+"""The adaptive loop: step, accept or reject, save, keep dense output.
 
-It knows nothing of autograd: whatever graph the solver's tensor operations build is the caller's
-business (the discrete adjoint differentiates through it; the continuous adjoints run it under
-``torch.no_grad``). Per step the host reads one number from the device, the error norm of the
-step, and only for adaptive methods.
+One integration is a small state object (:class:`_Integration`) with its collaborators: the step
+kernel (:mod:`odeflux.kernels`, chosen once per solve: the per-step numerics), the step-size
+controller (:mod:`odeflux.control`), the saver (which states the caller gets back) and the
+dense recorder (the steps kept for interpolation). What a caller can ask of it is typed in
+:class:`IntegrateOptions`. It records a graph only if the caller does (the discrete adjoint
+differentiates through it; the continuous adjoints run it under ``torch.no_grad``). Per step the
+host reads one number from the device, the error norm of the step, and only for adaptive methods.
 """
 
 from __future__ import annotations
@@ -12,20 +15,63 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from . import small_cpu
-from .control import StepSizeController, error_ratio, initial_step
+from .control import StepSizeController, initial_step
+from .kernels import StepKernel, choose_step_kernel
+from .kernels.torch_step import rk_step_with_error
 from .solution import DenseOutput, Stats, Status
 from .solvers.tableau import ExplicitRK
 
-VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepFn = Callable[..., tuple]
+VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
+#: ``on_accept(t, h, y, y1, K)``: called after each accepted step from ``(t, y)`` to ``y1``.
+OnAccept = Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-
-#: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :func:`_integrate`).
+#: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :class:`IntegrateOptions`).
 FIRST_STEPS = ("hairer", "interval")
+
+__all__ = ["FIRST_STEPS", "IntegrateOptions", "IntegrationResult", "OnAccept", "integrate", "rk_step_with_error"]
+
+
+@dataclass(frozen=True)
+class IntegrateOptions:
+    """How one integration runs.
+
+    ``saveat`` (host times, in the direction of integration) replaces the default saving of the
+    start and end states; ``save_everystep`` adds every accepted step. ``dense`` keeps the steps
+    for interpolation. What the adjoints and checkpoint re-solves ask for besides:
+    ``error_size`` limits the error norm to the first entries of the flattened state (a
+    seminorm); ``compiled`` steps through the compiled step; ``float_time`` hands ``f`` host
+    floats for ``t`` instead of 0-d tensors; ``on_accept`` hears of each accepted step;
+    ``dense_budget`` (bytes) stops keeping dense output, and drops what was kept, once it would
+    take more than that; ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from
+    Hairer's estimate (one extra evaluation), ``"interval"`` first tries the whole span (up to
+    ``dtmax``) as one step and, if the error estimate rejects it, goes on from the smaller of the
+    controller's proposal and Hairer's estimate.
+    """
+
+    rtol: float
+    atol: float
+    controller: StepSizeController
+    dt0: float | None = None
+    dtmin: float | None = None
+    dtmax: float | None = None
+    max_steps: int = 100_000
+    saveat: Sequence[float] | None = None
+    save_everystep: bool = False
+    save_start: bool = True
+    save_end: bool = True
+    dense: bool = False
+    error_size: int | None = None
+    compiled: bool = False
+    float_time: bool = False
+    on_accept: OnAccept | None = field(default=None, compare=False)
+    dense_budget: int | None = None
+    first_step: str = "hairer"
+
+    def __post_init__(self) -> None:
+        if self.first_step not in FIRST_STEPS:
+            raise ValueError(f"first_step={self.first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
 
 
 @dataclass
@@ -44,264 +90,224 @@ class IntegrationResult:
     dense: DenseOutput | None = field(default=None, repr=False)
 
 
-def rk_step_with_error(
-    solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co, rtol: float, atol: float, n: int | None
-):
-    """The per-step work: one Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
-
-    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
-    """
-    y1, err, K = solver.step(f, t, y, dt, k, co)
-    if err is None:
-        return y1, K, None
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            e = error_ratio(err, y, y1, rtol, atol, n)
-    else:
-        e = error_ratio(err, y, y1, rtol, atol, n)
-    return y1, K, e
-
-
-def integrate(f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: ExplicitRK, **options: Any) -> IntegrationResult:
-    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``.
-
-    The options are :func:`_integrate`'s. Small CPU states step through NumPy
-    (:mod:`odeflux.small_cpu`), with NumPy's BLAS held to one thread meanwhile.
-    """
-    if options.get("step_fn") is None and small_cpu.step_applies(y0):
-        with small_cpu.one_blas_thread:
-            return _integrate(f, y0, t0, t1, solver, numpy_steps=True, **options)
-    return _integrate(f, y0, t0, t1, solver, numpy_steps=False, **options)
-
-
-def _integrate(
-    f: VectorField,
-    y0: torch.Tensor,
-    t0: float,
-    t1: float,
-    solver: ExplicitRK,
-    *,
-    numpy_steps: bool,
-    rtol: float,
-    atol: float,
-    controller: StepSizeController,
-    dt0: float | None = None,
-    dtmin: float | None = None,
-    dtmax: float | None = None,
-    max_steps: int = 100_000,
-    saveat: Sequence[float] | None = None,
-    save_everystep: bool = False,
-    save_start: bool = True,
-    save_end: bool = True,
-    dense: bool = False,
-    error_size: int | None = None,
-    k0: torch.Tensor | None = None,
-    step_fn: StepFn | None = None,
-    float_time: bool = False,
-    on_accept: Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-    dense_budget: int | None = None,
-    first_step: str = "hairer",
+def integrate(
+    f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: ExplicitRK, options: IntegrateOptions
 ) -> IntegrationResult:
-    """:func:`integrate`'s work; ``numpy_steps``: step through :func:`odeflux.small_cpu.rk_step`.
+    """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``."""
+    kernel = choose_step_kernel(
+        f, y0, solver, rtol=options.rtol, atol=options.atol, error_size=options.error_size,
+        float_time=options.float_time, compiled=options.compiled,
+    )  # fmt: skip
+    with kernel.running():
+        return _Integration(kernel, y0, t0, t1, solver, options).run()
 
-    ``saveat`` (host times, in the direction of integration) replaces the default saving of the
-    start and end states; ``save_everystep`` adds every accepted step. ``error_size`` limits the
-    error norm to the first entries of the flattened state (a seminorm). ``k0`` is ``f(t0, y0)``
-    if the caller already has it. ``step_fn`` replaces :func:`rk_step_with_error` (a compiled copy).
-    ``float_time=True`` hands ``f`` host floats for ``t`` instead of 0-d tensors (the adjoints' own
-    right-hand sides look up the forward's interpolant by host time, with no device round trip).
-    ``on_accept(t, dt, y, y1, K)`` is called after each accepted step. ``dense_budget`` (bytes)
-    stops keeping dense output, and drops what was kept, once it would take more than that.
-    ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from Hairer's estimate
-    (one extra evaluation); ``"interval"`` first tries the whole span (up to ``dtmax``) as one
-    step and, if the error estimate rejects it, goes on from the smaller of the controller's
-    proposal and Hairer's estimate. The adjoints use it: their systems are often smooth enough
-    to be crossed in far fewer steps than the forward took.
-    """
-    direction = 1.0 if t1 > t0 else -1.0
-    stats = Stats()
-    dtype, device = y0.dtype, y0.device
-    co = solver.coefficients(dtype, device)
-    adaptive = solver.adaptive and controller.adaptive
-    order = solver.error_order
-    # Small CPU states outside autograd step through NumPy (odeflux.small_cpu): same arithmetic,
-    # a fraction of torch's per-op cost at these sizes.
-    step = small_cpu.rk_step if numpy_steps else (step_fn or rk_step_with_error)
-    freeze = getattr(f, "frozen", None)
-    if freeze is not None and step_fn is None and not torch.is_grad_enabled():
-        # A field that can evaluate itself with its checks done once for the whole solve (no graph
-        # is recorded here, so nothing is lost): see odeflux.fields.MLP.frozen.
-        f = freeze(y0) or f
-    # A field that evaluates on the NumPy step's arrays (a frozen one): the whole solve stays on them.
-    on_arrays = getattr(f, "on_arrays", None) if numpy_steps else None
-    span = abs(t1 - t0)
-    tscale = max(abs(t0), abs(t1), 1.0)
-    # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
-    land_tol = 64 * 2.0**-52 * tscale
-    if dtmin is None:
-        # Time runs in float64 on the host, so |t| only bounds dtmin through float64's eps; the state's
-        # precision bounds it relative to the span (smaller steps could not cross it within max_steps).
-        dtmin = max(16 * 2.0**-52 * tscale, 16 * torch.finfo(dtype).eps * span) if adaptive else 0.0
-    dtmax = span if dtmax is None else min(abs(dtmax), span)
 
-    ts: list[float] = []
-    ys: list[torch.Tensor] = []
-    dense_t: list[float] = []
-    dense_dt: list[float] = []
-    dense_y: list[torch.Tensor] = []
-    dense_K: list[torch.Tensor] = []
-    save_times = list(saveat) if saveat is not None else None
-    si = 0
+class _Saver:
+    """Which states the caller gets back: the start and end, every step, or ``saveat`` times
+    (interpolated inside steps, never forcing one)."""
 
-    def as_time(t: float) -> torch.Tensor | float:
-        return t if float_time else torch.full((), t, dtype=dtype, device=device)
-
-    t, y = t0, y0
-    k = k0
-    if k is None:
-        if on_arrays is not None:  # (a frozen field: its output is the state's shape and dtype by construction)
-            y0_np = small_cpu.as_array(y0)
-            k_np = np.empty_like(y0_np)
-            on_arrays(t0, y0_np, k_np)
-            k = torch.from_numpy(k_np)
+    def __init__(self, opts: IntegrateOptions, solver: ExplicitRK, t0: float, y0: torch.Tensor, direction: float):
+        self.solver, self.direction = solver, direction
+        self.save_everystep, self.save_end = opts.save_everystep, opts.save_end
+        self.times = list(opts.saveat) if opts.saveat is not None else None
+        self.ts: list[float] = []
+        self.ys: list[torch.Tensor] = []
+        self.si = 0
+        if self.times is None:
+            if opts.save_start:
+                self.ts.append(t0)
+                self.ys.append(y0)
         else:
-            k = f(as_time(t0), y0)
-            _check_derivative(k, y0)
-        stats.n_f_evals += 1
+            while self.si < len(self.times) and direction * (self.times[self.si] - t0) <= 0:
+                self.ts.append(self.times[self.si])
+                self.ys.append(y0)
+                self.si += 1
 
-    def result(status: Status, message: str, dt_next: float) -> IntegrationResult:
-        dense_out = (
-            DenseOutput(solver, dense_t, dense_dt, dense_y, dense_K, True if numpy_steps else None)
-            if dense and dense_dt else None
-        )  # fmt: skip
-        t_end = t1 if status == Status.SUCCESS else t
+    def accepted(self, t: float, h: float, y: torch.Tensor, y1: torch.Tensor, K: torch.Tensor, t_new: float, last: bool) -> None:
+        times = self.times
+        if times is None:
+            if self.save_everystep and not last:
+                self.ts.append(t_new)
+                self.ys.append(y1)
+            return
+        j, si, direction = self.si, self.si, self.direction
+        while j < len(times) and direction * (times[j] - t_new) <= 0:
+            j += 1
+        if j == si:
+            return
+        inner = [tau for tau in times[si:j] if tau != t_new]
+        if inner:
+            solver = self.solver
+            theta = torch.tensor([(tau - t) / h for tau in inner], dtype=y.dtype, device=y.device)
+            co = solver.coefficients(y.dtype, y.device)
+            self.ys.extend(solver.interpolate(y, h, K, solver.dense_weights(theta, co)).unbind(0))
+            self.ts.extend(inner)
+        if len(inner) < j - si:
+            self.ts.append(t_new)
+            self.ys.append(y1)
+        self.si = j
+
+    def finish(self, t_end: float, y: torch.Tensor) -> tuple[list[float], list[torch.Tensor]]:
         # On failure this is the last state reached, so the caller sees how far it got (saved once:
         # save_start or save_everystep may already hold it).
-        if save_end and save_times is None and not (ts and ts[-1] == t_end):
-            ts.append(t_end)
-            ys.append(y)
-        return IntegrationResult(ts, ys, t, y, k, dt_next, stats, status, message, dense_out)
+        if self.save_end and self.times is None and not (self.ts and self.ts[-1] == t_end):
+            self.ts.append(t_end)
+            self.ys.append(y)
+        return self.ts, self.ys
 
-    if save_times is None:
-        if save_start:
-            ts.append(t0)
-            ys.append(y0)
-    else:
-        while si < len(save_times) and direction * (save_times[si] - t0) <= 0:
-            ts.append(save_times[si])
-            ys.append(y0)
-            si += 1
 
-    def hairer_start(t: float, y: torch.Tensor, k: torch.Tensor) -> float:
-        # Hairer's estimate from (t, y), with f(t, y) = k; NaN where the start itself is not finite.
-        # As OrdinaryDiffEq: never below dtmin, or the first proposal could end the solve (DT_MIN).
-        h, extra = initial_step(f, t, y, k, direction, order, rtol, atol, dtmax, error_size, float_time, numpy_steps)
-        stats.n_f_evals += extra
-        return max(h, dtmin) if math.isfinite(h) else h
+class _DenseRecorder:
+    """The accepted steps kept for interpolation, within an optional byte budget."""
 
-    if first_step not in FIRST_STEPS:
-        raise ValueError(f"first_step={first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
-    speculative = False  # the first step is a try at the whole span (first_step="interval")
-    if dt0 is not None:
-        dt = abs(dt0)
-    elif not adaptive:
-        raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
-    elif first_step == "interval":
-        dt, speculative = dtmax, True
-    else:
-        dt = hairer_start(t0, y0, k)
-        if not math.isfinite(dt):
-            return result(Status.NONFINITE, _nonfinite_message(t0, None), float("nan"))
-    dt = min(dt, dtmax)
-    ctrl_state = controller.init_state()
-    last_err = 0.0
+    def __init__(self, on: bool, budget: int | None):
+        self.on, self.budget = on, budget
+        self.t: list[float] = []
+        self.dt: list[float] = []
+        self.y: list[torch.Tensor] = []
+        self.K: list[torch.Tensor] = []
 
-    while direction * (t1 - t) > 0:
-        if stats.n_steps >= max_steps:
-            return result(
-                Status.MAX_STEPS,
-                f"max_steps={max_steps} steps were taken and t={t:.6g} has not reached t1={t1:.6g} "
-                f"(last dt={dt:.3g}): raise max_steps, loosen rtol/atol, or check whether the problem is stiff",
-                dt,
-            )
-        remaining = abs(t1 - t)
-        last = dt >= remaining - land_tol
-        h = direction * (remaining if last else dt)
-        y1, K, err = step(solver, f, as_time(t), y, h, k, co, rtol, atol, error_size)
-        stats.n_steps += 1
-        stats.n_f_evals += K.shape[0] - 1
-        if adaptive:
-            last_err = float(err)  # the one host synchronisation per step
-            accept, dt_new, ctrl_state = controller.propose(abs(h), last_err, ctrl_state, order)
-            if speculative:
-                speculative = False
-                if not accept:
-                    # The try at the whole span failed: go on as a cautious start would, from
-                    # Hairer's estimate (one more evaluation) where it is the smaller step, and
-                    # with the controller's memory of the failed try wiped.
-                    h0 = hairer_start(t, y, k)
-                    if not math.isfinite(h0):  # the start itself is not finite: no step size will do
-                        return result(Status.NONFINITE, _nonfinite_message(t, None), float("nan"))
-                    dt_new = min(dt_new, h0)
-                    ctrl_state = controller.init_state()
+    def accepted(self, t: float, h: float, y: torch.Tensor, K: torch.Tensor) -> None:
+        if not self.on:
+            return
+        self.t.append(t)
+        self.dt.append(h)
+        self.y.append(y)
+        self.K.append(K)
+        if self.budget is not None and len(self.K) * (K.numel() + y.numel()) * y.element_size() > self.budget:
+            self.on = False
+            self.t, self.dt, self.y, self.K = [], [], [], []
+
+    def output(self, solver: ExplicitRK, on_arrays: bool) -> DenseOutput | None:
+        return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays) if self.on and self.dt else None
+
+
+class _Integration:
+    """One integration's state: where it is, the step it tries next, and its collaborators."""
+
+    def __init__(self, kernel: StepKernel, y0: torch.Tensor, t0: float, t1: float, solver: ExplicitRK, opts: IntegrateOptions):
+        self.kernel, self.solver, self.opts = kernel, solver, opts
+        self.t0, self.t1 = t0, t1
+        self.direction = 1.0 if t1 > t0 else -1.0
+        self.stats = Stats()
+        self.controller = opts.controller
+        self.adaptive = solver.adaptive and opts.controller.adaptive
+        span = abs(t1 - t0)
+        tscale = max(abs(t0), abs(t1), 1.0)
+        # The last step lands exactly on t1 rather than leaving a sliver of a step behind.
+        self.land_tol = 64 * 2.0**-52 * tscale
+        dtmin = opts.dtmin
+        if dtmin is None:
+            # Time runs in float64 on the host, so |t| only bounds dtmin through float64's eps; the
+            # state's precision bounds it relative to the span (smaller steps could not cross it
+            # within max_steps).
+            dtmin = max(16 * 2.0**-52 * tscale, 16 * torch.finfo(y0.dtype).eps * span) if self.adaptive else 0.0
+        self.dtmin = dtmin
+        self.dtmax = span if opts.dtmax is None else min(abs(opts.dtmax), span)
+        self.t, self.y = t0, y0
+        self.k: torch.Tensor | None = None
+        self.saver = _Saver(opts, solver, t0, y0, self.direction)
+        self.dense = _DenseRecorder(opts.dense, opts.dense_budget)
+
+    # -- the outcome -------------------------------------------------------------------------
+    def result(self, status: Status, message: str, dt_next: float) -> IntegrationResult:
+        dense = self.dense.output(self.solver, self.kernel.arrays)
+        ts, ys = self.saver.finish(self.t1 if status == Status.SUCCESS else self.t, self.y)
+        return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense)
+
+    def hairer(self) -> float:
+        """Hairer's estimate from where the solve is; NaN where the start itself is not finite.
+        As OrdinaryDiffEq: never below dtmin, or the first proposal could end the solve (DT_MIN)."""
+        norms = self.kernel.norms(self.t, self.y, self.k)
+        h, extra = initial_step(norms, self.t, self.direction, self.solver.error_order, self.dtmax)
+        self.stats.n_f_evals += extra
+        return max(h, self.dtmin) if math.isfinite(h) else h
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> IntegrationResult:
+        opts, kernel, stats, direction, t1 = self.opts, self.kernel, self.stats, self.direction, self.t1
+        self.k = kernel.evaluate(self.t0, self.y)
+        _check_derivative(self.k, self.y)
+        stats.n_f_evals += 1
+        speculative = False  # the first step is a try at the whole span (first_step="interval")
+        if opts.dt0 is not None:
+            dt = abs(opts.dt0)
+        elif not self.adaptive:
+            raise ValueError(f"{type(self.solver).__name__} takes fixed steps: pass dt0= (the step size)")
+        elif opts.first_step == "interval":
+            dt, speculative = self.dtmax, True
         else:
-            accept, dt_new = True, dt
-        if accept:
-            # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
-            t_new = t1 if last else (t + h if adaptive else t0 + (stats.n_accepted + 1) * h)
-            stats.n_accepted += 1
-            if dense:
-                dense_t.append(t)
-                dense_dt.append(h)
-                dense_y.append(y)
-                dense_K.append(K)
-                if dense_budget is not None and len(dense_K) * (K.numel() + y.numel()) * y.element_size() > dense_budget:
-                    dense = False
-                    dense_t, dense_dt, dense_y, dense_K = [], [], [], []
-            if on_accept is not None:
-                on_accept(t, h, y, y1, K)
-            if save_times is not None:
-                j = si
-                while j < len(save_times) and direction * (save_times[j] - t_new) <= 0:
-                    j += 1
-                if j > si:
-                    inner = [tau for tau in save_times[si:j] if tau != t_new]
-                    if inner:
-                        theta = torch.tensor([(tau - t) / h for tau in inner], dtype=dtype, device=device)
-                        ys.extend(solver.interpolate(y, h, K, solver.dense_weights(theta, co)).unbind(0))
-                        ts.extend(inner)
-                    if len(inner) < j - si:
-                        ts.append(t_new)
-                        ys.append(y1)
-                    si = j
-            elif save_everystep and not last:
-                ts.append(t_new)
-                ys.append(y1)
-            t, y = t_new, y1
-            if solver.fsal:
-                k = K[-1]
-            else:
-                k = None
-                if direction * (t1 - t) > 0:
-                    k = f(as_time(t), y)
-                    stats.n_f_evals += 1
-        else:
-            stats.n_rejected += 1
-        if adaptive:
-            dt = min(dt_new, dtmax)
-            if dt < dtmin and direction * (t1 - t) > 0:
-                if not math.isfinite(last_err):
-                    return result(Status.NONFINITE, _nonfinite_message(t, dt), dt)
-                return result(
-                    Status.DT_MIN,
-                    f"the step size fell below dtmin={dtmin:.3g} at t={t:.6g} (dt={dt:.3g}): the problem may be "
-                    "stiff or singular there; loosen rtol/atol, lower dtmin, or use float64",
+            dt = self.hairer()
+            if not math.isfinite(dt):
+                return self.result(Status.NONFINITE, _nonfinite_message(self.t0, None), float("nan"))
+        dt = min(dt, self.dtmax)
+        ctrl_state = self.controller.init_state()
+        order = self.solver.error_order
+        last_err = 0.0
+
+        while direction * (t1 - self.t) > 0:
+            if stats.n_steps >= opts.max_steps:
+                return self.result(
+                    Status.MAX_STEPS,
+                    f"max_steps={opts.max_steps} steps were taken and t={self.t:.6g} has not reached t1={t1:.6g} "
+                    f"(last dt={dt:.3g}): raise max_steps, loosen rtol/atol, or check whether the problem is stiff",
                     dt,
                 )
+            t, y = self.t, self.y
+            remaining = abs(t1 - t)
+            last = dt >= remaining - self.land_tol
+            h = direction * (remaining if last else dt)
+            y1, K, err = kernel.step(t, y, h, self.k)
+            stats.n_steps += 1
+            stats.n_f_evals += K.shape[0] - 1
+            if self.adaptive:
+                last_err = float(err)  # the one host synchronisation per step
+                accept, dt_new, ctrl_state = self.controller.propose(abs(h), last_err, ctrl_state, order)
+                if speculative:
+                    speculative = False
+                    if not accept:
+                        # The try at the whole span failed: go on as a cautious start would, from
+                        # Hairer's estimate (one more evaluation) where it is the smaller step, and
+                        # with the controller's memory of the failed try wiped.
+                        h0 = self.hairer()
+                        if not math.isfinite(h0):  # the start itself is not finite: no step size will do
+                            return self.result(Status.NONFINITE, _nonfinite_message(t, None), float("nan"))
+                        dt_new = min(dt_new, h0)
+                        ctrl_state = self.controller.init_state()
+            else:
+                accept, dt_new = True, dt
+            if accept:
+                # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
+                t_new = t1 if last else (t + h if self.adaptive else self.t0 + (stats.n_accepted + 1) * h)
+                stats.n_accepted += 1
+                self.dense.accepted(t, h, y, K)
+                if opts.on_accept is not None:
+                    opts.on_accept(t, h, y, y1, K)
+                self.saver.accepted(t, h, y, y1, K, t_new, last)
+                self.t, self.y = t_new, y1
+                if self.solver.fsal:
+                    self.k = K[-1]
+                else:
+                    self.k = None
+                    if direction * (t1 - t_new) > 0:
+                        self.k = kernel.evaluate(t_new, y1)
+                        stats.n_f_evals += 1
+            else:
+                stats.n_rejected += 1
+            if self.adaptive:
+                dt = min(dt_new, self.dtmax)
+                if dt < self.dtmin and direction * (t1 - self.t) > 0:
+                    if not math.isfinite(last_err):
+                        return self.result(Status.NONFINITE, _nonfinite_message(self.t, dt), dt)
+                    return self.result(
+                        Status.DT_MIN,
+                        f"the step size fell below dtmin={self.dtmin:.3g} at t={self.t:.6g} (dt={dt:.3g}): the problem "
+                        "may be stiff or singular there; loosen rtol/atol, lower dtmin, or use float64",
+                        dt,
+                    )
 
-    if not adaptive and not bool(torch.isfinite(y).all()):
-        return result(Status.NONFINITE, _nonfinite_message(t, dt, fixed_step=True), dt)
-    return result(Status.SUCCESS, "", dt)
+        if not self.adaptive and not bool(torch.isfinite(self.y).all()):
+            return self.result(Status.NONFINITE, _nonfinite_message(self.t, dt, fixed_step=True), dt)
+        return self.result(Status.SUCCESS, "", dt)
 
 
 def _check_derivative(k: object, y0: torch.Tensor) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -11,109 +10,9 @@ from torch import nn
 from .solution import Solution
 from .solve import solve
 from .solvers import ExplicitRK, Tsit5
+from .vector_field import VectorField
 
-
-def _takes_time(module: nn.Module) -> bool:
-    """Whether ``module.forward`` takes ``(t, y)`` rather than ``(y)``."""
-    try:
-        sig = inspect.signature(module.forward)
-    except (TypeError, ValueError):
-        return False
-    positional = [
-        p
-        for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
-    glob = torch.nn.modules.module
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks
-        or getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None)
-    )  # fmt: skip
-
-
-class _FieldOfY:
-    """A frozen field of ``y`` alone in the solver's ``(t, y)`` convention, keeping its
-    array-level entry point (``on_arrays``) where it has one."""
-
-    def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
-        if hasattr(fn, "on_arrays"):
-            on_arrays = fn.on_arrays
-            self.on_arrays = lambda t, x, out: on_arrays(x, out)
-
-    def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
-        return self.fn(y)
-
-
-class _RuleOfY:
-    """A VJP rule of ``y`` alone in the ``(t, y, v, ...)`` convention, keeping its array-level
-    forms (``stage_plan``, ``on_arrays``) where it has them."""
-
-    def __init__(self, fn: Callable[..., Any]):
-        self.fn = fn
-        for name in ("stage_plan", "on_arrays"):
-            if hasattr(fn, name):
-                setattr(self, name, getattr(fn, name))
-
-    def __call__(self, t: Any, y: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return self.fn(y, v, **kw)
-
-
-class VectorField(nn.Module):
-    """Adapts a module to the solver's ``f(t, y)`` convention (``y``-only modules ignore ``t``)."""
-
-    def __init__(self, module: nn.Module, time_dependent: bool | None = None):
-        super().__init__()
-        self.module = module
-        self.time_dependent = _takes_time(module) if time_dependent is None else bool(time_dependent)
-
-    @property
-    def ignores_time(self) -> bool:
-        """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
-        return not self.time_dependent
-
-    def _rule(self, name: str) -> Callable[..., Any] | None:
-        rule = getattr(self.module, name, None)
-        return rule if rule is None or self.time_dependent else _RuleOfY(rule)
-
-    @property
-    def vjp_rule(self) -> Callable[..., Any] | None:
-        """The wrapped module's VJP rule (see :mod:`odeflux.fields`) in the ``(t, y, v, ...)``
-        convention, or ``None`` when it has none."""
-        return self._rule("vjp_rule")
-
-    @property
-    def vjp_rule_flat(self) -> Callable[..., Any] | None:
-        """The wrapped module's flattened VJP rule (``vjp_rule_flat``), as :attr:`vjp_rule`."""
-        return self._rule("vjp_rule_flat")
-
-    def frozen(self, y: torch.Tensor, vjp: bool = False) -> Callable[..., torch.Tensor] | None:
-        """The wrapped module's ``frozen`` evaluation for one solve (see :class:`odeflux.fields.MLP`)
-        in the ``(t, y)`` convention, or ``None``: also when forward hooks are registered, which
-        a frozen evaluation would skip."""
-        freeze = getattr(self.module, "frozen", None)
-        if freeze is None or self.time_dependent or (not vjp and (_has_hooks(self) or _has_hooks(self.module))):
-            return None
-        fn = freeze(y, vjp=vjp)
-        if fn is None:
-            return None
-        kept = self.__dict__.get("_wrapped_forms")
-        if kept is None:
-            kept = self.__dict__["_wrapped_forms"] = {}
-        wrapped = kept.get(vjp)
-        if wrapped is None or wrapped.fn is not fn:  # (the module keeps its forms: so do we, their wrappers)
-            wrapped = kept[vjp] = _RuleOfY(fn) if vjp else _FieldOfY(fn)
-        return wrapped
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.time_dependent:
-            return self.module(t, y)
-        return self.module(y)
+__all__ = ["NeuralODE", "VectorField"]
 
 
 class NeuralODE(nn.Module):

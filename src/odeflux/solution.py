@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from . import small_cpu
+from .kernels import arrays
 
 if TYPE_CHECKING:
     from .solvers.tableau import ExplicitRK
@@ -64,7 +64,7 @@ class BackwardStats(Stats):
 def times_tensor(ts: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """Host times as a 1-d tensor of ``like``'s dtype and device (on the CPU through NumPy, which
     turns a short list into an array several times faster than ``torch.tensor`` does)."""
-    if like.device.type == "cpu" and like.dtype in small_cpu.DTYPES:
+    if like.device.type == "cpu" and like.dtype in arrays.DTYPES:
         return torch.from_numpy(np.array(ts, dtype=np.float32 if like.dtype == torch.float32 else np.float64))
     return torch.tensor(ts, dtype=like.dtype, device=like.device)
 
@@ -74,7 +74,7 @@ class DenseOutput:
 
     def __init__(
         self, solver: ExplicitRK, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
-        Ks: list[torch.Tensor], small_cpu_arrays: bool | None = None,
+        Ks: list[torch.Tensor], on_arrays: bool = False,
     ):  # fmt: skip
         self.solver = solver
         self.t_starts = t_starts
@@ -88,8 +88,8 @@ class DenseOutput:
         # Sorted ascending for bisection whatever the direction of integration.
         self._keys = t_starts if self.direction > 0 else [-t for t in t_starts]
         self._interp_rev = solver.tableau.interp_reversed
-        # (The integrator knows whether its steps were small CPU arrays, and says so.)
-        self._small_cpu = bool(y0s) and (small_cpu.applies_to(y0s[0]) if small_cpu_arrays is None else small_cpu_arrays)
+        # The integrator's step kernel says whether its steps were NumPy-backed (odeflux.kernels).
+        self._numpy_steps = bool(y0s) and on_arrays
         self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
         self._q: dict[int, np.ndarray] = {}  # _powers' matrices of the steps last looked up
 
@@ -111,7 +111,7 @@ class DenseOutput:
 
     def at(self, t: float) -> torch.Tensor:
         """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
-        if self._small_cpu and not torch.is_grad_enabled():  # on NumPy (odeflux.small_cpu)
+        if self._numpy_steps and not torch.is_grad_enabled():  # on NumPy (odeflux.kernels)
             return torch.from_numpy(self.at_arrays([t]).reshape(self.y0s[0].shape))
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
@@ -165,14 +165,14 @@ class DenseOutput:
 
     @property
     def on_arrays(self) -> bool:
-        """Whether the steps are small CPU arrays (odeflux.small_cpu): :meth:`at_arrays` applies."""
-        return self._small_cpu
+        """Whether the steps are NumPy-backed (odeflux.kernels): :meth:`at_arrays` applies."""
+        return self._numpy_steps
 
     def _arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Step ``i``'s start and stages as arrays (views, made once)."""
         if self._np[i] is None:
-            K = small_cpu.as_array(self.Ks[i])
-            self._np[i] = (small_cpu.as_array(self.y0s[i]).reshape(-1), K.reshape(K.shape[0], -1))
+            K = arrays.as_array(self.Ks[i])
+            self._np[i] = (arrays.as_array(self.y0s[i]).reshape(-1), K.reshape(K.shape[0], -1))
         return self._np[i]
 
     def _views(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,18 +20,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from .. import small_cpu
 from ..control import DEFAULT_PI, ConstantStepSize
-from ..integrator import FIRST_STEPS, IntegrationResult, integrate
+from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, integrate
+from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import ExplicitRK
 from .rhs import LambdaRHS
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
 if TYPE_CHECKING:
-    from ..solve import Problem
+    from ..problem import Problem
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -78,7 +77,6 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     max_steps: int | None = None
     store_limit: int = 32 * 2**20
     first_step: str = "interval"
-    _compiled: dict = field(default_factory=dict, init=False, repr=False)
 
     # Whether the backward pass reads y(t) from the forward's interpolant (all but backsolve).
     uses_forward_interpolant = True
@@ -238,12 +236,12 @@ class AdjointRun:
         # A fixed-step method steps the adjoint back with the forward's step size (as the forward's
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
         controller, dt0 = (DEFAULT_PI, None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
-        res = integrate(
-            g, z, t_hi, t_lo, self.solver, rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0,
-            max_steps=self.max_steps, save_start=False, save_end=True,
-            error_size=error_size if self.method.seminorm else None, float_time=True, first_step=self.method.first_step,
-            **kw,
+        opts = IntegrateOptions(
+            rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0, max_steps=self.max_steps,
+            save_start=False, save_end=True, error_size=error_size if self.method.seminorm else None,
+            float_time=True, first_step=self.method.first_step, **kw,
         )  # fmt: skip
+        res = integrate(g, z, t_hi, t_lo, self.solver, opts)
         # Adjoint right-hand-side evaluations are counted as VJPs by the backend, not as f evaluations.
         self.bstats.n_steps += res.stats.n_steps
         self.bstats.n_accepted += res.stats.n_accepted
@@ -324,8 +322,18 @@ class AdjointRun:
             raise SolveError(
                 f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status
             )
-        with _restored(self.module_state), (small_cpu.one_blas_thread if small_cpu.applies_to(self.y) else _NO_GUARD):
+        with _restored(self.module_state), (arrays.one_blas_thread if self._numpy_sized else _NO_GUARD):
             return self._backward_at(ts, ys, grads)
+
+    @property
+    def _numpy_sized(self) -> bool:
+        return self.y.numel() <= arrays.MAX_STATE_SIZE and arrays.readable(self.y)
+
+    def recorded(self, y0: torch.Tensor) -> torch.Tensor:
+        """The forward's saved states again, recorded in a graph from ``y0`` (for
+        ``create_graph=True``: see :class:`_AdjointFunction`)."""
+        res = self.problem.integrate(y0=y0)
+        return _stack_like(res, self.forward_result)
 
     def _backward_at(self, ts, ys, grads):
         p = self.problem
@@ -359,7 +367,7 @@ class AdjointRun:
 
 def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """``flat`` cut into views shaped as ``params``, in order (their gradients, concatenated)."""
-    if small_cpu.plain(flat) and not flat.requires_grad:  # cut on NumPy: a third of torch's per-view cost
+    if flat.device.type == "cpu" and not flat.requires_grad and arrays.readable(flat):  # cut on NumPy: a third of torch's per-view cost
         arr, out, at = flat.numpy(), [], 0
         for p in params:
             n = p.numel()
@@ -402,23 +410,55 @@ class DenseQuery:
     def forward(self) -> torch.Tensor:
         return self.run.solution_dense.evaluate(self.times)
 
+    @property
+    def module_state(self) -> list:
+        return self.run.module_state
+
+    def recorded(self, y0: torch.Tensor) -> torch.Tensor:
+        res = self.run.problem.integrate(y0=y0, dense=True)
+        return res.dense.evaluate(self.times)
+
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         ts = [self.times[i] for i in self.order]
         ys = list(self.run.solution_dense.evaluate(ts).unbind(0))
         return self.run.backward_at(ts, ys, [grad[i] for i in self.order])
 
 
+def _stack_like(res: IntegrationResult, first: IntegrationResult) -> torch.Tensor:
+    if res.ts != first.ts:
+        raise RuntimeError(
+            "differentiating with create_graph=True re-solves with a recorded graph, and that solve saved other "
+            "times than the first (its steps differed): pass saveat= times, or use sensealg=DirectAdjoint()"
+        )
+    return torch.stack(res.ys)
+
+
 class _AdjointFunction(torch.autograd.Function):
-    """Connects a continuous adjoint to autograd: forward solves, backward runs the adjoint."""
+    """Connects a sensitivity run to autograd: forward solves, backward runs the adjoint.
+
+    The inputs are saved with ``save_for_backward``, so autograd's own version check refuses a
+    backward pass after any of them was modified in place, as it does for a recorded graph.
+    Under ``create_graph=True`` (a gradient penalty, Hessian-vector products) the backward pass
+    records the solve's own graph from the inputs and differentiates it: the gradient is then
+    DirectAdjoint's, and it can be differentiated again.
+    """
 
     @staticmethod
     def forward(ctx: Any, run: "AdjointRun | DenseQuery", y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.run = run
+        ctx.save_for_backward(y0, *params)
         return run.forward()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_ys: torch.Tensor) -> tuple:
+        y0, *params = ctx.saved_tensors  # raises autograd's error if one was modified in place
         run = ctx.run
+        if torch.is_grad_enabled():  # create_graph=True
+            with _restored(run.module_state):
+                out = run.recorded(y0)
+            inputs = [y0, *params]
+            grads = torch.autograd.grad(out, inputs, grad_ys, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            return (None, *grads)
         grad_y0, grad_params = run.backward(grad_ys)
         return (None, grad_y0, *grad_params)

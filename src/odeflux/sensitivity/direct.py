@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..problem import solution_from_result
 from ..solution import Solution
 from .base import SensitivityAlgorithm
 from .rk_reverse import reverse_pass_rule, solve_reverse
 
 if TYPE_CHECKING:
-    from ..solve import Problem
+    from ..problem import Problem
 
 
 class DirectAdjoint(SensitivityAlgorithm):
@@ -28,12 +29,10 @@ class DirectAdjoint(SensitivityAlgorithm):
         self.hand_written = hand_written
 
     def solve(self, problem: "Problem") -> Solution:
-        from ..solve import _from_result
-
         vjp = reverse_pass_rule(problem) if self.hand_written else None
         if vjp is not None:
             return solve_reverse(problem, vjp)
-        return _from_result(problem.integrate(), problem)
+        return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
         return "DirectAdjoint()" if self.hand_written else "DirectAdjoint(hand_written=False)"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import small_cpu
+from ..kernels import arrays
 from .base import AdjointRun, ContinuousAdjoint
 from .rhs import param_rows
 
@@ -44,7 +44,7 @@ class GaussAdjoint(ContinuousAdjoint):
             run.bstats.n_quadrature_points += m
             if rhs.batched:  # small CPU arrays and a rule with stage plans: the nodes in one batch
                 taus = [t + float(th) * h for th in thetas]
-                rows = param_rows(vjp, dense, taus, small_cpu.as_array(lams).reshape(m, -1), run.n_params)
+                rows = param_rows(vjp, dense, taus, arrays.as_array(lams).reshape(m, -1), run.n_params)
                 if rows is not None:
                     acc.append(torch.from_numpy(np.dot((w * (abs(h) / 2)).astype(rows.dtype), rows)))
                     return

@@ -2,10 +2,10 @@
 
 ``AdjointRHS`` is the interpolating adjoint's ``(lambda, mu)`` system, ``LambdaRHS`` the
 ``lambda`` equation alone (the Gauss and quadrature adjoints get ``mu`` by quadrature). Both are
-plain ``f(t, z)`` callables; where the forward's steps are small CPU arrays and the VJP backend
-has a batched form (``stage_plan``, :class:`odeflux.small_cpu.StagePlan`) they also answer
-:func:`odeflux.small_cpu.rk_step`'s ``prepare_step(t, h)`` with a plan for the step: ``y`` at all
-its new stage times at once, the field's pass over them batched, each stage then computing only
+plain ``f(t, z)`` callables and step planners (:class:`odeflux.kernels.StepPlanner`): where the
+forward's steps are small CPU arrays and the VJP backend has a batched form (``stage_plan``,
+:class:`odeflux.kernels.dense_layers.StagePlan`) the NumPy step kernel asks each for a plan of
+its step (``plan_step(t, h)``): ``y`` at all its new stage times at once, the field's pass over them batched, each stage then computing only
 ``lambda``'s derivative, and ``mu``'s (which feeds back into nothing) for all stages at the end.
 """
 
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import small_cpu
+from ..kernels import StepPlan, StepPlanner, arrays
+from ..kernels.dense_layers import StagePlan
 from .vjp import VJPBackend
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .base import AdjointRun
 
 
-class _PlannedRHS:
+class _PlannedRHS(StepPlanner):
     def __init__(
         self, run: AdjointRun, dense: DenseOutput, t_known: float | None = None, y_known: torch.Tensor | None = None
     ):
@@ -39,10 +40,10 @@ class _PlannedRHS:
 
     def _states(self, times: list[float]) -> np.ndarray:
         if len(times) == 1 and times[0] == self.t_known:
-            return small_cpu.as_array(self.y_known).reshape(1, -1)
+            return arrays.as_array(self.y_known).reshape(1, -1)
         return self.dense.at_arrays(times)
 
-    def _plan(self, times: list[float]) -> small_cpu.StagePlan | None:
+    def _plan(self, times: list[float]) -> StagePlan | None:
         plan = self.vjp.stage_plan(self._states(times), negate=True)
         if plan is None:
             self.batched = False
@@ -51,16 +52,16 @@ class _PlannedRHS:
     def _single(self, t: float, v: torch.Tensor, want_p: bool) -> torch.Tensor | None:
         """The negated products at one time on arrays (the backend's rule on the arrays at once:
         fewer calls than a one-state plan), or ``None`` where the backend has no array form."""
-        out = self.vjp.on_arrays(self._states([t])[0], small_cpu.as_array(v), want_p, negate=True)
+        out = self.vjp.on_arrays(self._states([t])[0], arrays.as_array(v), want_p, negate=True)
         if out is None:
             self.batched = False
             return None
         return torch.from_numpy(out)
 
-    def prepare_step(self, t: float, h: float) -> _PlannedStep | None:
+    def plan_step(self, t: float, h: float) -> _PlannedStep | None:
         if not self.batched or not len(self.c):  # (a one-stage method has no new stages to plan)
             return None
-        plan = self._plan([t + c * h for c in self.c])  # as rk_step computes them, so they match exactly
+        plan = self._plan([t + c * h for c in self.c])  # as the NumPy step computes them, so they match exactly
         return None if plan is None else _PlannedStep(self.n, plan)
 
 
@@ -102,8 +103,8 @@ def param_rows(
     return rows
 
 
-class _PlannedStep:
-    """One adjoint step's plan for :func:`odeflux.small_cpu.rk_step`: stage ``i`` (from 1) is the
+class _PlannedStep(StepPlan):
+    """One adjoint step's plan for the NumPy step kernel: stage ``i`` (from 1) is the
     plan's state ``i - 1``; ``finish`` writes ``mu``'s part of stages 1.. into its rows (none for
     ``LambdaRHS``, whose state is ``lambda`` alone)."""
 

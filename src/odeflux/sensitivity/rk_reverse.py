@@ -9,43 +9,45 @@ Backpropagating through an explicit Runge-Kutta step ``y1 = y + h sum_i b_i k_i`
 
 stages last to first, steps last to first. That is exactly what autograd computes through the
 solver's operations (the step sizes are constants in both), but here each stage costs one call of
-the field's VJP rule on NumPy (:mod:`odeflux.small_cpu`) instead of a recorded graph of tiny torch
+the field's VJP rule on NumPy (:mod:`odeflux.kernels.dense_layers`) instead of a recorded graph of tiny torch
 ops. The forward pass keeps each accepted step's start and stages, as the graph would.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .. import small_cpu
+from ..kernels import ArrayVJP, arrays
+from ..kernels.numpy_step import coefficients
 from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
-from .base import _AdjointFunction, split_like
-from .vjp import find_vjp_rules
+from .base import _AdjointFunction, _stack_like, split_like
+from .vjp import find_array_vjp
 
 if TYPE_CHECKING:
-    from ..solve import Problem
+    from ..problem import Problem
 
 
-def reverse_pass_rule(problem: "Problem") -> Callable[..., torch.Tensor] | None:
-    """The field's flattened VJP rule for this problem when the hand-written reverse pass applies:
-    a small CPU state, no differentiable dense output, no compiled step, and a rule (frozen for the
-    solve) covering exactly the parameters that require grad; otherwise ``None``."""
-    if problem.dense or problem.step_fn is not None or not small_cpu.applies_to(problem.y0):
+def reverse_pass_rule(problem: "Problem") -> ArrayVJP | None:
+    """The field's VJP rule on arrays for this problem when the hand-written reverse pass
+    applies: a small CPU state, no differentiable dense output, no compiled step, and a rule
+    covering exactly the parameters that require grad; otherwise ``None``."""
+    y0 = problem.y0
+    if problem.dense or problem.compiled or y0.numel() > arrays.MAX_STATE_SIZE or not arrays.readable(y0):
         return None
     params = [p for p in problem.params if p.requires_grad]
-    freeze = find_vjp_rules(problem, params)["frozen"]
-    return None if freeze is None else freeze(problem.y0.detach(), vjp=True)
+    return find_array_vjp(problem, params, y0.detach())
 
 
 class ReverseRun:
     """Forward: the solve without a graph, keeping its steps. Backward: the reverse pass above."""
 
-    def __init__(self, problem: "Problem", params: list[torch.Tensor], vjp: Callable[..., torch.Tensor]):
+    def __init__(self, problem: "Problem", params: list[torch.Tensor], vjp: ArrayVJP):
         self.problem, self.params, self.vjp = problem, params, vjp
+        self.module_state = problem.module_state
         self.y = problem.y0.detach()
         self.bstats = BackwardStats()
         self.result = None
@@ -56,18 +58,23 @@ class ReverseRun:
         ys = self.result.ys
         return torch.stack(ys) if ys else self.y.new_empty((0,) + tuple(self.y.shape))
 
+    def recorded(self, y0: torch.Tensor) -> torch.Tensor:
+        """The forward's saved states again, recorded in a graph from ``y0`` (``create_graph=True``)."""
+        res = self.problem.integrate(y0=y0)
+        return _stack_like(res, self.result)
+
     def backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         res = self.result
         if res.status != Status.SUCCESS:
             raise SolveError(f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status)
-        with torch.no_grad(), small_cpu.one_blas_thread:  # (this run exists only for small CPU states)
+        with torch.no_grad(), arrays.one_blas_thread:  # (this run exists only for small CPU states)
             return self._backward(grad_ys)
 
     def _backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         res, p = self.result, self.problem
         tab = p.solver.tableau
         n, shape = self.y.numel(), self.y.shape
-        dtype = small_cpu.as_array(self.y).dtype
+        dtype = arrays.as_array(self.y).dtype
         dense = res.dense
         n_steps = 0 if dense is None else len(dense)
         starts = [] if dense is None else dense.t_starts
@@ -78,7 +85,7 @@ class ReverseRun:
         # Cotangents of the step boundaries (ybar[i]: the state before step i) and of the stages.
         ybar = np.zeros((n_steps + 1, n), dtype=dtype)
         kbar: dict[int, np.ndarray] = {}
-        grads = small_cpu.as_array(grad_ys.contiguous()).reshape(len(res.ts), n)
+        grads = arrays.as_array(grad_ys.contiguous()).reshape(len(res.ts), n)
         for t, g in zip(res.ts, grads):
             if t == p.t0 or not n_steps:
                 ybar[0] += g
@@ -93,7 +100,7 @@ class ReverseRun:
                 kbar[i] += np.outer(w, g)
                 ybar[i] += g
 
-        a_ext, b_ext, _ = small_cpu.coefficients(p.solver, self.y.dtype)
+        a_ext, b_ext, _ = coefficients(p.solver, self.y.dtype)
         A, b = a_ext[:, 1:], b_ext[1:]
         # Stages whose k feeds nothing (an FSAL method's last: b = 0, used by no later stage) need
         # a VJP only where an interpolated saved state gave them a cotangent.
@@ -101,12 +108,11 @@ class ReverseRun:
         n_p = sum(q.numel() for q in self.params)
         mu = np.zeros(n_p, dtype=dtype)
         mu_step = np.empty(n_p, dtype=dtype)
-        stage_plan = getattr(self.vjp, "stage_plan", None)
         for i in range(n_steps - 1, -1, -1):
             h = dense.dts[i]
             hA = A * h
-            y_i = small_cpu.as_array(dense.y0s[i]).reshape(n)
-            K = small_cpu.as_array(dense.Ks[i]).reshape(tab.stages, n)
+            y_i = arrays.as_array(dense.y0s[i]).reshape(n)
+            K = arrays.as_array(dense.Ks[i]).reshape(tab.stages, n)
             stage_in = np.dot(hA, K)
             stage_in += y_i
             kb = np.outer(b * h, ybar[i + 1])
@@ -116,28 +122,20 @@ class ReverseRun:
             live = [j for j in range(tab.stages) if feeds[j] or i in kbar]
             # With the rule's batched form: one forward pass of the field over all the live stages,
             # and their parameter products together at the end.
-            plan = stage_plan(stage_in[live]) if stage_plan is not None else None
+            plan = self.vjp.stage_plan(stage_in[live])
             for k in range(len(live) - 1, -1, -1):
                 j = live[k]
                 v = kb[j] + np.dot(hA[j + 1 :, j], Ybar[j + 1 :]) if j + 1 < tab.stages else kb[j]
-                if plan is not None:
-                    plan.stage(k, v, Ybar[j])
-                else:
-                    t_j = starts[i] + tab.c[j] * h
-                    y_j, v_j = torch.from_numpy(stage_in[j].reshape(shape)), torch.from_numpy(v.reshape(shape))
-                    row = small_cpu.as_array(self.vjp(t_j, y_j, v_j))
-                    Ybar[j] = row[:n]
-                    mu += row[n:]
+                plan.stage(k, v, Ybar[j])
                 self.bstats.n_vjp_evals += 1
-            if plan is not None:
-                plan.params_total(mu_step)
-                mu += mu_step
+            plan.params_total(mu_step)
+            mu += mu_step
             ybar[i] += ybar[i + 1]
             ybar[i] += np.add.reduce(Ybar, axis=0)
         return torch.from_numpy(ybar[0].reshape(shape)), split_like(torch.from_numpy(mu), self.params)
 
 
-def solve_reverse(problem: "Problem", vjp: Callable[..., torch.Tensor]) -> Solution:
+def solve_reverse(problem: "Problem", vjp: ArrayVJP) -> Solution:
     """The solve, differentiable through :class:`ReverseRun`."""
     params = [q for q in problem.params if q.requires_grad]
     run = ReverseRun(problem, params, vjp)

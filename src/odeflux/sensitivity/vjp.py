@@ -18,8 +18,9 @@ from torch.utils import _pytree as pytree
 from ..solution import BackwardStats
 
 if TYPE_CHECKING:
-    from ..small_cpu import StagePlan
-    from ..solve import Problem
+    from ..kernels import ArrayVJP
+    from ..kernels.dense_layers import StagePlan
+    from ..problem import Problem
 
 VJPResult = tuple["torch.Tensor | None", "torch.Tensor | None", "list[torch.Tensor] | None"]
 
@@ -44,7 +45,7 @@ class VJPBackend:
 
     def stage_plan(self, ys: np.ndarray, negate: bool = False) -> StagePlan | None:
         """For ``m`` states known in advance (a step's stages; an ``(m, state size)`` array of a
-        small CPU state): the VJPs at all of them as one :class:`odeflux.small_cpu.StagePlan`, its
+        small CPU state): the VJPs at all of them as one :class:`odeflux.kernels.dense_layers.StagePlan`, its
         ``v``-independent work done at once. ``None`` where the backend has no such form."""
         return None
 
@@ -63,82 +64,63 @@ class VJPBackend:
         return out.neg_() if negate else out
 
 
-def _engine_grad() -> Callable[..., tuple]:
-    """``torch.autograd.grad`` without its Python-side argument handling, which costs about a
-    sixth of a small VJP. The inputs here are always well formed (``v`` has the shape of ``f``'s
-    output, checked at the first evaluation); where the engine is not exposed, the public API."""
-    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
-    run = getattr(engine, "run_backward", None)
-    if run is None:
-        return lambda out, inputs, v: torch.autograd.grad(out, inputs, v, allow_unused=True)
-    return lambda out, inputs, v: run((out,), (v,), False, False, tuple(inputs), True, False)
-
-
-_grad = _engine_grad()
-
-
-RULE_NAMES = ("vjp_rule", "vjp_rule_flat", "frozen")
-
-
-def find_vjp_rules(problem: Problem, params: list[torch.Tensor]) -> dict[str, Callable[..., Any] | None]:
-    """``f``'s own VJP rule and its variants by name (``RULE_NAMES``, see :mod:`odeflux.fields`),
-    each ``None`` unless ``f`` has it and it covers exactly ``params``, in order."""
+def find_vjp_rule(problem: Problem, params: list[torch.Tensor]) -> Callable[..., Any] | None:
+    """``f``'s own VJP rule (see :mod:`odeflux.fields`), or ``None`` unless ``f`` has one and it
+    covers exactly ``params``, in order."""
     f = problem.user_f
-    none: dict[str, Callable[..., Any] | None] = dict.fromkeys(RULE_NAMES)
     if not isinstance(f, nn.Module) or problem.args is not None:
-        return none
+        return None
     rule = getattr(f, "vjp_rule", None)
     if rule is None:
-        return none
+        return None
     own = problem.f_params if problem.f_params is not None else list(f.parameters())
     if len(own) != len(params) or any(a is not b for a, b in zip(own, params)):
-        return none  # frozen or extra parameters: the rule's products would not line up
-    return {"vjp_rule": rule, "vjp_rule_flat": getattr(f, "vjp_rule_flat", None), "frozen": getattr(f, "frozen", None)}
+        return None  # frozen or extra parameters: the rule's products would not line up
+    return rule
+
+
+def find_array_vjp(problem: Problem, params: list[torch.Tensor], y: torch.Tensor) -> ArrayVJP | None:
+    """``f``'s VJP rule on NumPy arrays for one solve from states like ``y``
+    (:class:`odeflux.kernels.ArrayKernelSource`), where its rule covers exactly ``params``."""
+    from ..kernels import ArrayKernelSource
+
+    f = problem.user_f
+    if not isinstance(f, ArrayKernelSource) or find_vjp_rule(problem, params) is None:
+        return None
+    return f.array_vjp(y)
 
 
 class AutogradVJP(VJPBackend):
     """Reverse mode through the autograd engine, or through ``f``'s own VJP rule when it has one
-    (as Zygote uses a layer's hand-written ``rrule``)."""
+    (as Zygote uses a layer's hand-written ``rrule``), on NumPy arrays where ``f`` offers it."""
 
     def __init__(self, problem, params, stats):
         super().__init__(problem, params, stats)
-        rules = find_vjp_rules(problem, params)
-        self.rule = rules["vjp_rule"]
-        self.rule_flat = rules["vjp_rule_flat"] if self.rule is not None else None
-        self._freeze = rules["frozen"] if self.rule_flat is not None else None
+        self.rule = find_vjp_rule(problem, params)
+        self._array: ArrayVJP | None = None
+        self._array_looked = self.rule is None  # looked up at the first array call, for that state
 
-    def _frozen_rule(self, y: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-        if self._freeze is not None:  # the rule with its checks done once, at the first call
-            self.rule_flat = self._freeze(y, vjp=True) or self.rule_flat
-            self._freeze = None
-        return self.rule_flat
-
-    def _array_form(self, y: np.ndarray, name: str) -> Callable[..., Any] | None:
-        if self.rule_flat is None:
-            return None
-        rule = self.rule_flat if self._freeze is None else self._frozen_rule(torch.from_numpy(y).view(self.problem.y0.shape))
-        return getattr(rule, name, None)
+    def _array_form(self, y: np.ndarray) -> ArrayVJP | None:
+        if not self._array_looked:
+            self._array_looked = True
+            state = torch.from_numpy(y).view(self.problem.y0.shape)
+            self._array = find_array_vjp(self.problem, self.params, state)
+        return self._array
 
     def stage_plan(self, ys, negate=False):
-        batched = self._array_form(ys[0], "stage_plan")
-        if batched is None:
+        rule = self._array_form(ys[0])
+        if rule is None:
             return None
         # Counted here, not per stage (one Python layer less per stage): a step evaluates them all.
         self.stats.n_vjp_evals += ys.shape[0]
-        return batched(ys, negate)
+        return rule.stage_plan(ys, negate)
 
     def on_arrays(self, y, v, want_p=True, negate=False):
-        rule = self._array_form(y, "on_arrays")
+        rule = self._array_form(y)
         if rule is None:
             return None
         self.stats.n_vjp_evals += 1
         return rule(y, v, True, want_p, negate)
-
-    def flat(self, t, y, v, want_y=True, negate=False):
-        if self.rule_flat is None:  # the engine, or a rule with no flat form: __call__ and concatenate
-            return super().flat(t, y, v, want_y, negate)
-        self.stats.n_vjp_evals += 1
-        return self._frozen_rule(y)(self.time(t), y, v, want_y=want_y, negate=negate)
 
     def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
         self.stats.n_vjp_evals += 1
@@ -151,7 +133,7 @@ class AutogradVJP(VJPBackend):
             out = self.problem.f(self.time(t), y_)
             inputs = ([y_] if want_y else []) + (self.params if want_p else [])
             if out.requires_grad and inputs:
-                grads = list(_grad(out, inputs, v))
+                grads = list(torch.autograd.grad(out, inputs, v, allow_unused=True))
             else:  # f depends on none of them
                 grads = [None] * len(inputs)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
@@ -226,18 +208,22 @@ class FuncVJP(VJPBackend):
         return (out if want_f else None), (gy if want_y else None), (list(gp) if want_p else None)
 
 
+_COMPILED_VJP: Callable | None = None
+
+
 class CompileVJP(FuncVJP):
+    """:class:`FuncVJP` compiled once per process with ``torch.compile``: torch's own guards
+    decide when a new field or shape needs a new graph (bounded by its recompile limit, with its
+    warning when that limit is hit)."""
+
     name = "compile"
 
-    def __init__(self, problem, params, stats, cache: dict):
+    def __init__(self, problem, params, stats):
         super().__init__(problem, params, stats)
-        # One compiled VJP per vector field, kept by the sensitivity algorithm across solves.
-        key = (id(problem.user_f), tuple(p.shape for p in params), self.dtype, self.device)
-        compiled = cache.get(key)
-        if compiled is None:
-            compiled = torch.compile(_func_vjp, dynamic=False)
-            cache[key] = compiled
-        self.compiled = compiled
+        global _COMPILED_VJP
+        if _COMPILED_VJP is None:
+            _COMPILED_VJP = torch.compile(_func_vjp, dynamic=False)
+        self.compiled = _COMPILED_VJP
 
     def _vjp(self, t, y, v):
         return self.compiled(self.fn, t, y, v, *self.pvals)
@@ -263,7 +249,4 @@ VJP_BACKENDS: dict[str, Callable[..., VJPBackend]] = {
 
 
 def make_vjp(method: Any, problem: Problem, params: list[torch.Tensor], stats: BackwardStats) -> VJPBackend:
-    name = method.vjp
-    if name == "compile":
-        return CompileVJP(problem, params, stats, method._compiled)
-    return VJP_BACKENDS[name](problem, params, stats)
+    return VJP_BACKENDS[method.vjp](problem, params, stats)

@@ -1,29 +1,15 @@
-"""NumPy kernels for small CPU tensors outside autograd: a dense-layer vector field and the RK step.
+"""NumPy kernels for a chain of dense layers: the forward pass, its VJP, and stage plans.
 
-On the tutorial's sizes (a 128 x 20 state, 10-wide layers) every torch op costs 3-6 us, mostly
-dispatch and set-up, while the same matrix product through NumPy's BLAS takes about 1.3 us and
-NumPy's ``tanh`` (a SIMD kernel) 0.6 us against torch's 3.5-6 us (measured on this project's
-machine; the README's Performance section has the training-step numbers). A training step calls
-the field some 40 times and takes ~10 Runge-Kutta steps, so where nothing needs a graph (the
-continuous adjoints' solves) and the tensors are small, on the CPU and plain (no ``torch.func``
-transform or forward-mode AD about), :class:`odeflux.fields.MLP` hands its evaluations and its
-VJP rule to these kernels, and the integrator its steps. The arrays share memory with the
-tensors: nothing is copied in or out, and in-place updates of the parameters show through.
+:class:`odeflux.fields.MLP` hands these to a solve through the array-kernel seam
+(:mod:`odeflux.kernels`): its evaluations and its VJP rule on NumPy arrays that view the
+parameters' memory, a fraction of torch's per-op cost at the tutorial's sizes.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from typing import Sequence
 
 import numpy as np
-import torch
-
-#: Above this many numbers in the widest activation, torch's kernels (and its threads) win.
-MAX_ACTIVATION_SIZE = 1 << 16
-DTYPES = (torch.float32, torch.float64)
-
 
 def _sigmoid(h: np.ndarray) -> None:
     np.negative(h, out=h)
@@ -90,16 +76,6 @@ NEG_FACTORS = {
     "relu": lambda h: np.negative((h > 0).astype(h.dtype)),
     "identity": None,
 }
-
-
-def as_array(t: torch.Tensor) -> np.ndarray:
-    """The tensor's memory as an array (no copy)."""
-    if t.requires_grad:
-        t = t.detach()
-    try:
-        return t.numpy()
-    except RuntimeError:  # a lazy negation or conjugation (checking first would cost every call)
-        return t.resolve_neg().resolve_conj().numpy()
 
 
 def _rows_of(b: np.ndarray, rows: int) -> np.ndarray:
@@ -289,175 +265,3 @@ class StagePlan:
             np.dot(g2.T, x.reshape(-1, x.shape[-1]), out=dw)
             if db is not None:
                 np.dot(ones, g2, out=db)
-
-
-# -- BLAS threads ------------------------------------------------------------------------------
-class _OneBLASThread:
-    """Runs NumPy's BLAS on one thread while the block runs (nestable, restored after).
-
-    These kernels' products are too small to gain much from threads, yet some pass OpenBLAS's
-    threading thresholds (an RK step's stage sums over the whole state; a stage plan's batched
-    products). With torch's own thread pool active on the same cores, OpenBLAS's worker threads
-    then wait on each other: measured on 2 cores with 2 torch threads, a batch-512 tutorial epoch
-    took 2-3 times as long without this (benchmarks/blas_threads.py). The setting is
-    process-wide while it lasts. Needs ``threadpoolctl``; without it this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._libs: list | None = None
-        self._saved: list[int] = []
-
-    def _controllers(self) -> list:
-        if self._libs is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-
-                self._libs = list(ThreadpoolController().select(user_api="blas").lib_controllers)
-            except Exception:  # noqa: BLE001 (no threadpoolctl, or a BLAS it cannot drive: leave the threads alone)
-                self._libs = []
-        return self._libs
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._depth == 0:
-                libs = self._controllers()
-                self._saved = [lib.get_num_threads() for lib in libs]
-                for lib, n in zip(libs, self._saved):
-                    if n != 1:
-                        lib.set_num_threads(1)
-            self._depth += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                for lib, n in zip(self._libs or [], self._saved):
-                    if n != 1:
-                        lib.set_num_threads(n)
-
-
-#: ``with one_blas_thread:`` around work on these kernels (see :class:`_OneBLASThread`).
-one_blas_thread = _OneBLASThread()
-
-
-# -- the Runge-Kutta step ------------------------------------------------------------------------
-#: States up to this many numbers take the NumPy step (the tutorial's: 2560, its adjoint's 3100).
-MAX_STATE_SIZE = 1 << 16
-
-
-_functorch = torch._C._functorch
-_transform_active = getattr(_functorch, "peek_interpreter_stack", lambda: None)
-_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def plain(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a plain, dense CPU tensor NumPy can read in full (not a subclass with
-    behaviour of its own), and nothing would miss the work: no ``torch.func`` transform (vmap,
-    jacfwd, grad, ...) running, no forward-mode AD level open (its tangents would be dropped), no
-    CPU autocast (it would compute in another precision)."""
-    return (
-        type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.layout == torch.strided
-        and _transform_active() is None and not _functorch_wrapped(t)
-        and torch.autograd.forward_ad._current_level < 0 and not _autocast_cpu()
-    )  # fmt: skip
-
-
-def applies_to(y: torch.Tensor) -> bool:
-    """Whether ``y`` is a state for these kernels: small, plain (:func:`plain`), float32 or float64."""
-    return y.dtype in DTYPES and 0 < y.numel() <= MAX_STATE_SIZE and plain(y)
-
-
-def step_applies(y: torch.Tensor) -> bool:
-    """Whether :func:`rk_step` may take the step from ``y``: :func:`applies_to` it, outside
-    autograd (a graph through the step is the discrete adjoint's, and needs torch's ops)."""
-    return not torch.is_grad_enabled() and applies_to(y)
-
-
-def coefficients(solver, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``[1 | a]`` (stages x (1 + stages)), ``[1, b]`` and ``b_err`` of the tableau as arrays of
-    ``dtype``, cached on the solver: with the step's start as row 0 of the stage buffer, a stage's
-    state is one product with a row of the first."""
-    key = ("numpy", dtype)
-    cached = solver._cache.get(key)
-    if cached is None:
-        tab = solver.tableau
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        s = tab.stages
-        a = np.zeros((s, s + 1))
-        a[:, 0] = 1.0
-        a[:, 1:] = tab.a_matrix()
-        b = np.concatenate(([1.0], tab.b))
-        err = None if tab.b_err is None else np.asarray(tab.b_err, dtype=np_dtype)
-        cached = solver._cache[key] = (a.astype(np_dtype), b.astype(np_dtype), err)
-    return cached
-
-
-def rk_step(solver, f, t, y: torch.Tensor, dt: float, k1: torch.Tensor, co, rtol: float, atol: float, n: int | None):
-    """:func:`odeflux.integrator.rk_step_with_error` on NumPy arrays: the same stages, sums and
-    error norm, with the stage derivatives written into one buffer as they come (no re-stacking
-    per stage). ``f`` still gets and returns tensors (views of the arrays), unless it offers
-    ``on_arrays(t, x, out)``, which writes ``f`` of the flat array ``x`` into the flat ``out``.
-    A right-hand side with ``prepare_step(t, dt)`` hears of each step first and may answer with a
-    plan for it: ``plan.n``, how many leading entries of the state a stage's
-    derivative depends on and the plan computes per stage; ``plan.stage(i, head, out)``, the first
-    ``n`` entries of stage ``i``'s derivative from the first ``n`` of its state; and
-    ``plan.finish(out)``, the other entries of stages 2.. all at once (an adjoint's ``mu``).
-    Returns the new state, the stacked stages (tensors) and the error norm (a float, or ``None``)."""
-    a, b, e = coefficients(solver, y.dtype)
-    c = solver.tableau.c
-    s, shape = len(c), y.shape
-    y0 = as_array(y).reshape(-1)
-    X = np.empty((s + 1, y0.size), dtype=y0.dtype)  # the start, then the stage derivatives
-    X[0] = y0
-    X[1] = as_array(k1).reshape(-1)
-    coef = a * dt
-    coef[:, 0] = 1.0
-    on_arrays = getattr(f, "on_arrays", None)  # a frozen field that takes arrays: no tensors at all
-    prepare = getattr(f, "prepare_step", None)  # a right-hand side that batches work over the stages
-    plan = prepare(t, dt) if prepare is not None else None
-    yi = y0
-    if plan is not None:
-        # A split right-hand side (an adjoint's lambda and mu): the stages compute their first
-        # plan.n entries from the first plan.n of the state alone; the rest of every new stage
-        # comes at the end, all at once (plan.finish).
-        m = plan.n
-        for i in range(1, s):
-            plan.stage(i, np.dot(coef[i, : i + 1], X[: i + 1, :m]), X[i + 1, :m])
-        plan.finish(X[2:, m:])
-        if solver.tableau.fsal:
-            yi = np.dot(coef[s - 1, :s], X[:s])
-    else:
-        for i in range(1, s):
-            yi = np.dot(coef[i, : i + 1], X[: i + 1])
-            if on_arrays is not None:
-                on_arrays(t + c[i] * dt, yi, X[i + 1])
-            else:
-                X[i + 1] = as_array(f(t + c[i] * dt, torch.from_numpy(yi.reshape(shape)))).reshape(-1)
-    K = X[1:]
-    if not solver.tableau.fsal:
-        bb = b * dt
-        bb[0] = 1.0
-        yi = np.dot(bb, X)
-    y1, K_t = torch.from_numpy(yi.reshape(shape)), torch.from_numpy(K.reshape((s,) + tuple(shape)))
-    if e is None:
-        return y1, K_t, None
-    err = np.dot(e, K)
-    if n is not None:
-        err, y0, yi = err[:n], y0[:n], yi[:n]
-    # ||dt e.K / (atol + rtol s)|| = |dt| / rtol * ||e.K / (atol / rtol + s)||: two passes fewer
-    scale = np.maximum(np.abs(y0), np.abs(yi))
-    scale += atol / rtol
-    err /= scale
-    return y1, K_t, abs(dt) / rtol * math.sqrt(float(np.dot(err, err)) / err.size)

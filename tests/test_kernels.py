@@ -1,5 +1,5 @@
-"""The NumPy paths for small CPU tensors outside autograd (odeflux.small_cpu): the RK step against
-torch's, solves under no_grad against scipy, and the frozen field evaluations against the module."""
+"""The step kernels behind the seam (odeflux.kernels): the NumPy step against the torch step,
+solves under no_grad against scipy, and the fields' array forms against the module."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from conftest import CLASSIC, PROBLEMS
 from torch import nn
 
 import odeflux
-from odeflux import small_cpu
-from odeflux.integrator import rk_step_with_error
+from odeflux.control import initial_step
+from odeflux.kernels import NumpyStepKernel, TorchStepKernel, arrays
+from odeflux.kernels.dense_layers import Kernels, StagePlan
 from odeflux.solvers import SOLVERS
 
 
@@ -24,17 +25,16 @@ def field(t, y):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_numpy_step_matches_torch_step(name, dtype, n):
     solver = SOLVERS[name]()
-    co = solver.coefficients(dtype, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     y = torch.randn(4, 5, generator=g, dtype=dtype)
     t = torch.tensor(0.3, dtype=dtype)
     k = field(t, y)
     with torch.no_grad():
-        assert small_cpu.step_applies(y)
+        assert arrays.state_applies(y)
         # A long step, so that the error estimate (a difference of near-equal sums) is well above
         # float32's round-off, which the two summation orders would otherwise show.
-        ref = rk_step_with_error(solver, field, t, y, 0.8, k, co, 1e-4, 1e-5, n)
-        out = small_cpu.rk_step(solver, field, t, y, 0.8, k, co, 1e-4, 1e-5, n)
+        ref = TorchStepKernel(field, solver, y, 1e-4, 1e-5, n, False, False).step(0.3, y, 0.8, k)
+        out = NumpyStepKernel(field, solver, y, 1e-4, 1e-5, n, False, None, None).step(0.3, y, 0.8, k)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
     assert out[0].shape == y.shape and out[0].dtype == dtype and torch.allclose(out[0], ref[0], **tol)
     assert out[1].shape == ref[1].shape and torch.allclose(out[1], ref[1], **tol)
@@ -47,12 +47,12 @@ def test_numpy_step_matches_torch_step(name, dtype, n):
 
 def test_numpy_step_is_used_only_outside_autograd_on_small_cpu_states():
     y = torch.zeros(10)
-    assert not small_cpu.step_applies(y)  # grad mode: the discrete adjoint may need the graph
+    assert not arrays.state_applies(y)  # grad mode: the discrete adjoint may need the graph
     with torch.no_grad():
-        assert small_cpu.step_applies(y)
-        assert not small_cpu.step_applies(torch.zeros(small_cpu.MAX_STATE_SIZE + 1))
-        assert not small_cpu.step_applies(torch.zeros(10, dtype=torch.float16))
-        assert not small_cpu.step_applies(torch.zeros(0))
+        assert arrays.state_applies(y)
+        assert not arrays.state_applies(torch.zeros(arrays.MAX_STATE_SIZE + 1))
+        assert not arrays.state_applies(torch.zeros(10, dtype=torch.float16))
+        assert not arrays.state_applies(torch.zeros(0))
 
 
 @pytest.mark.parametrize("name", CLASSIC)
@@ -77,21 +77,23 @@ def mlp() -> odeflux.MLP:
     return odeflux.MLP(layers)
 
 
-def test_frozen_evaluation_matches_the_module_and_respects_hooks():
+def test_array_evaluation_matches_the_module_and_respects_hooks():
     vf = odeflux.VectorField(mlp())
     y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        fast = vf.frozen(y)
+        fast = vf.array_field(y)
         assert fast is not None
-        assert torch.allclose(fast(0.0, y), vf(0.0, y), rtol=1e-6, atol=1e-7)
+        out = np.empty(y.numel(), dtype=np.float32)
+        fast.evaluate(0.0, y.numpy().reshape(-1), out)
+        assert torch.allclose(torch.from_numpy(out).view(y.shape), vf(0.0, y), rtol=1e-6, atol=1e-7)
         seen = []
         handle = vf.module.register_forward_hook(lambda *a: seen.append(1))
-        assert vf.frozen(y) is None  # a frozen evaluation would skip the hook
+        assert vf.array_field(y) is None  # an array evaluation would skip the hook
         odeflux.solve(vf, y, (0.0, 1.0))
         assert seen  # so the solve called the module, hooks and all
         handle.remove()
     vf.module.use_vjp_rule = False
-    assert vf.frozen(y, vjp=True) is None
+    assert vf.array_vjp(y) is None
 
 
 def test_neural_ode_gives_the_same_training_gradient_with_and_without_the_numpy_kernels():
@@ -108,39 +110,47 @@ def test_neural_ode_gives_the_same_training_gradient_with_and_without_the_numpy_
 
 @pytest.mark.parametrize("n", [None, 4])
 def test_numpy_initial_step_matches_torch(n):
-    from odeflux.control import initial_step
-
+    """Hairer's start from the NumPy kernel's norms against the torch kernel's."""
     y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     f0 = field(torch.tensor(0.0, dtype=torch.float64), y0)
-    args = (field, 0.0, y0, f0, 1.0, 5, 1e-6, 1e-8, 10.0, n, False)
-    ref = initial_step(*args)  # grad mode: torch's norms
+    solver = odeflux.Tsit5()
+    torch_k = TorchStepKernel(field, solver, y0, 1e-6, 1e-8, n, False, False)
+    numpy_k = NumpyStepKernel(field, solver, y0, 1e-6, 1e-8, n, False, None, None)
+    ref = initial_step(torch_k.norms(0.0, y0, f0), 0.0, 1.0, 5, 10.0)
     with torch.no_grad():
-        assert small_cpu.step_applies(y0)
-        out = initial_step(*args)
+        out = initial_step(numpy_k.norms(0.0, y0, f0), 0.0, 1.0, 5, 10.0)
     assert out[1] == ref[1] == 1 and out[0] == pytest.approx(ref[0], rel=1e-12)
 
 
-def test_initial_step_through_a_frozen_fields_arrays_matches_torch():
-    """A frozen field's initial step evaluates on the arrays (on_arrays): the same step size as
-    the module through torch's ops."""
-    from odeflux.control import initial_step
-
+def test_initial_step_through_a_fields_arrays_matches_torch():
+    """A field's array form gives the initial step the module gives through torch's ops."""
     m = odeflux.VectorField(odeflux.MLP([nn.Linear(5, 7), nn.Linear(7, 5)], "tanh").double())
     y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    t = torch.tensor(0.0, dtype=torch.float64)
-    ref = initial_step(m, 0.0, y0, m(t, y0), 1.0, 5, 1e-6, 1e-8, 10.0)  # grad mode: torch's ops
+    f0 = m(torch.tensor(0.0, dtype=torch.float64), y0).detach()
+    solver = odeflux.Tsit5()
+    ref = initial_step(TorchStepKernel(m, solver, y0, 1e-6, 1e-8, None, False, False).norms(0.0, y0, f0), 0.0, 1.0, 5, 10.0)
     with torch.no_grad():
-        frozen = m.frozen(y0)
-        assert hasattr(frozen, "on_arrays")
-        out = initial_step(frozen, 0.0, y0, m(t, y0), 1.0, 5, 1e-6, 1e-8, 10.0)
+        array_f = m.array_field(y0)
+        assert array_f is not None
+        kernel = NumpyStepKernel(m, solver, y0, 1e-6, 1e-8, None, False, array_f, None)
+        out = initial_step(kernel.norms(0.0, y0, f0), 0.0, 1.0, 5, 10.0)
     assert out[1] == ref[1] == 1 and out[0] == pytest.approx(ref[0], rel=1e-12)
+
+
+def _mlp_field(dtype=torch.float64) -> odeflux.VectorField:
+    g = torch.Generator().manual_seed(11)
+    layers = [nn.Linear(3, 8), nn.Linear(8, 3)]
+    with torch.no_grad():
+        for p in (q for m in layers for q in m.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    return odeflux.VectorField(odeflux.MLP(layers, "tanh").to(dtype))
 
 
 def test_dense_output_on_numpy_matches_torch():
     y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     with torch.no_grad():
-        sol = odeflux.solve(field, y0, (0.0, 2.0), dense=True, rtol=1e-8, atol=1e-8)
-        assert sol.dense._small_cpu
+        sol = odeflux.solve(_mlp_field(), y0, (0.0, 2.0), dense=True, rtol=1e-8, atol=1e-8)
+        assert sol.dense.on_arrays
         ts = np.linspace(0.0, 2.0, 13)
         fast = torch.stack([sol.dense.at(float(t)) for t in ts])
     slow = torch.stack([sol.dense.at(float(t)) for t in ts])  # grad mode: torch's addmm
@@ -152,7 +162,7 @@ def test_dense_output_at_many_times_matches_one_at_a_time():
     """at_arrays (the adjoints' stage batches) against evaluate, inside one step and across steps."""
     y0 = torch.randn(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with torch.no_grad():
-        sol = odeflux.solve(field, y0, (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
+        sol = odeflux.solve(_mlp_field(), y0, (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
         d = sol.dense
         assert d.on_arrays and len(d) > 3
         inside = [d.t_starts[1] + f * d.dts[1] for f in (0.1, 0.5, 0.9, 1.0)]
@@ -160,7 +170,8 @@ def test_dense_output_at_many_times_matches_one_at_a_time():
         for ts in (inside, across, across[::-1]):
             got = d.at_arrays(ts).reshape((len(ts),) + tuple(y0.shape))
             np.testing.assert_allclose(got, d.evaluate(ts).numpy(), rtol=1e-13, atol=1e-14)
-        sol32 = odeflux.solve(field, y0.float(), (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
+        sol32 = odeflux.solve(_mlp_field(torch.float32), y0.float(), (0.0, 2.0), dense=True, rtol=1e-6, atol=1e-6)
+        assert sol32.dense.on_arrays
         got32 = sol32.dense.at_arrays(across)  # float32 all through: the powers and coefficients too
         assert got32.dtype == np.float32
         np.testing.assert_allclose(got32.reshape((len(across),) + tuple(y0.shape)), sol32.dense.evaluate(across).numpy(),
@@ -205,17 +216,17 @@ def test_kernels_step_aside_for_autocast_subclasses_and_sparse_states():
     m = mlp()
     y = torch.randn(8, 6)
     with torch.no_grad():
-        assert m._small_cpu(y) is not None
+        assert m._numpy_kernels(y) is not None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert m._small_cpu(y) is None and not small_cpu.step_applies(y)
+            assert m._numpy_kernels(y) is None and not arrays.state_applies(y)
             assert m(y).dtype == torch.bfloat16  # torch's autocast semantics, kept
 
         class Tagged(torch.Tensor):
             pass
 
-        assert m._small_cpu(y.as_subclass(Tagged)) is None
-        assert not small_cpu.applies_to(y.to_sparse())
-        assert m._small_cpu(torch.zeros(0, 6)) is None
+        assert m._numpy_kernels(y.as_subclass(Tagged)) is None
+        assert not arrays.readable(y.to_sparse())
+        assert m._numpy_kernels(torch.zeros(0, 6)) is None
         assert m(torch.zeros(6)).shape == (6,)  # a single state: one row
 
 
@@ -241,7 +252,7 @@ def test_stage_plan_matches_the_rule_state_by_state(activation, final_activation
     n_states, shape = 5, (3, 4)
     ys = torch.randn((n_states,) + shape, generator=gen, dtype=dtype)
     vs = torch.randn((n_states,) + shape, generator=gen, dtype=dtype)
-    rule = m.frozen(ys[0], vjp=True)
+    rule = m.array_vjp(ys[0])
     plan = rule.stage_plan(ys.reshape(n_states, -1).numpy(), negate)
     n, n_p = ys[0].numel(), sum(p.numel() for p in m.parameters())
     rows = np.full((n_states, n + n_p + 3), np.nan, dtype=ys.numpy().dtype)  # wider rows: strided views
@@ -257,7 +268,7 @@ def test_stage_plan_matches_the_rule_state_by_state(activation, final_activation
         ref = torch.autograd.grad(m(y), [y, *m.parameters()], vs[j])
         ref = sign * torch.cat([r.reshape(-1) for r in ref]).numpy()
         np.testing.assert_allclose(rows[j, : n + n_p], ref, rtol=rtol, atol=atol)
-        np.testing.assert_allclose(rows[j, : n + n_p], rule(ys[j], vs[j], negate=negate).numpy(), rtol=rtol, atol=atol)
+        np.testing.assert_allclose(rows[j, : n + n_p], rule(ys[j].numpy(), vs[j].numpy(), negate=negate), rtol=rtol, atol=atol)
     assert np.isnan(rows[:, n + n_p :]).all()  # nothing written past the rows' parameter part
     np.testing.assert_allclose(total, rows[:, n : n + n_p].sum(0), rtol=rtol, atol=atol)
 
@@ -279,10 +290,10 @@ def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, meth
     from odeflux.sensitivity import rhs
 
     steps, plans = [], []
-    prepare = rhs._PlannedRHS.prepare_step
-    monkeypatch.setattr(rhs._PlannedRHS, "prepare_step", lambda self, t, h: steps.append(1) or prepare(self, t, h))
-    params_into = small_cpu.StagePlan.params_into
-    monkeypatch.setattr(small_cpu.StagePlan, "params_into", lambda self, out: plans.append(1) or params_into(self, out))
+    plan_step = rhs._PlannedRHS.plan_step
+    monkeypatch.setattr(rhs._PlannedRHS, "plan_step", lambda self, t, h: steps.append(1) or plan_step(self, t, h))
+    params_into = StagePlan.params_into
+    monkeypatch.setattr(StagePlan, "params_into", lambda self, out: plans.append(1) or params_into(self, out))
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     out = []
     for rule in (True, False):
@@ -314,7 +325,7 @@ def two_blas_threads():
     """The BLAS libraries the hold drives (those loaded at its first use, NumPy's among them) set to
     2 threads for the test, so that holding them to one shows; restored after."""
     threadpoolctl, _ = _blas()
-    libs = small_cpu.one_blas_thread._controllers()
+    libs = arrays.one_blas_thread._controllers()
     assert libs  # threadpoolctl sees a BLAS, so the hold drives it
     with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
         assert all(lib.get_num_threads() == 2 for lib in libs)
@@ -323,13 +334,13 @@ def two_blas_threads():
 
 def test_one_blas_thread_holds_blas_to_one_thread_and_restores_it(two_blas_threads):
     libs = two_blas_threads
-    with small_cpu.one_blas_thread:
+    with arrays.one_blas_thread:
         assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
-        with small_cpu.one_blas_thread:  # nested: still one, and the inner exit does not restore
+        with arrays.one_blas_thread:  # nested: still one, and the inner exit does not restore
             pass
         assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
     assert [lib.get_num_threads() for lib in libs] == [2] * len(libs)
-    with pytest.raises(RuntimeError, match="boom"), small_cpu.one_blas_thread:
+    with pytest.raises(RuntimeError, match="boom"), arrays.one_blas_thread:
         raise RuntimeError("boom")
     assert [lib.get_num_threads() for lib in libs] == [2] * len(libs)  # restored on an exception too
 
@@ -341,9 +352,9 @@ def test_numpy_kernels_run_on_one_blas_thread_in_solves_and_backward_passes(two_
     pass); the user's own NumPy work before and after keeps its threads."""
     libs = two_blas_threads
     seen = []
-    forward, step = small_cpu.Kernels.forward, small_cpu.rk_step
-    monkeypatch.setattr(small_cpu.Kernels, "forward", lambda *a, **k: seen.append(libs[0].get_num_threads()) or forward(*a, **k))
-    monkeypatch.setattr(small_cpu, "rk_step", lambda *a: seen.append(libs[0].get_num_threads()) or step(*a))
+    forward, step = Kernels.forward, NumpyStepKernel.step
+    monkeypatch.setattr(Kernels, "forward", lambda *a, **k: seen.append(libs[0].get_num_threads()) or forward(*a, **k))
+    monkeypatch.setattr(NumpyStepKernel, "step", lambda *a: seen.append(libs[0].get_num_threads()) or step(*a))
     field_ = odeflux.MLP([nn.Linear(4, 8), nn.Linear(8, 4)], "tanh")
     alg = {"interpolating": odeflux.InterpolatingAdjoint(), "gauss": odeflux.GaussAdjoint(),
            "direct": odeflux.DirectAdjoint()}[sensealg]  # fmt: skip

@@ -1,0 +1,146 @@
+"""The seam for special kernels: how one solve's per-step numerics are carried out.
+
+Every algorithm of the engine exists once, in torch: the Runge-Kutta step
+(:meth:`odeflux.solvers.ExplicitRK.step`), its error norm (:func:`odeflux.control.error_ratio`),
+Hairer's initial step (:func:`odeflux.control.initial_step`), dense output
+(:class:`odeflux.solution.DenseOutput`) and the adjoints' right-hand sides. A *step kernel*
+(:class:`StepKernel`) is how a solve runs them: :class:`TorchStepKernel` on torch's ops (any
+field, any device, under autograd, optionally compiled), or :class:`NumpyStepKernel`, the same
+arithmetic on NumPy arrays that view the tensors' memory, for small CPU states outside autograd,
+where torch's per-op dispatch (3-6 us) costs more than the work.
+
+:func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the state
+(:func:`arrays.state_applies`), whether the caller asked for a compiled step, and whether the
+right-hand side implements one of the two array interfaces below:
+
+- :class:`ArrayKernelSource`: a field that can hand a solve its evaluation
+  (:class:`ArrayField`) and VJP (:class:`ArrayVJP`) on NumPy arrays, built for that solve from
+  its parameters as they are then (:class:`odeflux.fields.MLP`; :class:`odeflux.VectorField`
+  forwards it for a time-independent module with no hooks).
+- :class:`StepPlanner`: a right-hand side that batches work over a step's stages (the
+  adjoints' systems, :mod:`odeflux.sensitivity.rhs`).
+
+Nothing is probed by name on each call. Adding a kernel means a class with
+:class:`StepKernel`'s four methods and one branch in :func:`choose_step_kernel`, and a test that
+compares it with :class:`TorchStepKernel` step by step (``tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from . import arrays
+
+if TYPE_CHECKING:
+    from ..control import HairerNorms
+    from ..solvers.tableau import ExplicitRK
+
+
+class StepKernel(Protocol):
+    """One solve's per-step numerics. Times are host floats; states are tensors of the state's
+    shape (NumPy-backed ones for :class:`NumpyStepKernel`)."""
+
+    #: Whether the steps are NumPy-backed (dense output then looks up ``y(t)`` on arrays).
+    arrays: bool
+
+    def running(self) -> ContextManager[Any]:
+        """Held while the solve runs (NumPy's BLAS on one thread, for the NumPy kernel)."""
+
+    def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """``f(t, y)``."""
+
+    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One step of size ``h`` from ``(t, y)`` with ``k = f(t, y)``: the new state, the stages
+        ``(stages, *shape)`` and the scaled error norm (a 0-d tensor or a float; ``None`` for
+        fixed-step methods). An adaptive solve reads the norm back to the host: the one
+        synchronisation per step; a fixed-step one never does."""
+
+    def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> HairerNorms:
+        """The scaled norms Hairer's initial step needs at ``(t, y)`` with ``k = f(t, y)``."""
+
+
+class ArrayField(abc.ABC):
+    """``f`` on flat NumPy arrays for one solve: ``evaluate(t, x, out)`` writes ``f(t, x)`` into
+    ``out`` (both of the state's size)."""
+
+    @abc.abstractmethod
+    def evaluate(self, t: float, x: np.ndarray, out: np.ndarray) -> None: ...
+
+
+class ArrayVJP(abc.ABC):
+    """A field's VJP rule on flat NumPy arrays for one solve, the parameters in the field's
+    ``parameters()`` order."""
+
+    #: Total number of parameter entries.
+    n_params: int
+
+    @abc.abstractmethod
+    def __call__(self, y: np.ndarray, v: np.ndarray, want_y: bool = True, want_p: bool = True, negate: bool = False) -> np.ndarray:
+        """``[v^T df/dy (if want_y), v^T df/dp (if want_p)]`` as one flat array, negated if asked."""
+
+    @abc.abstractmethod
+    def stage_plan(self, ys: np.ndarray, negate: bool = False) -> Any:
+        """The VJPs at ``m`` states known in advance (``(m, state size)``): the forward pass over
+        all of them at once, then per state only the cotangent's part (see
+        :class:`odeflux.kernels.dense_layers.StagePlan`)."""
+
+
+@runtime_checkable
+class ArrayKernelSource(Protocol):
+    """A vector field that can run a solve on NumPy arrays (see the module docstring)."""
+
+    def array_field(self, y: torch.Tensor) -> ArrayField | None:
+        """Its evaluation on arrays for one solve from states like ``y`` (shape, dtype), or ``None``."""
+
+    def array_vjp(self, y: torch.Tensor) -> ArrayVJP | None:
+        """Its VJP rule on arrays for one solve from states like ``y``, or ``None``."""
+
+
+class StepPlan(abc.ABC):
+    """One step's plan (:class:`StepPlanner`): the state is ``(head, tail)`` with ``n`` head
+    entries; a stage's head derivative depends on the head of its state alone, and the tail's
+    derivatives feed nothing back."""
+
+    n: int
+
+    @abc.abstractmethod
+    def stage(self, i: int, head: np.ndarray, out: np.ndarray) -> None:
+        """Stage ``i``'s head derivative (``i >= 1``) from its head state, into ``out``."""
+
+    @abc.abstractmethod
+    def finish(self, out: np.ndarray) -> None:
+        """The tail derivatives of stages ``1..`` at once, into the rows of ``out``."""
+
+
+class StepPlanner(abc.ABC):
+    """A right-hand side that plans each step of the NumPy kernel (the adjoints' systems)."""
+
+    @abc.abstractmethod
+    def plan_step(self, t: float, h: float) -> StepPlan | None:
+        """This step's plan, or ``None`` for stage-by-stage evaluation."""
+
+
+def choose_step_kernel(
+    f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, error_size: int | None,
+    float_time: bool, compiled: bool,
+) -> StepKernel:  # fmt: skip
+    """The kernel for one solve of ``f`` from ``y0`` (see the module docstring)."""
+    if not compiled and arrays.state_applies(y0):
+        array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
+        planner = f if isinstance(f, StepPlanner) else None
+        if array_f is not None or planner is not None:
+            return NumpyStepKernel(f, solver, y0, rtol, atol, error_size, float_time, array_f, planner)
+    return TorchStepKernel(f, solver, y0, rtol, atol, error_size, float_time, compiled)
+
+
+from .numpy_step import NumpyStepKernel  # noqa: E402 (they build on the interfaces above)
+from .torch_step import TorchStepKernel  # noqa: E402
+
+__all__ = [
+    "NumpyStepKernel", "TorchStepKernel",
+    "ArrayField", "ArrayKernelSource", "ArrayVJP", "StepKernel", "StepPlan", "StepPlanner", "arrays", "choose_step_kernel",
+]  # fmt: skip

@@ -1,0 +1,93 @@
+"""The generic step kernel: every step on torch's ops, for any field, device and autograd mode."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import torch
+
+from ..control import error_ratio
+from ..solvers.tableau import ExplicitRK
+
+VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def rk_step_with_error(
+    solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
+    rtol: float, atol: float, n: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """One Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
+
+    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
+    """
+    y1, err, K = solver.step(f, t, y, dt, k, co)
+    if err is None:
+        return y1, K, None
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            e = error_ratio(err, y, y1, rtol, atol, n)
+    else:
+        e = error_ratio(err, y, y1, rtol, atol, n)
+    return y1, K, e
+
+
+_COMPILED_STEP: Callable | None = None
+
+
+def compiled_step() -> Callable:
+    """:func:`rk_step_with_error` under ``torch.compile(fullgraph=True)``, built once per process."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(rk_step_with_error, fullgraph=True)
+    return _COMPILED_STEP
+
+
+class TorchNorms:
+    """:class:`odeflux.control.HairerNorms` on tensors."""
+
+    def __init__(self, kernel: TorchStepKernel, y0: torch.Tensor, f0: torch.Tensor):
+        n = kernel.n
+        self.kernel, self.y0, self.f0, self.n = kernel, y0.detach(), f0.detach(), n
+        yf, ff = (self.y0.reshape(-1)[:n], self.f0.reshape(-1)[:n]) if n is not None else (self.y0, self.f0)
+        self.scale = yf.abs().mul(kernel.rtol).add_(kernel.atol)
+        d = torch.stack([torch.linalg.vector_norm(yf / self.scale), torch.linalg.vector_norm(ff / self.scale)])
+        self.d0, self.d1 = (d / math.sqrt(yf.numel())).tolist()
+
+    def change(self, t: float, h: float) -> float:
+        f1 = self.kernel.evaluate(t, torch.add(self.y0, self.f0, alpha=h))
+        df = (f1 - self.f0).reshape(-1)[: self.n] if self.n is not None else f1 - self.f0
+        return float(torch.linalg.vector_norm(df / self.scale)) / math.sqrt(df.numel())
+
+
+class TorchStepKernel:
+    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``)."""
+
+    arrays = False
+
+    def __init__(
+        self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, n: int | None,
+        float_time: bool, compiled: bool,
+    ):  # fmt: skip
+        self.f, self.solver, self.rtol, self.atol, self.n = f, solver, rtol, atol, n
+        self.dtype, self.device = y0.dtype, y0.device
+        self.co = solver.coefficients(y0.dtype, y0.device)
+        self.float_time = float_time
+        self._step = compiled_step() if compiled else rk_step_with_error
+
+    def running(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    def time(self, t: float) -> torch.Tensor | float:
+        return t if self.float_time else torch.full((), t, dtype=self.dtype, device=self.device)
+
+    def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        return self.f(self.time(t), y)
+
+    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self._step(self.solver, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.n)
+
+    def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
+        with torch.no_grad():
+            return TorchNorms(self, y, k)

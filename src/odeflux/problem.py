@@ -1,0 +1,259 @@
+"""A checked solve request (:class:`Problem`), as the sensitivity methods receive it.
+
+:func:`make_problem` checks what :func:`odeflux.solve` was given and says what to fix;
+:func:`solution_from_result` turns an integration into a :class:`~odeflux.Solution`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
+from .vector_field import VectorField, takes_time
+from .integrator import IntegrateOptions, IntegrationResult, integrate
+from .solution import Solution, times_tensor
+from .solvers import ExplicitRK, Tsit5
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass
+class Problem:
+    """A checked solve request, as the sensitivity methods receive it."""
+
+    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # f(t, y), args already bound
+    y0: torch.Tensor
+    t0: float
+    t1: float
+    solver: ExplicitRK
+    controller: StepSizeController
+    rtol: float
+    atol: float
+    dt0: float | None
+    dtmin: float | None
+    dtmax: float | None
+    max_steps: int
+    saveat: list[float] | None
+    save_everystep: bool
+    save_start: bool
+    save_end: bool
+    dense: bool
+    params: list[torch.Tensor]  # the tensors (besides y0) that gradients flow to
+    user_f: Callable[..., torch.Tensor] = field(repr=False, default=None)
+    args: Any = None
+    compiled: bool = False  # step through the compiled step (solve(compile=True))
+    # f declares it ignores t (a time-independent NeuralODE field): hand it host floats, which
+    # saves a tensor op per stage.
+    float_time: bool = False
+    # The module f is (or whose method it is): its parameters, and the tensors it holds now.
+    f_params: list[torch.Tensor] | None = field(repr=False, default=None)
+    module_state: list = field(repr=False, default_factory=list)
+
+    def options(self, **overrides: Any) -> IntegrateOptions:
+        """This problem's integration options, some replaced."""
+        opts = IntegrateOptions(
+            rtol=self.rtol, atol=self.atol, controller=self.controller, dt0=self.dt0, dtmin=self.dtmin,
+            dtmax=self.dtmax, max_steps=self.max_steps, saveat=self.saveat, save_everystep=self.save_everystep,
+            save_start=self.save_start, save_end=self.save_end, dense=self.dense, compiled=self.compiled,
+            float_time=self.float_time,
+        )  # fmt: skip
+        return dataclasses.replace(opts, **overrides) if overrides else opts
+
+    def integrate(self, y0: torch.Tensor | None = None, t0: float | None = None, t1: float | None = None, **overrides: Any) -> IntegrationResult:
+        """Run the integrator on this problem (from ``y0`` over ``[t0, t1]`` where given), with
+        some of its options replaced."""
+        return integrate(
+            self.f, self.y0 if y0 is None else y0, self.t0 if t0 is None else t0, self.t1 if t1 is None else t1,
+            self.solver, self.options(**overrides),
+        )
+
+
+def solution_from_result(res: IntegrationResult, problem: Problem) -> Solution:
+    y0 = problem.y0
+    ys = torch.stack(res.ys) if res.ys else y0.new_empty((0,) + tuple(y0.shape))
+    ts = times_tensor(res.ts, y0)
+    return Solution(ts=ts, ys=ys, stats=res.stats, status=res.status, message=res.message, dense=res.dense, t_final=res.t)
+
+
+def bind_args(f: Callable[..., torch.Tensor], args: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if args is None:
+        return f
+    return lambda t, y: f(t, y, args)
+
+
+ModuleState = list[tuple[nn.Module, str, str, torch.Tensor]]
+
+
+def module_tensors(f: Any) -> tuple[list[torch.Tensor] | None, ModuleState]:
+    """One walk over the module ``f`` is (or whose bound method it is): its parameters as
+    ``parameters()`` lists them, and every ``(module, "_parameters" | "_buffers", name, tensor)``
+    it holds now (the continuous adjoints put those back for their backward pass). ``(None, [])``
+    when ``f`` is no module's."""
+    module = f if isinstance(f, nn.Module) else getattr(f, "__self__", None)
+    if not isinstance(module, nn.Module):
+        return None, []
+    params: list[torch.Tensor] = []
+    state: ModuleState = []
+    seen: set[int] = set()
+    for mod in module.modules():
+        for name, t in mod._parameters.items():
+            if t is not None:
+                state.append((mod, "_parameters", name, t))
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    params.append(t)
+        for name, t in mod._buffers.items():
+            if t is not None:
+                state.append((mod, "_buffers", name, t))
+    return params, state
+
+
+def collect_params(f_params: Sequence[torch.Tensor], args: Any, params: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The tensors gradients may flow to besides ``y0``: ``f``'s parameters (``f_params``, as
+    :func:`module_tensors` lists them), ``args``' tensors, ``params``."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def add(p: Any) -> None:
+        if isinstance(p, torch.Tensor) and id(p) not in seen:
+            seen.add(id(p))
+            found.append(p)
+
+    for p in f_params:
+        add(p)
+    if args is not None:
+        for leaf in pytree.tree_leaves(args):
+            add(leaf)
+    if params is not None:
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params must be a sequence of tensors, got an element of type {type(p).__name__}")
+            add(p)
+    return [p for p in found if p.is_floating_point()]
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {v!r}") from None
+    return x
+
+
+def make_problem(
+    f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
+    dt0, dtmin, dtmax, max_steps, controller, compile,
+) -> tuple[Problem, tuple[torch.Tensor | None, torch.Tensor | None]]:  # fmt: skip
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"y0 must be a torch.Tensor, got {type(y0).__name__}: wrap it with torch.as_tensor(y0, dtype=torch.float32)")
+    if y0.dtype not in _FLOATS:
+        raise TypeError(
+            f"y0 has dtype {y0.dtype}; odeflux integrates float32 or float64 states: pass y0.float() or y0.double()"
+        )
+    if y0.numel() == 0:
+        raise ValueError("y0 is empty: the state needs at least one element")
+
+    if isinstance(t_span, torch.Tensor):
+        if t_span.numel() != 2:
+            raise ValueError(f"t_span must hold two times (t0, t1), got a tensor of shape {tuple(t_span.shape)}")
+        t_pair = (t_span.reshape(-1)[0], t_span.reshape(-1)[1])
+    else:
+        try:
+            t_pair = tuple(t_span)
+        except TypeError:
+            raise TypeError(f"t_span must be a pair (t0, t1), got {t_span!r}") from None
+        if len(t_pair) != 2:
+            raise ValueError(f"t_span must be a pair (t0, t1), got {len(t_pair)} values")
+    t0, t1 = _as_float("t_span[0]", t_pair[0]), _as_float("t_span[1]", t_pair[1])
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise ValueError(f"t_span must be finite, got ({t0}, {t1})")
+    if t0 == t1:
+        raise ValueError(f"t_span has equal ends ({t0}, {t1}): give an interval of nonzero length")
+    # The ends that may carry a gradient: tensors that require one (plain numbers never do).
+    t_tensors = tuple(t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in t_pair)
+
+    rtol, atol = _as_float("rtol", rtol), _as_float("atol", atol)
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be positive and finite, got {v}")
+
+    if solver is None:
+        solver = Tsit5()
+    if isinstance(solver, type) and issubclass(solver, ExplicitRK):
+        raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
+    if not isinstance(solver, ExplicitRK):
+        raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
+    if controller is None:
+        controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()
+    if not isinstance(controller, StepSizeController):
+        raise TypeError(f"controller must be a step-size controller such as odeflux.PIController(), got {controller!r}")
+    if controller.adaptive and not solver.adaptive:
+        raise ValueError(
+            f"{type(solver).__name__} has no error estimate, so it cannot adapt its step: pass dt0= "
+            "(and controller=ConstantStepSize()), or choose an adaptive solver such as Tsit5()"
+        )
+
+    direction = 1.0 if t1 > t0 else -1.0
+    if dt0 is not None:
+        dt0 = _as_float("dt0", dt0)
+        if not (dt0 > 0 and math.isfinite(dt0)):
+            raise ValueError(f"dt0 must be positive and finite (its sign follows t_span), got {dt0}")
+    elif not controller.adaptive:
+        raise ValueError(f"{type(solver).__name__} with {type(controller).__name__} takes fixed steps: pass dt0=")
+    for name, v in (("dtmin", dtmin), ("dtmax", dtmax)):
+        if v is not None and not (_as_float(name, v) > 0):
+            raise ValueError(f"{name} must be positive, got {v}")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+    save_list = None
+    if saveat is not None:
+        if isinstance(saveat, torch.Tensor):
+            if saveat.ndim > 1:
+                raise ValueError(f"saveat must be a 1-d sequence of times, got shape {tuple(saveat.shape)}")
+            save_list = [float(v) for v in saveat.detach().reshape(-1).tolist()]
+        else:
+            save_list = [_as_float("saveat[i]", v) for v in saveat]
+        if not save_list:
+            raise ValueError("saveat is empty: pass at least one time, or leave saveat=None")
+        lo, hi = min(t0, t1), max(t0, t1)
+        # Times that round-tripped through float32 (torch.linspace(0, 6.28, n), say) may miss the
+        # ends by an ulp: those snap onto them.
+        snap = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(t0), abs(t1))
+        save_list = [lo if abs(v - lo) <= snap else hi if abs(v - hi) <= snap else v for v in save_list]
+        for v in save_list:
+            if not (lo <= v <= hi):
+                raise ValueError(f"saveat time {v} is outside t_span ({t0}, {t1})")
+        if any(direction * (b - a) <= 0 for a, b in zip(save_list, save_list[1:])):
+            raise ValueError("saveat times must be strictly increasing in the direction of integration (t0 -> t1)")
+        if save_everystep:
+            raise ValueError("pass either saveat= or save_everystep=True, not both")
+    if dense is None:
+        dense = save_everystep and save_list is None
+
+    if isinstance(f, nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
+        f = VectorField(f, time_dependent=False)  # a module of y alone, as NeuralODE takes it
+    f_params, module_state = module_tensors(f)
+    problem = Problem(
+        f=bind_args(f, args), y0=y0.contiguous(), t0=t0, t1=t1, solver=solver, controller=controller,
+        rtol=rtol, atol=atol, dt0=dt0, dtmin=None if dtmin is None else float(dtmin),
+        dtmax=None if dtmax is None else float(dtmax), max_steps=max_steps, saveat=save_list,
+        save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
+        dense=bool(dense), params=collect_params(f_params or [], args, params), user_f=f, args=args,
+        f_params=f_params, module_state=module_state,
+        compiled=bool(compile), float_time=bool(getattr(f, "ignores_time", False)),
+    )  # fmt: skip
+    return problem, t_tensors  # type: ignore[return-value]

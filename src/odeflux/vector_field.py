@@ -1,0 +1,84 @@
+"""``VectorField``: a module in the solver's ``f(t, y)`` convention (modules of ``y`` alone ignore ``t``)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .kernels import ArrayField, ArrayKernelSource, ArrayVJP
+
+
+def takes_time(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes ``(t, y)`` rather than ``(y)``."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    glob = torch.nn.modules.module
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks
+        or getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None)
+    )  # fmt: skip
+
+
+class VectorField(nn.Module):
+    """Adapts a module to the solver's ``f(t, y)`` convention (``y``-only modules ignore ``t``).
+
+    It forwards the module's VJP rule (:mod:`odeflux.fields`) in the ``(t, y, v, ...)``
+    convention, and its array kernels (:class:`odeflux.kernels.ArrayKernelSource`) where the
+    module ignores ``t`` and no forward hook would be skipped.
+    """
+
+    def __init__(self, module: nn.Module, time_dependent: bool | None = None):
+        super().__init__()
+        self.module = module
+        self.time_dependent = takes_time(module) if time_dependent is None else bool(time_dependent)
+
+    @property
+    def ignores_time(self) -> bool:
+        """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
+        return not self.time_dependent
+
+    @property
+    def vjp_rule(self) -> Callable[..., Any] | None:
+        """The wrapped module's VJP rule (see :mod:`odeflux.fields`) in the ``(t, y, v, ...)``
+        convention, or ``None`` when it has none."""
+        rule = getattr(self.module, "vjp_rule", None)
+        if rule is None or self.time_dependent:
+            return rule
+        return lambda t, y, v, **kw: rule(y, v, **kw)
+
+    def _source(self) -> ArrayKernelSource | None:
+        module = self.module
+        return module if not self.time_dependent and isinstance(module, ArrayKernelSource) else None
+
+    def array_field(self, y: torch.Tensor) -> ArrayField | None:
+        """The module's evaluation on arrays for one solve; ``None`` also where forward hooks are
+        registered, which it would skip."""
+        source = self._source()
+        if source is None or has_hooks(self) or has_hooks(self.module):
+            return None
+        return source.array_field(y)
+
+    def array_vjp(self, y: torch.Tensor) -> ArrayVJP | None:
+        """The module's VJP rule on arrays for one solve, or ``None``."""
+        source = self._source()
+        return None if source is None else source.array_vjp(y)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.time_dependent:
+            return self.module(t, y)
+        return self.module(y)
