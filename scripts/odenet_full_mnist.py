@@ -35,7 +35,9 @@ from odeflux.mnist.model import (
     create_model,
     odenet,
 )  # fmt: skip
-from odeflux.mnist.train import CosineLR, accuracy, make_optimizer, train_step, warmup
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.schedule import CosineLR
+from odeflux.mnist.steps import accuracy, train_step, warmup
 
 
 def _node_kwargs(model: torch.nn.Module) -> dict:

@@ -101,8 +101,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """
     from . import __version__
     from .mnist.data import DATASETS
-    from .mnist.model import ADAPTIVE_SOLVERS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS
-    from .mnist.train import DEVICES, model_archs
+    from .mnist.devices import DEVICES
+    from .mnist.model import ADAPTIVE_SOLVERS, ARCHS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS
+    from .mnist.schedule import LR_SCHEDULES
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
     parser.add_argument("--version", action="version", version=f"odeflux {__version__}")
@@ -127,7 +128,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--vjp", choices=VJPS, default="autograd",
         help="vector-Jacobian products of the continuous adjoints (jacobian: full Jacobians, slow for this state)")
     add("--device", choices=DEVICES, default="auto", help="auto: a working CUDA GPU if there is one, else the CPU")
-    add("--model", choices=model_archs(), default="tutorial",
+    add("--model", choices=ARCHS, default="tutorial",
         help="tutorial: the Lux tutorial's dense model; odenet: a convolutional ODE-Net")
     add("--params", choices=PARAM_STRUCTURES, default="flat",
         help="flat: one parameter vector (the tutorial's ComponentArray); tree: each layer's own")
@@ -138,7 +139,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="the first N training images, split by --train-split; 'all': official 60k/10k split")
     add("--train-split", type=_fraction, default=0.9, help="fraction of --n-samples to train on")
     add("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    add("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    add("--lr-schedule", choices=LR_SCHEDULES, default="constant",
         help="cosine: the learning rate decays from --lr to 0 over all batches of all epochs")
     add("--seed", type=_nonneg_int, default=0, help="seeds the initial weights, the batch order and torch's generator")
     add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of the ODE solves")
@@ -231,7 +232,7 @@ def _new_run_dir() -> Path:
 
 def _resumed_config(args: argparse.Namespace, given: set[str], ckpt):
     """The checkpoint's config with the allowed overrides; (config, None) or (None, error message)."""
-    from .mnist.train import TrainConfig
+    from .mnist.config import TrainConfig
 
     saved = TrainConfig.from_dict(ckpt.config)
     overrides = {}
@@ -264,9 +265,12 @@ def _want_progress(flag: bool | None) -> tuple[bool, str | None]:
 
 def _run_train(args: argparse.Namespace, given: set[str]) -> int:
     from .mnist.checkpoint import CheckpointError, load_checkpoint
+    from .mnist.config import TrainConfig
     from .mnist.data import MNISTDataError
+    from .mnist.devices import DeterminismError, DeviceError
     from .mnist.distributed import DistributedError, launch_context
-    from .mnist.train import DeterminismError, DeviceError, RunDirError, TrainConfig, check_run_dir, train
+    from .mnist.rundir import RunDirError, check_run_dir
+    from .mnist.train import train
     from .solution import SolveError
 
     prog = "odeflux train"
@@ -334,9 +338,9 @@ def _matrix_table(matrix: list[list[int]]) -> list[str]:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .mnist.checkpoint import CheckpointError
     from .mnist.data import BatchLoader, MNISTDataError, tutorial_split
+    from .mnist.devices import DeviceError
     from .mnist.evaluate import class_names, evaluate, load_trained
     from .mnist.metrics import plot_confusion_matrix
-    from .mnist.train import DeviceError
 
     prog = "odeflux evaluate"
     try:
@@ -379,8 +383,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .mnist.checkpoint import CheckpointError
+    from .mnist.devices import DeviceError
     from .mnist.evaluate import ImageError, class_names, load_images, load_trained, predict
-    from .mnist.train import DeviceError
 
     prog = "odeflux predict"
     try:
