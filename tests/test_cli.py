@@ -1,5 +1,6 @@
 """The ``odeflux`` command line: argument errors, ``info``, a short ``train``."""
 
+import argparse
 import platform
 import re
 import subprocess
@@ -56,6 +57,33 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, words, capsys):
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0]
+
+
+def _train_choices() -> dict[str, tuple]:
+    """The ``train`` subcommand's choice lists, by destination."""
+    from odeflux.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {a.dest: tuple(a.choices) for a in sub.choices["train"]._actions if a.choices is not None}
+
+
+def test_train_choices_are_the_registries_keys():
+    from odeflux.integrator import FIRST_STEPS
+    from odeflux.mnist.devices import DEVICES
+    from odeflux.mnist.model import ARCHS, PARAM_STRUCTURES
+    from odeflux.mnist.schedule import LR_SCHEDULES
+    from odeflux.sensitivity import SENSEALGS
+    from odeflux.sensitivity.vjp import VJP_BACKENDS
+    from odeflux.solvers import SOLVERS
+
+    choices = _train_choices()
+    assert choices["sensealg"] == tuple(SENSEALGS)
+    assert choices["vjp"] == tuple(VJP_BACKENDS)
+    assert choices["solver"] == tuple(name for name, cls in SOLVERS.items() if cls().adaptive)
+    assert set(choices["solver"]) >= {"tsit5", "dopri5"} and "euler" not in choices["solver"]
+    assert choices["adjoint_first_step"] == tuple(FIRST_STEPS)
+    assert (choices["model"], choices["params"], choices["device"]) == (ARCHS, PARAM_STRUCTURES, DEVICES)
+    assert choices["lr_schedule"] == LR_SCHEDULES
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")

@@ -24,12 +24,15 @@ from ..control import IController
 from ..fields import MLP
 from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
+from ..sensitivity import SENSEALGS as ALGORITHMS
+from ..sensitivity import VJP_BACKENDS, ContinuousAdjoint
 from ..solvers import SOLVERS
 
-SENSEALGS = ("interpolating", "gauss", "backsolve", "quadrature", "direct")
-VJPS = ("autograd", "func", "compile", "jacobian")
+# The names the command line takes, from the registries, so that a method added there is offered here.
+SENSEALGS = tuple(ALGORITHMS)
+VJPS = tuple(VJP_BACKENDS)
+ADAPTIVE_SOLVERS = tuple(name for name, cls in SOLVERS.items() if cls().adaptive)  # the layer needs error control
 PARAM_STRUCTURES = ("tree", "flat")
-ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "bs3", "heun")
 ARCHS = ("tutorial", "odenet")
 IMAGE_SIZE = 28 * 28
 HIDDEN = 20
@@ -61,20 +64,17 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
 
 
 def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
-    """The sensitivity algorithm for a command-line name: ``interpolating`` ->
-    ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, ``gauss``, ``backsolve``,
-    ``quadrature`` likewise, ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no
-    adjoint solve)."""
+    """The sensitivity algorithm for a command-line name (``SENSEALGS``): a continuous adjoint, such
+    as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, or
+    ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no adjoint solve)."""
     if name not in SENSEALGS:
         raise ValueError(f"unknown sensealg {name!r}: choose one of {', '.join(SENSEALGS)}")
     if vjp not in VJPS:
         raise ValueError(f"unknown vjp {vjp!r}: choose one of {', '.join(VJPS)}")
     if first_step not in FIRST_STEPS:
         raise ValueError(f"unknown adjoint first step {first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
-    from ..sensitivity import SENSEALGS as ALGORITHMS
-
     cls = ALGORITHMS[name]
-    return cls() if name == "direct" else cls(vjp=vjp, first_step=first_step)
+    return cls(vjp=vjp, first_step=first_step) if issubclass(cls, ContinuousAdjoint) else cls()
 
 
 class TanhMLP(MLP):
