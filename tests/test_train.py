@@ -145,7 +145,9 @@ def test_devices():
     "kwargs, match",
     [({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"train_split": 1.0}, "train_split"),
      ({"rtol": 0.0}, "rtol"), ({"n_samples": 1}, "n_samples"), ({"sensealg": "zygote"}, "sensealg"),
-     ({"threads": 0}, "threads"), ({"adjoint_first_step": "auto"}, "adjoint_first_step='auto' is not one of hairer")],
+     ({"threads": 0}, "threads"), ({"adjoint_first_step": "auto"}, "adjoint_first_step='auto' is not one of hairer"),
+     ({"arch": "odenet", "width": 0}, "width must be a positive integer"), ({"width": 8}, "arch='odenet' only"),
+     ({"pooled_head": True}, "arch='odenet' only"), ({"arch": "odenet", "pooled_head": 1}, "pooled_head must be True")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -241,6 +243,8 @@ def test_the_architecture_reaches_create_model():
     assert all(torch.equal(v, create_model(params="tree").state_dict()[k]) for k, v in tutorial.items())
     model = build_model(TrainConfig(arch="odenet", params="tree"))
     assert any(isinstance(m, nn.Conv2d) for m in model.modules())
+    pooled = build_model(TrainConfig(arch="odenet", width=4, pooled_head=True, params="tree"))
+    assert [tuple(p.shape) for p in pooled.head.parameters()][-2:] == [(10, 4), (10,)]  # Linear(width -> 10)
 
 
 def test_the_kill_hook_accepts_only_its_forms():

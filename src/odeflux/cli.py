@@ -102,7 +102,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     from . import __version__
     from .mnist.data import DATASETS
     from .mnist.devices import DEVICES
-    from .mnist.model import ADAPTIVE_SOLVERS, ARCHS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS
+    from .mnist.model import ADAPTIVE_SOLVERS, ARCHS, FIRST_STEPS, ODENET_WIDTH, PARAM_STRUCTURES, SENSEALGS, VJPS
     from .mnist.schedule import LR_SCHEDULES
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
@@ -130,6 +130,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--device", choices=DEVICES, default="auto", help="auto: a working CUDA GPU if there is one, else the CPU")
     add("--model", choices=ARCHS, default="tutorial",
         help="tutorial: the Lux tutorial's dense model; odenet: a convolutional ODE-Net")
+    add("--width", type=_positive_int, default=None,
+        help=f"--model odenet: channels of the downsampler and ODE block (default {ODENET_WIDTH})")
+    add("--pooled-head", action="store_true",
+        help="--model odenet: Chen et al.'s head (global average pool, Linear(width -> 10)) instead of a Linear "
+        "over the flattened maps")
     add("--params", choices=PARAM_STRUCTURES, default="flat",
         help="flat: one parameter vector (the tutorial's ComponentArray); tree: each layer's own")
     add("--epochs", type=_positive_int, default=9, help="passes over the training images")
@@ -201,6 +206,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 def _check_train_args(args: argparse.Namespace) -> str | None:
     """Checks that span several flags; returns the error message, if any."""
+    for flag, given in (("--width", args.width is not None), ("--pooled-head", args.pooled_head)):
+        if given and args.model != "odenet":
+            return f"{flag} shapes the ODE-Net, not the {args.model} model: add --model odenet, or drop {flag}"
     if args.n_samples != "all":
         n_train = round(args.train_split * args.n_samples)
         if n_train in (0, args.n_samples):
@@ -307,8 +315,8 @@ def _run_train(args: argparse.Namespace, given: set[str]) -> int:
                 sensealg=args.sensealg, vjp=args.vjp, device=args.device, params=args.params, epochs=args.epochs,
                 batch_size=args.batch_size, n_samples=args.n_samples, train_split=args.train_split, lr=args.lr,
                 seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
-                dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model,
-                deterministic=args.deterministic, lr_schedule=args.lr_schedule,
+                dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model, width=args.width,
+                pooled_head=args.pooled_head, deterministic=args.deterministic, lr_schedule=args.lr_schedule,
                 adjoint_first_step=args.adjoint_first_step,
             )  # fmt: skip
             run_dir = None

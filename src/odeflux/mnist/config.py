@@ -39,6 +39,8 @@ class TrainConfig:
     # than they save, and on a busy machine each one can wait milliseconds for a second core.
     threads: int | None = 1
     arch: str = "tutorial"  # create_model's arch: "tutorial" or "odenet"
+    width: int | None = None  # the ODE-Net's channels (None: create_model's default); odenet only
+    pooled_head: bool = False  # the ODE-Net with Chen et al.'s pooled head; odenet only
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run
     # The continuous adjoints' first step: "interval" tries each interval whole; "hairer" is
     # SciMLSensitivity's start (see odeflux.sensitivity.base.ContinuousAdjoint).
@@ -46,8 +48,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {
-            "sensealg": SENSEALGS, "vjp": VJPS, "device": DEVICES, "params": PARAM_STRUCTURES, "solver": ADAPTIVE_SOLVERS,
-            "arch": ARCHS, "lr_schedule": LR_SCHEDULES, "adjoint_first_step": FIRST_STEPS,
+            "sensealg": SENSEALGS, "vjp": VJPS, "device": DEVICES, "params": PARAM_STRUCTURES,
+            "solver": ADAPTIVE_SOLVERS, "arch": ARCHS, "lr_schedule": LR_SCHEDULES, "adjoint_first_step": FIRST_STEPS,
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -55,6 +57,13 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("seed", 0)):
             if not _is_int(getattr(self, name), low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+        if self.width is not None and not _is_int(self.width, 1):
+            raise ValueError(f"width must be a positive integer or None, got {self.width!r}")
+        if not isinstance(self.pooled_head, bool):
+            raise ValueError(f"pooled_head must be True or False, got {self.pooled_head!r}")
+        if self.arch != "odenet" and (self.width is not None or self.pooled_head):
+            raise ValueError(f"width and pooled_head apply to arch='odenet' only, not arch={self.arch!r}: "
+                             "leave them unset or set arch='odenet'")
         if self.threads is not None and not _is_int(self.threads, 1):
             raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.n_samples != "all" and not _is_int(self.n_samples, 2):
@@ -84,7 +93,7 @@ def _is_int(v: object, low: int) -> bool:
 def build_model(config: TrainConfig, device: torch.device | str | None = None) -> nn.Module:
     """``config``'s model, freshly initialised from its seed."""
     return create_model(
-        arch=config.arch, sensealg=config.sensealg, vjp=config.vjp, solver=config.solver, rtol=config.rtol,
-        atol=config.atol, params=config.params, seed=config.seed, compile=config.compile, device=device,
-        adjoint_first_step=config.adjoint_first_step,
+        arch=config.arch, width=config.width, pooled_head=config.pooled_head, sensealg=config.sensealg,
+        vjp=config.vjp, solver=config.solver, rtol=config.rtol, atol=config.atol, params=config.params,
+        seed=config.seed, compile=config.compile, device=device, adjoint_first_step=config.adjoint_first_step,
     )  # fmt: skip

@@ -263,13 +263,15 @@ def create_model(
     device: torch.device | str | None = None,
     arch: str = "tutorial",
     width: int | None = None,
+    pooled_head: bool = False,
     vjp_rule: bool = True,
     adjoint_first_step: str = "interval",
 ) -> nn.Module:
     """The ``arch`` model (``ARCHS``), initialised from ``torch.Generator().manual_seed(seed)`` in layer order.
 
     ``arch="tutorial"`` (default) is the Lux tutorial's model; ``arch="odenet"`` the convolutional
-    ODE-Net with ``width`` channels (default :data:`ODENET_WIDTH`; ``width`` applies to it only).
+    ODE-Net with ``width`` channels (default :data:`ODENET_WIDTH`) and, with ``pooled_head=True``, Chen et
+    al.'s pooled head (:func:`classifier_head`); ``width`` and ``pooled_head`` apply to it only.
     ``sensealg`` is a name from ``SENSEALGS`` (with ``vjp``) or a sensitivity-algorithm instance.
     ``solver`` names an adaptive solver (``ADAPTIVE_SOLVERS``); the ODE block of either model is
     solved over ``(0, 1)`` with ``rtol``/``atol``. ``params="flat"`` wraps the model in
@@ -283,6 +285,9 @@ def create_model(
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if width is not None and arch != "odenet":
         raise ValueError(f"width applies to arch='odenet' only; the {arch} model has fixed sizes: drop width=")
+    if pooled_head and arch != "odenet":
+        raise ValueError(f"pooled_head applies to arch='odenet' only; the {arch} model has its own head: "
+                         "drop pooled_head=")
     if arch == "odenet":
         width = ODENET_WIDTH if width is None else width
         if not (isinstance(width, int) and not isinstance(width, bool) and width >= 1):
@@ -298,7 +303,7 @@ def create_model(
         # PI controller grows the step so cautiously that it takes ~60 % more evaluations, none rejected.
         node_kwargs = dict(solver=SOLVERS[solver](), tspan=(0.0, 1.0), sensealg=alg, rtol=rtol, atol=atol,
                            controller=IController(), save_start=False, compile=compile)  # fmt: skip
-        return _finish(odenet(width, gen, **node_kwargs), params, device)
+        return _finish(odenet(width, gen, pooled_head=pooled_head, **node_kwargs), params, device)
     model: nn.Module = nn.Sequential(
         OrderedDict(
             flatten=nn.Flatten(),
