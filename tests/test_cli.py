@@ -1,5 +1,6 @@
 """The ``odeflux`` command line: argument errors, ``info``, a short ``train``."""
 
+import argparse
 import platform
 import re
 import subprocess
@@ -39,6 +40,9 @@ LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d
         (["train", "--adjoint-first-step", "largest"], ["--adjoint-first-step", "invalid choice", "hairer"]),
         (["train", "--bogus"], ["unrecognized arguments", "--bogus"]),
         (["train", "--model", "resnet"], ["--model", "invalid choice", "tutorial"]),
+        (["train", "--model", "odenet", "--width", "0"], ["--width", "positive integer"]),
+        (["train", "--width", "16"], ["--width", "--model odenet"]),
+        (["train", "--pooled-head"], ["--pooled-head", "--model odenet"]),
         (["train", "--resume", "somewhere", "--run-dir", "elsewhere"], ["--resume", "drop --run-dir"]),
         (["evaluate"], ["CHECKPOINT"]),
         (["evaluate", "ckpt", "--split", "validation"], ["--split", "invalid choice"]),
@@ -56,6 +60,33 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, words, capsys):
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0]
+
+
+def _train_choices() -> dict[str, tuple]:
+    """The ``train`` subcommand's choice lists, by destination."""
+    from odeflux.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {a.dest: tuple(a.choices) for a in sub.choices["train"]._actions if a.choices is not None}
+
+
+def test_train_choices_are_the_registries_keys():
+    from odeflux.integrator import FIRST_STEPS
+    from odeflux.mnist.devices import DEVICES
+    from odeflux.mnist.model import ARCHS, PARAM_STRUCTURES
+    from odeflux.mnist.schedule import LR_SCHEDULES
+    from odeflux.sensitivity import SENSEALGS
+    from odeflux.sensitivity.vjp import VJP_BACKENDS
+    from odeflux.solvers import SOLVERS
+
+    choices = _train_choices()
+    assert choices["sensealg"] == tuple(SENSEALGS)
+    assert choices["vjp"] == tuple(VJP_BACKENDS)
+    assert choices["solver"] == tuple(name for name, cls in SOLVERS.items() if cls().adaptive)
+    assert set(choices["solver"]) >= {"tsit5", "dopri5"} and "euler" not in choices["solver"]
+    assert choices["adjoint_first_step"] == tuple(FIRST_STEPS)
+    assert (choices["model"], choices["params"], choices["device"]) == (ARCHS, PARAM_STRUCTURES, DEVICES)
+    assert choices["lr_schedule"] == LR_SCHEDULES
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
@@ -167,3 +198,49 @@ def test_resume_keeps_the_runs_configuration(tmp_path, capsys):
     code, out, err = run_cli(["train", "--resume", str(run), "--epochs", "3", "--sensealg", "direct"], capsys)
     assert code == 0, err  # a flag equal to the run's own value is fine
     assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("3", "3")]
+
+
+ODENET = ["train", "--device", "cpu", "--model", "odenet", "--width", "4", "--sensealg", "direct", "--params", "tree",
+          "--n-samples", "200", "--batch-size", "64", "--lr", "3e-3"]  # fmt: skip
+
+
+def test_odenet_width_and_pooled_head_train_and_stay_with_the_run(tmp_path, capsys):
+    from odeflux.mnist.checkpoint import load_checkpoint
+    from odeflux.mnist.metrics import read_metrics
+
+    run = tmp_path / "run"
+    code, out, err = run_cli([*ODENET, "--pooled-head", "--epochs", "1", "--run-dir", str(run)], capsys)
+    assert code == 0, err
+    assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("1", "1")]
+    ckpt = load_checkpoint(run)
+    assert (ckpt.config["arch"], ckpt.config["width"], ckpt.config["pooled_head"]) == ("odenet", 4, True)
+    assert ckpt.model["head.4.weight"].shape == (10, 4)  # the pooled head: Linear(width -> 10)
+    code, _, err = run_cli(["train", "--resume", str(run), "--epochs", "2", "--width", "8"], capsys)
+    assert code == 2 and "--width" in err and "keeps its configuration" in err
+    code, out, err = run_cli(["train", "--resume", str(run), "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("2", "2")]
+    assert load_checkpoint(run).config["pooled_head"] is True
+    losses = [m["mean_loss"] for m in read_metrics(run / "metrics.jsonl")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_the_odenet_script_is_odeflux_train_with_presets(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    from odeflux.mnist.checkpoint import load_checkpoint
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "odenet_full_mnist.py"
+    run = tmp_path / "run"
+    argv = ["--n-samples", "200", "--epochs", "1", "--width", "4", "--device", "cpu", "--run-dir", str(run)]
+    monkeypatch.setattr(sys, "argv", [str(script), *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("1", "1")]
+    config = load_checkpoint(run).config
+    presets = {"arch": "odenet", "sensealg": "direct", "params": "tree"}
+    assert {k: config[k] for k in presets} == presets
+    assert (config["n_samples"], config["epochs"], config["width"]) == (200, 1, 4)  # flags given win
+

@@ -21,9 +21,12 @@ from odeflux.mnist import distributed
 from odeflux.mnist.checkpoint import load_checkpoint
 from odeflux.mnist.data import BatchLoader, load_mnist
 from odeflux.mnist.distributed import DistContext, DistributedError, launch_context, shard_bounds
+from odeflux.mnist.killhook import TEST_KILL_ENV
 from odeflux.mnist.metrics import read_metrics
 from odeflux.mnist.model import create_model
-from odeflux.mnist.train import TEST_KILL_ENV, ddp_train_step, make_optimizer, train_epoch
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.steps import ddp_train_step
+from odeflux.mnist.train import train_epoch
 
 # Every adjoint the issue names, with tree and flat parameters.
 CASES = [(s, p) for s in ("direct", "interpolating", "gauss") for p in ("tree", "flat")]

@@ -10,9 +10,11 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
+from odeflux.mnist.config import TrainConfig
 from odeflux.mnist.data import BatchLoader, load_mnist
 from odeflux.mnist.evaluate import ImageError, evaluate, load_image, load_trained, mnist_like, predict
-from odeflux.mnist.train import TrainConfig, accuracy, train
+from odeflux.mnist.steps import accuracy
+from odeflux.mnist.train import train
 from odeflux.nn import NeuralODE
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from odeflux.mnist.config import TrainConfig
 from odeflux.mnist.data import load_mnist
 from odeflux.mnist.metrics import FIELDS, MetricsLog, plot_confusion_matrix, plot_learning_curves, read_metrics
-from odeflux.mnist.train import TrainConfig, train
+from odeflux.mnist.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

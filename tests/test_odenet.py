@@ -80,6 +80,15 @@ def test_chen_et_al_size():
     assert model(_images(2)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("params", ["tree", "flat"])
+def test_create_model_builds_chen_et_als_pooled_head(params):
+    pooled = create_model(arch="odenet", width=8, pooled_head=True, sensealg="direct", params=params)
+    reference = odenet(8, torch.Generator().manual_seed(0), pooled_head=True, sensealg=odeflux.DirectAdjoint())
+    weights = torch.cat([p.detach().reshape(-1) for p in trainable_parameters(pooled)])
+    assert torch.equal(weights, torch.cat([p.detach().reshape(-1) for p in reference.parameters()]))  # same draws
+    assert weights.numel() == _n_params(8, pooled=True) and pooled(_images(2)).shape == (2, 10)
+
+
 def test_ode_block_is_the_papers_solve():
     node = create_model(arch="odenet", sensealg="direct").node
     assert isinstance(node.solver, odeflux.Tsit5) and node.tspan == (0.0, 1.0)
@@ -203,6 +212,8 @@ def test_bad_choices_are_refused():
         create_model(arch="resnet")
     with pytest.raises(ValueError, match="width applies to arch='odenet' only"):
         create_model(width=16)
+    with pytest.raises(ValueError, match="pooled_head applies to arch='odenet' only"):
+        create_model(pooled_head=True)
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="width must be a positive integer"):
             create_model(arch="odenet", width=bad)

@@ -1,7 +1,7 @@
 """Killed runs resume to the same final weights as a run never stopped.
 
 Runs are real ``python -m odeflux train`` subprocesses, SIGKILLed at exact points by the test hook
-``ODEFLUX_TEST_KILL_AT`` (see odeflux.mnist.train.TEST_KILL_ENV): between epochs, in the middle
+``ODEFLUX_TEST_KILL_AT`` (see odeflux.mnist.killhook.TEST_KILL_ENV): between epochs, in the middle
 of one, and halfway through writing a checkpoint. The reference run is the same command run in
 this process (same code, one thread, the CPU).
 """
@@ -16,8 +16,8 @@ import torch
 
 from odeflux.cli import main
 from odeflux.mnist.checkpoint import is_intact, load_checkpoint
+from odeflux.mnist.killhook import TEST_KILL_ENV
 from odeflux.mnist.metrics import read_metrics
-from odeflux.mnist.train import TEST_KILL_ENV
 
 # 300 images: 270 to train on in 3 batches of <= 128 per epoch, 30 to test.
 ARGS = ["--n-samples", "300", "--epochs", "3", "--device", "cpu", "--seed", "7"]

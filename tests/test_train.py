@@ -8,19 +8,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from odeflux.mnist.config import TrainConfig, build_model
 from odeflux.mnist.data import load_mnist
+from odeflux.mnist.devices import DeterminismError, DeviceError, resolve_device
+from odeflux.mnist.killhook import KillHook
 from odeflux.mnist.model import create_model, trainable_parameters
-from odeflux.mnist.train import (
-    DeviceError,
-    EpochResult,
-    TrainConfig,
-    accuracy,
-    make_optimizer,
-    resolve_device,
-    train,
-    train_step,
-    warmup,
-)
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.results import EpochResult
+from odeflux.mnist.schedule import CosineLR
+from odeflux.mnist.steps import accuracy, train_step, warmup
+from odeflux.mnist.train import train
 
 LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d+\.\d\d% \t Test Accuracy: \d+\.\d\d%$")
 
@@ -148,7 +145,9 @@ def test_devices():
     "kwargs, match",
     [({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"), ({"train_split": 1.0}, "train_split"),
      ({"rtol": 0.0}, "rtol"), ({"n_samples": 1}, "n_samples"), ({"sensealg": "zygote"}, "sensealg"),
-     ({"threads": 0}, "threads"), ({"adjoint_first_step": "auto"}, "adjoint_first_step='auto' is not one of hairer")],
+     ({"threads": 0}, "threads"), ({"adjoint_first_step": "auto"}, "adjoint_first_step='auto' is not one of hairer"),
+     ({"arch": "odenet", "width": 0}, "width must be a positive integer"), ({"width": 8}, "arch='odenet' only"),
+     ({"pooled_head": True}, "arch='odenet' only"), ({"arch": "odenet", "pooled_head": 1}, "pooled_head must be True")],
 )  # fmt: skip
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -210,14 +209,14 @@ def test_an_op_without_a_deterministic_kernel_is_a_clear_error(images, monkeypat
         raise RuntimeError("scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
                            "'torch.use_deterministic_algorithms(True)'.\nmore details")
 
-    monkeypatch.setattr(train_module, "train_step", refuse)
-    with pytest.raises(train_module.DeterminismError) as err:
+    monkeypatch.setattr(train_module, "train_step", refuse)  # the loop's own reference to the step
+    with pytest.raises(DeterminismError) as err:
         _small_run(images, deterministic=True)
     msg = str(err.value)
     assert "\n" not in msg and "--deterministic" in msg and "scatter_add_cuda_kernel" in msg
     with pytest.raises(RuntimeError, match="scatter_add") as err:  # without the flag it is not ours to explain
         _small_run(images)
-    assert not isinstance(err.value, train_module.DeterminismError)
+    assert not isinstance(err.value, DeterminismError)
 
 
 def test_epoch_results_count_the_ode_work(images):
@@ -240,28 +239,22 @@ def test_config_round_trips_through_a_dict():
 
 
 def test_the_architecture_reaches_create_model():
-    from odeflux.mnist.train import build_model, model_archs
-
     tutorial = build_model(TrainConfig(params="tree")).state_dict()
     assert all(torch.equal(v, create_model(params="tree").state_dict()[k]) for k, v in tutorial.items())
-    if "odenet" not in model_archs():
-        pytest.skip("create_model has no arch='odenet' yet")
     model = build_model(TrainConfig(arch="odenet", params="tree"))
     assert any(isinstance(m, nn.Conv2d) for m in model.modules())
+    pooled = build_model(TrainConfig(arch="odenet", width=4, pooled_head=True, params="tree"))
+    assert [tuple(p.shape) for p in pooled.head.parameters()][-2:] == [(10, 4), (10,)]  # Linear(width -> 10)
 
 
 def test_the_kill_hook_accepts_only_its_forms():
-    from odeflux.mnist.train import _KillHook
-
-    assert _KillHook(None).kind is None and _KillHook("batch:3").at == 3
+    assert KillHook(None).kind is None and KillHook("batch:3").at == 3
     for bad in ("batch", "batch:0", "step:2", "epoch:x"):
         with pytest.raises(ValueError, match="ODEFLUX_TEST_KILL_AT"):
-            _KillHook(bad)
+            KillHook(bad)
 
 
 def test_cosine_schedule_decays_to_zero_and_resumes_exactly():
-    from odeflux.mnist.train import CosineLR
-
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
     sched = CosineLR(opt, 0.5, total=10)
     lrs = []

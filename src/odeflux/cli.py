@@ -101,8 +101,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """
     from . import __version__
     from .mnist.data import DATASETS
-    from .mnist.model import ADAPTIVE_SOLVERS, FIRST_STEPS, PARAM_STRUCTURES, SENSEALGS, VJPS
-    from .mnist.train import DEVICES, model_archs
+    from .mnist.devices import DEVICES
+    from .mnist.model import ADAPTIVE_SOLVERS, ARCHS, FIRST_STEPS, ODENET_WIDTH, PARAM_STRUCTURES, SENSEALGS, VJPS
+    from .mnist.schedule import LR_SCHEDULES
 
     parser = _Parser(prog="odeflux", description="Neural ODEs for PyTorch: the Lux MNIST tutorial, and system info.")
     parser.add_argument("--version", action="version", version=f"odeflux {__version__}")
@@ -127,8 +128,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--vjp", choices=VJPS, default="autograd",
         help="vector-Jacobian products of the continuous adjoints (jacobian: full Jacobians, slow for this state)")
     add("--device", choices=DEVICES, default="auto", help="auto: a working CUDA GPU if there is one, else the CPU")
-    add("--model", choices=model_archs(), default="tutorial",
+    add("--model", choices=ARCHS, default="tutorial",
         help="tutorial: the Lux tutorial's dense model; odenet: a convolutional ODE-Net")
+    add("--width", type=_positive_int, default=None,
+        help=f"--model odenet: channels of the downsampler and ODE block (default {ODENET_WIDTH})")
+    add("--pooled-head", action="store_true",
+        help="--model odenet: Chen et al.'s head (global average pool, Linear(width -> 10)) instead of a Linear "
+        "over the flattened maps")
     add("--params", choices=PARAM_STRUCTURES, default="flat",
         help="flat: one parameter vector (the tutorial's ComponentArray); tree: each layer's own")
     add("--epochs", type=_positive_int, default=9, help="passes over the training images")
@@ -138,7 +144,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="the first N training images, split by --train-split; 'all': official 60k/10k split")
     add("--train-split", type=_fraction, default=0.9, help="fraction of --n-samples to train on")
     add("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
-    add("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    add("--lr-schedule", choices=LR_SCHEDULES, default="constant",
         help="cosine: the learning rate decays from --lr to 0 over all batches of all epochs")
     add("--seed", type=_nonneg_int, default=0, help="seeds the initial weights, the batch order and torch's generator")
     add("--rtol", type=_positive_float, default=1e-3, help="relative tolerance of the ODE solves")
@@ -200,6 +206,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 def _check_train_args(args: argparse.Namespace) -> str | None:
     """Checks that span several flags; returns the error message, if any."""
+    for flag, given in (("--width", args.width is not None), ("--pooled-head", args.pooled_head)):
+        if given and args.model != "odenet":
+            return f"{flag} shapes the ODE-Net, not the {args.model} model: add --model odenet, or drop {flag}"
     if args.n_samples != "all":
         n_train = round(args.train_split * args.n_samples)
         if n_train in (0, args.n_samples):
@@ -231,7 +240,7 @@ def _new_run_dir() -> Path:
 
 def _resumed_config(args: argparse.Namespace, given: set[str], ckpt):
     """The checkpoint's config with the allowed overrides; (config, None) or (None, error message)."""
-    from .mnist.train import TrainConfig
+    from .mnist.config import TrainConfig
 
     saved = TrainConfig.from_dict(ckpt.config)
     overrides = {}
@@ -264,9 +273,12 @@ def _want_progress(flag: bool | None) -> tuple[bool, str | None]:
 
 def _run_train(args: argparse.Namespace, given: set[str]) -> int:
     from .mnist.checkpoint import CheckpointError, load_checkpoint
+    from .mnist.config import TrainConfig
     from .mnist.data import MNISTDataError
+    from .mnist.devices import DeterminismError, DeviceError
     from .mnist.distributed import DistributedError, launch_context
-    from .mnist.train import DeterminismError, DeviceError, RunDirError, TrainConfig, check_run_dir, train
+    from .mnist.rundir import RunDirError, check_run_dir
+    from .mnist.train import train
     from .solution import SolveError
 
     prog = "odeflux train"
@@ -303,8 +315,8 @@ def _run_train(args: argparse.Namespace, given: set[str]) -> int:
                 sensealg=args.sensealg, vjp=args.vjp, device=args.device, params=args.params, epochs=args.epochs,
                 batch_size=args.batch_size, n_samples=args.n_samples, train_split=args.train_split, lr=args.lr,
                 seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
-                dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model,
-                deterministic=args.deterministic, lr_schedule=args.lr_schedule,
+                dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model, width=args.width,
+                pooled_head=args.pooled_head, deterministic=args.deterministic, lr_schedule=args.lr_schedule,
                 adjoint_first_step=args.adjoint_first_step,
             )  # fmt: skip
             run_dir = None
@@ -334,9 +346,9 @@ def _matrix_table(matrix: list[list[int]]) -> list[str]:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .mnist.checkpoint import CheckpointError
     from .mnist.data import BatchLoader, MNISTDataError, tutorial_split
+    from .mnist.devices import DeviceError
     from .mnist.evaluate import class_names, evaluate, load_trained
     from .mnist.metrics import plot_confusion_matrix
-    from .mnist.train import DeviceError
 
     prog = "odeflux evaluate"
     try:
@@ -379,8 +391,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_predict(args: argparse.Namespace) -> int:
     from .mnist.checkpoint import CheckpointError
+    from .mnist.devices import DeviceError
     from .mnist.evaluate import ImageError, class_names, load_images, load_trained, predict
-    from .mnist.train import DeviceError
 
     prog = "odeflux predict"
     try:

@@ -10,7 +10,7 @@ a ``torch.save`` archive of plain containers (dict, list, str, int, float, bool,
 only, read back with ``torch.load(weights_only=True)``: nothing else is ever unpickled. The
 checksum catches partial and damaged files, which ``torch.load`` alone would often read silently.
 Payload keys: ``format``, ``version``, ``epoch`` (completed epochs), ``config`` (the
-:class:`~odeflux.mnist.train.TrainConfig` as a dict), ``model`` and ``optimizer`` (state dicts),
+:class:`~odeflux.mnist.config.TrainConfig` as a dict), ``model`` and ``optimizer`` (state dicts),
 ``rng`` (``{"ranks": [per-rank state]}``, see :func:`rng_state`), ``loader`` (seed and next epoch
 of the batch order), ``history`` (one metrics record per completed epoch), ``world_size``,
 ``torch_version``, ``odeflux_version``.

@@ -8,7 +8,7 @@ gloo on the CPU, NCCL on CUDA with one GPU per process (``cuda:LOCAL_RANK``).
 Every rank iterates over the same global batches (same seed, same epoch) and takes a contiguous
 share of each (:func:`shard_bounds`: sizes differ by at most one); the training step weighs its
 loss so that DDP's gradient average equals the gradient of the global batch's mean loss, however
-unevenly the batch splits (see :func:`odeflux.mnist.train.ddp_train_step`).
+unevenly the batch splits (see :func:`odeflux.mnist.steps.ddp_train_step`).
 """
 
 from __future__ import annotations

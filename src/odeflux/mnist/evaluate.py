@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .train import FEvalCounter, TrainConfig, build_model, resolve_device
+from .config import TrainConfig, build_model
+from .devices import resolve_device
+from .steps import FEvalCounter
 
 __all__ = [
     "CLASS_NAMES", "EvalResult", "ImageError", "class_names", "evaluate", "load_image", "load_images", "load_trained",

@@ -24,12 +24,15 @@ from ..control import IController
 from ..fields import MLP
 from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
+from ..sensitivity import SENSEALGS as ALGORITHMS
+from ..sensitivity import VJP_BACKENDS, ContinuousAdjoint
 from ..solvers import SOLVERS
 
-SENSEALGS = ("interpolating", "gauss", "backsolve", "quadrature", "direct")
-VJPS = ("autograd", "func", "compile", "jacobian")
+# The names the command line takes, from the registries, so that a method added there is offered here.
+SENSEALGS = tuple(ALGORITHMS)
+VJPS = tuple(VJP_BACKENDS)
+ADAPTIVE_SOLVERS = tuple(name for name, cls in SOLVERS.items() if cls().adaptive)  # the layer needs error control
 PARAM_STRUCTURES = ("tree", "flat")
-ADAPTIVE_SOLVERS = ("tsit5", "dopri5", "bs3", "heun")
 ARCHS = ("tutorial", "odenet")
 IMAGE_SIZE = 28 * 28
 HIDDEN = 20
@@ -61,20 +64,17 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
 
 
 def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
-    """The sensitivity algorithm for a command-line name: ``interpolating`` ->
-    ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, ``gauss``, ``backsolve``,
-    ``quadrature`` likewise, ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no
-    adjoint solve)."""
+    """The sensitivity algorithm for a command-line name (``SENSEALGS``): a continuous adjoint, such
+    as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, or
+    ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no adjoint solve)."""
     if name not in SENSEALGS:
         raise ValueError(f"unknown sensealg {name!r}: choose one of {', '.join(SENSEALGS)}")
     if vjp not in VJPS:
         raise ValueError(f"unknown vjp {vjp!r}: choose one of {', '.join(VJPS)}")
     if first_step not in FIRST_STEPS:
         raise ValueError(f"unknown adjoint first step {first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
-    from ..sensitivity import SENSEALGS as ALGORITHMS
-
     cls = ALGORITHMS[name]
-    return cls() if name == "direct" else cls(vjp=vjp, first_step=first_step)
+    return cls(vjp=vjp, first_step=first_step) if issubclass(cls, ContinuousAdjoint) else cls()
 
 
 class TanhMLP(MLP):
@@ -263,13 +263,15 @@ def create_model(
     device: torch.device | str | None = None,
     arch: str = "tutorial",
     width: int | None = None,
+    pooled_head: bool = False,
     vjp_rule: bool = True,
     adjoint_first_step: str = "interval",
 ) -> nn.Module:
     """The ``arch`` model (``ARCHS``), initialised from ``torch.Generator().manual_seed(seed)`` in layer order.
 
     ``arch="tutorial"`` (default) is the Lux tutorial's model; ``arch="odenet"`` the convolutional
-    ODE-Net with ``width`` channels (default :data:`ODENET_WIDTH`; ``width`` applies to it only).
+    ODE-Net with ``width`` channels (default :data:`ODENET_WIDTH`) and, with ``pooled_head=True``, Chen et
+    al.'s pooled head (:func:`classifier_head`); ``width`` and ``pooled_head`` apply to it only.
     ``sensealg`` is a name from ``SENSEALGS`` (with ``vjp``) or a sensitivity-algorithm instance.
     ``solver`` names an adaptive solver (``ADAPTIVE_SOLVERS``); the ODE block of either model is
     solved over ``(0, 1)`` with ``rtol``/``atol``. ``params="flat"`` wraps the model in
@@ -283,6 +285,9 @@ def create_model(
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     if width is not None and arch != "odenet":
         raise ValueError(f"width applies to arch='odenet' only; the {arch} model has fixed sizes: drop width=")
+    if pooled_head and arch != "odenet":
+        raise ValueError(f"pooled_head applies to arch='odenet' only; the {arch} model has its own head: "
+                         "drop pooled_head=")
     if arch == "odenet":
         width = ODENET_WIDTH if width is None else width
         if not (isinstance(width, int) and not isinstance(width, bool) and width >= 1):
@@ -298,7 +303,7 @@ def create_model(
         # PI controller grows the step so cautiously that it takes ~60 % more evaluations, none rejected.
         node_kwargs = dict(solver=SOLVERS[solver](), tspan=(0.0, 1.0), sensealg=alg, rtol=rtol, atol=atol,
                            controller=IController(), save_start=False, compile=compile)  # fmt: skip
-        return _finish(odenet(width, gen, **node_kwargs), params, device)
+        return _finish(odenet(width, gen, pooled_head=pooled_head, **node_kwargs), params, device)
     model: nn.Module = nn.Sequential(
         OrderedDict(
             flatten=nn.Flatten(),

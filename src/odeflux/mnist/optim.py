@@ -13,6 +13,11 @@ import math
 from typing import Any, Iterable
 
 import torch
+from torch import nn
+
+from .model import trainable_parameters
+
+Optimizer = Any  # Adam below or any torch.optim optimizer
 
 
 class Adam:
@@ -128,3 +133,9 @@ def _has_fused(device: torch.device) -> bool:
             ok = False
         _FUSED[device.type] = ok
     return ok
+
+
+def make_optimizer(model: nn.Module, lr: float = 1e-3) -> Adam:
+    """Lux's ``Adam(lr)``: betas (0.9, 0.999), eps 1e-8. :class:`Adam` runs
+    ``torch.optim.Adam``'s fused kernel without importing ``torch._dynamo`` (1.3 s of start-up)."""
+    return Adam(trainable_parameters(model), lr=lr, betas=(0.9, 0.999), eps=1e-8)
