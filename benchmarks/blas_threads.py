@@ -26,7 +26,9 @@ from pathlib import Path
 from odeflux.kernels import arrays
 from odeflux.mnist.data import BatchLoader, tutorial_split
 from odeflux.mnist.model import create_model
-from odeflux.mnist.train import make_optimizer, train_epoch, warmup
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.steps import warmup
+from odeflux.mnist.train import train_epoch
 
 from .common import Timing, closing_line, machine_info, markdown_table, publish, set_threads
 from .provenance import code_state

@@ -23,7 +23,8 @@ import torch
 
 from odeflux.mnist.data import BatchLoader, load_mnist
 from odeflux.mnist.model import create_model
-from odeflux.mnist.train import make_optimizer, train_step, warmup
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.steps import train_step, warmup
 
 from .common import (
     Timing,

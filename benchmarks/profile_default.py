@@ -37,7 +37,9 @@ import odeflux.sensitivity.vjp
 import odeflux.solution
 from odeflux.mnist.data import BatchLoader, tutorial_split
 from odeflux.mnist.model import create_model
-from odeflux.mnist.train import make_optimizer, train_epoch, warmup
+from odeflux.mnist.optim import make_optimizer
+from odeflux.mnist.steps import warmup
+from odeflux.mnist.train import train_epoch
 
 from .common import (
     closing_line,
