@@ -60,7 +60,12 @@ import odeflux
 from odeflux.fields import MLP
 
 F32, F64 = torch.float32, torch.float64
-ACT_MODULES = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "identity": nn.Identity}
+# Subclasses of torch's activation modules: the same computation, but not the exact classes that
+# odeflux.fields.dense_chain recognises, so a Sequential of them stays on the plain path.
+ACT_MODULES = {
+    name: type(f"Plain{cls.__name__}", (cls,), {})
+    for name, cls in {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "identity": nn.Identity}.items()
+}
 
 
 def eps_tol(dtype: torch.dtype) -> float:

@@ -3,13 +3,15 @@ that use it against the same adjoints without it and against backpropagation thr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import odeflux
 from odeflux import BacksolveAdjoint, DirectAdjoint, GaussAdjoint, InterpolatingAdjoint, QuadratureAdjoint
-from odeflux.fields import ACTIVATIONS, MLP, FrozenVJP
+from odeflux.fields import ACTIVATIONS, MLP, FrozenVJP, dense_chain
 from odeflux.mnist.model import FlatParameters, create_model
 
 CONTINUOUS = [InterpolatingAdjoint, BacksolveAdjoint, QuadratureAdjoint, GaussAdjoint]
@@ -338,3 +340,58 @@ def test_frozen_forms_are_kept_across_solves_and_see_the_biases_as_they_are_now(
         field, rule = m.array_field(y), m.array_vjp(y)
         assert torch.allclose(field.tensor(y), ref(y), rtol=1e-12, atol=1e-12)
         assert torch.allclose(torch.from_numpy(rule(y.numpy(), v.numpy())), flat_rule(ref, y, v), rtol=1e-12, atol=1e-12)
+
+
+# -- nn.Sequential fields of dense layers (odeflux.fields.dense_chain) ----------------------------
+class _SubTanh(nn.Tanh):
+    pass
+
+
+def _sequential(act: type = nn.Tanh, seed: int = 0) -> nn.Sequential:
+    m = mlp("tanh", final_activation=False, seed=seed)
+    mods: list[nn.Module] = []
+    for i, layer in enumerate(m.layers):
+        mods.append(copy.deepcopy(layer))
+        if i < len(m.layers) - 1:
+            mods.append(act())
+    return nn.Sequential(*mods)
+
+
+def test_a_dense_sequential_is_recognised_and_anything_else_is_not():
+    seq = _sequential()
+    chain = dense_chain(seq)
+    assert chain is not None and dense_chain(seq) is chain  # kept while the layers stay
+    assert [layer is child for layer, child in zip(chain.layers, seq[::2])] == [True] * 3
+    assert chain._act_names == ["tanh", "tanh", None]
+    y = torch.randn(5, 4, dtype=torch.float64)
+    assert torch.allclose(chain(y), seq(y), rtol=1e-13, atol=1e-14)
+    seq[2] = nn.Linear(6, 5).double()  # a replaced layer: seen at once
+    assert dense_chain(seq) is not chain and dense_chain(seq).layers[1] is seq[2]
+    assert dense_chain(_sequential(_SubTanh)) is None  # a subclass may compute something else
+    assert dense_chain(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Tanh())) is None  # two activations
+    assert dense_chain(nn.Sequential(nn.Tanh(), nn.Linear(4, 4))) is None
+    assert dense_chain(nn.Sequential(nn.Linear(4, 3), nn.Linear(4, 4))) is None  # sizes do not chain
+    assert dense_chain(nn.Sequential(nn.Linear(4, 4), nn.GELU())) is None
+    hooked = _sequential()
+    handle = hooked[1].register_forward_hook(lambda *a: None)
+    assert dense_chain(hooked) is None  # the kernels would skip the hook
+    handle.remove()
+    assert dense_chain(hooked) is not None
+
+
+@pytest.mark.parametrize("sensealg", [DirectAdjoint, *CONTINUOUS])
+def test_a_dense_sequential_takes_the_mlp_kernels_with_the_plain_paths_gradients(sensealg):
+    """Through solve and NeuralODE a dense Sequential uses the MLP's rule and NumPy kernels (VJP
+    products counted through them), with the gradients of the same field on the plain path."""
+    y0 = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for act in (nn.Tanh, _SubTanh):
+        seq = _sequential(act)
+        calls = count_rule_calls(dense_chain(seq)) if act is nn.Tanh else None
+        y = y0.clone().requires_grad_()
+        sol = odeflux.solve(seq, y, (0.0, 1.0), saveat=[0.5, 1.0], sensealg=sensealg(), rtol=1e-8, atol=1e-8)
+        (sol.ys**2).sum().backward()
+        grads.append(torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in seq.parameters()]))
+        if calls is not None:
+            assert calls, "the dense chain's rule was not used"
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-9)

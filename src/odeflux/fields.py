@@ -19,6 +19,7 @@ that solve from the parameters as they are then.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Sequence
 
 import numpy as np
@@ -289,3 +290,57 @@ class MLP(nn.Module):
                 elif want_y:
                     gy = g.mm(layer.weight).view(y.shape)
         return hs[-1].view(v.shape), gy, (grads_p if want_p else None)
+
+
+# -- nn.Sequential fields of dense layers ------------------------------------------------------
+#: The activation modules a dense chain may use, by the name of their MLP activation.
+ACTIVATION_MODULES: dict[type, str] = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.Identity: "identity"}
+
+_CHAINS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[nn.Module, ...], MLP]] = weakref.WeakKeyDictionary()
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    glob = torch.nn.modules.module
+    return any(
+        getattr(glob, name, None)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    )
+
+
+def dense_chain(module: nn.Module) -> MLP | None:
+    """The :class:`MLP` that computes exactly what ``module`` computes, over the same layers, when
+    ``module`` is an ``nn.Sequential`` of plain ``nn.Linear`` layers each followed by at most one
+    ``nn.Tanh``, ``nn.Sigmoid``, ``nn.ReLU`` or ``nn.Identity`` (the exact classes: a subclass may
+    compute something else), with no hooks anywhere (the MLP's kernels would skip them);
+    ``None`` otherwise. So a field written the way most users write it gets the MLP's VJP rule
+    and NumPy kernels, with the same results and autograd behaviour. Checked on every call (a
+    replaced layer is seen at once), the MLP kept per ``Sequential`` while its layers stay."""
+    if type(module) is not nn.Sequential:
+        return None
+    children = tuple(module._modules.values())
+    kept = _CHAINS.get(module)
+    if kept is not None and len(kept[0]) == len(children) and all(map(lambda a, b: a is b, kept[0], children)):
+        return None if _hooked(module) or any(map(_hooked, children)) or _global_hooks() else kept[1]
+    layers: list[nn.Linear] = []
+    acts: list[str | None] = []
+    for child in children:
+        if type(child) is nn.Linear:
+            layers.append(child)
+            acts.append(None)
+        elif type(child) in ACTIVATION_MODULES and layers and acts[-1] is None:
+            acts[-1] = ACTIVATION_MODULES[type(child)]
+        else:
+            return None
+    if not layers or any(a.out_features != b.in_features for a, b in zip(layers, layers[1:])):
+        return None
+    if _hooked(module) or any(map(_hooked, children)) or _global_hooks():
+        return None
+    mlp = MLP(layers, "identity")
+    mlp._act_names = [None if a in (None, "identity") else a for a in acts]
+    mlp._acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in mlp._act_names]
+    _CHAINS[module] = (children, mlp)
+    return mlp

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .fields import dense_chain
 from .kernels import ArrayField, ArrayKernelSource, ArrayVJP
 
 
@@ -54,16 +55,20 @@ class VectorField(nn.Module):
 
     @property
     def vjp_rule(self) -> Callable[..., Any] | None:
-        """The wrapped module's VJP rule (see :mod:`odeflux.fields`) in the ``(t, y, v, ...)``
-        convention, or ``None`` when it has none."""
-        rule = getattr(self.module, "vjp_rule", None)
-        if rule is None or self.time_dependent:
-            return rule
-        return lambda t, y, v, **kw: rule(y, v, **kw)
+        """The wrapped module's VJP rule (see :mod:`odeflux.fields`; a dense ``nn.Sequential``'s
+        is its :func:`~odeflux.fields.dense_chain`'s) in the ``(t, y, v, ...)`` convention, or
+        ``None`` when it has none."""
+        if self.time_dependent:
+            return getattr(self.module, "vjp_rule", None)
+        source = self._source()
+        rule = getattr(self.module, "vjp_rule", None) if source is None else source.vjp_rule
+        return None if rule is None else (lambda t, y, v, **kw: rule(y, v, **kw))
 
-    def _source(self) -> ArrayKernelSource | None:
+    def _source(self) -> Any:
+        if self.time_dependent:
+            return None
         module = self.module
-        return module if not self.time_dependent and isinstance(module, ArrayKernelSource) else None
+        return module if isinstance(module, ArrayKernelSource) else dense_chain(module)
 
     def array_field(self, y: torch.Tensor) -> ArrayField | None:
         """The module's evaluation on arrays for one solve; ``None`` also where forward hooks are
