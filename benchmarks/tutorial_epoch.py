@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
+import odeflux
 from odeflux.mnist.data import BatchLoader, tutorial_split
 from odeflux.mnist.model import create_model
 from odeflux.mnist.optim import make_optimizer
@@ -39,6 +41,7 @@ from .common import (
     set_threads,
 )
 from .peers import diffrax_client, torchdiffeq_tutorial, torchode_tutorial
+from .peers import torch_tutorial
 from .peers.torch_tutorial import build_model
 from .provenance import code_state
 from .targets import Target, paired_ratio, targets_table
@@ -48,6 +51,7 @@ PACKAGES = ("torchdiffeq", "torchode", "jax", "diffrax", "optax")
 DEFAULT = "odeflux interpolating + autograd (flat)"
 ENGINE = "odeflux interpolating + autograd, engine only (flat)"
 DIRECT = "odeflux direct (flat)"
+USER = "odeflux NeuralODE(nn.Sequential) + torch.optim.Adam, as a user writes it"
 TD_ADJOINT = "torchdiffeq odeint_adjoint"
 TD_ODEINT = "torchdiffeq odeint"
 DIFFRAX = "diffrax RecursiveCheckpointAdjoint (jit)"
@@ -70,6 +74,18 @@ PEER_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 }
 
 
+def user_model() -> nn.Module:
+    """The tutorial's model as a user writes it (issue 13): the field a plain ``nn.Sequential`` of
+    ``nn.Linear`` and ``nn.Tanh``, ``NeuralODE``'s defaults (InterpolatingAdjoint), tree
+    parameters; the same initial weights as the other configurations."""
+
+    def node(field: torch_tutorial.TimeField) -> nn.Module:
+        seq = nn.Sequential(*(m for layer in field.module.layers for m in (layer, nn.Tanh())))
+        return odeflux.NeuralODE(seq, tspan=(0.0, 1.0), rtol=1e-3, atol=1e-3)
+
+    return build_model(node)
+
+
 @dataclass
 class Section:
     threads: int
@@ -79,10 +95,11 @@ class Section:
     reported: dict[str, list[float]]
 
 
-def torch_epoch(model: torch.nn.Module, data) -> tuple[Callable[[], Any], dict]:
-    """One epoch of the tutorial's training loop (odeflux.mnist.train.train_epoch) for ``model``."""
+def torch_epoch(model: torch.nn.Module, data, torch_adam: bool = False) -> tuple[Callable[[], Any], dict]:
+    """One epoch of the tutorial's training loop (odeflux.mnist.train.train_epoch) for ``model``,
+    with odeflux's Adam or (``torch_adam``) ``torch.optim.Adam``."""
     loader = BatchLoader(data, 128, shuffle=True, seed=0)
-    opt = make_optimizer(model, 1e-3)
+    opt = torch_tutorial.make_optimizer(model, 1e-3) if torch_adam else make_optimizer(model, 1e-3)
     warmup(model, (loader.x, loader.y))  # the tutorial's one-image warm-up pass
     state: dict = {}
 
@@ -104,6 +121,7 @@ def run_section(threads: int, rounds: int, data, init: Path | None, diffrax_mode
         peers = {k: peers[k] for k in (TD_ADJOINT, TD_ODEINT)}
     for name, flags in runs.items():
         fns[name], states[name] = torch_epoch(create_model(**flags), data)
+    fns[USER], states[USER] = torch_epoch(user_model(), data, torch_adam=True)
     for name, make in peers.items():
         fns[name], states[name] = torch_epoch(make(), data)
     servers = []
@@ -152,6 +170,10 @@ def section_targets(sec: Section, diffrax_note: str) -> list[Target]:
         out.append(Target("1b", f"default run epoch ÷ diffrax, {sec.threads} thread(s)", None, 1.0, note=diffrax_note))
     r, s = paired_ratio(t[DIRECT], t[TD_ODEINT])
     out.append(Target("2", f"DirectAdjoint epoch ÷ torchdiffeq odeint, {sec.threads} thread(s)", r, 0.5, s))
+    fastest = min((k for k in (DIFFRAX, DIFFRAX_BACKSOLVE) if k in t), key=lambda k: t[k].median, default=None)
+    if fastest is not None:
+        r, s = paired_ratio(t[USER], t[fastest])
+        out.append(Target("13-1", f"user's nn.Sequential run epoch ÷ diffrax's fastest ({fastest}), {sec.threads} thread(s)", r, 1.0, s))
     return out
 
 

@@ -182,7 +182,7 @@ class MLP(nn.Module):
             # tensor objects over it (a flat parameter vector's views, cut afresh each forward)
             # are checked for what NumPy would drop. (The cached arrays keep their memory alive,
             # so an equal address is that same memory.)
-            if all(map(_same_pair, cached[0], tensors)) or all(arrays.readable(t) for pair in tensors for t in pair if t is not None):
+            if all(map(_same_pair, cached[0], tensors)) or all(arrays.untangled(t) for pair in tensors for t in pair if t is not None):
                 self.__dict__["_kernel_cache"] = (tensors,) + cached[1:]
                 return cached[3]
             return None

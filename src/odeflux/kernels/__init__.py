@@ -28,7 +28,7 @@ compares it with :class:`TorchStepKernel` step by step (``tests/test_kernels.py`
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -89,15 +89,24 @@ class ArrayVJP(abc.ABC):
         :class:`odeflux.kernels.dense_layers.StagePlan`)."""
 
 
-@runtime_checkable
-class ArrayKernelSource(Protocol):
-    """A vector field that can run a solve on NumPy arrays (see the module docstring)."""
+class ArrayKernelSource(abc.ABC):
+    """A vector field that can run a solve on NumPy arrays (see the module docstring). Any class
+    with these two methods counts as one (as for a ``typing.Protocol``, but the check is cached
+    per class: it is made once per solve)."""
 
+    @abc.abstractmethod
     def array_field(self, y: torch.Tensor) -> ArrayField | None:
         """Its evaluation on arrays for one solve from states like ``y`` (shape, dtype), or ``None``."""
 
+    @abc.abstractmethod
     def array_vjp(self, y: torch.Tensor) -> ArrayVJP | None:
         """Its VJP rule on arrays for one solve from states like ``y``, or ``None``."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is ArrayKernelSource:
+            return all(any(name in k.__dict__ for k in other.__mro__) for name in ("array_field", "array_vjp"))
+        return NotImplemented
 
 
 class StepPlan(abc.ABC):

@@ -47,13 +47,19 @@ def readable(t: torch.Tensor) -> bool:
     public API only."""
     if type(t) not in _PLAIN_TYPES or t.device.type != "cpu" or t.layout != torch.strided or t.dtype not in DTYPES:
         return False
-    if _autocast_cpu() or torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+    if _autocast_cpu() or not untangled(t):
         return False
     try:
-        t.detach().numpy()
+        t.data_ptr()
     except RuntimeError:  # a functorch wrapper (vmap, grad, jacrev...): no storage for NumPy to read
         return False
     return True
+
+
+def untangled(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain tensor (not a subclass) carrying no forward-mode tangent: what is
+    left to check of a tensor whose memory is known to be readable."""
+    return type(t) in _PLAIN_TYPES and torch.autograd.forward_ad.unpack_dual(t).tangent is None
 
 
 def state_applies(y: torch.Tensor) -> bool:
