@@ -367,3 +367,32 @@ def test_numpy_kernels_run_on_one_blas_thread_in_solves_and_backward_passes(two_
     if sensealg != "direct":  # (DirectAdjoint records the forward through torch's ops)
         assert n_forward > 0
     assert len(seen) > n_forward and set(seen) == {1}
+
+
+def test_the_kernel_is_chosen_once_per_solve_from_typed_facts():
+    """choose_step_kernel: the NumPy kernel only for a small, readable CPU state outside autograd
+    whose right-hand side has array forms; torch's for everything else."""
+    import torch.autograd.forward_ad as fwAD
+
+    from odeflux.kernels import choose_step_kernel
+
+    vf = _mlp_field(torch.float32)
+    y = torch.randn(8, 3)
+    solver = odeflux.Tsit5()
+
+    def kernel(f, y0, compiled=False):
+        return type(choose_step_kernel(f, y0, solver, rtol=1e-3, atol=1e-6, error_size=None, float_time=True, compiled=compiled))
+
+    with torch.no_grad():
+        assert kernel(vf, y) is NumpyStepKernel
+        assert kernel(field, y) is TorchStepKernel  # a plain callable: no array forms
+        assert kernel(vf, y, compiled=True) is TorchStepKernel
+        assert kernel(vf, torch.randn(arrays.MAX_STATE_SIZE // 3 + 1, 3)) is TorchStepKernel  # large
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert kernel(vf, y) is TorchStepKernel
+        with fwAD.dual_level():
+            assert kernel(vf, fwAD.make_dual(y, torch.ones_like(y))) is TorchStepKernel  # its tangent would be dropped
+        seen = []
+        torch.func.vmap(lambda row: seen.append(kernel(vf, row.reshape(1, 3))) or row)(y)
+        assert seen == [TorchStepKernel]  # a transform's wrapper has no memory for NumPy
+    assert kernel(vf, y) is TorchStepKernel  # grad mode: the discrete adjoint may need the graph
