@@ -40,3 +40,16 @@ def test_every_benchmark_smoke_runs():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Failed:" not in out.stdout
+
+
+@pytest.mark.slow
+def test_general_benchmark_smoke_runs():
+    """`python -m benchmarks.general --quick`: every workload and configuration on tiny sizes, end to
+    end (diffrax on the Lotka-Volterra workload only, when it is installed); nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.general", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for workload in ("mlp", "conv", "lv", "lv-batch"):
+        assert f"## {workload}:" in out.stdout
+    assert "written to" not in out.stdout

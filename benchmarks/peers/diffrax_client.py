@@ -123,3 +123,53 @@ class DiffraxServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class DiffraxFieldServer(DiffraxServer):
+    """A ``diffrax_general serve`` process for one workload of :mod:`benchmarks.general`.
+
+    ``time(adj)`` runs one gradient and returns the seconds it reports; ``grad(adj, path)`` also
+    saves the gradient and returns ``(seconds, steps, accepted, rejected)``; ``count(adj)``
+    returns ``(forward f evals, backward f evals, backward VJPs)``.
+    """
+
+    def __init__(self, workload: str, data: Path, rtol: float, atol: float, threads: int = 0,
+                 env: dict | None = None, timeout: float = 600.0):  # fmt: skip
+        cmd = [sys.executable, "-m", "benchmarks.peers.diffrax_general", "serve", "--workload", workload,
+               "--data", str(data), "--rtol", repr(rtol), "--atol", repr(atol), "--threads", str(threads)]  # fmt: skip
+        env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
+        self.started = time.perf_counter()
+        self.timeout = timeout
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, text=True, bufsize=1)  # fmt: skip
+        try:
+            line = self._read()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"diffrax server did not start: {line!r}")
+        except BaseException:
+            self.close()
+            raise
+        self.compile_s = float(line.split()[1])
+        self.startup_s = time.perf_counter() - self.started
+        self.reported: dict[str, list[float]] = {}
+
+    def _command(self, cmd: str) -> list[str]:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        words = self._read().split()
+        if words[:1] != ["done"]:
+            raise RuntimeError(f"diffrax server answered {' '.join(words)!r} to {cmd!r}")
+        return words[1:]
+
+    def time(self, adjoint: str) -> float:
+        seconds = float(self._command(f"time {adjoint}")[0])
+        self.reported.setdefault(adjoint, []).append(seconds)
+        return seconds
+
+    def grad(self, adjoint: str, path: Path) -> tuple[float, int, int, int]:
+        seconds, *stats = self._command(f"grad {adjoint} {path}")
+        return (float(seconds), *(int(s) for s in stats))
+
+    def count(self, adjoint: str) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self._command(f"count {adjoint}"))
