@@ -146,14 +146,16 @@ def test_seminorm_leaves_the_parameter_adjoint_out_of_step_control(problem, meth
     f, y0, _ = problem
     ref = grad_of(method(), "saveat", 1e-8, f, y0)
     assert torch.allclose(grad_of(method(seminorm=True), "saveat", 1e-8, f, y0), ref, rtol=1e-5, atol=1e-7)
-    # Smooth lambda, fast-oscillating df/dp: only the parameter adjoint needs small steps.
+    # Smooth lambda, fast-oscillating df/dp: only the parameter adjoint needs small steps. (One RMS
+    # norm over the blocks: with the mixed norm, backsolve's own y block, which oscillates as
+    # fast, would need them too.)
     p = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
     x0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     steps = []
     for semi in (False, True):
         sol = odeflux.solve(
             lambda t, y, a: -y + a * torch.sin(40 * t), x0, (0.0, 2.0), args=p, rtol=1e-6, atol=1e-6,
-            sensealg=method(seminorm=semi), save_start=False,
+            sensealg=method(seminorm=semi, norm="rms"), save_start=False,
         )  # fmt: skip
         sol.ys[-1].sum().backward()
         steps.append(sol.backward_stats.n_steps)
@@ -503,3 +505,54 @@ def test_a_fixed_step_adjoint_solver_needs_a_step_size():
     y0 = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="takes fixed steps, and the forward solve has no dt0"):
         odeflux.solve(f, y0, (0.0, 1.0), sensealg=InterpolatingAdjoint(solver=odeflux.RK4()))
+
+
+def test_a_large_states_few_steps_are_kept_by_default_rather_than_re_solved():
+    """The default store limit keeps STORE_STEPS steps' worth of a large state (here 8 MiB a step,
+    5-6 steps: past the 32 MiB floor): no forward re-solve, the same gradient as a re-solve."""
+    from odeflux.sensitivity.base import DEFAULT_STORE_LIMIT, STORE_STEPS
+
+    rate = torch.tensor(0.7, requires_grad=True)
+    y0 = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0))
+    per_step = 8 * y0.numel() * y0.element_size()  # Tsit5: 7 stages and the start
+    assert per_step * 5 > DEFAULT_STORE_LIMIT and per_step * 6 <= per_step * STORE_STEPS
+
+    def f(t, y):
+        return -rate * torch.sin(y) * (1 + t)
+
+    grads, checkpoints = [], []
+    for limit in (None, DEFAULT_STORE_LIMIT):
+        rate.grad = None
+        sol = odeflux.solve(f, y0, (0.0, 2.0), params=[rate], rtol=1e-4, atol=1e-4,
+                            sensealg=InterpolatingAdjoint(store_limit=limit))  # fmt: skip
+        assert 5 <= sol.stats.n_accepted <= STORE_STEPS
+        sol.ys[-1].square().mean().backward()
+        grads.append(rate.grad.clone())
+        checkpoints.append(sol.backward_stats.n_checkpoints)
+    assert checkpoints[0] == 0 and checkpoints[1] > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3)  # (the re-solve's pieces step differently)
+
+
+@pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint])
+def test_the_mixed_norm_controls_a_small_parameter_block_next_to_a_large_state(method):
+    """One rate on a 262,144-entry state: one RMS norm over (lambda, mu) dilutes mu's error by the
+    state's size and the adjoint crosses the span in one step, with half the gradient; the mixed
+    norm (the default, as torchdiffeq's) controls mu on its own and gives DirectAdjoint's."""
+    rate = torch.tensor(0.7, requires_grad=True)
+    y0 = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0))
+
+    def f(t, y):
+        return -rate * torch.sin(y) * (1 + t)
+
+    def grad(sensealg):
+        rate.grad = None
+        sol = odeflux.solve(f, y0, (0.0, 2.0), params=[rate], rtol=1e-4, atol=1e-4, sensealg=sensealg)
+        sol.ys[-1].square().mean().backward()
+        return float(rate.grad)
+
+    exact = grad(DirectAdjoint())
+    assert grad(method()) == pytest.approx(exact, rel=1e-3)
+    if method is InterpolatingAdjoint:  # (backsolve's own y block keeps its steps small either way)
+        assert abs(grad(method(norm="rms")) / exact - 1) > 0.1  # the diluted norm's error, as measured
+    with pytest.raises(ValueError, match="norm='max' is not one of mixed, rms"):
+        method(norm="max")

@@ -20,7 +20,7 @@ def field(t, y):
     return torch.sin(y) * torch.cos(t) - 0.3 * y
 
 
-@pytest.mark.parametrize("n", [None, 3], ids=["norm", "seminorm"])
+@pytest.mark.parametrize("n", [None, ((0, 3),), ((0, 8), (8, 20))], ids=["norm", "seminorm", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_numpy_step_matches_torch_step(name, dtype, n):
@@ -108,7 +108,7 @@ def test_neural_ode_gives_the_same_training_gradient_with_and_without_the_numpy_
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [None, 4])
+@pytest.mark.parametrize("n", [None, ((0, 4),), ((0, 6), (6, 15))], ids=["norm", "seminorm", "mixed"])
 def test_numpy_initial_step_matches_torch(n):
     """Hairer's start from the NumPy kernel's norms against the torch kernel's."""
     y0 = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -381,7 +381,7 @@ def test_the_kernel_is_chosen_once_per_solve_from_typed_facts():
     solver = odeflux.Tsit5()
 
     def kernel(f, y0, compiled=False):
-        return type(choose_step_kernel(f, y0, solver, rtol=1e-3, atol=1e-6, error_size=None, float_time=True, compiled=compiled))
+        return type(choose_step_kernel(f, y0, solver, rtol=1e-3, atol=1e-6, parts=None, float_time=True, compiled=compiled))
 
     with torch.no_grad():
         assert kernel(vf, y) is NumpyStepKernel

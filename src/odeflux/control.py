@@ -13,16 +13,35 @@ from typing import Protocol
 import torch
 
 
-def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, n: int | None = None) -> torch.Tensor:
+#: Blocks ``(start, stop)`` of the flattened state: the error norm is the largest of their RMS
+#: norms, and entries in no block are left out (``None``: one RMS norm over the whole state).
+Parts = tuple[tuple[int, int], ...]
+
+
+def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None) -> torch.Tensor:
     """RMS norm of ``err / (atol + rtol * max(|y0|, |y1|))``, as OrdinaryDiffEq computes it.
 
-    ``n`` restricts the norm to the first ``n`` elements of the flattened state (a seminorm, used
-    by the adjoints to leave the parameter adjoint out of error control). Returns a 0-d tensor.
+    With ``parts``, the largest of the blocks' RMS norms (see :data:`Parts`): the adjoints' mixed
+    norm over ``(lambda, mu)``, as torchdiffeq's adjoint takes it, or a seminorm that leaves the
+    parameter adjoint out of error control. Returns a 0-d tensor.
     """
-    if n is not None:
-        err, y0, y1 = err.reshape(-1)[:n], y0.reshape(-1)[:n], y1.reshape(-1)[:n]
+    if parts is not None:
+        end = parts[-1][1]
+        err, y0, y1 = err.reshape(-1)[:end], y0.reshape(-1)[:end], y1.reshape(-1)[:end]
     scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-    return torch.linalg.vector_norm(err / scale).div_(math.sqrt(err.numel()))
+    scaled = err / scale
+    if parts is None or len(parts) == 1 and parts[0][0] == 0:
+        return torch.linalg.vector_norm(scaled).div_(math.sqrt(scaled.numel()))
+    return torch.stack([torch.linalg.vector_norm(scaled[a:b]) / math.sqrt(b - a) for a, b in parts]).max()
+
+
+def part_rms(xs: list[torch.Tensor], parts: Parts | None) -> list[float]:
+    """For each flat tensor in ``xs``, its RMS norm, or the largest of its blocks' (one host read)."""
+    if parts is None:
+        norms = [torch.linalg.vector_norm(x) / math.sqrt(x.numel()) for x in xs]
+    else:
+        norms = [torch.stack([torch.linalg.vector_norm(x[a:b]) / math.sqrt(b - a) for a, b in parts]).max() for x in xs]
+    return torch.stack(norms).tolist()
 
 
 class HairerNorms(Protocol):

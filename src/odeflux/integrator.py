@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .control import StepSizeController, initial_step
+from .control import Parts, StepSizeController, initial_step
 from .kernels import StepKernel, choose_step_kernel
 from .kernels.torch_step import rk_step_with_error
 from .solution import DenseOutput, Stats, Status
@@ -40,8 +40,9 @@ class IntegrateOptions:
     ``saveat`` (host times, in the direction of integration) replaces the default saving of the
     start and end states; ``save_everystep`` adds every accepted step. ``dense`` keeps the steps
     for interpolation. What the adjoints and checkpoint re-solves ask for besides:
-    ``error_size`` limits the error norm to the first entries of the flattened state (a
-    seminorm); ``compiled`` steps through the compiled step; ``float_time`` hands ``f`` host
+    ``error_parts`` splits the error norm into blocks of the flattened state, the largest of
+    their RMS norms counting (:data:`odeflux.control.Parts`: a mixed norm, or a seminorm that
+    leaves entries out); ``compiled`` steps through the compiled step; ``float_time`` hands ``f`` host
     floats for ``t`` instead of 0-d tensors; ``on_accept`` hears of each accepted step;
     ``dense_budget`` (bytes) stops keeping dense output, and drops what was kept, once it would
     take more than that; ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from
@@ -62,7 +63,7 @@ class IntegrateOptions:
     save_start: bool = True
     save_end: bool = True
     dense: bool = False
-    error_size: int | None = None
+    error_parts: Parts | None = None
     compiled: bool = False
     float_time: bool = False
     on_accept: OnAccept | None = field(default=None, compare=False)
@@ -95,7 +96,7 @@ def integrate(
 ) -> IntegrationResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``."""
     kernel = choose_step_kernel(
-        f, y0, solver, rtol=options.rtol, atol=options.atol, error_size=options.error_size,
+        f, y0, solver, rtol=options.rtol, atol=options.atol, parts=options.error_parts,
         float_time=options.float_time, compiled=options.compiled,
     )  # fmt: skip
     with kernel.running():

@@ -36,7 +36,7 @@ import torch
 from . import arrays
 
 if TYPE_CHECKING:
-    from ..control import HairerNorms
+    from ..control import HairerNorms, Parts
     from ..solvers.tableau import ExplicitRK
 
 
@@ -134,7 +134,7 @@ class StepPlanner(abc.ABC):
 
 
 def choose_step_kernel(
-    f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, error_size: int | None,
+    f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, parts: Parts | None,
     float_time: bool, compiled: bool,
 ) -> StepKernel:  # fmt: skip
     """The kernel for one solve of ``f`` from ``y0`` (see the module docstring)."""
@@ -142,8 +142,8 @@ def choose_step_kernel(
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) else None
         if array_f is not None or planner is not None:
-            return NumpyStepKernel(f, solver, y0, rtol, atol, error_size, float_time, array_f, planner)
-    return TorchStepKernel(f, solver, y0, rtol, atol, error_size, float_time, compiled)
+            return NumpyStepKernel(f, solver, y0, rtol, atol, parts, float_time, array_f, planner)
+    return TorchStepKernel(f, solver, y0, rtol, atol, parts, float_time, compiled)
 
 
 from .numpy_step import NumpyStepKernel  # noqa: E402 (they build on the interfaces above)

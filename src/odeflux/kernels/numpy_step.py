@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import ArrayField, StepPlanner
+from ..control import Parts
 from . import arrays
 from .arrays import as_array
 
@@ -38,23 +39,29 @@ def coefficients(solver: Any, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarra
     return cached
 
 
+def part_rms_array(x: np.ndarray, parts: Parts | None) -> float:
+    """The RMS norm of the flat array ``x``, or the largest of its blocks' (see :data:`Parts`)."""
+    if parts is None or len(parts) == 1 and parts[0][0] == 0:
+        return math.sqrt(float(np.dot(x, x)) / x.size)
+    return max(math.sqrt(float(np.dot(x[a:b], x[a:b])) / (b - a)) for a, b in parts)
+
+
 class NumpyNorms:
     """:class:`odeflux.control.HairerNorms` on arrays."""
 
     def __init__(self, kernel: NumpyStepKernel, y0: torch.Tensor, f0: torch.Tensor):
-        n = kernel.n
-        self.kernel, self.n = kernel, n
+        self.kernel, self.parts = kernel, kernel.parts
+        n = self.end = None if self.parts is None else self.parts[-1][1]
         self.y0, self.f0 = as_array(y0).reshape(-1), as_array(f0).reshape(-1)
         self.scale = np.abs(self.y0[:n]) * kernel.rtol + kernel.atol
         self.d0, self.d1 = self._rms(self.y0[:n]), self._rms(self.f0[:n])
 
     def _rms(self, x: np.ndarray) -> float:
-        x = x / self.scale
-        return math.sqrt(float(x @ x) / x.size)
+        return part_rms_array(x / self.scale, self.parts)
 
     def change(self, t: float, h: float) -> float:
         f1 = self.kernel.evaluate_array(t, self.y0 + h * self.f0)
-        return self._rms(f1[: self.n] - self.f0[: self.n])
+        return self._rms(f1[: self.end] - self.f0[: self.end])
 
 
 class NumpyStepKernel:
@@ -64,9 +71,9 @@ class NumpyStepKernel:
 
     def __init__(
         self, f: Callable[..., torch.Tensor], solver: Any, y0: torch.Tensor, rtol: float, atol: float,
-        n: int | None, float_time: bool, array_f: ArrayField | None, planner: StepPlanner | None,
+        parts: Parts | None, float_time: bool, array_f: ArrayField | None, planner: StepPlanner | None,
     ):  # fmt: skip
-        self.f, self.solver, self.rtol, self.atol, self.n = f, solver, rtol, atol, n
+        self.f, self.solver, self.rtol, self.atol, self.parts = f, solver, rtol, atol, parts
         self.shape, self.dtype = y0.shape, y0.dtype
         self.float_time = float_time
         self.array_f, self.planner = array_f, planner
@@ -132,14 +139,15 @@ class NumpyStepKernel:
         if e is None:
             return y1, K_t, None
         err = np.dot(e, K)
-        n = self.n
-        if n is not None:
+        parts = self.parts
+        if parts is not None:
+            n = parts[-1][1]
             err, y0, yi = err[:n], y0[:n], yi[:n]
         # ||dt e.K / (atol + rtol s)|| = |dt| / rtol * ||e.K / (atol / rtol + s)||: two passes fewer
         scale = np.maximum(np.abs(y0), np.abs(yi))
         scale += self.atol / self.rtol
         err /= scale
-        return y1, K_t, abs(dt) / self.rtol * math.sqrt(float(np.dot(err, err)) / err.size)
+        return y1, K_t, abs(dt) / self.rtol * part_rms_array(err, parts)
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> NumpyNorms:
         return NumpyNorms(self, y, k)

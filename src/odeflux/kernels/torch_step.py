@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..control import error_ratio
+from ..control import Parts, error_ratio, part_rms
 from ..solvers.tableau import ExplicitRK
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -16,7 +16,7 @@ VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 def rk_step_with_error(
     solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
-    rtol: float, atol: float, n: int | None,
+    rtol: float, atol: float, parts: Parts | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """One Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
 
@@ -27,9 +27,9 @@ def rk_step_with_error(
         return y1, K, None
     if torch.is_grad_enabled():
         with torch.no_grad():
-            e = error_ratio(err, y, y1, rtol, atol, n)
+            e = error_ratio(err, y, y1, rtol, atol, parts)
     else:
-        e = error_ratio(err, y, y1, rtol, atol, n)
+        e = error_ratio(err, y, y1, rtol, atol, parts)
     return y1, K, e
 
 
@@ -48,17 +48,16 @@ class TorchNorms:
     """:class:`odeflux.control.HairerNorms` on tensors."""
 
     def __init__(self, kernel: TorchStepKernel, y0: torch.Tensor, f0: torch.Tensor):
-        n = kernel.n
-        self.kernel, self.y0, self.f0, self.n = kernel, y0.detach(), f0.detach(), n
-        yf, ff = (self.y0.reshape(-1)[:n], self.f0.reshape(-1)[:n]) if n is not None else (self.y0, self.f0)
+        self.kernel, self.y0, self.f0, self.parts = kernel, y0.detach(), f0.detach(), kernel.parts
+        self.end = None if self.parts is None else self.parts[-1][1]
+        yf, ff = self.y0.reshape(-1)[: self.end], self.f0.reshape(-1)[: self.end]
         self.scale = yf.abs().mul(kernel.rtol).add_(kernel.atol)
-        d = torch.stack([torch.linalg.vector_norm(yf / self.scale), torch.linalg.vector_norm(ff / self.scale)])
-        self.d0, self.d1 = (d / math.sqrt(yf.numel())).tolist()
+        self.d0, self.d1 = part_rms([yf / self.scale, ff / self.scale], self.parts)
 
     def change(self, t: float, h: float) -> float:
         f1 = self.kernel.evaluate(t, torch.add(self.y0, self.f0, alpha=h))
-        df = (f1 - self.f0).reshape(-1)[: self.n] if self.n is not None else f1 - self.f0
-        return float(torch.linalg.vector_norm(df / self.scale)) / math.sqrt(df.numel())
+        df = (f1 - self.f0).reshape(-1)[: self.end]
+        return part_rms([df / self.scale], self.parts)[0]
 
 
 class TorchStepKernel:
@@ -67,10 +66,10 @@ class TorchStepKernel:
     arrays = False
 
     def __init__(
-        self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, n: int | None,
+        self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
         float_time: bool, compiled: bool,
     ):  # fmt: skip
-        self.f, self.solver, self.rtol, self.atol, self.n = f, solver, rtol, atol, n
+        self.f, self.solver, self.rtol, self.atol, self.parts = f, solver, rtol, atol, parts
         self.dtype, self.device = y0.dtype, y0.device
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
@@ -86,7 +85,7 @@ class TorchStepKernel:
         return self.f(self.time(t), y)
 
     def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self._step(self.solver, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.n)
+        return self._step(self.solver, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts)
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():

@@ -65,8 +65,10 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
 
 def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
     """The sensitivity algorithm for a command-line name (``SENSEALGS``): a continuous adjoint, such
-    as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step)``, or
-    ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no adjoint solve)."""
+    as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step, norm="rms")``,
+    or ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no adjoint solve). The
+    continuous adjoints keep SciMLSensitivity's error norm (one RMS norm over the adjoint's whole
+    state), as the tutorial reproduces its runs."""
     if name not in SENSEALGS:
         raise ValueError(f"unknown sensealg {name!r}: choose one of {', '.join(SENSEALGS)}")
     if vjp not in VJPS:
@@ -74,7 +76,7 @@ def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval"
     if first_step not in FIRST_STEPS:
         raise ValueError(f"unknown adjoint first step {first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
     cls = ALGORITHMS[name]
-    return cls(vjp=vjp, first_step=first_step) if issubclass(cls, ContinuousAdjoint) else cls()
+    return cls(vjp=vjp, first_step=first_step, norm="rms") if issubclass(cls, ContinuousAdjoint) else cls()
 
 
 class TanhMLP(MLP):

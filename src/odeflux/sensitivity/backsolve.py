@@ -32,6 +32,6 @@ class BacksolveAdjoint(ContinuousAdjoint):
             dz[n:].neg_()
             return dz
 
-        z = run.adjoint_integrate(rhs, torch.cat([y_start, lam, mu]), t_hi, t_lo, error_size=2 * n).y
+        z = run.adjoint_integrate(rhs, torch.cat([y_start, lam, mu]), t_hi, t_lo, blocks=(n, n, run.n_params)).y
         run.backsolve_y = z[:n]
         return z[n : 2 * n], z[2 * n :]

@@ -29,7 +29,7 @@ class GaussAdjoint(ContinuousAdjoint):
         vjp, shape, solver = run.vjp, run.y.shape, run.solver
         rhs = run.lambda_rhs(dense, t_hi, y_hi)
         if run.n_params == 0:
-            return run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None).y, mu
+            return run.adjoint_integrate(rhs, lam, t_hi, t_lo, blocks=(run.n,)).y, mu
 
         m = math.ceil((solver.order + 1) / 2)
         x, w = np.polynomial.legendre.leggauss(m)
@@ -55,7 +55,7 @@ class GaussAdjoint(ContinuousAdjoint):
                 part = g * float(w[j]) if part is None else part.add_(g, alpha=float(w[j]))
             acc.append(part.mul_(abs(h) / 2))
 
-        z = run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None, on_accept=on_accept).y
+        z = run.adjoint_integrate(rhs, lam, t_hi, t_lo, blocks=(run.n,), on_accept=on_accept).y
         if acc:
             mu = mu + torch.stack(acc).sum(0)
         return z, mu

@@ -24,5 +24,5 @@ class InterpolatingAdjoint(ContinuousAdjoint):
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         rhs = AdjointRHS(run, dense, t_hi, y_hi)
-        z = run.adjoint_integrate(rhs, torch.cat([lam, mu]), t_hi, t_lo, error_size=run.n).y
+        z = run.adjoint_integrate(rhs, torch.cat([lam, mu]), t_hi, t_lo, blocks=(run.n, run.n_params)).y
         return z[: run.n], z[run.n :]

@@ -55,7 +55,7 @@ class QuadratureAdjoint(ContinuousAdjoint):
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
         vjp, shape = run.vjp, run.y.shape
         rhs = run.lambda_rhs(dense, t_hi, y_hi)
-        res = run.adjoint_integrate(rhs, lam, t_hi, t_lo, error_size=None, dense=True)
+        res = run.adjoint_integrate(rhs, lam, t_hi, t_lo, blocks=(run.n,), dense=True)
         if run.n_params == 0:
             return res.y, mu
         lam_dense = res.dense
