@@ -15,7 +15,8 @@ from odeflux import ConstantStepSize
 from odeflux.solvers import SOLVERS
 
 ALL = sorted(SOLVERS)
-FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05}}
+FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05},
+            "heun2": {"dt0": 0.02}, "heun3": {"dt0": 0.05}, "rk38": {"dt0": 0.05}}  # fmt: skip
 
 
 def as_np(x: torch.Tensor) -> np.ndarray:

@@ -14,10 +14,13 @@ import odeflux
 from odeflux import (
     BS3,
     RK4,
+    RK38,
     ConstantStepSize,
     Dopri5,
     Euler,
     Heun,
+    Heun2,
+    Heun3,
     Midpoint,
     PIController,
     SolveError,
@@ -29,7 +32,7 @@ from odeflux.integrator import IntegrateOptions, integrate
 from odeflux.kernels import TorchStepKernel
 
 ADAPTIVE = {"tsit5": Tsit5, "dopri5": Dopri5, "bs3": BS3, "heun": Heun}
-ALL = {**ADAPTIVE, "euler": Euler, "midpoint": Midpoint, "rk4": RK4}
+ALL = {**ADAPTIVE, "euler": Euler, "midpoint": Midpoint, "heun2": Heun2, "heun3": Heun3, "rk4": RK4, "rk38": RK38}
 
 
 def as_np(x: torch.Tensor) -> np.ndarray:
@@ -63,8 +66,11 @@ CONV_STEPS = {
     "tsit5": (50, 100, 200),
     "dopri5": (50, 100, 200),
     "rk4": (50, 100, 200),
+    "rk38": (50, 100, 200),
     "bs3": (50, 100, 200),
     "heun": (50, 100, 200),
+    "heun2": (50, 100, 200),
+    "heun3": (50, 100, 200),
     "midpoint": (50, 100, 200),
     "euler": (100, 200, 400),
 }
@@ -133,6 +139,41 @@ def test_error_falls_with_tolerance(name, problem):
         assert e_tight < e_loose / min(10.0, factor / 10), f"{name} on {problem}: errors {errs} for rtol {LADDERS[name]}"
     assert steps == sorted(steps) and steps[0] < steps[-1]
     assert errs[-1] < 100 * LADDERS[name][-1]
+
+
+def _one_step(name: str, f, t: float, y: np.ndarray, h: float) -> np.ndarray:
+    """The methods' textbook formulas, written out stage by stage (independent of the tableaus)."""
+    k1 = f(t, y)
+    if name == "heun2":
+        k2 = f(t + h, y + h * k1)
+        return y + h * (k1 + k2) / 2
+    if name == "heun3":
+        k2 = f(t + h / 3, y + h / 3 * k1)
+        k3 = f(t + 2 * h / 3, y + 2 * h / 3 * k2)
+        return y + h * (k1 + 3 * k3) / 4
+    assert name == "rk38"
+    k2 = f(t + h / 3, y + h / 3 * k1)
+    k3 = f(t + 2 * h / 3, y + h * (k2 - k1 / 3))
+    k4 = f(t + h, y + h * (k1 - k2 + k3))
+    return y + h * (k1 + 3 * k2 + 3 * k3 + k4) / 8
+
+
+@pytest.mark.parametrize("name", ["heun2", "heun3", "rk38"])
+def test_one_step_is_the_textbook_formula(name):
+    from odeflux.solvers import SOLVERS
+
+    p = PROBLEMS["van_der_pol"]
+    y0, h = np.array([1.3, -0.4]), 0.17
+    solver = SOLVERS[name]()
+    sol = odeflux.solve(p.f, torch.tensor(y0), (0.2, 0.2 + h), solver=solver, dt0=h, controller=ConstantStepSize())
+    np.testing.assert_allclose(as_np(sol.ys[-1]), _one_step(name, p.f_np, 0.2, y0, h), rtol=1e-14, atol=1e-15)
+
+
+def test_torchdiffeq_names():
+    from odeflux.solvers import SOLVERS
+
+    # torchdiffeq's rk4 is the 3/8 rule (RK38); odeflux's RK4 stays the classic one.
+    assert RK38().tableau.b == (1 / 8, 3 / 8, 3 / 8, 1 / 8) and RK4().tableau.b == (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 
 
 def test_batched_two_dimensional_state(device):
