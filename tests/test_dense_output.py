@@ -24,7 +24,7 @@ def as_np(x: torch.Tensor) -> np.ndarray:
 
 
 def solver_kwargs(name: str) -> dict:
-    rtol = {"heun": 1e-3, "bs3": 1e-4}.get(name, 1e-6)
+    rtol = {"heun": 1e-3, "adaptive_heun": 1e-3, "fehlberg2": 1e-3, "bs3": 1e-4}.get(name, 1e-6)
     return FIXED_KW.get(name, {"rtol": rtol, "atol": rtol * 1e-2})
 
 

@@ -26,6 +26,8 @@ EXPECTED = {  # name: (order, error_order, interp_order, adaptive, fsal), from t
     "euler": (1, None, 1, False, False),
     "midpoint": (2, None, 2, False, False),
     "rk4": (4, None, 3, False, False),
+    "fehlberg2": (2, 1, 2, True, False),
+    "adaptive_heun": (2, 1, 2, True, False),  # torchdiffeq's name for Heun()
     "heun2": (2, None, 2, False, False),
     "heun3": (3, None, 2, False, False),
     "rk38": (4, None, 3, False, False),
