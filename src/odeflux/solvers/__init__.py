@@ -2,6 +2,7 @@
 
 from .bs3 import BS3
 from .dopri5 import Dopri5
+from .dopri8 import Dopri8
 from .euler import Euler
 from .fehlberg2 import Fehlberg2
 from .heun import Heun
@@ -15,12 +16,12 @@ from .tsit5 import Tsit5
 
 SOLVERS = {
     cls.__name__.lower(): cls
-    for cls in (Tsit5, Dopri5, BS3, Heun, Fehlberg2, Euler, Midpoint, Heun2, Heun3, RK4, RK38)
+    for cls in (Tsit5, Dopri5, Dopri8, BS3, Heun, Fehlberg2, Euler, Midpoint, Heun2, Heun3, RK4, RK38)
 }
 # torchdiffeq's adaptive_heun is Heun() (the same tableau; its error weights differ only in sign).
 SOLVERS["adaptive_heun"] = Heun
 
 __all__ = [
-    "BS3", "ButcherTableau", "Dopri5", "Euler", "ExplicitRK", "Fehlberg2", "Heun", "Heun2", "Heun3",
+    "BS3", "ButcherTableau", "Dopri5", "Dopri8", "Euler", "ExplicitRK", "Fehlberg2", "Heun", "Heun2", "Heun3",
     "Midpoint", "RK38", "RK4", "SOLVERS", "StepResult", "Tsit5",
 ]  # fmt: skip
