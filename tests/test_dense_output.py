@@ -15,7 +15,8 @@ from odeflux import ConstantStepSize
 from odeflux.solvers import SOLVERS
 
 ALL = sorted(SOLVERS)
-FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05}}
+FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05},
+            "heun2": {"dt0": 0.02}, "heun3": {"dt0": 0.05}, "rk38": {"dt0": 0.05}}  # fmt: skip
 
 
 def as_np(x: torch.Tensor) -> np.ndarray:
@@ -23,7 +24,7 @@ def as_np(x: torch.Tensor) -> np.ndarray:
 
 
 def solver_kwargs(name: str) -> dict:
-    rtol = {"heun": 1e-3, "bs3": 1e-4}.get(name, 1e-6)
+    rtol = {"heun": 1e-3, "adaptive_heun": 1e-3, "fehlberg2": 1e-3, "bs3": 1e-4}.get(name, 1e-6)
     return FIXED_KW.get(name, {"rtol": rtol, "atol": rtol * 1e-2})
 
 

@@ -26,6 +26,14 @@ EXPECTED = {  # name: (order, error_order, interp_order, adaptive, fsal), from t
     "euler": (1, None, 1, False, False),
     "midpoint": (2, None, 2, False, False),
     "rk4": (4, None, 3, False, False),
+    # Dopri8: DOP853's 5th-order embedded estimate; its dense output is odeflux's free quintic
+    # (DOP853's 7th-order one needs three more stages).
+    "dopri8": (8, 5, 5, True, True),
+    "fehlberg2": (2, 1, 2, True, False),
+    "adaptive_heun": (2, 1, 2, True, False),  # torchdiffeq's name for Heun()
+    "heun2": (2, None, 2, False, False),
+    "heun3": (3, None, 2, False, False),
+    "rk38": (4, None, 3, False, False),
 }
 
 
@@ -126,6 +134,18 @@ def test_fsal_last_stage_is_the_solution(name):
     tab = SOLVERS[name]().tableau
     assert tab.c[-1] == 1.0
     np.testing.assert_array_equal(np.array(tab.a[-1] + (0.0,)), np.array(tab.b))
+
+
+def test_dopri8_is_dop853():
+    """Dopri8's tableau is Hairer's DOP853 as scipy ships it (an independent transcription)."""
+    from scipy.integrate._ivp import dop853_coefficients as dop
+
+    tab = SOLVERS["dopri8"]().tableau
+    s = tab.stages  # 12 stages and the FSAL one; DOP853's three dense-output stages are not used
+    np.testing.assert_array_equal(tab.c, dop.C[:s])
+    np.testing.assert_allclose(tab.a_matrix(), dop.A[:s, :s], rtol=1e-15, atol=0)
+    np.testing.assert_allclose(tab.b, dop.A[s - 1, :s], rtol=1e-15, atol=0)
+    np.testing.assert_allclose(tab.b_err, dop.E5, rtol=1e-15, atol=0)
 
 
 THETAS = np.linspace(0.0, 1.0, 17)

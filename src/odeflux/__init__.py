@@ -15,6 +15,7 @@ from .sensitivity import (
 from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, Status
 from .solve import solve
 from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5
+from .solvers import RK38, Dopri8, Fehlberg2, Heun2, Heun3
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
     "Euler", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
+    "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38",
 ]
