@@ -53,3 +53,29 @@ def test_general_benchmark_smoke_runs():
     for workload in ("mlp", "conv", "lv", "lv-batch"):
         assert f"## {workload}:" in out.stdout
     assert "written to" not in out.stdout
+
+
+def test_work_precision_compares_curves_at_equal_error():
+    from benchmarks.work_precision import Point, compare, frontier
+
+    a = [Point(1e-3, 100, 1e-3), Point(1e-4, 200, 1e-4), Point(1e-5, 400, 1e-5)]
+    b = [Point(p.tol, 2 * p.nfe, p.err) for p in a]
+    ratio, decades = compare(b, a)
+    assert abs(ratio - 2.0) < 1e-9 and abs(decades - 2.0) < 1e-9
+    # A point that costs more and ends less accurate than another is off the frontier; failures too.
+    worse = a + [Point(1e-6, 300, 2e-3), Point(1e-7, 50, float("inf"), failed="DT_MIN")]
+    assert len(frontier(worse)) == 3
+    assert compare([Point(1e-3, 10, 1.0), Point(1e-4, 20, 0.5)], a) is None  # no common error range
+
+
+def test_work_precision_controllers_follow_their_references():
+    from benchmarks.work_precision import DiffraxPID, LimitedPID
+
+    c = DiffraxPID()
+    ok, dt, state = c.propose(1.0, 0.99, c.init_state(), 5)
+    assert ok and dt == 1.0 and state[0] == 1 / 0.99  # an accepted step never shrinks the next (diffrax)
+    ok, dt, state2 = c.propose(1.0, 1.0, state, 5)
+    assert not ok and dt == 0.9 and state2 == state  # err < 1 to keep; a rejection shrinks by the safety at least
+    h = LimitedPID()  # H211PI as OrdinaryDiffEq's PIDController: the limited factor decides acceptance
+    ok, dt, _ = h.propose(1.0, 10.0, h.init_state(), 5)
+    assert ok and 0.81 < dt < 1.0
