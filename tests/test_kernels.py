@@ -41,7 +41,9 @@ def test_numpy_step_matches_torch_step(name, dtype, n):
     if ref[2] is None:
         assert out[2] is None
     else:
-        rel = 1e-3 if dtype == torch.float32 else 1e-10
+        # The estimate is a difference of near-equal sums: its float32 round-off, relative to it,
+        # grows with the stages summed (Dopri8's 12) and shrinks with the block's size.
+        rel = (1e-2 if solver.tableau.stages > 7 else 1e-3) if dtype == torch.float32 else 1e-10
         assert isinstance(out[2], float) and out[2] == pytest.approx(float(ref[2]), rel=rel)
 
 
