@@ -110,7 +110,7 @@ class Kernels:
         """These kernels with each bias copied out to ``rows`` rows, for solves of states with
         ``rows`` rows (or stacks of them): adding a bias of the output's own shape takes a third
         of the time of a broadcast add. The copies are taken now, so in-place updates of the
-        biases show through only after :meth:`refresh_rows` (a solve's frozen form calls it)."""
+        biases show through only after :meth:`refresh_rows` (a solve's array form calls it)."""
         tiled = object.__new__(Kernels)
         tiled.__dict__.update(self.__dict__)
         tiled._bias_sources = [b for _, b in self.forward_params]
