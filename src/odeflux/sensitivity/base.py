@@ -163,7 +163,10 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
 
     A continuous adjoint only differentiates with respect to the parameters it was given; a tensor
     that ``f`` captures from its closure would silently get no gradient. Checked once per ``f``
-    (by walking the graph of one evaluation) unless ``f`` cannot be weakly referenced.
+    (by walking the graph of one evaluation) unless ``f`` cannot be weakly referenced. A leaf that
+    ``f`` makes for itself during the call (a CNF's exact trace: ``z.requires_grad_()`` and
+    ``torch.autograd.grad`` inside ``f``) is no parameter: it is freed with the evaluation's graph,
+    where a captured tensor lives on, and that is how the two are told apart.
     """
     f = problem.user_f
     try:
@@ -174,25 +177,35 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     y = problem.y0.detach()
     with torch.enable_grad():
         out = problem.f(torch.full((), problem.t0, dtype=y.dtype, device=y.device), y)
-    if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-        known_leaves = {id(p) for p in params if p.grad_fn is None}
-        known_nodes = {id(p.grad_fn) for p in params if p.grad_fn is not None}
-        stack, seen = [out.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen or id(node) in known_nodes:
-                continue
-            seen.add(id(node))
-            var = getattr(node, "variable", None)
-            if var is not None and id(var) not in known_leaves:
-                raise ValueError(
-                    f"f depends on a tensor of shape {tuple(var.shape)} that requires grad but is not among the "
-                    "parameters the adjoint differentiates: make f an nn.Module that owns it, pass it inside "
-                    "args=, list it in params=, or use sensealg=DirectAdjoint()"
-                )
-            stack.extend(n for n, _ in node.next_functions)
+    outside = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
+    del out  # frees the evaluation's graph, and with it the leaves f made during the call
+    for ref, shape in outside:
+        if ref() is not None:
+            raise ValueError(
+                f"f depends on a tensor of shape {shape} that requires grad but is not among the "
+                "parameters the adjoint differentiates: make f an nn.Module that owns it, pass it inside "
+                "args=, list it in params=, or use sensealg=DirectAdjoint()"
+            )
     if f is not None:
         _CHECKED[f] = len(params)
+
+
+def _outside_leaves(out: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[weakref.ref, tuple[int, ...]]]:
+    """Weak references to the leaves requiring grad in ``out``'s graph that are not ``params``
+    (its own frame holds the only other references, gone when it returns)."""
+    known_leaves = {id(p) for p in params if p.grad_fn is None}
+    known_nodes = {id(p.grad_fn) for p in params if p.grad_fn is not None}
+    stack, seen, found = [out.grad_fn], set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in known_nodes:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in known_leaves:
+            found.append((weakref.ref(var), tuple(var.shape)))
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 class AdjointRun:
