@@ -593,3 +593,25 @@ def test_a_field_that_makes_its_own_leaf_works_under_the_continuous_adjoints(met
         sol.ys[-1].square().sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in f.parameters()]))
     assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint, QuadratureAdjoint, GaussAdjoint])
+def test_the_backward_pass_leaves_running_statistics_alone(method):
+    """A BatchNorm in training mode: the forward solve's evaluations update its running statistics
+    (as a recorded forward does), the adjoint's own evaluations in the backward pass do not, as
+    DirectAdjoint's backward pass does not; gradients as DirectAdjoint's."""
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh()).double().train()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    out = []
+    for sensealg in (DirectAdjoint(), method()):
+        field.zero_grad()
+        stats0 = (field[1].running_mean.clone(), int(field[1].num_batches_tracked))
+        sol = odeflux.solve(field, y0, (0.0, 1.0), sensealg=sensealg, rtol=1e-8, atol=1e-8)
+        after_forward = (field[1].running_mean.clone(), int(field[1].num_batches_tracked))
+        assert after_forward[1] - stats0[1] == sol.stats.n_f_evals  # one update per forward evaluation
+        sol.ys[-1].square().sum().backward()
+        assert torch.equal(field[1].running_mean, after_forward[0])
+        assert int(field[1].num_batches_tracked) == after_forward[1]
+        out.append(torch.cat([p.grad.reshape(-1) for p in field.parameters()]))
+    assert torch.allclose(out[1], out[0], rtol=1e-5, atol=1e-8)

@@ -175,7 +175,7 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     except TypeError:
         f = None
     y = problem.y0.detach()
-    with torch.enable_grad():
+    with torch.enable_grad(), _buffers_kept(problem.module_state):
         out = problem.f(torch.full((), problem.t0, dtype=y.dtype, device=y.device), y)
     outside = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
     del out  # frees the evaluation's graph, and with it the leaves f made during the call
@@ -372,7 +372,9 @@ class AdjointRun:
             raise SolveError(
                 f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status
             )
-        with _restored(self.module_state), (arrays.one_blas_thread if self._numpy_sized else _NO_GUARD):
+        with _restored(self.module_state), _buffers_kept(self.module_state), (
+            arrays.one_blas_thread if self._numpy_sized else _NO_GUARD
+        ):
             return self._backward_at(ts, ys, grads)
 
     @property
@@ -425,6 +427,20 @@ def split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Ten
             at += n
         return out
     return [chunk.view_as(p) for p, chunk in zip(params, torch.split(flat, [p.numel() for p in params]))]
+
+
+@contextlib.contextmanager
+def _buffers_kept(state: list[tuple[nn.Module, str, str, torch.Tensor]]):
+    """Give the module's buffers back their values after the block: the adjoint's own
+    evaluations of ``f`` (its VJPs, re-solves, this check) must not count as forward passes in
+    running statistics (a BatchNorm in training mode), as DirectAdjoint's backward pass does not."""
+    kept = [(t, t.clone()) for _, kind, _, t in state if kind == "_buffers"]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, value in kept:
+                t.copy_(value)
 
 
 @contextlib.contextmanager
@@ -504,7 +520,7 @@ class _AdjointFunction(torch.autograd.Function):
         y0, *params = ctx.saved_tensors  # raises autograd's error if one was modified in place
         run = ctx.run
         if torch.is_grad_enabled():  # create_graph=True
-            with _restored(run.module_state):
+            with _restored(run.module_state), _buffers_kept(run.module_state):
                 out = run.recorded(y0)
             inputs = [y0, *params]
             grads = torch.autograd.grad(out, inputs, grad_ys, create_graph=True, allow_unused=True)
