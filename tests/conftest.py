@@ -33,6 +33,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test: on a shared 2-core machine a second one mostly waits
+    on tiny ops (50x slower under load). Modules with tiny ops use it as ``autouse``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     """Every device the test can run on: the CPU, and CUDA when one is present."""

@@ -115,13 +115,8 @@ def state(shape, dtype=F64, seed: int = 1, requires_grad: bool = False) -> torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: on a shared 2-core machine a second intra-op thread mostly waits (50x slower here
-    # under load), as tests/test_odenet.py notes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):  # (conftest.py: tiny ops)
     yield
-    torch.set_num_threads(threads)
 
 
 SENSEALGS = [

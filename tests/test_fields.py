@@ -51,7 +51,7 @@ class _Counted(FrozenVJP):
     """An array rule that counts its products (plans count once per state)."""
 
     def __init__(self, rule: FrozenVJP, calls: list):
-        super().__init__(rule.kernels, rule.d_in, rule.n_params)
+        super().__init__(rule.kernels, rule.d_in)
         self.calls = calls
 
     def __call__(self, *a, **k):

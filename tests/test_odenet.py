@@ -23,12 +23,8 @@ from odeflux.nn import VectorField
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions: on the shared 2-core machine a second intra-op thread mostly waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):  # (conftest.py: tiny ops)
     yield
-    torch.set_num_threads(threads)
 
 
 def _n_params(w: int, pooled: bool) -> int:

@@ -59,6 +59,12 @@ class DiffraxServer:
                "--threads", str(threads), "--adjoint", adjoint, *extra]  # fmt: skip
         if init is not None:
             cmd += ["--init", str(init)]
+        self._start(cmd, env, timeout)
+        self.reported: list[float] = []
+        self.last_steps = 0
+
+    def _start(self, cmd: list[str], env: dict | None, timeout: float) -> None:
+        """Spawn the server and wait for its ``ready <compile seconds>`` line."""
         env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
         self.started = time.perf_counter()
         self.timeout = timeout
@@ -74,8 +80,6 @@ class DiffraxServer:
             raise
         self.compile_s = float(line.split()[1])
         self.startup_s = time.perf_counter() - self.started
-        self.reported: list[float] = []
-        self.last_steps = 0
 
     def _read(self) -> str:
         killer = threading.Timer(self.timeout, self.proc.kill)  # no reply in time: fail, don't hang
@@ -137,21 +141,7 @@ class DiffraxFieldServer(DiffraxServer):
                  env: dict | None = None, timeout: float = 600.0):  # fmt: skip
         cmd = [sys.executable, "-m", "benchmarks.peers.diffrax_general", "serve", "--workload", workload,
                "--data", str(data), "--rtol", repr(rtol), "--atol", repr(atol), "--threads", str(threads)]  # fmt: skip
-        env = dict(os.environ if env is None else env, JAX_PLATFORMS="cpu")
-        self.started = time.perf_counter()
-        self.timeout = timeout
-        self._err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._err, text=True, bufsize=1)  # fmt: skip
-        try:
-            line = self._read()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"diffrax server did not start: {line!r}")
-        except BaseException:
-            self.close()
-            raise
-        self.compile_s = float(line.split()[1])
-        self.startup_s = time.perf_counter() - self.started
+        self._start(cmd, env, timeout)
         self.reported: dict[str, list[float]] = {}
 
     def _command(self, cmd: str) -> list[str]:

@@ -81,15 +81,11 @@ class FrozenField(ArrayField):
 class FrozenVJP(ArrayVJP):
     """An :class:`MLP`'s VJP rule on its NumPy kernels for one solve (see :meth:`MLP.array_vjp`)."""
 
-    def __init__(self, kernels: Kernels, d_in: int, n_params: int):
-        self.kernels, self.d_in, self.n_params = kernels, d_in, n_params
+    def __init__(self, kernels: Kernels, d_in: int):
+        self.kernels, self.d_in, self.n_params = kernels, d_in, kernels.n_params
 
     def __call__(self, y: np.ndarray, v: np.ndarray, want_y: bool = True, want_p: bool = True, negate: bool = False) -> np.ndarray:
-        hs = self.kernels.forward(y.reshape(-1, self.d_in), keep=True)
-        g = v.reshape(hs[-1].shape)
-        out = np.empty(hs[0].size * want_y + self.n_params * want_p, dtype=hs[0].dtype)
-        self.kernels.vjp(hs, -g if negate else g, out, want_y, want_p)
-        return out
+        return self.kernels.rule(y.reshape(-1, self.d_in), v, want_y, want_p, negate)[1]
 
     def stage_plan(self, ys: np.ndarray, negate: bool = False) -> StagePlan:
         return self.kernels.stage_plan(ys.reshape(-1, self.d_in), ys.shape[0], negate)
@@ -130,9 +126,12 @@ class MLP(nn.Module):
         self.use_vjp_rule = vjp_rule
         self.small_cpu_kernels = small_cpu_kernels
         last = len(layers) - 1
+        self._set_activations([activation if (i < last or final_activation) else None for i in range(last + 1)])
+
+    def _set_activations(self, names: Sequence[str | None]) -> None:
         # Per layer: the activation's name, (activation, derivative); worked out once, as the solver
         # calls f six times a step.
-        self._act_names = [activation if (i < last or final_activation) else None for i in range(last + 1)]
+        self._act_names = list(names)
         self._acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in self._act_names]
 
     @property
@@ -195,10 +194,6 @@ class MLP(nn.Module):
         self.__dict__["_kernel_cache"] = (tensors, y.dtype, layout, kernels)
         return kernels
 
-    @property
-    def _n_params(self) -> int:
-        return sum(t.numel() for pair in self._tensors() for t in pair if t is not None)
-
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self._check_layers()
         kernels = self._numpy_kernels(y)
@@ -227,7 +222,7 @@ class MLP(nn.Module):
         if len(forms) >= 8:  # (many state shapes: keep a few, not one per shape ever seen)
             forms.clear()
         tiled = kernels.for_rows(y.numel() // y.shape[-1])  # biases laid out per row
-        form = FrozenVJP(tiled, y.shape[-1], self._n_params) if vjp else self._field(tiled, y)
+        form = FrozenVJP(tiled, y.shape[-1]) if vjp else self._field(tiled, y)
         forms[key] = form
         return form
 
@@ -256,10 +251,7 @@ class MLP(nn.Module):
         if kernels is not None:
             x = arrays.as_array(y).reshape(-1, y.shape[-1])
             with arrays.one_blas_thread:
-                hs = kernels.forward(x, keep=True)
-                out = np.empty(x.size * want_y + self._n_params * want_p, dtype=x.dtype)
-                if want_y or want_p:
-                    kernels.vjp(hs, arrays.as_array(v).reshape(hs[-1].shape), out, want_y, want_p)
+                f, out = kernels.rule(x, arrays.as_array(v), want_y, want_p)
             flat = torch.from_numpy(out)
             gy = flat[: x.size].view(y.shape) if want_y else None
             gp = None
@@ -267,7 +259,7 @@ class MLP(nn.Module):
                 shapes = [t.shape for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
                 chunks = flat[x.size * want_y :].split([math.prod(s) for s in shapes])
                 gp = [c.view(s) for c, s in zip(chunks, shapes)]
-            return torch.from_numpy(hs[-1]).view(v.shape), gy, gp
+            return torch.from_numpy(f).view(v.shape), gy, gp
         layers = list(self.layers)
         acts = self._acts
         with torch.no_grad():
@@ -299,16 +291,18 @@ ACTIVATION_MODULES: dict[type, str] = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", n
 _CHAINS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[nn.Module, ...], MLP]] = weakref.WeakKeyDictionary()
 
 
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+_FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+_BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
 
-def _global_hooks() -> bool:
+def has_hooks(*modules: nn.Module, backward: bool = False) -> bool:
+    """Whether calling any of ``modules`` would run forward hooks (their own or global ones), or
+    with ``backward`` backward hooks too: what a kernel computing without the module would skip."""
+    kinds = _FORWARD_HOOKS + _BACKWARD_HOOKS if backward else _FORWARD_HOOKS
     glob = torch.nn.modules.module
-    return any(
-        getattr(glob, name, None)
-        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
-    )
+    if any(getattr(glob, "_global" + kind, None) for kind in kinds):
+        return True
+    return any(getattr(m, kind) for m in modules for kind in kinds)
 
 
 def dense_chain(module: nn.Module) -> MLP | None:
@@ -324,7 +318,7 @@ def dense_chain(module: nn.Module) -> MLP | None:
     children = tuple(module._modules.values())
     kept = _CHAINS.get(module)
     if kept is not None and len(kept[0]) == len(children) and all(map(lambda a, b: a is b, kept[0], children)):
-        return None if _hooked(module) or any(map(_hooked, children)) or _global_hooks() else kept[1]
+        return None if has_hooks(module, *children, backward=True) else kept[1]
     layers: list[nn.Linear] = []
     acts: list[str | None] = []
     for child in children:
@@ -337,10 +331,9 @@ def dense_chain(module: nn.Module) -> MLP | None:
             return None
     if not layers or any(a.out_features != b.in_features for a, b in zip(layers, layers[1:])):
         return None
-    if _hooked(module) or any(map(_hooked, children)) or _global_hooks():
+    if has_hooks(module, *children, backward=True):
         return None
     mlp = MLP(layers, "identity")
-    mlp._act_names = [None if a in (None, "identity") else a for a in acts]
-    mlp._acts = [ACTIVATIONS[a] if a is not None else (None, None) for a in mlp._act_names]
+    mlp._set_activations([None if a in (None, "identity") else a for a in acts])
     _CHAINS[module] = (children, mlp)
     return mlp

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -58,13 +57,14 @@ class Problem:
 
     def options(self, **overrides: Any) -> IntegrateOptions:
         """This problem's integration options, some replaced."""
-        opts = IntegrateOptions(
+        fields = dict(
             rtol=self.rtol, atol=self.atol, controller=self.controller, dt0=self.dt0, dtmin=self.dtmin,
             dtmax=self.dtmax, max_steps=self.max_steps, saveat=self.saveat, save_everystep=self.save_everystep,
             save_start=self.save_start, save_end=self.save_end, dense=self.dense, compiled=self.compiled,
             float_time=self.float_time,
         )  # fmt: skip
-        return dataclasses.replace(opts, **overrides) if overrides else opts
+        fields.update(overrides)
+        return IntegrateOptions(**fields)
 
     def integrate(self, y0: torch.Tensor | None = None, t0: float | None = None, t1: float | None = None, **overrides: Any) -> IntegrationResult:
         """Run the integrator on this problem (from ``y0`` over ``[t0, t1]`` where given), with

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .fields import dense_chain
+from .fields import dense_chain, has_hooks
 from .kernels import ArrayField, ArrayKernelSource, ArrayVJP
 
 
@@ -24,15 +24,6 @@ def takes_time(module: nn.Module) -> bool:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
     return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
-    glob = torch.nn.modules.module
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks
-        or getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None)
-    )  # fmt: skip
 
 
 class VectorField(nn.Module):
@@ -74,7 +65,7 @@ class VectorField(nn.Module):
         """The module's evaluation on arrays for one solve; ``None`` also where forward hooks are
         registered, which it would skip."""
         source = self._source()
-        if source is None or has_hooks(self) or has_hooks(self.module):
+        if source is None or has_hooks(self, self.module):
             return None
         return source.array_field(y)
 

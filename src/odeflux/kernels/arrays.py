@@ -62,9 +62,15 @@ def untangled(t: torch.Tensor) -> bool:
     return type(t) in _PLAIN_TYPES and torch.autograd.forward_ad.unpack_dual(t).tangent is None
 
 
+def small_state(y: torch.Tensor) -> bool:
+    """Whether ``y`` is a state the NumPy kernels take: at most ``MAX_STATE_SIZE`` numbers, :func:`readable`."""
+    return 0 < y.numel() <= MAX_STATE_SIZE and readable(y)
+
+
 def state_applies(y: torch.Tensor) -> bool:
-    """Whether ``y`` is a state for the NumPy step: small, outside autograd, :func:`readable`."""
-    return not torch.is_grad_enabled() and 0 < y.numel() <= MAX_STATE_SIZE and readable(y)
+    """Whether ``y`` is a state for the NumPy step: :func:`small_state`, outside autograd (a graph
+    through the step is the discrete adjoint's, and needs torch's ops)."""
+    return not torch.is_grad_enabled() and small_state(y)
 
 
 class _OneBLASThread:

@@ -94,6 +94,7 @@ class Kernels:
         self._ones_cache: dict[tuple[int, np.dtype], np.ndarray] = {}
         self.act_names = list(acts)
         self.acts = [ACTIVATIONS[a or "identity"] for a in acts]
+        self.n_params = sum(w.size + (0 if b is None else b.size) for w, b in self.params)
         self._chain()
 
     def _chain(self) -> None:
@@ -191,6 +192,16 @@ class Kernels:
                 g = np.dot(g, w)
             elif want_y:
                 np.dot(g, w, out=out[:n_y].reshape(g.shape[0], -1))
+
+    def rule(self, x: np.ndarray, v: np.ndarray, want_y: bool, want_p: bool, negate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The forward pass of ``x`` (``(rows, features)``) and, as one new flat array,
+        ``[v^T df/dx (if want_y), v^T df/dp (if want_p)]`` (negated with ``negate``)."""
+        hs = self.forward(x, keep=True)
+        g = v.reshape(hs[-1].shape)
+        out = np.empty(x.size * want_y + self.n_params * want_p, dtype=x.dtype)
+        if want_y or want_p:
+            self.vjp(hs, -g if negate else g, out, want_y, want_p)
+        return hs[-1], out
 
     def stage_plan(self, x: np.ndarray, m: int, negate: bool = False) -> StagePlan:
         """The VJP over ``m`` states stacked in ``x`` (``(m * rows, features)``): see :class:`StagePlan`."""

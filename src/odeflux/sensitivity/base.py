@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -26,6 +26,7 @@ from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, integ
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import ExplicitRK
+from ..vector_field import VectorField
 from .rhs import LambdaRHS
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
 
@@ -169,6 +170,8 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     where a captured tensor lives on, and that is how the two are told apart.
     """
     f = problem.user_f
+    if isinstance(f, VectorField):  # (solve() wraps a module of y afresh per call: remember the module)
+        f = f.module
     try:
         if _CHECKED.get(f) == len(params):
             return
@@ -379,7 +382,7 @@ class AdjointRun:
 
     @property
     def _numpy_sized(self) -> bool:
-        return self.y.numel() <= arrays.MAX_STATE_SIZE and arrays.readable(self.y)
+        return arrays.small_state(self.y)
 
     def recorded(self, y0: torch.Tensor) -> torch.Tensor:
         """The forward's saved states again, recorded in a graph from ``y0`` (for

@@ -36,7 +36,7 @@ def reverse_pass_rule(problem: "Problem") -> ArrayVJP | None:
     applies: a small CPU state, no differentiable dense output, no compiled step, and a rule
     covering exactly the parameters that require grad; otherwise ``None``."""
     y0 = problem.y0
-    if problem.dense or problem.compiled or y0.numel() > arrays.MAX_STATE_SIZE or not arrays.readable(y0):
+    if problem.dense or problem.compiled or not arrays.small_state(y0):
         return None
     params = [p for p in problem.params if p.requires_grad]
     return find_array_vjp(problem, params, y0.detach())

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..kernels import ArrayKernelSource, ArrayVJP
 from ..solution import BackwardStats
 
 if TYPE_CHECKING:
-    from ..kernels import ArrayVJP
     from ..kernels.dense_layers import StagePlan
     from ..problem import Problem
 
@@ -82,8 +82,6 @@ def find_vjp_rule(problem: Problem, params: list[torch.Tensor]) -> Callable[...,
 def find_array_vjp(problem: Problem, params: list[torch.Tensor], y: torch.Tensor) -> ArrayVJP | None:
     """``f``'s VJP rule on NumPy arrays for one solve from states like ``y``
     (:class:`odeflux.kernels.ArrayKernelSource`), where its rule covers exactly ``params``."""
-    from ..kernels import ArrayKernelSource
-
     f = problem.user_f
     if not isinstance(f, ArrayKernelSource) or find_vjp_rule(problem, params) is None:
         return None
