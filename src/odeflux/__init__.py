@@ -2,6 +2,7 @@
 
 from .control import ConstantStepSize, IController, PIController, StepSizeController
 from .fields import MLP
+from .integrator import StepCallbacks
 from .nn import NeuralODE, VectorField
 from .sensitivity import (
     BacksolveAdjoint,
@@ -24,5 +25,5 @@ __all__ = [
     "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
     "Euler", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
-    "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38",
+    "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38", "StepCallbacks",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -18,13 +18,20 @@ import torch
 Parts = tuple[tuple[int, int], ...]
 
 
-def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None) -> torch.Tensor:
+def error_ratio(
+    err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """RMS norm of ``err / (atol + rtol * max(|y0|, |y1|))``, as OrdinaryDiffEq computes it.
 
     With ``parts``, the largest of the blocks' RMS norms (see :data:`Parts`): the adjoints' mixed
     norm over ``(lambda, mu)``, as torchdiffeq's adjoint takes it, or a seminorm that leaves the
-    parameter adjoint out of error control. Returns a 0-d tensor.
+    parameter adjoint out of error control. ``norm`` (a function of the flat scaled error)
+    replaces the RMS norm. Returns a 0-d tensor.
     """
+    if norm is not None:
+        scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+        return norm((err / scale).reshape(-1)).reshape(())
     if parts is not None:
         end = parts[-1][1]
         err, y0, y1 = err.reshape(-1)[:end], y0.reshape(-1)[:end], y1.reshape(-1)[:end]
@@ -134,17 +141,35 @@ DEFAULT_PI = PIController()
 
 @dataclass
 class IController(StepSizeController):
-    """The classic integral controller: ``dt * clamp(safety * err**(-1/p), qmin, qmax)``."""
+    """The classic integral controller: ``dt * clamp(safety * err**(-1/p), qmin, qmax)``.
+
+    ``shrink_accepted=False`` never shrinks the step after an accepted one (torchdiffeq's rule).
+    ``min_step``: proposals never fall below it, and a step at or below it is accepted whatever
+    its error (torchdiffeq's ``min_step``: a floor on the work, not an accuracy guarantee).
+    """
 
     safety: float = 0.9
     qmin: float = 1 / 5
     qmax: float = 10.0
+    shrink_accepted: bool = True
+    min_step: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.qmin <= 1 <= self.qmax):
+            raise ValueError(f"IController needs 0 < qmin <= 1 <= qmax, got qmin={self.qmin}, qmax={self.qmax}")
+        if not (0 < self.safety <= 1):
+            raise ValueError(f"IController needs 0 < safety <= 1, got {self.safety}")
+        if not self.min_step >= 0:
+            raise ValueError(f"IController needs min_step >= 0, got {self.min_step}")
 
     def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+        forced = dt <= self.min_step
         if not math.isfinite(err):
-            return False, dt * self.qmin, state
-        q = self.qmax if err == 0 else min(self.qmax, max(self.qmin, self.safety * err ** (-1 / order)))
-        return err <= 1.0, dt * q, state
+            return forced, max(dt * self.qmin, self.min_step), state
+        accept = err <= 1.0 or forced
+        qmin = 1.0 if accept and not self.shrink_accepted else self.qmin
+        q = self.qmax if err == 0 else min(self.qmax, max(qmin, self.safety * err ** (-1 / order)))
+        return accept, max(dt * q, self.min_step), state
 
 
 @dataclass

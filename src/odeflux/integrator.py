@@ -30,7 +30,31 @@ OnAccept = Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], No
 #: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :class:`IntegrateOptions`).
 FIRST_STEPS = ("hairer", "interval")
 
-__all__ = ["FIRST_STEPS", "IntegrateOptions", "IntegrationResult", "OnAccept", "integrate", "rk_step_with_error"]
+__all__ = [
+    "FIRST_STEPS", "IntegrateOptions", "IntegrationResult", "OnAccept", "StepCallbacks", "integrate", "nudge",
+    "rk_step_with_error",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepCallbacks:
+    """Functions told of each step: ``step(t, y, dt)`` before each attempted step, ``accept``
+    and ``reject`` after it (``t``, ``y`` and ``dt`` the step's start and size). What they
+    return is ignored; they must not modify ``y``."""
+
+    step: Callable[[Any, torch.Tensor, Any], Any] | None = None
+    accept: Callable[[Any, torch.Tensor, Any], Any] | None = None
+    reject: Callable[[Any, torch.Tensor, Any], Any] | None = None
+
+    def __bool__(self) -> bool:
+        return any(c is not None for c in (self.step, self.accept, self.reject))
+
+
+def nudge(t: float, direction: float, dtype: torch.dtype) -> float:
+    """The time next to ``t`` in ``direction``, representable in ``dtype`` (where a field with a
+    discontinuity at ``t`` is evaluated on the side the solve goes on to)."""
+    x = torch.tensor(t, dtype=dtype)
+    return float(torch.nextafter(x, torch.tensor(t + direction, dtype=dtype)))
 
 
 @dataclass(frozen=True)
@@ -45,7 +69,12 @@ class IntegrateOptions:
     leaves entries out); ``compiled`` steps through the compiled step; ``float_time`` hands ``f`` host
     floats for ``t`` instead of 0-d tensors; ``on_accept`` hears of each accepted step;
     ``dense_budget`` (bytes) stops keeping dense output, and drops what was kept, once it would
-    take more than that; ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from
+    take more than that. ``norm`` replaces the error norm: a function of the scaled error
+    ``err / (atol + rtol * max(|y0|, |y1|))`` (flat) returning a 0-d tensor. ``step_times``: the
+    steps land on each of these times; ``jump_times`` besides discard the FSAL derivative there and
+    evaluate ``f`` again just past the time (a discontinuity of ``f``). ``perturb``: ``f`` is
+    evaluated just inside each step (after its start, before its end), never on a step boundary.
+    ``callbacks`` hear of each step attempted, accepted and rejected. ``first_step`` (adaptive steps with no ``dt0``): ``"hairer"`` starts from
     Hairer's estimate (one extra evaluation), ``"interval"`` first tries the whole span (up to
     ``dtmax``) as one step and, if the error estimate rejects it, goes on from the smaller of the
     controller's proposal and Hairer's estimate.
@@ -69,10 +98,17 @@ class IntegrateOptions:
     on_accept: OnAccept | None = field(default=None, compare=False)
     dense_budget: int | None = None
     first_step: str = "hairer"
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
+    step_times: tuple[float, ...] = ()
+    jump_times: tuple[float, ...] = ()
+    perturb: bool = False
+    callbacks: StepCallbacks | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.first_step not in FIRST_STEPS:
             raise ValueError(f"first_step={self.first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
+        if self.norm is not None and self.error_parts is not None:
+            raise ValueError("pass either norm= or error_parts=, not both")
 
 
 @dataclass
@@ -97,7 +133,8 @@ def integrate(
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``."""
     kernel = choose_step_kernel(
         f, y0, solver, rtol=options.rtol, atol=options.atol, parts=options.error_parts,
-        float_time=options.float_time, compiled=options.compiled,
+        float_time=options.float_time, compiled=options.compiled, norm=options.norm, perturb=options.perturb,
+        jumps=bool(options.jump_times),
     )  # fmt: skip
     with kernel.running():
         return _Integration(kernel, y0, t0, t1, solver, options).run()
@@ -206,6 +243,12 @@ class _Integration:
         self.dtmax = span if opts.dtmax is None else min(abs(opts.dtmax), span)
         self.t, self.y = t0, y0
         self.k: torch.Tensor | None = None
+        # The times steps land on before t1, in the direction of integration.
+        d = self.direction
+        inside = {float(s) for s in (*opts.step_times, *opts.jump_times) if d * (s - t0) > self.land_tol and d * (t1 - s) > self.land_tol}
+        self.stops = sorted(inside, key=lambda s: d * s)
+        self.jumps = {float(s) for s in opts.jump_times}
+        self.callbacks = opts.callbacks or None
         self.saver = _Saver(opts, solver, t0, y0, self.direction)
         self.dense = _DenseRecorder(opts.dense, opts.dense_budget)
 
@@ -226,7 +269,8 @@ class _Integration:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> IntegrationResult:
         opts, kernel, stats, direction, t1 = self.opts, self.kernel, self.stats, self.direction, self.t1
-        self.k = kernel.evaluate(self.t0, self.y)
+        callbacks, stops = self.callbacks, self.stops
+        self.k = kernel.evaluate(nudge(self.t0, direction, self.y.dtype) if opts.perturb else self.t0, self.y)
         _check_derivative(self.k, self.y)
         stats.n_f_evals += 1
         speculative = False  # the first step is a try at the whole span (first_step="interval")
@@ -244,6 +288,8 @@ class _Integration:
         ctrl_state = self.controller.init_state()
         order = self.solver.error_order
         last_err = 0.0
+        si = 0  # the next stop
+        grid_t0, grid_n = self.t0, 0  # fixed steps: grid_t0 + n h, restarted at each stop
 
         while direction * (t1 - self.t) > 0:
             if stats.n_steps >= opts.max_steps:
@@ -254,10 +300,17 @@ class _Integration:
                     dt,
                 )
             t, y = self.t, self.y
-            remaining = abs(t1 - t)
-            last = dt >= remaining - self.land_tol
-            h = direction * (remaining if last else dt)
-            y1, K, err = kernel.step(t, y, h, self.k)
+            target = stops[si] if si < len(stops) else t1
+            remaining = abs(target - t)
+            lands = dt >= remaining - self.land_tol  # this step ends on the next stop (or t1)
+            last = lands and si == len(stops)
+            h = direction * (remaining if lands else dt)
+            if callbacks is not None and callbacks.step is not None:
+                callbacks.step(kernel.time(t), y, h)
+            if lands and not last and target in self.jumps:
+                y1, K, err = kernel.step(t, y, h, self.k, inside_end=True)
+            else:
+                y1, K, err = kernel.step(t, y, h, self.k)
             stats.n_steps += 1
             stats.n_f_evals += K.shape[0] - 1
             if self.adaptive:
@@ -278,23 +331,39 @@ class _Integration:
                 accept, dt_new = True, dt
             if accept:
                 # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
-                t_new = t1 if last else (t + h if self.adaptive else self.t0 + (stats.n_accepted + 1) * h)
+                grid_n += 1
+                t_new = target if lands else (t + h if self.adaptive else grid_t0 + grid_n * h)
                 stats.n_accepted += 1
                 self.dense.accepted(t, h, y, K)
+                if callbacks is not None and callbacks.accept is not None:
+                    callbacks.accept(kernel.time(t), y, h)
                 if opts.on_accept is not None:
                     opts.on_accept(t, h, y, y1, K)
                 self.saver.accepted(t, h, y, y1, K, t_new, last)
                 self.t, self.y = t_new, y1
-                if self.solver.fsal:
+                jumped = False
+                if lands and not last:
+                    si += 1
+                    grid_t0, grid_n = t_new, 0
+                    jumped = t_new in self.jumps
+                if self.solver.fsal and not jumped and not opts.perturb:
                     self.k = K[-1]
                 else:
                     self.k = None
                     if direction * (t1 - t_new) > 0:
-                        self.k = kernel.evaluate(t_new, y1)
+                        # Past a jump f is evaluated just after it, on the side the solve goes on to.
+                        t_eval = nudge(t_new, direction, y1.dtype) if jumped or opts.perturb else t_new
+                        self.k = kernel.evaluate(t_eval, y1)
                         stats.n_f_evals += 1
             else:
                 stats.n_rejected += 1
+                if callbacks is not None and callbacks.reject is not None:
+                    callbacks.reject(kernel.time(t), y, h)
             if self.adaptive:
+                if accept and lands and dt_new < dt:
+                    # A step cut short to land on a stop says little about the step size: a sliver
+                    # must not shrink the next step.
+                    dt_new = dt
                 dt = min(dt_new, self.dtmax)
                 if dt < self.dtmin and direction * (t1 - self.t) > 0:
                     if not math.isfinite(last_err):

@@ -68,7 +68,7 @@ class NeuralODE(nn.Module):
         sol = solve(self.field, x, self.tspan, solver=self.solver, sensealg=self.sensealg, **kwargs)
         self.last_stats = sol.stats
         self.last_backward_stats = sol.backward_stats
-        return sol if self.return_solution else sol.ys[-1]
+        return sol if self.return_solution else sol.y_final
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, tspan={self.tspan}, sensealg={self.sensealg!r}"

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
 from .vector_field import VectorField, takes_time
-from .integrator import IntegrateOptions, IntegrationResult, integrate
+from .integrator import IntegrateOptions, IntegrationResult, StepCallbacks, integrate
 from .solution import Solution, times_tensor
 from .solvers import ExplicitRK, Tsit5
 
@@ -54,6 +54,12 @@ class Problem:
     # The module f is (or whose method it is): its parameters, and the tensors it holds now.
     f_params: list[torch.Tensor] | None = field(repr=False, default=None)
     module_state: list = field(repr=False, default_factory=list)
+    # solve()'s norm=, step_times=, jump_times=, perturb= and callbacks= (see IntegrateOptions).
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
+    step_times: tuple[float, ...] = ()
+    jump_times: tuple[float, ...] = ()
+    perturb: bool = False
+    callbacks: StepCallbacks | None = field(repr=False, default=None)
 
     def options(self, **overrides: Any) -> IntegrateOptions:
         """This problem's integration options, some replaced."""
@@ -61,7 +67,8 @@ class Problem:
             rtol=self.rtol, atol=self.atol, controller=self.controller, dt0=self.dt0, dtmin=self.dtmin,
             dtmax=self.dtmax, max_steps=self.max_steps, saveat=self.saveat, save_everystep=self.save_everystep,
             save_start=self.save_start, save_end=self.save_end, dense=self.dense, compiled=self.compiled,
-            float_time=self.float_time,
+            float_time=self.float_time, norm=self.norm, step_times=self.step_times, jump_times=self.jump_times,
+            perturb=self.perturb, callbacks=self.callbacks,
         )  # fmt: skip
         fields.update(overrides)
         return IntegrateOptions(**fields)
@@ -153,7 +160,8 @@ def _as_float(name: str, v: Any) -> float:
 
 def make_problem(
     f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
-    dt0, dtmin, dtmax, max_steps, controller, compile,
+    dt0, dtmin, dtmax, max_steps, controller, compile, *, norm=None, step_times=None, jump_times=None,
+    perturb=False, callbacks=None,
 ) -> tuple[Problem, tuple[torch.Tensor | None, torch.Tensor | None]]:  # fmt: skip
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
@@ -246,6 +254,10 @@ def make_problem(
 
     if isinstance(f, nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
         f = VectorField(f, time_dependent=False)  # a module of y alone, as NeuralODE takes it
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be a function of the scaled error returning a scalar tensor, got {norm!r}")
+    if callbacks is not None and not isinstance(callbacks, StepCallbacks):
+        raise TypeError(f"callbacks must be odeflux.StepCallbacks(step=..., accept=..., reject=...), got {callbacks!r}")
     f_params, module_state = module_tensors(f)
     problem = Problem(
         f=bind_args(f, args), y0=y0.contiguous(), t0=t0, t1=t1, solver=solver, controller=controller,
@@ -255,5 +267,25 @@ def make_problem(
         dense=bool(dense), params=collect_params(f_params or [], args, params), user_f=f, args=args,
         f_params=f_params, module_state=module_state,
         compiled=bool(compile), float_time=bool(getattr(f, "ignores_time", False)),
+        norm=norm, step_times=_times("step_times", step_times), jump_times=_times("jump_times", jump_times),
+        perturb=bool(perturb), callbacks=callbacks,
     )  # fmt: skip
     return problem, t_tensors  # type: ignore[return-value]
+
+
+def _times(name: str, times: Any) -> tuple[float, ...]:
+    """``step_times``/``jump_times`` as host floats (those outside the span are never reached)."""
+    if times is None:
+        return ()
+    if isinstance(times, torch.Tensor):
+        if times.ndim > 1:
+            raise ValueError(f"{name} must be a 1-d sequence of times, got shape {tuple(times.shape)}")
+        out = [float(v) for v in times.detach().reshape(-1).tolist()]
+    else:
+        try:
+            out = [_as_float(f"{name}[i]", v) for v in times]
+        except TypeError:
+            raise TypeError(f"{name} must be a sequence of times, got {times!r}") from None
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return tuple(out)

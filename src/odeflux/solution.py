@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import enum
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -251,16 +251,20 @@ class Solution:
     t_final: float | None = None
     # Set by the continuous adjoints: a differentiable sol(t) (the adjoint runs from the queried times).
     dense_fn: Callable[[list[float]], torch.Tensor] | None = field(default=None, repr=False)
+    # The state's structure when it is a tuple/list/dict of tensors (odeflux.tree.TreeSpec); ys holds it.
+    tree: Any = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:
         return self.status == Status.SUCCESS
 
     @property
-    def y_final(self) -> torch.Tensor:
-        """The last saved state."""
-        if self.ys.shape[0] == 0:
+    def y_final(self) -> Any:
+        """The last saved state (in the state's structure)."""
+        if len(self.ts) == 0:
             raise ValueError("this solution saved no state: set save_end=True or pass saveat")
+        if self.tree is not None:
+            return _index(self.ys, -1)
         return self.ys[-1]
 
     def __call__(self, t: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -282,4 +286,16 @@ class Solution:
             out = self.dense_fn(times)
         else:
             out = self.dense.evaluate(times)
+        if self.tree is not None:
+            out = self.tree.unflatten(out, batch=(out.shape[0],))
+            return _index(out, 0) if scalar else out
         return out[0] if scalar else out
+
+
+def _index(tree: Any, i: int) -> Any:
+    """Entry ``i`` of each tensor in a structure of stacked tensors."""
+    if isinstance(tree, torch.Tensor):
+        return tree[i]
+    if isinstance(tree, dict):
+        return {k: _index(v, i) for k, v in tree.items()}
+    return type(tree)(_index(v, i) for v in tree)

@@ -7,7 +7,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .control import StepSizeController
+from .integrator import StepCallbacks
 from .problem import make_problem, solution_from_result
+from .tree import TreeField, flatten, is_tree, tree_norm
+from .vector_field import VectorField, takes_time
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status
 from .solvers import ExplicitRK
@@ -16,8 +19,8 @@ _DIRECT = DirectAdjoint()  # solve()'s default method
 
 
 def solve(
-    f: Callable[..., torch.Tensor],
-    y0: torch.Tensor,
+    f: Callable[..., Any],
+    y0: Any,
     t_span: Sequence[float] | torch.Tensor,
     *,
     solver: ExplicitRK | None = None,
@@ -38,11 +41,18 @@ def solve(
     sensealg: SensitivityAlgorithm | None = None,
     throw: bool = True,
     compile: bool = False,
+    norm: Callable[[Any], torch.Tensor] | None = None,
+    step_times: Sequence[float] | torch.Tensor | None = None,
+    jump_times: Sequence[float] | torch.Tensor | None = None,
+    perturb: bool = False,
+    callbacks: StepCallbacks | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y)`` (or ``f(t, y, args)`` when ``args`` is given) over ``t_span``.
 
     ``y0`` is a float32 or float64 tensor of any shape on any device; a batch is one state.
-    ``t_span = (t0, t1)`` may run backwards. Saving: by default the start and end states;
+    It may also be a tuple, list or dict of tensors (nested; one dtype and device): ``f`` then
+    takes and returns that structure, and ``sol.ys`` holds it, each tensor stacked over the saved
+    times. ``t_span = (t0, t1)`` may run backwards. Saving: by default the start and end states;
     ``save_everystep`` adds each accepted step, ``saveat`` replaces them with given times.
     ``dense`` keeps the interpolant for ``sol(t)`` (default: when ``save_everystep`` is on).
 
@@ -53,20 +63,41 @@ def solve(
     ``nn.Module``, the tensors inside ``args``, and ``params``. Gradients with respect to tensor
     ``t_span`` ends are given by every method.
 
+    A tensor ``saveat`` that requires grad gives gradients with respect to the saved times.
+
+    Control of the steps: ``norm`` replaces the RMS error norm (a function of the scaled error
+    ``err / (atol + rtol max(|y0|, |y1|))`` in the state's structure, returning a scalar tensor);
+    the steps land on each of ``step_times``, and on each of ``jump_times``, where ``f`` may jump
+    (its value carried over from the last stage is discarded, and it is evaluated again just
+    past the time); ``perturb=True`` evaluates ``f`` just inside each step, never on a step's
+    ends (fixed-step solves of an ``f`` that jumps on the grid); ``callbacks`` hear of each step
+    attempted, accepted and rejected (:class:`StepCallbacks`).
+
     With ``throw=True`` (default) a solve that does not reach ``t1`` raises ``SolveError``;
     otherwise check ``sol.status``. ``compile=True`` runs the per-step work through
     ``torch.compile(fullgraph=True)``.
     """
+    if is_tree(y0):
+        return _solve_tree(
+            f, y0, t_span, norm, args,
+            dict(solver=solver, params=params, rtol=rtol, atol=atol, saveat=saveat, save_everystep=save_everystep,
+                 save_start=save_start, save_end=save_end, dense=dense, dt0=dt0, dtmin=dtmin, dtmax=dtmax,
+                 max_steps=max_steps, controller=controller, sensealg=sensealg, throw=throw, compile=compile,
+                 step_times=step_times, jump_times=jump_times, perturb=perturb, callbacks=callbacks),
+        )  # fmt: skip
     problem, t_tensors = make_problem(
         f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
-        dt0, dtmin, dtmax, max_steps, controller, compile,
+        dt0, dtmin, dtmax, max_steps, controller, compile, norm=norm, step_times=step_times, jump_times=jump_times,
+        perturb=perturb, callbacks=callbacks,
     )  # fmt: skip
     if sensealg is not None and not isinstance(sensealg, SensitivityAlgorithm):
         raise TypeError(
             f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), got {sensealg!r}"
         )
+    save_grad = isinstance(saveat, torch.Tensor) and saveat.requires_grad and torch.is_grad_enabled()
     needs_grad = torch.is_grad_enabled() and (
         problem.y0.requires_grad or any(p.requires_grad for p in problem.params) or any(t is not None for t in t_tensors)
+        or save_grad
     )
     t0_tensor, t1_tensor = t_tensors
     y0_given = problem.y0
@@ -81,17 +112,50 @@ def solve(
     else:
         sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
     if problem.y0 is not y0_given and len(sol.ts) and float(sol.ts[0]) == problem.t0:
-        sol.ys = torch.cat([y0_given.unsqueeze(0), sol.ys[1:]])  # y(t0) = y0 whatever t0 is
-    if needs_grad and t1_tensor is not None and sol.status == Status.SUCCESS and len(sol.ts) and float(sol.ts[-1]) == problem.t1:
-        # dL/dt1 = <dL/dy(t1), f(t1, y(t1))> for the state saved at t1.
+        # The state saved at t0: y0 itself where the start is saved (it moves with t0); at a
+        # saveat time that equals t0, the state there, which moving t0 shifts.
+        first = y0_given if problem.saveat is None else problem.y0
+        sol.ys = torch.cat([first.unsqueeze(0), sol.ys[1:]])
+    if (
+        needs_grad and t1_tensor is not None and problem.saveat is None and sol.status == Status.SUCCESS
+        and len(sol.ts) and float(sol.ts[-1]) == problem.t1
+    ):  # fmt: skip
+        # dL/dt1 = <dL/dy(t1), f(t1, y(t1))> for the state saved at t1 (saveat times stay put).
         with torch.no_grad():
             f1 = problem.f(torch.full((), problem.t1, dtype=problem.y0.dtype, device=problem.y0.device), sol.ys[-1])
         shift = (t1_tensor - t1_tensor.detach()).to(problem.y0.dtype)
         last = sol.ys[-1] + shift * f1
         sol.ys = torch.cat([sol.ys[:-1], last.unsqueeze(0)])
+    if save_grad and len(sol.ts):
+        sol.ys = _saved_time_grads(problem, saveat, sol)
     if sol.status == Status.NONFINITE and not bool(torch.isfinite(y0.detach()).all()):
         # Checked only on failure: up front it would cost a host synchronisation every solve.
         raise ValueError("y0 contains NaN or Inf: the initial state must be finite")
     if throw and sol.status != Status.SUCCESS:
         raise SolveError(f"solve failed ({sol.status.name}): {sol.message}", sol.status, sol)
+    return sol
+
+
+def _saved_time_grads(problem, saveat: torch.Tensor, sol: Solution) -> torch.Tensor:
+    """The saved states with ``dy(s_i)/ds_i = f(s_i, y(s_i))`` attached to the saveat times."""
+    n = sol.ys.shape[0]
+    times = saveat.reshape(-1)[:n]
+    with torch.no_grad():
+        fs = torch.stack([problem.f(torch.full((), float(t), dtype=sol.ys.dtype, device=sol.ys.device), y) for t, y in zip(sol.ts.tolist(), sol.ys)])
+    shift = (times - times.detach()).to(sol.ys.dtype).reshape((n,) + (1,) * (sol.ys.ndim - 1))
+    return sol.ys + shift * fs
+
+
+def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict) -> Solution:
+    """:func:`solve` of a structured state: one flat state underneath (see :mod:`odeflux.tree`)."""
+    flat, spec = flatten(y0)
+    if isinstance(f, torch.nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
+        f = VectorField(f, time_dependent=False)
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
+    if norm is not None and not callable(norm):
+        raise TypeError(f"norm must be a function of the scaled error returning a scalar tensor, got {norm!r}")
+    sol = solve(TreeField(f, spec), flat, t_span, args=args, norm=None if norm is None else tree_norm(norm, spec), **kwargs)
+    sol.tree = spec
+    sol.ys = spec.unflatten(sol.ys, batch=(sol.ys.shape[0],))
     return sol

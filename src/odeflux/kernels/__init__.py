@@ -28,7 +28,7 @@ compares it with :class:`TorchStepKernel` step by step (``tests/test_kernels.py`
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -53,11 +53,15 @@ class StepKernel(Protocol):
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """``f(t, y)``."""
 
-    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def time(self, t: float) -> Any:
+        """``t`` as ``f`` receives it (a 0-d tensor, or a host float)."""
+
+    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One step of size ``h`` from ``(t, y)`` with ``k = f(t, y)``: the new state, the stages
         ``(stages, *shape)`` and the scaled error norm (a 0-d tensor or a float; ``None`` for
         fixed-step methods). An adaptive solve reads the norm back to the host: the one
-        synchronisation per step; a fixed-step one never does."""
+        synchronisation per step; a fixed-step one never does. ``inside_end``: stages on the
+        step's end are evaluated just before it (the step ends on a jump of ``f``)."""
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> HairerNorms:
         """The scaled norms Hairer's initial step needs at ``(t, y)`` with ``k = f(t, y)``."""
@@ -135,15 +139,17 @@ class StepPlanner(abc.ABC):
 
 def choose_step_kernel(
     f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, parts: Parts | None,
-    float_time: bool, compiled: bool,
+    float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    perturb: bool = False, jumps: bool = False,
 ) -> StepKernel:  # fmt: skip
-    """The kernel for one solve of ``f`` from ``y0`` (see the module docstring)."""
-    if not compiled and arrays.state_applies(y0):
+    """The kernel for one solve of ``f`` from ``y0`` (see the module docstring). A user's
+    ``norm``, ``perturb`` and steps ending on jumps of ``f`` run on torch's ops."""
+    if not compiled and norm is None and not perturb and not jumps and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) else None
         if array_f is not None or planner is not None:
             return NumpyStepKernel(f, solver, y0, rtol, atol, parts, float_time, array_f, planner)
-    return TorchStepKernel(f, solver, y0, rtol, atol, parts, float_time, compiled)
+    return TorchStepKernel(f, solver, y0, rtol, atol, parts, float_time, compiled, norm, perturb)
 
 
 from .numpy_step import NumpyStepKernel  # noqa: E402 (they build on the interfaces above)

@@ -15,7 +15,7 @@ VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 def rk_step_with_error(
     solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
-    rtol: float, atol: float, parts: Parts | None,
+    rtol: float, atol: float, parts: Parts | None, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """One Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
 
@@ -26,9 +26,9 @@ def rk_step_with_error(
         return y1, K, None
     if torch.is_grad_enabled():
         with torch.no_grad():
-            e = error_ratio(err, y, y1, rtol, atol, parts)
+            e = error_ratio(err, y, y1, rtol, atol, parts, norm)
     else:
-        e = error_ratio(err, y, y1, rtol, atol, parts)
+        e = error_ratio(err, y, y1, rtol, atol, parts, norm)
     return y1, K, e
 
 
@@ -51,27 +51,39 @@ class TorchNorms:
         self.end = None if self.parts is None else self.parts[-1][1]
         yf, ff = self.y0.reshape(-1)[: self.end], self.f0.reshape(-1)[: self.end]
         self.scale = yf.abs().mul(kernel.rtol).add_(kernel.atol)
-        self.d0, self.d1 = part_rms([yf / self.scale, ff / self.scale], self.parts)
+        self.d0, self.d1 = self._norms([yf / self.scale, ff / self.scale])
+
+    def _norms(self, xs: list[torch.Tensor]) -> list[float]:
+        norm = self.kernel.norm
+        if norm is None:
+            return part_rms(xs, self.parts)
+        return torch.stack([norm(x).reshape(()) for x in xs]).tolist()
 
     def change(self, t: float, h: float) -> float:
         f1 = self.kernel.evaluate(t, torch.add(self.y0, self.f0, alpha=h))
         df = (f1 - self.f0).reshape(-1)[: self.end]
-        return part_rms([df / self.scale], self.parts)[0]
+        return self._norms([df / self.scale])[0]
 
 
 class TorchStepKernel:
-    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``)."""
+    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``).
+
+    ``norm`` replaces the RMS error norm (of the flat scaled error); with ``perturb`` the stages
+    that fall on a step's end are evaluated just before it (the integrator evaluates the start
+    just after it)."""
 
     arrays = False
 
     def __init__(
         self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
-        float_time: bool, compiled: bool,
+        float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        perturb: bool = False,
     ):  # fmt: skip
         self.f, self.solver, self.rtol, self.atol, self.parts = f, solver, rtol, atol, parts
         self.dtype, self.device = y0.dtype, y0.device
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
+        self.norm, self.perturb = norm, perturb
         self._step = compiled_step() if compiled else rk_step_with_error
 
     def running(self) -> contextlib.nullcontext:
@@ -83,8 +95,24 @@ class TorchStepKernel:
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
         return self.f(self.time(t), y)
 
-    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self._step(self.solver, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts)
+    def step(
+        self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        f = self._before_end(t + h, -1.0 if h > 0 else 1.0) if self.perturb or inside_end else self.f
+        return self._step(self.solver, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
+
+    def _before_end(self, end: float, back: float) -> VectorField:
+        """``f`` with a stage on the step's end moved just inside the step (``perturb``)."""
+        from ..integrator import nudge
+
+        inside = self.time(nudge(end, back, self.dtype))
+        close = 4 * torch.finfo(self.dtype).eps * max(1.0, abs(end))
+        f = self.f
+
+        def f_inside(t: Any, y: torch.Tensor) -> torch.Tensor:
+            return f(inside if abs(float(t) - end) <= close else t, y)
+
+        return f_inside
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from ..control import DEFAULT_PI, ConstantStepSize, Parts
-from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, integrate
+from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import ExplicitRK
+from ..tree import TreeField
 from ..vector_field import VectorField
 from .rhs import LambdaRHS
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
@@ -65,6 +66,8 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     SciMLSensitivity's adjoint solves do (the MNIST tutorial's, kept for its reproduction), in
     which a small block's error is diluted by the others' sizes (measured: a one-parameter field
     on a 262,144-entry state got half its gradient, -0.020 for -0.040).
+    ``callbacks`` (:class:`~odeflux.StepCallbacks`) hear of the adjoint solve's steps. The
+    adjoint solve lands on the forward's ``step_times`` and ``jump_times`` too.
     ``seminorm=True`` leaves the parameter adjoint out of the adjoint's error control
     (Kidger, Chen and Lyons, 2021): fewer backward steps, same accuracy in practice.
 
@@ -94,6 +97,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     store_limit: int | None = None
     first_step: str = "interval"
     norm: str = "mixed"
+    callbacks: StepCallbacks | None = None
 
     # Whether the backward pass reads y(t) from the forward's interpolant (all but backsolve).
     uses_forward_interpolant = True
@@ -170,16 +174,19 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     where a captured tensor lives on, and that is how the two are told apart.
     """
     f = problem.user_f
-    if isinstance(f, VectorField):  # (solve() wraps a module of y afresh per call: remember the module)
-        f = f.module
+    # solve() wraps a module of y, or of a structured state, afresh per call: remember what it wraps.
+    while isinstance(f, (VectorField, TreeField)):
+        f = f.module if isinstance(f, VectorField) else f.inner
     try:
         if _CHECKED.get(f) == len(params):
             return
     except TypeError:
         f = None
     y = problem.y0.detach()
+    # perturb: f is never evaluated on a step's ends, so neither is it here.
+    t0 = nudge(problem.t0, 1.0 if problem.t1 > problem.t0 else -1.0, y.dtype) if problem.perturb else problem.t0
     with torch.enable_grad(), _buffers_kept(problem.module_state):
-        out = problem.f(torch.full((), problem.t0, dtype=y.dtype, device=y.device), y)
+        out = problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y)
     outside = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
     del out  # frees the evaluation's graph, and with it the leaves f made during the call
     for ref, shape in outside:
@@ -276,10 +283,12 @@ class AdjointRun:
         # A fixed-step method steps the adjoint back with the forward's step size (as the forward's
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
         controller, dt0 = (DEFAULT_PI, None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
+        p = self.problem
         opts = IntegrateOptions(
             rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0, max_steps=self.max_steps,
             save_start=False, save_end=True, error_parts=self.error_parts(blocks),
-            float_time=True, first_step=self.method.first_step, **kw,
+            float_time=True, first_step=self.method.first_step, step_times=p.step_times, jump_times=p.jump_times,
+            perturb=p.perturb, callbacks=self.method.callbacks, **kw,
         )  # fmt: skip
         res = integrate(g, z, t_hi, t_lo, self.solver, opts)
         # Adjoint right-hand-side evaluations are counted as VJPs by the backend, not as f evaluations.

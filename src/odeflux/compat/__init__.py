@@ -1,0 +1,1 @@
+"""Other libraries' APIs on odeflux: ``odeflux.compat.torchdiffeq``."""
