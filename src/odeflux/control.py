@@ -26,12 +26,12 @@ def error_ratio(
 
     With ``parts``, the largest of the blocks' RMS norms (see :data:`Parts`): the adjoints' mixed
     norm over ``(lambda, mu)``, as torchdiffeq's adjoint takes it, or a seminorm that leaves the
-    parameter adjoint out of error control. ``norm`` (a function of the flat scaled error)
-    replaces the RMS norm. Returns a 0-d tensor.
+    parameter adjoint out of error control. ``norm`` (a function of the scaled error, in the
+    state's shape) replaces the RMS norm. Returns a 0-d tensor.
     """
     if norm is not None:
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-        return norm((err / scale).reshape(-1)).reshape(())
+        return norm(err / scale).reshape(())
     if parts is not None:
         end = parts[-1][1]
         err, y0, y1 = err.reshape(-1)[:end], y0.reshape(-1)[:end], y1.reshape(-1)[:end]

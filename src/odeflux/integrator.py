@@ -70,7 +70,7 @@ class IntegrateOptions:
     floats for ``t`` instead of 0-d tensors; ``on_accept`` hears of each accepted step;
     ``dense_budget`` (bytes) stops keeping dense output, and drops what was kept, once it would
     take more than that. ``norm`` replaces the error norm: a function of the scaled error
-    ``err / (atol + rtol * max(|y0|, |y1|))`` (flat) returning a 0-d tensor. ``step_times``: the
+    ``err / (atol + rtol * max(|y0|, |y1|))`` (in the state's shape) returning a 0-d tensor. ``step_times``: the
     steps land on each of these times; ``jump_times`` besides discard the FSAL derivative there and
     evaluate ``f`` again just past the time (a discontinuity of ``f``). ``perturb``: ``f`` is
     evaluated just inside each step (after its start, before its end), never on a step boundary.

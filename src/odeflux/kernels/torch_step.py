@@ -57,7 +57,7 @@ class TorchNorms:
         norm = self.kernel.norm
         if norm is None:
             return part_rms(xs, self.parts)
-        return torch.stack([norm(x).reshape(()) for x in xs]).tolist()
+        return torch.stack([norm(x.reshape(self.y0.shape)).reshape(()) for x in xs]).tolist()
 
     def change(self, t: float, h: float) -> float:
         f1 = self.kernel.evaluate(t, torch.add(self.y0, self.f0, alpha=h))
@@ -68,7 +68,7 @@ class TorchNorms:
 class TorchStepKernel:
     """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``).
 
-    ``norm`` replaces the RMS error norm (of the flat scaled error); with ``perturb`` the stages
+    ``norm`` replaces the RMS error norm (of the scaled error); with ``perturb`` the stages
     that fall on a step's end are evaluated just before it (the integrator evaluates the start
     just after it)."""
 
