@@ -77,24 +77,23 @@ def odeint_adjoint(
         adjoint_options = {k: v for k, v in options.items() if k != "norm"}
     adjoint_options = dict(adjoint_options)
     adj_method = adjoint_method if adjoint_method is not None else (method or "dopri5")
-    seminorm = False
-    norm = adjoint_options.pop("norm", None)
-    if norm == "seminorm":
-        seminorm = True
-    elif norm is not None:
-        warnings.warn(
-            "odeint_adjoint: a callable adjoint norm is not supported by odeflux; the adjoint uses its mixed norm "
-            "(the largest RMS norm over the state, its adjoint and the parameters' adjoint) instead"
-        )
+    params = list(func.parameters()) if adjoint_params is None else list(adjoint_params)
+    norm = _AdjointNorm(y0, params, adjoint_options.pop("norm", None))
     adj_solver = _solver(adj_method, adjoint_options)
     sensealg = BacksolveAdjoint(
         rtol=adjoint_rtol if adjoint_rtol is not None else rtol,
         atol=adjoint_atol if adjoint_atol is not None else atol,
-        solver=adj_solver, seminorm=seminorm, max_steps=adjoint_options.get("max_num_steps", _MAX_STEPS),
+        solver=adj_solver, norm=norm, max_steps=adjoint_options.get("max_num_steps", _MAX_STEPS),
         callbacks=_callbacks(func, "_adjoint", adj_method),
     )  # fmt: skip
-    params = None if adjoint_params is None else list(adjoint_params)
-    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, params)
+    ys = _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, None if adjoint_params is None else params)
+    # As torchdiffeq, the backward node holds the adjoint's options (its norm may be replaced
+    # until backward runs).
+    for out in ys if isinstance(ys, tuple) else (ys,):
+        node = _adjoint_node(out)
+        if node is not None:
+            node.adjoint_options = norm.options
+    return ys
 
 
 def odeint_event(
@@ -120,6 +119,82 @@ def odeint_dense(
     kwargs.pop("saveat")
     sol = solve(func, y0, (float(t[0]), float(t[1])), dense=True, **kwargs)
     return lambda t_eval: sol(torch.as_tensor(t_eval))
+
+
+# -- the adjoint's norm, in torchdiffeq's layout -----------------------------------------------
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().reshape(()) if x.numel() == 1 else x.pow(2).mean().sqrt()
+
+
+class _AdjointNorm:
+    """odeflux's adjoint norm (a function of the blocks ``y, lambda, mu``) calling a norm of
+    torchdiffeq's tuple ``(t, y, adj_y, *adj_params)``, looked up in ``options["norm"]`` at each
+    call. The default is torchdiffeq's: the largest RMS norm over each tensor of the state and of
+    its adjoint and over each parameter's adjoint (``"seminorm"``: the parameters left out); a
+    user's norm of a tuple state gets each tensor separately."""
+
+    def __init__(self, y0: Any, params: list[torch.Tensor], norm: Any):
+        self.leaves = [y.shape for y in y0] if is_tree(y0) else None
+        self.shape = None if self.leaves is not None else y0.shape
+        self.param_shapes = [p.shape for p in params]
+        seminorm = norm == "seminorm"
+        if norm is None or seminorm:
+            norm = self._default(seminorm)
+        elif not callable(norm):
+            raise ValueError(f"adjoint_options['norm'] must be a function or 'seminorm', got {norm!r}")
+        elif self.leaves is not None:
+            norm = self._unflattening(norm)
+        self.options: dict[str, Any] = {"norm": norm}
+
+    def _split_state(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        sizes = [math.prod(s) for s in self.leaves]
+        return [x.reshape(s) for x, s in zip(flat.split(sizes), self.leaves)]
+
+    def _default(self, seminorm: bool) -> Callable[[tuple], torch.Tensor]:
+        n_params = len(self.param_shapes)
+
+        def norm(tensors: tuple) -> torch.Tensor:
+            t, y, adj_y, *adj_p = tensors
+            parts = [y, adj_y] if self.leaves is None else [*self._split_state(y), *self._split_state(adj_y)]
+            if not seminorm:
+                parts += adj_p[:n_params]
+            return torch.stack([t.abs(), *(_rms(x) for x in parts if x.numel())]).max()
+
+        return norm
+
+    def _unflattening(self, user: Callable[[tuple], torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
+        def norm(tensors: tuple) -> torch.Tensor:
+            t, y, adj_y, *adj_p = tensors
+            return user((t, *self._split_state(y), *self._split_state(adj_y), *adj_p))
+
+        return norm
+
+    def __call__(self, blocks: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        y, lam, *rest = blocks
+        mu = rest[0] if rest else y.new_zeros(0)
+        if self.shape is not None:
+            y, lam = y.reshape(self.shape), lam.reshape(self.shape)
+        sizes = [math.prod(s) for s in self.param_shapes]
+        if sum(sizes) == mu.numel():
+            adj_p = [m.reshape(s) for m, s in zip(mu.split(sizes), self.param_shapes)]
+        else:  # (f's own parameters besides adjoint_params: one block)
+            adj_p = [mu]
+        return self.options["norm"]((y.new_zeros(()), y, lam, *adj_p))
+
+
+def _adjoint_node(out: torch.Tensor) -> Any:
+    """The adjoint's backward node behind ``out`` (a few view/slice nodes down), if any."""
+    node = out.grad_fn
+    for _ in range(3):
+        if node is None:
+            return None
+        if type(node).__name__.startswith("_AdjointFunction"):
+            return node
+        nexts = [n for n, _ in node.next_functions if n is not None]
+        node = nexts[0] if len(nexts) == 1 else None
+    return None
 
 
 # -- the translation -------------------------------------------------------------------------

@@ -66,7 +66,9 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     SciMLSensitivity's adjoint solves do (the MNIST tutorial's, kept for its reproduction), in
     which a small block's error is diluted by the others' sizes (measured: a one-parameter field
     on a 262,144-entry state got half its gradient, -0.020 for -0.040).
-    ``callbacks`` (:class:`~odeflux.StepCallbacks`) hear of the adjoint solve's steps. The
+    ``norm`` may also be a function of the adjoint state's blocks (a tuple of flat scaled errors:
+    ``y`` for backsolve, ``lambda``, ``mu``) returning a scalar tensor; ``seminorm`` then leaves
+    ``mu`` to it. ``callbacks`` (:class:`~odeflux.StepCallbacks`) hear of the adjoint solve's steps. The
     adjoint solve lands on the forward's ``step_times`` and ``jump_times`` too.
     ``seminorm=True`` leaves the parameter adjoint out of the adjoint's error control
     (Kidger, Chen and Lyons, 2021): fewer backward steps, same accuracy in practice.
@@ -96,7 +98,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     max_steps: int | None = None
     store_limit: int | None = None
     first_step: str = "interval"
-    norm: str = "mixed"
+    norm: str | Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = "mixed"
     callbacks: StepCallbacks | None = None
 
     # Whether the backward pass reads y(t) from the forward's interpolant (all but backsolve).
@@ -109,7 +111,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{type(self).__name__}: {name} must be positive and finite, got {v}")
-        if self.norm not in ADJOINT_NORMS:
+        if not callable(self.norm) and self.norm not in ADJOINT_NORMS:
             raise ValueError(f"{type(self).__name__}: norm={self.norm!r} is not one of {', '.join(ADJOINT_NORMS)}")
         if self.first_step not in FIRST_STEPS:
             raise ValueError(
@@ -286,7 +288,7 @@ class AdjointRun:
         p = self.problem
         opts = IntegrateOptions(
             rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0, max_steps=self.max_steps,
-            save_start=False, save_end=True, error_parts=self.error_parts(blocks),
+            save_start=False, save_end=True, error_parts=self.error_parts(blocks), norm=self.block_norm(blocks),
             float_time=True, first_step=self.method.first_step, step_times=p.step_times, jump_times=p.jump_times,
             perturb=p.perturb, callbacks=self.method.callbacks, **kw,
         )  # fmt: skip
@@ -301,9 +303,19 @@ class AdjointRun:
             )
         return res
 
+    def block_norm(self, blocks: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A user's adjoint norm (a function of the blocks) as a norm of the flat adjoint state."""
+        norm = self.method.norm
+        if not callable(norm):
+            return None
+        sizes = list(blocks)
+        return lambda z: norm(tuple(z.reshape(-1).split(sizes)))
+
     def error_parts(self, blocks: tuple[int, ...]) -> Parts | None:
         """The adjoint solve's error norm over ``blocks`` (see :meth:`adjoint_integrate`)."""
         m = self.method
+        if callable(m.norm):
+            return None
         kept = blocks[:-1] if m.seminorm and len(blocks) > 1 else blocks  # seminorm: mu left out
         if m.norm == "rms":
             return None if kept == blocks else ((0, sum(kept)),)
