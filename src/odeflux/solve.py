@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .control import StepSizeController
+from .events import Event, EventFunction, as_events, solve_with_events
 from .problem import make_problem, solution_from_result
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status
@@ -38,6 +40,7 @@ def solve(
     sensealg: SensitivityAlgorithm | None = None,
     throw: bool = True,
     compile: bool = False,
+    event: Event | EventFunction | Sequence[Event | EventFunction] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y)`` (or ``f(t, y, args)`` when ``args`` is given) over ``t_span``.
 
@@ -56,11 +59,28 @@ def solve(
     With ``throw=True`` (default) a solve that does not reach ``t1`` raises ``SolveError``;
     otherwise check ``sol.status``. ``compile=True`` runs the per-step work through
     ``torch.compile(fullgraph=True)``.
+
+    Events: ``event`` is an :class:`odeflux.Event`, a bare ``g(t, y)`` (a terminal event in both
+    directions) or a sequence of events; see :mod:`odeflux.events` for how they are located and
+    differentiated. A terminal event ends the solve there: ``sol.event_t`` and ``sol.event_y``
+    hold its time (a 0-d tensor) and state, ``sol.t_final`` its time, saved times past it are
+    dropped (``saveat`` is truncated; ``save_end`` saves the event state) and the status is
+    ``SUCCESS``. With a terminal event ``t_span`` may end at ``inf`` (or ``-inf``): the solve runs
+    until the event fires, or fails with ``MAX_STEPS``. Every occurrence, terminal or not, is in
+    ``sol.events`` as ``EventRecord(t, y, index)`` (``y`` before any jump). A non-terminal event
+    with a ``jump`` restarts the solve from ``jump(t, y)``; the saved states of the segments are
+    stitched in order (``save_everystep`` saves both the state before and after a jump, at the
+    same time). Event times and states are differentiable under every ``sensealg``.
     """
+    events = as_events(event)
     problem, t_tensors = make_problem(
         f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
-        dt0, dtmin, dtmax, max_steps, controller, compile,
+        dt0, dtmin, dtmax, max_steps, controller, compile, open_end=bool(events),
     )  # fmt: skip
+    if math.isinf(problem.t1) and not any(e.terminal for e in events):
+        raise ValueError(
+            f"t_span ends at {problem.t1}: an infinite end needs a terminal event to stop the solve (event=Event(g))"
+        )
     if sensealg is not None and not isinstance(sensealg, SensitivityAlgorithm):
         raise TypeError(
             f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), got {sensealg!r}"
@@ -76,7 +96,9 @@ def solve(
             f0 = problem.f(torch.full((), problem.t0, dtype=problem.y0.dtype, device=problem.y0.device), problem.y0)
         shift = (t0_tensor - t0_tensor.detach()).to(problem.y0.dtype)
         problem.y0 = problem.y0 - shift * f0
-    if not needs_grad:
+    if events:
+        sol = solve_with_events(problem, events, sensealg)
+    elif not needs_grad:
         sol = solution_from_result(problem.integrate(), problem)
     else:
         sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
