@@ -334,3 +334,19 @@ def test_no_event_firing_leaves_the_solution_as_without_events():
     sol = odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, saveat=[0.0, 0.5, 1.0], event=lambda t, y: y[0] + 1)
     torch.testing.assert_close(sol.ys, ref.ys, rtol=0, atol=0)
     assert sol.events == [] and sol.event_t is None and sol.stats == ref.stats
+
+
+@pytest.mark.parametrize("sensealg", [ADJOINTS[0], ADJOINTS[2]])
+def test_gradients_with_respect_to_t0_and_a_time_dependent_g(sensealg):
+    # The event time moves with t0 one for one.
+    t0 = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    t_span = torch.stack([t0, torch.tensor(5.0, dtype=F64)])
+    sol = odeflux.solve(decay, torch.tensor([1.0], dtype=F64), t_span, args=1.0, event=lambda t, y: y[0] - 0.5, sensealg=sensealg, **TIGHT)
+    assert sol.event_t.item() == pytest.approx(0.3 + math.log(2), abs=1e-9)
+    assert torch.autograd.grad(sol.event_t, t0)[0].item() == pytest.approx(1.0, abs=1e-9)
+    # y' = 1 from y0: g = t^2 / 2 - y - 1 vanishes at t* = 1 + sqrt(3 + 2 y0); dt*/dy0 = 1 / sqrt(3) at y0 = 0.
+    y0 = torch.tensor([0.0], dtype=F64, requires_grad=True)
+    g = lambda t, y: 0.5 * t**2 - y[0] - 1.0  # noqa: E731
+    sol = odeflux.solve(lambda t, y: torch.ones_like(y), y0, (0.0, 5.0), event=g, sensealg=sensealg, **TIGHT)
+    assert sol.event_t.item() == pytest.approx(1 + math.sqrt(3), abs=1e-9)
+    assert torch.autograd.grad(sol.event_t, y0)[0].item() == pytest.approx(1 / math.sqrt(3), abs=1e-9)

@@ -52,9 +52,11 @@ class Event:
     ``0`` both ways. ``terminal=True`` ends the solve at the event; a non-terminal event is
     recorded and the solve goes on, from ``jump(t, y)`` when ``jump`` is given (it returns the new
     state, of ``y``'s shape and dtype). ``xtol`` bounds the located time's error against the sign
-    change of ``g`` along the solver's interpolant (default ``4 eps max(|t|, |h|)``, with ``eps``
-    the state dtype's and ``h`` the step: a few ulps of the time); the interpolant itself is as
-    accurate as the solve (``rtol``/``atol``), which bounds the error against the exact event.
+    change of ``g`` along the solver's interpolant (default ``4 eps max(|t0|, |t1|, |t|, |h|)``,
+    with ``eps`` the state dtype's, ``t`` and ``h`` the step's start and size, an infinite ``t1``
+    left out: a few ulps of the time); the interpolant itself is as accurate as the solve
+    (``rtol``/``atol``), which bounds the error against the exact event. ``g`` is one scalar for
+    the whole state (a batch is one state). A sign change and back within one step is not seen.
     """
 
     g: EventFunction
@@ -273,20 +275,14 @@ def _locate(
             res = problem.integrate(y0=y_s, t0=t_s, t1=t_s + direction * span, max_steps=budget, on_accept=hook, **quiet)
         stats.add(res.stats)
         budget -= res.stats.n_steps
-        if hook.found is not None or res.status != Status.SUCCESS:
-            if res.status == Status.MAX_STEPS:
-                res.message = (
-                    f"no terminal event occurred within max_steps={problem.max_steps} steps (t reached {res.t:.6g}, "
-                    "t1 is infinite): raise max_steps, or check that g changes sign on the trajectory"
-                )
-            return hook.found, res, stats
-        if budget <= 0:
+        if hook.found is None and (res.status == Status.MAX_STEPS or (res.status == Status.SUCCESS and budget <= 0)):
             res.status = Status.MAX_STEPS
             res.message = (
                 f"no terminal event occurred within max_steps={problem.max_steps} steps (t reached {res.t:.6g}, "
                 "t1 is infinite): raise max_steps, or check that g changes sign on the trajectory"
             )
-            return None, res, stats
+        if hook.found is not None or res.status != Status.SUCCESS:
+            return hook.found, res, stats
         t_s, y_s = res.t, res.y
         span *= 2
 

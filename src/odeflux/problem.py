@@ -180,7 +180,8 @@ def make_problem(
             raise ValueError(f"t_span must be a pair (t0, t1), got {len(t_pair)} values")
     t0, t1 = _as_float("t_span[0]", t_pair[0]), _as_float("t_span[1]", t_pair[1])
     if not (math.isfinite(t0) and (math.isfinite(t1) or (open_end and math.isinf(t1)))):
-        raise ValueError(f"t_span must be finite, got ({t0}, {t1})")
+        hint = ": an infinite t1 needs a terminal event (event=odeflux.Event(g))" if math.isinf(t1) and not open_end else ""
+        raise ValueError(f"t_span must be finite, got ({t0}, {t1}){hint}")
     if t0 == t1:
         raise ValueError(f"t_span has equal ends ({t0}, {t1}): give an interval of nonzero length")
     # The ends that may carry a gradient: tensors that require one (plain numbers never do).
