@@ -204,7 +204,9 @@ class _Locator:
         self.found = _Found(t_found, i)
         return True
 
-    def _root(self, i: int, s: int, t: float, h: float, y: torch.Tensor, K: torch.Tensor, v0: float | None, v1: float) -> float:
+    def _root(
+        self, i: int, s: int, t: float, h: float, y: torch.Tensor, K: torch.Tensor, v0: float | None, v1: float
+    ) -> float:
         """The fraction ``theta`` of the step where ``g`` along the interpolant leaves the side ``s``:
         a bracket ``[lo, hi]`` (``g`` on side ``s`` at ``lo``, not at ``hi``) narrowed by the
         Illinois method until ``|hi - lo| |h| <= xtol``; returns ``hi``."""
@@ -272,7 +274,9 @@ def _locate(
     quiet = dict(saveat=None, save_everystep=False, save_start=False, save_end=False, dense=False)
     while True:
         with torch.no_grad():
-            res = problem.integrate(y0=y_s, t0=t_s, t1=t_s + direction * span, max_steps=budget, on_accept=hook, **quiet)
+            res = problem.integrate(
+                y0=y_s, t0=t_s, t1=t_s + direction * span, max_steps=budget, on_accept=hook, **quiet
+            )
         stats.add(res.stats)
         budget -= res.stats.n_steps
         if hook.found is None and (res.status == Status.MAX_STEPS or (res.status == Status.SUCCESS and budget <= 0)):
@@ -328,7 +332,9 @@ def _needs_grad(problem: "Problem", y: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in problem.params))
 
 
-def _event_point(problem: "Problem", events: list[Event], i: int, t_e: float, y_star: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _event_point(
+    problem: "Problem", events: list[Event], i: int, t_e: float, y_star: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The event's time and state, differentiable by the implicit function theorem (module doc)."""
     tt = _time(t_e, y_star)
     if not torch.is_grad_enabled():
