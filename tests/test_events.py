@@ -333,12 +333,33 @@ def test_clear_errors():
         odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, event=3)
 
 
-def test_no_event_firing_leaves_the_solution_as_without_events():
+@pytest.mark.parametrize("save", [dict(saveat=[0.0, 0.5, 1.0]), {}, dict(save_everystep=True), dict(save_start=False)])
+def test_no_event_firing_leaves_the_solution_as_without_events(save):
     y0 = torch.tensor([1.0, 2.0], dtype=F64)
-    ref = odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, saveat=[0.0, 0.5, 1.0])
-    sol = odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, saveat=[0.0, 0.5, 1.0], event=lambda t, y: y[0] + 1)
+    ref = odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, **save)
+    sol = odeflux.solve(decay, y0, (0.0, 1.0), args=1.0, event=lambda t, y: y[0] + 1, **save)
+    assert sol.ts.tolist() == ref.ts.tolist()
     torch.testing.assert_close(sol.ys, ref.ys, rtol=0, atol=0)
     assert sol.events == [] and sol.event_t is None and sol.stats == ref.stats
+
+
+@pytest.mark.parametrize("save", [dict(saveat=np.linspace(0.0, 2.0, 9)), dict(save_everystep=True)])
+def test_solves_with_and_without_a_graph_agree(save):
+    # Without a graph the locating pass is the solve (only the event's step is solved again);
+    # with one, each segment is solved again by the sensitivity method: the same saved times, the
+    # same states and event times to the tolerance.
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    with torch.no_grad():
+        a = odeflux.solve(ball, y0, (0.0, 2.0), event=bounce_event(0.8), **save, **TIGHT)
+    b = odeflux.solve(ball, y0.clone().requires_grad_(), (0.0, 2.0), event=bounce_event(0.8), **save, **TIGHT)
+    assert [r.t.item() for r in a.events] == pytest.approx([r.t.item() for r in b.events], abs=1e-10)
+    if "saveat" in save:
+        assert a.ts.tolist() == b.ts.tolist()
+        torch.testing.assert_close(a.ys, b.ys.detach(), atol=1e-9, rtol=0)
+    else:  # other steps, the same trajectory (away from the jumps, where the velocity flips)
+        away = [k for k, t in enumerate(b.ts.tolist()) if min(abs(t - r.t.item()) for r in b.events) > 1e-6]
+        torch.testing.assert_close(b.ys.detach()[away], a(b.ts[away]), atol=1e-9, rtol=0)
+    assert a.stats.n_f_evals < b.stats.n_f_evals
 
 
 @pytest.mark.parametrize("sensealg", [ADJOINTS[0], ADJOINTS[2]])

@@ -170,6 +170,7 @@ class _Locator:
         self.problem, self.events, self.signs = problem, events, signs
         self.values: list[float | None] = [None] * len(events)  # g at the current step's start, where known
         self.found: _Found | None = None
+        self.step: tuple[float, torch.Tensor] | None = None  # the start of the step the event is in
         t1 = problem.t1 if math.isfinite(problem.t1) else problem.t0
         self.tscale = max(abs(problem.t0), abs(t1))
 
@@ -202,6 +203,7 @@ class _Locator:
         if math.isfinite(t1) and h * (t_found - t1) > 0:  # t + h may pass t1 by an ulp on the last step
             t_found = t1
         self.found = _Found(t_found, i)
+        self.step = (t, y)
         return True
 
     def _root(
@@ -257,9 +259,9 @@ class _Locator:
 def _locate(
     problem: "Problem", events: list[Event], t_s: float, y_s: torch.Tensor, signs: list[int], budget: int,
     overrides: dict[str, Any],
-) -> tuple[_Found | None, IntegrationResult, Stats]:  # fmt: skip
+) -> tuple[_Locator, IntegrationResult, Stats]:  # fmt: skip
     """The locating pass from ``(t_s, y_s)`` toward ``problem.t1`` (in growing windows where it is
-    infinite). ``overrides``: saving options (a finite ``t1``: the pass is the solve if nothing fires)."""
+    infinite). ``overrides``: saving options (a finite ``t1``: the pass saves as the solve would)."""
     hook = _Locator(problem, events, signs)
     stats = Stats()
     y_s = y_s.detach()
@@ -267,7 +269,7 @@ def _locate(
         with torch.no_grad():
             res = problem.integrate(y0=y_s, t0=t_s, max_steps=budget, on_accept=hook, **overrides)
         stats.add(res.stats)
-        return hook.found, res, stats
+        return hook, res, stats
     direction = 1.0 if problem.t1 > problem.t0 else -1.0
     # Windows of doubling length: each is an ordinary finite solve (its dtmin relative to its span).
     span = 64 * problem.dt0 if problem.dt0 is not None and not problem.solver.adaptive else max(1.0, abs(t_s))
@@ -286,7 +288,7 @@ def _locate(
                 "t1 is infinite): raise max_steps, or check that g changes sign on the trajectory"
             )
         if hook.found is not None or res.status != Status.SUCCESS:
-            return hook.found, res, stats
+            return hook, res, stats
         t_s, y_s = res.t, res.y
         span *= 2
 
@@ -376,7 +378,7 @@ def solve_with_events(problem: "Problem", events: list[Event], sensealg: "Sensit
     ys: list[torch.Tensor] = []
     records: list[EventRecord] = []
     dense_parts: list[DenseOutput] = []
-    seg_sols: list[Solution] = []
+    n_segments, last_sol = 0, None  # (the last solve by the sensitivity method: its backward stats)
     stats = Stats()
     t_s, y_s = problem.t0, problem.y0
     y_saved_start: torch.Tensor | None = None  # the post-jump state, saved in place of the shifted start
@@ -387,15 +389,18 @@ def solve_with_events(problem: "Problem", events: list[Event], sensealg: "Sensit
     status, message, t_final = Status.SUCCESS, "", t1
 
     while True:
-        # Where no gradient is needed, the locating pass toward a finite t1 saves as the final
-        # segment would: if nothing fires, it is the solve.
+        # Where no gradient is needed (and t1 is finite), the locating pass saves as the solve
+        # would: what it saved before the event's step stands, and only that step is solved again,
+        # up to the event. Otherwise the segment is solved again by the sensitivity method.
         reuse = math.isfinite(t1) and not _needs_grad(problem, y_s)
-        final_plan = _plan(problem, t_s, t1, first, jumped, True) if reuse else None
-        found, res, st = _locate(
-            problem, events, t_s, y_s, signs, budget,
-            dict(final_plan.overrides, dense=problem.dense) if reuse else
-            dict(saveat=None, save_everystep=False, save_start=False, save_end=False, dense=False),
-        )  # fmt: skip
+        if reuse:
+            plan = _plan(problem, t_s, t1, first, jumped, True)
+            # No end state: an event may come first (the end is added below when none does).
+            over = dict(plan.overrides, dense=problem.dense, **({} if problem.saveat is not None else {"save_end": False}))
+        else:
+            over = dict(saveat=None, save_everystep=False, save_start=False, save_end=False, dense=False)
+        hook, res, st = _locate(problem, events, t_s, y_s, signs, budget, over)
+        found = hook.found
         stats.add(st)
         budget -= st.n_steps
         if res.status != Status.SUCCESS:
@@ -404,31 +409,49 @@ def solve_with_events(problem: "Problem", events: list[Event], sensealg: "Sensit
             if reuse:
                 ts.extend(res.ts)
                 ys.extend(res.ys)
-            elif problem.saveat is None and problem.save_end:
+            if problem.saveat is None and problem.save_end and not (ts and ts[-1] == res.t):
                 ts.append(res.t)
                 ys.append(res.y)
             break
-        if found is None and reuse:
-            from .problem import solution_from_result
-
-            seg_sol = solution_from_result(res, dataclasses.replace(problem, y0=y_s))
-            plan = final_plan
+        t_e = t1 if found is None else found.t
+        final = found is None or events[found.index].terminal or t_e == t1
+        if reuse:
+            seg_ts, seg_ys = list(res.ts), list(res.ys)
+            pieces = [res.dense]
+            if found is None:
+                if problem.saveat is None:
+                    seg_ts.append(res.t)
+                    seg_ys.append(res.y)
+            else:
+                t_b, y_b = hook.step
+                d = res.dense
+                if d is not None and d.t_starts and d.t_starts[-1] == t_b:  # the event's step: solved again below
+                    pieces = [DenseOutput(problem.solver, d.t_starts[:-1], d.dts[:-1], d.y0s[:-1], d.Ks[:-1], d.on_arrays)]
+                plan = _plan(problem, t_b, t_e, False, False, final)
+                tail = _segment_solve(problem, None, t_b, y_b, t_e, plan)
+                stats.add(tail.stats)
+                if tail.status != Status.SUCCESS:
+                    status, message, t_final = tail.status, tail.message, tail.t_final
+                    ts.extend(seg_ts + [float(v) for v in tail.ts.tolist()])
+                    ys.extend(seg_ys + list(tail.ys.unbind(0)))
+                    break
+                seg_ts += [float(v) for v in tail.ts.tolist()]
+                seg_ys += list(tail.ys.unbind(0))
+                pieces.append(tail.dense)
+            last_sol = None
         else:
-            t_e = t1 if found is None else found.t
-            final = found is None or events[found.index].terminal or t_e == t1
             plan = _plan(problem, t_s, t_e, first, jumped, final)
             seg_sol = _segment_solve(problem, sensealg, t_s, y_s, t_e, plan)
             stats.add(seg_sol.stats)
+            seg_ts, seg_ys = [float(v) for v in seg_sol.ts.tolist()], list(seg_sol.ys.unbind(0))
             if seg_sol.status != Status.SUCCESS:
                 status, message, t_final = seg_sol.status, seg_sol.message, seg_sol.t_final
-                ts.extend(float(v) for v in seg_sol.ts.tolist())
-                ys.extend(seg_sol.ys.unbind(0))
+                ts.extend(seg_ts)
+                ys.extend(seg_ys)
                 break
-        seg_sols.append(seg_sol)
-        if seg_sol.dense is not None:
-            dense_parts.append(seg_sol.dense)
-        seg_ts = [float(v) for v in seg_sol.ts.tolist()]
-        seg_ys = list(seg_sol.ys.unbind(0))
+            pieces, last_sol = [seg_sol.dense], seg_sol
+        n_segments += 1
+        dense_parts.extend(d for d in pieces if d is not None and len(d))
         if y_saved_start is not None and seg_ts and seg_ts[0] == t_s and problem.saveat is None:
             seg_ys[0] = y_saved_start
         y_star = seg_ys[-1]
@@ -475,12 +498,12 @@ def solve_with_events(problem: "Problem", events: list[Event], sensealg: "Sensit
             problem.solver, [t for d in dense_parts for t in d.t_starts], [h for d in dense_parts for h in d.dts],
             [y for d in dense_parts for y in d.y0s], [k for d in dense_parts for k in d.Ks], dense_parts[0].on_arrays,
         )  # fmt: skip
-    single = len(seg_sols) == 1
+    single = n_segments == 1 and last_sol is not None
     return Solution(
         ts=times_tensor(ts, y0),
         ys=torch.stack(ys) if ys else y0.new_empty((0,) + tuple(y0.shape)),
         stats=stats, status=status, message=message, dense=dense,
-        backward_stats=seg_sols[0].backward_stats if single else None,
-        t_final=t_final, dense_fn=seg_sols[0].dense_fn if single else None,
+        backward_stats=last_sol.backward_stats if single else None,
+        t_final=t_final, dense_fn=last_sol.dense_fn if single else None,
         events=records, event_t=event_t, event_y=event_y,
     )  # fmt: skip
