@@ -9,8 +9,9 @@ How a solve with events runs. The time span is cut into segments, each ending at
    the Illinois method (a bracketing secant, bisection as a safeguard), and the integration stops.
 2. *Solve* the segment from its start to the located time ``t*`` with the problem's sensitivity
    method (any of them: the segment is an ordinary :class:`~odeflux.problem.Problem` with
-   ``t1 = t*``), saving what the caller asked for inside it. Where no gradient is needed and no
-   event occurred, the locating pass is that solve (no second pass).
+   ``t1 = t*``), saving what the caller asked for inside it. Where no gradient is needed (and
+   ``t1`` is finite) the locating pass saves as the solve would and is kept: only the step the
+   event is in is solved again, from its start to ``t*``.
 3. *Differentiate the event time* by the implicit function theorem: with ``y*`` the segment's
    (differentiable) state at ``t*``, ``t_e = t* - (g(t*, y*) - [g]) / [dg/dt + dg/dy . f]``, where
    ``[.]`` is a constant (detached) value: ``t_e`` equals ``t*`` and its gradient is
