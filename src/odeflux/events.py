@@ -273,7 +273,8 @@ def _locate(
         return hook, res, stats
     direction = 1.0 if problem.t1 > problem.t0 else -1.0
     # Windows of doubling length: each is an ordinary finite solve (its dtmin relative to its span).
-    span = 64 * problem.dt0 if problem.dt0 is not None and not problem.solver.adaptive else max(1.0, abs(t_s))
+    fixed = problem.dt0 is not None and not (problem.solver.adaptive and problem.controller.adaptive)
+    span = 64 * problem.dt0 if fixed else max(1.0, abs(t_s))  # fixed steps: whole steps per window
     quiet = dict(saveat=None, save_everystep=False, save_start=False, save_end=False, dense=False)
     while True:
         with torch.no_grad():
