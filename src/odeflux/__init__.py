@@ -1,6 +1,7 @@
 """odeflux: neural ordinary differential equations for PyTorch, with the adjoint family."""
 
 from .control import ConstantStepSize, IController, PIController, StepSizeController
+from .events import Event, EventRecord
 from .fields import MLP
 from .integrator import StepCallbacks
 from .nn import NeuralODE, VectorField
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BS3", "RK4", "BacksolveAdjoint", "BackwardStats", "ContinuousAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
     "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
-    "Euler", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
+    "Euler", "Event", "EventRecord", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
     "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38", "StepCallbacks",
 ]

@@ -24,8 +24,10 @@ from .solution import DenseOutput, Stats, Status
 from .solvers.tableau import ExplicitRK
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
-#: ``on_accept(t, h, y, y1, K)``: called after each accepted step from ``(t, y)`` to ``y1``.
-OnAccept = Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], None]
+#: ``on_accept(t, h, y, y1, K)``: called after each accepted step from ``(t, y)`` to ``y1``; a
+#: true return value ends the integration at the step's end (status SUCCESS; what was saved is then
+#: not the solve's to return: odeflux.events discards it).
+OnAccept = Callable[[float, float, torch.Tensor, torch.Tensor, torch.Tensor], "bool | None"]
 
 #: The ways to pick the first step of an adaptive solve with no ``dt0`` (see :class:`IntegrateOptions`).
 FIRST_STEPS = ("hairer", "interval")
@@ -337,8 +339,9 @@ class _Integration:
                 self.dense.accepted(t, h, y, K)
                 if callbacks is not None and callbacks.accept is not None:
                     callbacks.accept(kernel.time(t), y, h)
-                if opts.on_accept is not None:
-                    opts.on_accept(t, h, y, y1, K)
+                if opts.on_accept is not None and opts.on_accept(t, h, y, y1, K):
+                    self.t, self.y, self.k = t_new, y1, None  # the caller stops here (an event in this step)
+                    return self.result(Status.SUCCESS, "stopped by on_accept", dt_new)
                 self.saver.accepted(t, h, y, y1, K, t_new, last)
                 self.t, self.y = t_new, y1
                 jumped = False

@@ -160,9 +160,10 @@ def _as_float(name: str, v: Any) -> float:
 
 def make_problem(
     f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
-    dt0, dtmin, dtmax, max_steps, controller, compile, *, norm=None, step_times=None, jump_times=None,
-    perturb=False, callbacks=None,
+    dt0, dtmin, dtmax, max_steps, controller, compile, open_end: bool = False, *, norm=None, step_times=None,
+    jump_times=None, perturb=False, callbacks=None,
 ) -> tuple[Problem, tuple[torch.Tensor | None, torch.Tensor | None]]:  # fmt: skip
+    """``open_end``: ``t1`` may be infinite (a solve that a terminal event ends: odeflux.events)."""
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
     if not isinstance(y0, torch.Tensor):
@@ -186,8 +187,9 @@ def make_problem(
         if len(t_pair) != 2:
             raise ValueError(f"t_span must be a pair (t0, t1), got {len(t_pair)} values")
     t0, t1 = _as_float("t_span[0]", t_pair[0]), _as_float("t_span[1]", t_pair[1])
-    if not (math.isfinite(t0) and math.isfinite(t1)):
-        raise ValueError(f"t_span must be finite, got ({t0}, {t1})")
+    if not (math.isfinite(t0) and (math.isfinite(t1) or (open_end and math.isinf(t1)))):
+        hint = ": an infinite t1 needs a terminal event (event=odeflux.Event(g))" if math.isinf(t1) and not open_end else ""
+        raise ValueError(f"t_span must be finite, got ({t0}, {t1}){hint}")
     if t0 == t1:
         raise ValueError(f"t_span has equal ends ({t0}, {t1}): give an interval of nonzero length")
     # The ends that may carry a gradient: tensors that require one (plain numbers never do).
@@ -240,7 +242,7 @@ def make_problem(
         lo, hi = min(t0, t1), max(t0, t1)
         # Times that round-tripped through float32 (torch.linspace(0, 6.28, n), say) may miss the
         # ends by an ulp: those snap onto them.
-        snap = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(t0), abs(t1))
+        snap = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(t0), abs(t1) if math.isfinite(t1) else 0.0)
         save_list = [lo if abs(v - lo) <= snap else hi if abs(v - hi) <= snap else v for v in save_list]
         for v in save_list:
             if not (lo <= v <= hi):

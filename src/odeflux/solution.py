@@ -239,6 +239,7 @@ class Solution:
     ``ts`` are the saved times and ``ys`` the saved states stacked along a new first axis.
     ``sol(t)`` evaluates the dense output (when kept). ``stats`` counts the work; ``status`` says
     how the solve ended. ``backward_stats`` is filled in by the backward pass of an adjoint method.
+    ``events``, ``event_t`` and ``event_y``: see :func:`odeflux.solve`'s ``event``.
     """
 
     ts: torch.Tensor
@@ -253,6 +254,11 @@ class Solution:
     dense_fn: Callable[[list[float]], torch.Tensor] | None = field(default=None, repr=False)
     # The state's structure when it is a tuple/list/dict of tensors (odeflux.tree.TreeSpec); ys holds it.
     tree: Any = field(default=None, repr=False)
+    # Solves with events (odeflux.Event): every occurrence in order, as odeflux.events.EventRecord
+    # (t, y, index), and the terminal one's time and state (None when none fired).
+    events: list = field(default_factory=list)
+    event_t: torch.Tensor | None = None
+    event_y: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:

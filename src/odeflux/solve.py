@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .control import StepSizeController
+from .events import Event, EventFunction, EventRecord, as_events, solve_with_events
 from .integrator import StepCallbacks
 from .problem import make_problem, solution_from_result
 from .tree import TreeField, flatten, is_tree, tree_norm
@@ -46,6 +49,7 @@ def solve(
     jump_times: Sequence[float] | torch.Tensor | None = None,
     perturb: bool = False,
     callbacks: StepCallbacks | None = None,
+    event: Event | EventFunction | Sequence[Event | EventFunction] | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y)`` (or ``f(t, y, args)`` when ``args`` is given) over ``t_span``.
 
@@ -76,6 +80,18 @@ def solve(
     With ``throw=True`` (default) a solve that does not reach ``t1`` raises ``SolveError``;
     otherwise check ``sol.status``. ``compile=True`` runs the per-step work through
     ``torch.compile(fullgraph=True)``.
+
+    Events: ``event`` is an :class:`odeflux.Event`, a bare ``g(t, y)`` (a terminal event in both
+    directions) or a sequence of events; see :mod:`odeflux.events` for how they are located and
+    differentiated. A terminal event ends the solve there: ``sol.event_t`` and ``sol.event_y``
+    hold its time (a 0-d tensor) and state, ``sol.t_final`` its time, saved times past it are
+    dropped (``saveat`` is truncated; ``save_end`` saves the event state) and the status is
+    ``SUCCESS``. With a terminal event ``t_span`` may end at ``inf`` (or ``-inf``): the solve runs
+    until the event fires, or fails with ``MAX_STEPS``. Every occurrence, terminal or not, is in
+    ``sol.events`` as ``EventRecord(t, y, index)`` (``y`` before any jump). A non-terminal event
+    with a ``jump`` restarts the solve from ``jump(t, y)``; the saved states of the segments are
+    stitched in order (``save_everystep`` saves both the state before and after a jump, at the
+    same time). Event times and states are differentiable under every ``sensealg``.
     """
     if is_tree(y0):
         return _solve_tree(
@@ -84,12 +100,18 @@ def solve(
                  save_start=save_start, save_end=save_end, dense=dense, dt0=dt0, dtmin=dtmin, dtmax=dtmax,
                  max_steps=max_steps, controller=controller, sensealg=sensealg, throw=throw, compile=compile,
                  step_times=step_times, jump_times=jump_times, perturb=perturb, callbacks=callbacks),
+            event,
         )  # fmt: skip
+    events = as_events(event)
     problem, t_tensors = make_problem(
         f, y0, t_span, solver, args, params, rtol, atol, saveat, save_everystep, save_start, save_end, dense,
-        dt0, dtmin, dtmax, max_steps, controller, compile, norm=norm, step_times=step_times, jump_times=jump_times,
-        perturb=perturb, callbacks=callbacks,
+        dt0, dtmin, dtmax, max_steps, controller, compile, open_end=bool(events), norm=norm, step_times=step_times,
+        jump_times=jump_times, perturb=perturb, callbacks=callbacks,
     )  # fmt: skip
+    if math.isinf(problem.t1) and not any(e.terminal for e in events):
+        raise ValueError(
+            f"t_span ends at {problem.t1}: an infinite end needs a terminal event to stop the solve (event=Event(g))"
+        )
     if sensealg is not None and not isinstance(sensealg, SensitivityAlgorithm):
         raise TypeError(
             f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), got {sensealg!r}"
@@ -107,7 +129,9 @@ def solve(
             f0 = problem.f(torch.full((), problem.t0, dtype=problem.y0.dtype, device=problem.y0.device), problem.y0)
         shift = (t0_tensor - t0_tensor.detach()).to(problem.y0.dtype)
         problem.y0 = problem.y0 - shift * f0
-    if not needs_grad:
+    if events:
+        sol = solve_with_events(problem, events, sensealg)
+    elif not needs_grad:
         sol = solution_from_result(problem.integrate(), problem)
     else:
         sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
@@ -146,7 +170,7 @@ def _saved_time_grads(problem, saveat: torch.Tensor, sol: Solution) -> torch.Ten
     return sol.ys + shift * fs
 
 
-def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict) -> Solution:
+def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict, event: Any) -> Solution:
     """:func:`solve` of a structured state: one flat state underneath (see :mod:`odeflux.tree`)."""
     flat, spec = flatten(y0)
     if isinstance(f, torch.nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
@@ -155,7 +179,21 @@ def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: An
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
     if norm is not None and not callable(norm):
         raise TypeError(f"norm must be a function of the scaled error returning a scalar tensor, got {norm!r}")
-    sol = solve(TreeField(f, spec), flat, t_span, args=args, norm=None if norm is None else tree_norm(norm, spec), **kwargs)
+    events = [_tree_event(e, spec) for e in as_events(event)]
+    sol = solve(
+        TreeField(f, spec), flat, t_span, args=args, norm=None if norm is None else tree_norm(norm, spec),
+        event=events or None, **kwargs,
+    )  # fmt: skip
     sol.tree = spec
     sol.ys = spec.unflatten(sol.ys, batch=(sol.ys.shape[0],))
+    if sol.event_y is not None:
+        sol.event_y = spec.unflatten(sol.event_y)
+    sol.events = [EventRecord(r.t, spec.unflatten(r.y), r.index) for r in sol.events]
     return sol
+
+
+def _tree_event(e: Event, spec: Any) -> Event:
+    """An event of a structured state as an event of the flat state."""
+    g, jump = e.g, e.jump
+    flat_jump = None if jump is None else (lambda t, y: flatten(jump(t, spec.unflatten(y)), spec, where="jump(t, y)")[0])
+    return dataclasses.replace(e, g=lambda t, y: g(t, spec.unflatten(y)), jump=flat_jump)
