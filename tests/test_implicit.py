@@ -18,7 +18,7 @@ import torch
 from conftest import kepler_exact, two_body_f
 
 import odeflux
-from odeflux import ConstantStepSize, SolveError, Status
+from odeflux import SolveError, Status
 from odeflux.kernels import ImplicitStepKernel, NumpyStepKernel, choose_step_kernel
 from odeflux.solvers import SOLVERS, ImplicitRK, ImplicitTableau, JacobianSource
 from odeflux.solvers.implicit import collocation, jacobian
@@ -458,3 +458,20 @@ def test_continuous_adjoints_agree_with_direct(name, tol, adjoint):
         grads.append(torch.cat([x.reshape(-1) for x in g]))
     direct, cont = grads
     assert (cont - direct).abs().max() <= tol * direct.abs().max()
+
+
+def test_neural_ode_with_an_mlp_field():
+    """A NeuralODE layer on odeflux's MLP (whose VJPs the adjoints take on NumPy arrays, which
+    autograd cannot differentiate: the adjoint systems give their Jacobians) with RadauIIA5:
+    the default InterpolatingAdjoint's parameter gradient is DirectAdjoint's."""
+    torch.manual_seed(0)
+    mlp = odeflux.MLP([torch.nn.Linear(3, 8), torch.nn.Linear(8, 3)]).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    grads = []
+    for alg in ("default", odeflux.DirectAdjoint()):
+        node = odeflux.NeuralODE(mlp, solver=odeflux.RadauIIA5(), sensealg=alg, dt0=0.1)
+        out = node(x)
+        grads.append(torch.autograd.grad(out.square().sum(), list(mlp.parameters())))
+        assert node.last_stats.n_accepted == 10
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)

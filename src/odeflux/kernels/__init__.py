@@ -145,7 +145,10 @@ def choose_step_kernel(
     step run explicit tableaus only)."""
     if not solver.explicit:
         if compiled:
-            raise ValueError(f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} is implicit: pass compile=False")
+            raise ValueError(
+                f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} is implicit (its Newton "
+                "iterations check convergence on the host): pass compile=False"
+            )
         return ImplicitStepKernel(f, solver, y0, rtol, atol, parts, float_time, False)
     if not compiled and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None

@@ -56,7 +56,8 @@ def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
     """``d f(t, y) / d y`` as a detached ``(n, n)`` matrix of the flattened state (row ``i``: the
     gradient of ``f``'s entry ``i``), by autograd on a detached copy of ``y``: one forward pass and
     the ``n`` backward passes batched (one at a time where ``f``'s backward cannot be batched).
-    Works under ``torch.no_grad()``."""
+    Works under ``torch.no_grad()``. Zero where ``f``'s output does not reach ``y`` through
+    autograd (a field computed outside torch should say its Jacobian: :class:`JacobianSource`)."""
     n = y.numel()
     if isinstance(t, torch.Tensor):
         t = t.detach()
@@ -138,6 +139,7 @@ class _Coefficients(NamedTuple):
     A: torch.Tensor  # (s, s)
     b_row: torch.Tensor  # (1, s)
     c: tuple[float, ...]
+    c_col: torch.Tensor  # (s, 1)
     interp: torch.Tensor  # (s, deg)
 
 
@@ -175,7 +177,8 @@ class ImplicitRK(RungeKutta):
             tab = self.tableau
             mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
             co = self._cache[key] = _Coefficients(
-                A=mk([list(r) for r in tab.a]), b_row=mk([list(tab.b)]), c=tab.c, interp=mk([list(r) for r in tab.interp])
+                A=mk([list(r) for r in tab.a]), b_row=mk([list(tab.b)]), c=tab.c, c_col=mk([[v] for v in tab.c]),
+                interp=mk([list(r) for r in tab.interp]),
             )
         return co
 
@@ -214,7 +217,7 @@ class _NewtonStep:
         self.noise = max(self.tol, 1024 * eps)
         self.y_scale = float(y.detach().abs().max())
 
-    def eval(self, i: int, Y: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, i: int, Y: torch.Tensor) -> torch.Tensor:
         self.n_evals += 1
         return self.f(self.t + self.co.c[i] * self.dt, Y.reshape(self.shape)).reshape(-1)
 
@@ -263,24 +266,23 @@ class _NewtonStep:
 
     def coupled(self) -> torch.Tensor:
         """All stages at once: ``stages * m`` unknowns, one LU factorisation per step."""
-        co, dt, n, m = self.co, self.dt, self.n, self.m
+        co, dt, m = self.co, self.dt, self.m
         s = len(co.c)
         A = co.A
         M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
         lu = self.factor(M, "the stages")
-        c = torch.tensor(co.c, dtype=A.dtype, device=A.device).unsqueeze(1)
-        Z = (c * dt) * self.k1.unsqueeze(0)  # explicit Euler to each node
+        Z = (co.c_col * dt) * self.k1.unsqueeze(0)  # explicit Euler to each node
         prev: list[float] = []
         for it in range(self.solver.max_iters):
             Y = self.y.unsqueeze(0) + Z
-            F = torch.stack([self.eval(i, Y[i]) for i in range(s)])
+            F = torch.stack([self.evaluate(i, Y[i]) for i in range(s)])
             R = Z - dt * (A @ F)
             dZ = self.newton_update(lu, R)
             Z = Z - dZ
             if self.converged(it, dZ, Z, prev, "the stages"):
                 break
         Y = self.y.unsqueeze(0) + Z
-        return torch.stack([self.eval(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
+        return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
 
     def stages_by_one(self) -> torch.Tensor:
         """A diagonally implicit tableau: stage ``i`` solves ``Y_i = E_i + h a_ii f(Y_i)`` with
@@ -296,7 +298,7 @@ class _NewtonStep:
             g = a[i][i]
             if g == 0.0:
                 # An explicit stage; the first of an ESDIRK (c_0 = 0, zero row) is f(t, y) = k1.
-                Ks.append(self.k1 if i == 0 and co.c[0] == 0.0 else self.eval(i, E))
+                Ks.append(self.k1 if i == 0 and co.c[0] == 0.0 else self.evaluate(i, E))
                 continue
             lu = lus.get(g)
             if lu is None:
@@ -305,10 +307,10 @@ class _NewtonStep:
             Y = self.y + (co.c[i] * dt) * self.k1
             prev: list[float] = []
             for it in range(self.solver.max_iters):
-                R = Y - E - (dt * g) * self.eval(i, Y)
+                R = Y - E - (dt * g) * self.evaluate(i, Y)
                 dY = self.newton_update(lu, R.unsqueeze(0)).squeeze(0)
                 Y = Y - dY
                 if self.converged(it, dY, Y - self.y, prev, f"stage {i + 1}"):
                     break
-            Ks.append(self.eval(i, Y))
+            Ks.append(self.evaluate(i, Y))
         return torch.stack(Ks).reshape((s,) + tuple(self.shape))
