@@ -1,9 +1,10 @@
 """The seam for special kernels: how one solve's per-step numerics are carried out.
 
 Every algorithm of the engine exists once, in torch: the Runge-Kutta step
-(:meth:`odeflux.solvers.ExplicitRK.step`, :meth:`odeflux.solvers.ImplicitRK.step`), its error norm (:func:`odeflux.control.error_ratio`),
-Hairer's initial step (:func:`odeflux.control.initial_step`), dense output
-(:class:`odeflux.solution.DenseOutput`) and the adjoints' right-hand sides. A *step kernel*
+(:meth:`odeflux.solvers.ExplicitRK.step`; :meth:`odeflux.solvers.ImplicitRK.step` for implicit
+tableaus), its error norm (:func:`odeflux.control.error_ratio`), Hairer's initial step
+(:func:`odeflux.control.initial_step`), dense output (:class:`odeflux.solution.DenseOutput`) and
+the adjoints' right-hand sides. A *step kernel*
 (:class:`StepKernel`) is how a solve runs them: :class:`TorchStepKernel` on torch's ops (any
 field, any device, under autograd, optionally compiled), or :class:`NumpyStepKernel`, the same
 arithmetic on NumPy arrays that view the tensors' memory, for small CPU states outside autograd,

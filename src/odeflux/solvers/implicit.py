@@ -200,7 +200,10 @@ class _NewtonStep:
     """One implicit step's Newton iterations (state flattened to ``n`` entries, the Jacobian's
     block to the first ``m``)."""
 
-    def __init__(self, solver: ImplicitRK, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients):
+    def __init__(
+        self, solver: ImplicitRK, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor,
+        co: _Coefficients,
+    ):  # fmt: skip
         self.solver, self.f, self.t, self.dt, self.co = solver, f, t, dt, co
         self.shape, self.n = y.shape, y.numel()
         self.y, self.k1 = y.reshape(-1), k1.reshape(-1)
@@ -254,7 +257,8 @@ class _NewtonStep:
                     raise NewtonFailure(self.message(what, f"diverges (update {r:.3g} of the state's scale, growing)"))
         prev.append(r)
         if it + 1 == self.solver.max_iters:
-            raise NewtonFailure(self.message(what, f"did not converge in max_iters={self.solver.max_iters} iterations (last update {r:.3g} of the state's scale)"))
+            why = f"did not converge in max_iters={self.solver.max_iters} iterations (last update {r:.3g} of the scale)"
+            raise NewtonFailure(self.message(what, why))
         return False
 
     def message(self, what: str, why: str) -> str:

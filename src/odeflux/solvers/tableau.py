@@ -185,7 +185,9 @@ class RungeKutta:
         """The tableau as tensors of ``dtype`` on ``device`` (made once per pair); has ``interp``."""
         raise NotImplementedError
 
-    def step(self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any = None) -> StepResult:
+    def step(
+        self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any = None
+    ) -> StepResult:
         """One step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``."""
         raise NotImplementedError
 
