@@ -16,7 +16,8 @@ from odeflux.solvers import SOLVERS
 
 ALL = sorted(SOLVERS)
 FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05},
-            "heun2": {"dt0": 0.02}, "heun3": {"dt0": 0.05}, "rk38": {"dt0": 0.05}}  # fmt: skip
+            "heun2": {"dt0": 0.02}, "heun3": {"dt0": 0.05}, "rk38": {"dt0": 0.05},
+            **{name: {"dt0": 0.05} for name in SOLVERS if not SOLVERS[name]().explicit}}  # fmt: skip
 
 
 def as_np(x: torch.Tensor) -> np.ndarray:

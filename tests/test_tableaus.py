@@ -34,6 +34,17 @@ EXPECTED = {  # name: (order, error_order, interp_order, adaptive, fsal), from t
     "heun2": (2, None, 2, False, False),
     "heun3": (3, None, 2, False, False),
     "rk38": (4, None, 3, False, False),
+    # The implicit methods: fixed step; collocation methods' dense output is their collocation
+    # polynomial, of stage order (Hairer and Wanner, Solving ODEs II, IV.5).
+    "implicit_euler": (1, None, 1, False, False),
+    "implicit_midpoint": (2, None, 1, False, False),
+    "trapezoid": (2, None, 2, False, False),
+    "radauiia3": (3, None, 2, False, False),
+    "radauiia5": (5, None, 3, False, False),
+    "gl4": (4, None, 2, False, False),
+    "gl6": (6, None, 3, False, False),
+    "sdirk2": (2, None, 2, False, False),
+    "trbdf2": (2, None, 2, False, False),
 }
 
 

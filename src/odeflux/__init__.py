@@ -18,6 +18,10 @@ from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, S
 from .solve import solve
 from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5
 from .solvers import RK38, Dopri8, Fehlberg2, Heun2, Heun3
+from .solvers import (
+    SDIRK2, TRBDF2, GaussLegendre4, GaussLegendre6, ImplicitEuler, ImplicitMidpoint, ImplicitRK, RadauIIA3, RadauIIA5,
+    RungeKutta, Trapezoid,
+)  # fmt: skip
 
 __version__ = "0.1.0"
 
@@ -27,4 +31,6 @@ __all__ = [
     "Euler", "Event", "EventRecord", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
     "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38", "StepCallbacks",
+    "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "RadauIIA3", "RadauIIA5",
+    "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
 ]

@@ -13,7 +13,7 @@ import torch
 from .kernels import arrays
 
 if TYPE_CHECKING:
-    from .solvers.tableau import ExplicitRK
+    from .solvers.tableau import RungeKutta
 
 
 class Status(enum.IntEnum):
@@ -23,6 +23,7 @@ class Status(enum.IntEnum):
     MAX_STEPS = 1  # max_steps attempted steps were taken before reaching t1
     DT_MIN = 2  # the step size fell below dtmin
     NONFINITE = 3  # the state or f produced NaN or Inf
+    NEWTON_FAILED = 4  # an implicit step's Newton iteration did not converge
 
 
 class SolveError(RuntimeError):
@@ -73,7 +74,7 @@ class DenseOutput:
     """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
 
     def __init__(
-        self, solver: ExplicitRK, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
+        self, solver: RungeKutta, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
         Ks: list[torch.Tensor], on_arrays: bool = False,
     ):  # fmt: skip
         self.solver = solver

@@ -1,9 +1,10 @@
 """The seam for special kernels: how one solve's per-step numerics are carried out.
 
 Every algorithm of the engine exists once, in torch: the Runge-Kutta step
-(:meth:`odeflux.solvers.ExplicitRK.step`), its error norm (:func:`odeflux.control.error_ratio`),
-Hairer's initial step (:func:`odeflux.control.initial_step`), dense output
-(:class:`odeflux.solution.DenseOutput`) and the adjoints' right-hand sides. A *step kernel*
+(:meth:`odeflux.solvers.ExplicitRK.step`; :meth:`odeflux.solvers.ImplicitRK.step` for implicit
+tableaus), its error norm (:func:`odeflux.control.error_ratio`), Hairer's initial step
+(:func:`odeflux.control.initial_step`), dense output (:class:`odeflux.solution.DenseOutput`) and
+the adjoints' right-hand sides. A *step kernel*
 (:class:`StepKernel`) is how a solve runs them: :class:`TorchStepKernel` on torch's ops (any
 field, any device, under autograd, optionally compiled), or :class:`NumpyStepKernel`, the same
 arithmetic on NumPy arrays that view the tensors' memory, for small CPU states outside autograd,
@@ -37,7 +38,7 @@ from . import arrays
 
 if TYPE_CHECKING:
     from ..control import HairerNorms, Parts
-    from ..solvers.tableau import ExplicitRK
+    from ..solvers.tableau import RungeKutta
 
 
 class StepKernel(Protocol):
@@ -60,8 +61,11 @@ class StepKernel(Protocol):
         """One step of size ``h`` from ``(t, y)`` with ``k = f(t, y)``: the new state, the stages
         ``(stages, *shape)`` and the scaled error norm (a 0-d tensor or a float; ``None`` for
         fixed-step methods). An adaptive solve reads the norm back to the host: the one
-        synchronisation per step; a fixed-step one never does. ``inside_end``: stages on the
-        step's end are evaluated just before it (the step ends on a jump of ``f``)."""
+        synchronisation per step; a fixed-step explicit one never does. ``inside_end``: stages on
+        the step's end are evaluated just before it (the step ends on a jump of ``f``)."""
+
+    def step_evaluations(self, K: torch.Tensor) -> int:
+        """The evaluations of ``f`` the last step made, given its stages ``K``."""
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> HairerNorms:
         """The scaled norms Hairer's initial step needs at ``(t, y)`` with ``k = f(t, y)``."""
@@ -138,12 +142,21 @@ class StepPlanner(abc.ABC):
 
 
 def choose_step_kernel(
-    f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, parts: Parts | None,
+    f: Any, y0: torch.Tensor, solver: RungeKutta, *, rtol: float, atol: float, parts: Parts | None,
     float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     perturb: bool = False, jumps: bool = False,
 ) -> StepKernel:  # fmt: skip
-    """The kernel for one solve of ``f`` from ``y0`` (see the module docstring). A user's
-    ``norm``, ``perturb`` and steps ending on jumps of ``f`` run on torch's ops."""
+    """The kernel for one solve of ``f`` from ``y0`` (see the module docstring). An implicit
+    solver gets :class:`ImplicitStepKernel` (torch's ops: the NumPy kernel and the compiled
+    step run explicit tableaus only). A user's ``norm``, ``perturb`` and steps ending on jumps
+    of ``f`` run on torch's ops."""
+    if not solver.explicit:
+        if compiled:
+            raise ValueError(
+                f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} is implicit (its Newton "
+                "iterations check convergence on the host): pass compile=False"
+            )
+        return ImplicitStepKernel(f, solver, y0, rtol, atol, parts, float_time, False, norm, perturb)
     if not compiled and norm is None and not perturb and not jumps and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) else None
@@ -153,9 +166,9 @@ def choose_step_kernel(
 
 
 from .numpy_step import NumpyStepKernel  # noqa: E402 (they build on the interfaces above)
-from .torch_step import TorchStepKernel  # noqa: E402
+from .torch_step import ImplicitStepKernel, TorchStepKernel  # noqa: E402
 
 __all__ = [
-    "NumpyStepKernel", "TorchStepKernel",
+    "ImplicitStepKernel", "NumpyStepKernel", "TorchStepKernel",
     "ArrayField", "ArrayKernelSource", "ArrayVJP", "StepKernel", "StepPlan", "StepPlanner", "arrays", "choose_step_kernel",
 ]  # fmt: skip

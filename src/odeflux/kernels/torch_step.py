@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..control import Parts, error_ratio, part_rms
-from ..solvers.tableau import ExplicitRK
+from ..solvers.tableau import ExplicitRK, RungeKutta
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -21,7 +21,7 @@ def rk_step_with_error(
 
     Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
     """
-    y1, err, K = solver.step(f, t, y, dt, k, co)
+    y1, err, K, _ = solver.step(f, t, y, dt, k, co)
     if err is None:
         return y1, K, None
     if torch.is_grad_enabled():
@@ -75,7 +75,7 @@ class TorchStepKernel:
     arrays = False
 
     def __init__(
-        self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
+        self, f: VectorField, solver: RungeKutta, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
         float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
         perturb: bool = False,
     ):  # fmt: skip
@@ -114,6 +114,22 @@ class TorchStepKernel:
 
         return f_inside
 
+    def step_evaluations(self, K: torch.Tensor) -> int:
+        return K.shape[0] - 1  # an explicit step: one per stage after the first (k is given)
+
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():
             return TorchNorms(self, y, k)
+
+
+class ImplicitStepKernel(TorchStepKernel):
+    """Steps of an implicit solver (:class:`odeflux.solvers.ImplicitRK`: fixed steps, Newton
+    iterations whose count varies, never compiled) on torch's ops."""
+
+    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, None]:
+        f = self._before_end(t + h, -1.0 if h > 0 else 1.0) if self.perturb or inside_end else self.f
+        y1, _, K, self._evals = self.solver.step(f, self.time(t), y, h, k, self.co)
+        return y1, K, None
+
+    def step_evaluations(self, K: torch.Tensor) -> int:
+        return self._evals

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..solvers.implicit import JacobianSource, jacobian
 from .base import AdjointRun, ContinuousAdjoint
+from .vjp import VJPBackend
 
 
 @dataclass(eq=False)
@@ -23,15 +25,34 @@ class BacksolveAdjoint(ContinuousAdjoint):
     uses_forward_interpolant = False
 
     def integrate_interval(self, run: AdjointRun, t_hi, t_lo, y_hi, y_lo, lam, mu, dense):
-        n, vjp, shape = run.n, run.vjp, run.y.shape
+        n = run.n
         y_start = y_hi.reshape(-1) if (self.checkpointing or run.backsolve_y is None) else run.backsolve_y
-
-        def rhs(t: float, z: torch.Tensor) -> torch.Tensor:
-            out, gy, gp = vjp(t, z[:n].view(shape), z[n : 2 * n].view(shape), want_f=True)
-            dz = torch.cat([out.reshape(-1), gy.reshape(-1)] + [g.reshape(-1) for g in gp])
-            dz[n:].neg_()
-            return dz
-
+        rhs = BacksolveRHS(run.vjp, n, run.y.shape)
         z = run.adjoint_integrate(rhs, torch.cat([y_start, lam, mu]), t_hi, t_lo, blocks=(n, n, run.n_params)).y
         run.backsolve_y = z[:n]
         return z[n : 2 * n], z[2 * n :]
+
+
+class BacksolveRHS(JacobianSource):
+    """``d(y, lambda, mu)/dt = (f, -lambda^T df/dy, -lambda^T df/dp)`` on the flat state."""
+
+    def __init__(self, vjp: VJPBackend, n: int, shape: torch.Size):
+        self.vjp, self.n, self.shape = vjp, n, shape
+
+    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        n, shape = self.n, self.shape
+        out, gy, gp = self.vjp(t, z[:n].view(shape), z[n : 2 * n].view(shape), want_f=True)
+        dz = torch.cat([out.reshape(-1), gy.reshape(-1)] + [g.reshape(-1) for g in gp])
+        dz[n:].neg_()
+        return dz
+
+    def jacobian(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        """For an implicit adjoint solve: ``(y, lambda)``'s block as ``diag(J, -J^T)`` at ``y``
+        (``mu`` is the tail). The coupling of ``lambda``'s derivative to ``y`` (second derivatives
+        of ``f``) is left out: simplified Newton converges without it."""
+        n = self.n
+        J = jacobian(self.vjp.problem.f, self.vjp.time(t), z[:n].view(self.shape))
+        out = J.new_zeros(2 * n, 2 * n)
+        out[:n, :n] = J
+        out[n:, n:] = -J.T
+        return out

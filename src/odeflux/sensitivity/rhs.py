@@ -18,6 +18,7 @@ import torch
 
 from ..kernels import StepPlan, StepPlanner, arrays
 from ..kernels.dense_layers import StagePlan
+from ..solvers.implicit import JacobianSource, jacobian
 from .vjp import VJPBackend
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .base import AdjointRun
 
 
-class _PlannedRHS(StepPlanner):
+class _PlannedRHS(StepPlanner, JacobianSource):
     def __init__(
         self, run: AdjointRun, dense: DenseOutput, t_known: float | None = None, y_known: torch.Tensor | None = None
     ):
@@ -33,7 +34,8 @@ class _PlannedRHS(StepPlanner):
         # The forward state at one time, where the adjoint starts (the interval's end): taken as it
         # is rather than interpolated (exact, and no lookup for the adjoint's first evaluation).
         self.t_known, self.y_known = (t_known, y_known) if y_known is not None else (None, None)
-        self.c = run.solver.tableau.c[1:]
+        # Stage plans are for explicit steps (the NumPy kernel's); an implicit solver gets none.
+        self.c = run.solver.tableau.c[1:] if run.solver.explicit else ()
         # (A flag, not a bound method stored on self: that would be a reference cycle, keeping each
         # piece's dense output alive until the garbage collector runs.)
         self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan
@@ -57,6 +59,12 @@ class _PlannedRHS(StepPlanner):
             self.batched = False
             return None
         return torch.from_numpy(out)
+
+    def jacobian(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        """For an implicit adjoint solve: ``lambda``'s block, ``-J_f(t, y(t))^T`` (``mu``, when it
+        is part of the state, depends on ``lambda`` alone: the tail)."""
+        y = self.y_known if t == self.t_known else self.dense.at(t)
+        return jacobian(self.vjp.problem.f, self.vjp.time(t), y).T.neg()
 
     def plan_step(self, t: float, h: float) -> _PlannedStep | None:
         if not self.batched or not len(self.c):  # (a one-stage method has no new stages to plan)

@@ -1,17 +1,28 @@
-"""Explicit Runge-Kutta solvers: one file per method holding its tableau, one generic stepper."""
+"""Runge-Kutta solvers: one file per method holding its tableau, one generic stepper per kind
+(:class:`ExplicitRK` for explicit tableaus, :class:`ImplicitRK` for implicit ones)."""
 
 from .bs3 import BS3
 from .dopri5 import Dopri5
 from .dopri8 import Dopri8
 from .euler import Euler
 from .fehlberg2 import Fehlberg2
+from .gl4 import GaussLegendre4
+from .gl6 import GaussLegendre6
 from .heun import Heun
 from .heun2 import Heun2
 from .heun3 import Heun3
+from .implicit import ImplicitRK, ImplicitTableau, JacobianSource, NewtonFailure
+from .implicit_euler import ImplicitEuler
+from .implicit_midpoint import ImplicitMidpoint
 from .midpoint import Midpoint
+from .radauiia3 import RadauIIA3
+from .radauiia5 import RadauIIA5
 from .rk4 import RK4
 from .rk38 import RK38
-from .tableau import ButcherTableau, ExplicitRK, StepResult
+from .sdirk2 import SDIRK2
+from .tableau import ButcherTableau, ExplicitRK, RungeKutta, StepResult
+from .trapezoid import Trapezoid
+from .trbdf2 import TRBDF2
 from .tsit5 import Tsit5
 
 SOLVERS = {
@@ -20,8 +31,15 @@ SOLVERS = {
 }
 # torchdiffeq's adaptive_heun is Heun() (the same tableau; its error weights differ only in sign).
 SOLVERS["adaptive_heun"] = Heun
+# The implicit methods under torchdiffeq's names (all fixed step).
+SOLVERS.update(
+    implicit_euler=ImplicitEuler, implicit_midpoint=ImplicitMidpoint, trapezoid=Trapezoid, radauiia3=RadauIIA3,
+    radauiia5=RadauIIA5, gl4=GaussLegendre4, gl6=GaussLegendre6, sdirk2=SDIRK2, trbdf2=TRBDF2,
+)  # fmt: skip
 
 __all__ = [
     "BS3", "ButcherTableau", "Dopri5", "Dopri8", "Euler", "ExplicitRK", "Fehlberg2", "Heun", "Heun2", "Heun3",
     "Midpoint", "RK38", "RK4", "SOLVERS", "StepResult", "Tsit5",
+    "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "ImplicitTableau",
+    "JacobianSource", "NewtonFailure", "RadauIIA3", "RadauIIA5", "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
 ]  # fmt: skip

@@ -1,10 +1,15 @@
-"""Butcher tableaus as data, and the one generic explicit Runge-Kutta stepper that runs them."""
+"""Butcher tableaus as data, and the one generic explicit Runge-Kutta stepper that runs them.
+
+:class:`RungeKutta` is what every solver offers the integrator, dense output and the adjoints;
+:class:`ExplicitRK` runs explicit tableaus, :class:`odeflux.solvers.implicit.ImplicitRK`
+implicit ones. Code that only handles explicit tableaus checks ``solver.explicit``.
+"""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -12,8 +17,45 @@ import torch
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class DenseWeights:
+    """The dense-output weights ``interp`` of a tableau (``interp[i][d]``: the coefficient of
+    ``theta**(d + 1)`` in ``b_i(theta)``) in the forms dense output and the adjoints use."""
+
+    interp: tuple[tuple[float, ...], ...]
+    c: tuple[float, ...]
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @functools.cached_property
+    def interp_reversed(self) -> list[tuple[float, ...]]:
+        """Each stage's interpolant coefficients, highest power first (for Horner's rule)."""
+        return [row[::-1] for row in self.interp]
+
+    @functools.cached_property
+    def _interp_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(exponents 1..deg, interp^T)`` as arrays, made once: the adjoints evaluate the
+        weights on every step."""
+        P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
+        return np.arange(1, P.shape[1] + 1), P.T.copy()
+
+    def interp_matrix(self, dtype: np.dtype) -> np.ndarray:
+        """``interp^T`` (degree x stages) as an array of ``dtype`` (made once per dtype)."""
+        cache = self.__dict__.setdefault("_interp_by_dtype", {})
+        m = cache.get(dtype)
+        if m is None:
+            m = cache[dtype] = self._interp_arrays[1].astype(dtype)
+        return m
+
+    def dense_weights(self, theta: np.ndarray | float) -> np.ndarray:
+        """``b_i(theta)`` for each stage (shape ``(..., stages)``), evaluated in float64."""
+        exponents, PT = self._interp_arrays
+        return np.asarray(theta, dtype=np.float64)[..., None] ** exponents @ PT
+
+
 @dataclass(frozen=True)
-class ButcherTableau:
+class ButcherTableau(DenseWeights):
     """Coefficients of an explicit Runge-Kutta method.
 
     ``a[i]`` holds the ``i`` coefficients of stage ``i`` (row 0 is empty). ``b_err`` holds the
@@ -43,10 +85,6 @@ class ButcherTableau:
             raise ValueError(f"{self.name}: FSAL needs the last stage to be the solution (a[-1] == b, c[-1] == 1)")
 
     @property
-    def stages(self) -> int:
-        return len(self.c)
-
-    @property
     def adaptive(self) -> bool:
         return self.b_err is not None
 
@@ -56,31 +94,6 @@ class ButcherTableau:
         for i, row in enumerate(self.a):
             A[i, : len(row)] = row
         return A
-
-    @functools.cached_property
-    def interp_reversed(self) -> list[tuple[float, ...]]:
-        """Each stage's interpolant coefficients, highest power first (for Horner's rule)."""
-        return [row[::-1] for row in self.interp]
-
-    @functools.cached_property
-    def _interp_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(exponents 1..deg, interp^T)`` as arrays, made once: the adjoints evaluate the
-        weights on every step."""
-        P = np.asarray(self.interp, dtype=np.float64)  # (s, deg)
-        return np.arange(1, P.shape[1] + 1), P.T.copy()
-
-    def interp_matrix(self, dtype: np.dtype) -> np.ndarray:
-        """``interp^T`` (degree x stages) as an array of ``dtype`` (made once per dtype)."""
-        cache = self.__dict__.setdefault("_interp_by_dtype", {})
-        m = cache.get(dtype)
-        if m is None:
-            m = cache[dtype] = self._interp_arrays[1].astype(dtype)
-        return m
-
-    def dense_weights(self, theta: np.ndarray | float) -> np.ndarray:
-        """``b_i(theta)`` for each stage (shape ``(..., stages)``), evaluated in float64."""
-        exponents, PT = self._interp_arrays
-        return np.asarray(theta, dtype=np.float64)[..., None] ** exponents @ PT
 
 
 def polynomial_weights(terms: Sequence[tuple[Sequence[float], np.ndarray]], stages: int) -> tuple[tuple[float, ...], ...]:
@@ -125,19 +138,28 @@ class _Coefficients(NamedTuple):
 
 class StepResult(NamedTuple):
     """One Runge-Kutta step: the new state, its error estimate (``None`` for fixed-step methods)
-    and the stage derivatives stacked as ``(stages, *state_shape)`` (for dense output and FSAL)."""
+    and the stage derivatives stacked as ``(stages, *state_shape)`` (for dense output and FSAL).
+    ``n_evals`` counts the evaluations of ``f`` the step made (``None``: one per stage after the
+    first, an explicit step's count)."""
 
     y1: torch.Tensor
     err: torch.Tensor | None
     K: torch.Tensor
+    n_evals: int | None = None
 
 
-@dataclass(eq=False)
-class ExplicitRK:
-    """An explicit Runge-Kutta solver defined by its tableau. Subclasses only supply the data."""
+class RungeKutta:
+    """What every solver offers the integrator, dense output and the adjoints: its ``tableau``
+    (``c``, ``b``, ``stages``, ``order`` and the dense-output weights of :class:`DenseWeights`),
+    ``coefficients`` (tensors with at least ``interp``) and ``step``.
 
-    tableau: ButcherTableau = field(repr=False)
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    ``explicit`` is the one fact that code written for explicit, strictly lower triangular
+    tableaus (the NumPy step kernel, the hand-written reverse pass, the compiled step, stage
+    plans) checks before it takes a solver on.
+    """
+
+    tableau: Any
+    explicit: ClassVar[bool]
 
     @property
     def order(self) -> int:
@@ -158,6 +180,42 @@ class ExplicitRK:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """The tableau as tensors of ``dtype`` on ``device`` (made once per pair); has ``interp``."""
+        raise NotImplementedError
+
+    def step(
+        self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any = None
+    ) -> StepResult:
+        """One step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``."""
+        raise NotImplementedError
+
+    def dense_weights(self, theta: torch.Tensor, co: Any) -> torch.Tensor:
+        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
+        deg = co.interp.shape[1]
+        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
+        return powers @ co.interp.T
+
+    @staticmethod
+    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
+        ``(m, stages)``, returned as ``(m, *state_shape)``."""
+        s = K.shape[0]
+        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
+        return out.reshape((weights.shape[0],) + tuple(y0.shape))
+
+
+@dataclass(eq=False)
+class ExplicitRK(RungeKutta):
+    """An explicit Runge-Kutta solver defined by its tableau. Subclasses only supply the data."""
+
+    tableau: ButcherTableau = field(repr=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    explicit: ClassVar[bool] = True
+
+    __repr__ = RungeKutta.__repr__  # (not the dataclass's)
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
         key = (dtype, device)
@@ -226,20 +284,6 @@ class ExplicitRK:
             else:
                 err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
         return StepResult(y1, err, K)
-
-    def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
-        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
-        deg = co.interp.shape[1]
-        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
-        return powers @ co.interp.T
-
-    @staticmethod
-    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
-        ``(m, stages)``, returned as ``(m, *state_shape)``."""
-        s = K.shape[0]
-        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
-        return out.reshape((weights.shape[0],) + tuple(y0.shape))
 
 
 def _new_state(yrow: torch.Tensor, row: torch.Tensor, K: torch.Tensor, dt: float, compiling: bool) -> torch.Tensor:
