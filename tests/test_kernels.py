@@ -13,7 +13,7 @@ import odeflux
 from odeflux.control import initial_step
 from odeflux.kernels import NumpyStepKernel, TorchStepKernel, arrays
 from odeflux.kernels.dense_layers import Kernels, StagePlan
-from odeflux.solvers import SOLVERS
+from odeflux.solvers import RK_SOLVERS as SOLVERS  # the NumPy kernel runs their tableaus
 
 
 def field(t, y):

@@ -16,6 +16,7 @@ from .solution import BackwardStats, DenseOutput, Solution, SolveError, Stats, S
 from .solve import solve
 from .solvers import BS3, RK4, ButcherTableau, Dopri5, Euler, ExplicitRK, Heun, Midpoint, Tsit5
 from .solvers import RK38, Dopri8, Fehlberg2, Heun2, Heun3
+from .solvers import AdamsBashforth, AdamsMoulton, ScipySolver, Solver
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "Euler", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
     "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38",
+    "AdamsBashforth", "AdamsMoulton", "ScipySolver", "Solver",
 ]

@@ -21,7 +21,7 @@ from .control import Parts, StepSizeController, initial_step
 from .kernels import StepKernel, choose_step_kernel
 from .kernels.torch_step import rk_step_with_error
 from .solution import DenseOutput, Stats, Status
-from .solvers.tableau import ExplicitRK
+from .solvers.tableau import ExplicitRK, Solver
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 #: ``on_accept(t, h, y, y1, K)``: called after each accepted step from ``(t, y)`` to ``y1``.
@@ -92,9 +92,11 @@ class IntegrationResult:
 
 
 def integrate(
-    f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: ExplicitRK, options: IntegrateOptions
+    f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: Solver, options: IntegrateOptions
 ) -> IntegrationResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``."""
+    if not solver.stepwise:  # it integrates whole spans itself (odeflux.ScipySolver)
+        return solver.integrate_span(f, y0, t0, t1, options)
     kernel = choose_step_kernel(
         f, y0, solver, rtol=options.rtol, atol=options.atol, parts=options.error_parts,
         float_time=options.float_time, compiled=options.compiled,
@@ -259,7 +261,7 @@ class _Integration:
             h = direction * (remaining if last else dt)
             y1, K, err = kernel.step(t, y, h, self.k)
             stats.n_steps += 1
-            stats.n_f_evals += K.shape[0] - 1
+            stats.n_f_evals += kernel.evaluations(K)
             if self.adaptive:
                 last_err = float(err)  # the one host synchronisation per step
                 accept, dt_new, ctrl_state = self.controller.propose(abs(h), last_err, ctrl_state, order)

@@ -18,7 +18,7 @@ from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
 from .vector_field import VectorField, takes_time
 from .integrator import IntegrateOptions, IntegrationResult, integrate
 from .solution import Solution, times_tensor
-from .solvers import ExplicitRK, Tsit5
+from .solvers import Solver, Tsit5
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -31,7 +31,7 @@ class Problem:
     y0: torch.Tensor
     t0: float
     t1: float
-    solver: ExplicitRK
+    solver: Solver
     controller: StepSizeController
     rtol: float
     atol: float
@@ -192,10 +192,14 @@ def make_problem(
 
     if solver is None:
         solver = Tsit5()
-    if isinstance(solver, type) and issubclass(solver, ExplicitRK):
+    if isinstance(solver, type) and issubclass(solver, Solver):
         raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
-    if not isinstance(solver, ExplicitRK):
+    if not isinstance(solver, Solver):
         raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
+    if compile and not solver.tableau_steps:
+        raise ValueError(
+            f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes other steps: drop compile=True"
+        )
     if controller is None:
         controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()
     if not isinstance(controller, StepSizeController):

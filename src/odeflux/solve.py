@@ -10,7 +10,7 @@ from .control import StepSizeController
 from .problem import make_problem, solution_from_result
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status
-from .solvers import ExplicitRK
+from .solvers import Solver
 
 _DIRECT = DirectAdjoint()  # solve()'s default method
 
@@ -20,7 +20,7 @@ def solve(
     y0: torch.Tensor,
     t_span: Sequence[float] | torch.Tensor,
     *,
-    solver: ExplicitRK | None = None,
+    solver: Solver | None = None,
     args: Any = None,
     params: Sequence[torch.Tensor] | None = None,
     rtol: float = 1e-3,

@@ -9,9 +9,11 @@ field, any device, under autograd, optionally compiled), or :class:`NumpyStepKer
 arithmetic on NumPy arrays that view the tensors' memory, for small CPU states outside autograd,
 where torch's per-op dispatch (3-6 us) costs more than the work.
 
-:func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the state
-(:func:`arrays.state_applies`), whether the caller asked for a compiled step, and whether the
-right-hand side implements one of the two array interfaces below:
+:func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the solver
+(:attr:`~odeflux.solvers.tableau.Solver.tableau_steps`: the NumPy kernel re-implements only the
+explicit Runge-Kutta step), the state (:func:`arrays.state_applies`), whether the caller asked
+for a compiled step, and whether the right-hand side implements one of the two array interfaces
+below:
 
 - :class:`ArrayKernelSource`: a field that can hand a solve its evaluation
   (:class:`ArrayField`) and VJP (:class:`ArrayVJP`) on NumPy arrays, built for that solve from
@@ -37,7 +39,7 @@ from . import arrays
 
 if TYPE_CHECKING:
     from ..control import HairerNorms, Parts
-    from ..solvers.tableau import ExplicitRK
+    from ..solvers.tableau import Solver
 
 
 class StepKernel(Protocol):
@@ -61,6 +63,9 @@ class StepKernel(Protocol):
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> HairerNorms:
         """The scaled norms Hairer's initial step needs at ``(t, y)`` with ``k = f(t, y)``."""
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        """How many evaluations of ``f`` the step that returned the stages ``K`` made."""
 
 
 class ArrayField(abc.ABC):
@@ -134,11 +139,11 @@ class StepPlanner(abc.ABC):
 
 
 def choose_step_kernel(
-    f: Any, y0: torch.Tensor, solver: ExplicitRK, *, rtol: float, atol: float, parts: Parts | None,
+    f: Any, y0: torch.Tensor, solver: Solver, *, rtol: float, atol: float, parts: Parts | None,
     float_time: bool, compiled: bool,
 ) -> StepKernel:  # fmt: skip
     """The kernel for one solve of ``f`` from ``y0`` (see the module docstring)."""
-    if not compiled and arrays.state_applies(y0):
+    if solver.tableau_steps and not compiled and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) else None
         if array_f is not None or planner is not None:

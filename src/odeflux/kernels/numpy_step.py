@@ -151,3 +151,6 @@ class NumpyStepKernel:
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> NumpyNorms:
         return NumpyNorms(self, y, k)
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return K.shape[0] - 1  # every stage but the first (given) is one evaluation

@@ -8,16 +8,17 @@ from typing import Any, Callable
 import torch
 
 from ..control import Parts, error_ratio, part_rms
-from ..solvers.tableau import ExplicitRK
+from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def rk_step_with_error(
-    solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
+    solver: Stepper, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
     rtol: float, atol: float, parts: Parts | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """One Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
+    """One step of ``solver`` (an explicit Runge-Kutta solver, or an integration's
+    :class:`~odeflux.solvers.tableau.Stepper`) and its scaled error norm (``None`` if fixed-step).
 
     Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
     """
@@ -60,18 +61,25 @@ class TorchNorms:
 
 
 class TorchStepKernel:
-    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``)."""
+    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``), through
+    the solver's stepper for this integration (:meth:`~odeflux.solvers.tableau.Solver.stepper`:
+    a multistep method's history lives there, never on the solver)."""
 
     arrays = False
 
     def __init__(
-        self, f: VectorField, solver: ExplicitRK, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
+        self, f: VectorField, solver: Solver, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
         float_time: bool, compiled: bool,
     ):  # fmt: skip
         self.f, self.solver, self.rtol, self.atol, self.parts = f, solver, rtol, atol, parts
         self.dtype, self.device = y0.dtype, y0.device
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
+        if compiled and not solver.tableau_steps:
+            raise ValueError(
+                f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes other steps: drop compile=True"
+            )
+        self.stepper = solver.stepper(rtol, atol)
         self._step = compiled_step() if compiled else rk_step_with_error
 
     def running(self) -> contextlib.nullcontext:
@@ -84,7 +92,10 @@ class TorchStepKernel:
         return self.f(self.time(t), y)
 
     def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self._step(self.solver, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts)
+        return self._step(self.stepper, self.f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts)
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return self.stepper.evaluations(K)
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():

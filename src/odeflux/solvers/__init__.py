@@ -1,5 +1,7 @@
-"""Explicit Runge-Kutta solvers: one file per method holding its tableau, one generic stepper."""
+"""The solvers: explicit Runge-Kutta methods (one file per method holding its tableau, one generic
+stepper), the fixed-step Adams methods, and scipy's ``solve_ivp`` behind :class:`ScipySolver`."""
 
+from .adams import AdamsBashforth, AdamsMoulton
 from .bs3 import BS3
 from .dopri5 import Dopri5
 from .dopri8 import Dopri8
@@ -11,17 +13,31 @@ from .heun3 import Heun3
 from .midpoint import Midpoint
 from .rk4 import RK4
 from .rk38 import RK38
-from .tableau import ButcherTableau, ExplicitRK, StepResult
+from .scipy_solver import ScipySolver
+from .tableau import ButcherTableau, ExplicitRK, Solver, Stepper, StepResult
 from .tsit5 import Tsit5
 
-SOLVERS = {
+#: The explicit Runge-Kutta solvers by name (each a tableau: what the NumPy kernel and the
+#: hand-written reverse pass run).
+RK_SOLVERS = {
     cls.__name__.lower(): cls
     for cls in (Tsit5, Dopri5, Dopri8, BS3, Heun, Fehlberg2, Euler, Midpoint, Heun2, Heun3, RK4, RK38)
 }
 # torchdiffeq's adaptive_heun is Heun() (the same tableau; its error weights differ only in sign).
-SOLVERS["adaptive_heun"] = Heun
+RK_SOLVERS["adaptive_heun"] = Heun
+
+#: Every solver by name (torchdiffeq's names where it has one); each builds with no arguments.
+SOLVERS: dict[str, type[Solver]] = {
+    **RK_SOLVERS,
+    "explicit_adams": AdamsBashforth,
+    # torchdiffeq's implicit_adams and fixed_adams are both its Adams-Bashforth-Moulton solver.
+    "implicit_adams": AdamsMoulton,
+    "fixed_adams": AdamsMoulton,
+    "scipy_solver": ScipySolver,  # LSODA by default
+}
 
 __all__ = [
-    "BS3", "ButcherTableau", "Dopri5", "Dopri8", "Euler", "ExplicitRK", "Fehlberg2", "Heun", "Heun2", "Heun3",
-    "Midpoint", "RK38", "RK4", "SOLVERS", "StepResult", "Tsit5",
+    "AdamsBashforth", "AdamsMoulton", "BS3", "ButcherTableau", "Dopri5", "Dopri8", "Euler", "ExplicitRK", "Fehlberg2",
+    "Heun", "Heun2", "Heun3", "Midpoint", "RK38", "RK4", "RK_SOLVERS", "SOLVERS", "ScipySolver", "Solver", "StepResult",
+    "Stepper", "Tsit5",
 ]  # fmt: skip

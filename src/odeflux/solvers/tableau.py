@@ -1,10 +1,11 @@
-"""Butcher tableaus as data, and the one generic explicit Runge-Kutta stepper that runs them."""
+"""Butcher tableaus as data, the :class:`Solver` interface every solver implements, and the one
+generic explicit Runge-Kutta stepper that runs the tableaus."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -132,12 +133,99 @@ class StepResult(NamedTuple):
     K: torch.Tensor
 
 
+class Stepper(Protocol):
+    """How one integration takes its steps (:meth:`Solver.stepper`): an explicit Runge-Kutta
+    solver is its own, stateless stepper; a multistep method hands each integration a fresh
+    one that keeps that integration's history."""
+
+    def step(
+        self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any
+    ) -> StepResult:
+        """One step of size ``dt`` from ``(t, y)`` given ``k1 = f(t, y)`` (see :meth:`ExplicitRK.step`)."""
+        ...
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        """How many evaluations of ``f`` the step that returned ``K`` made (``k1`` not counted)."""
+        ...
+
+
+class Solver:
+    """What the integrator, dense output and the sensitivity methods ask of a solver.
+
+    A solver has an ``order``, says whether it is ``adaptive`` (has an error estimate, with
+    ``error_order`` for step-size control) and ``fsal`` (the last row of a step's ``K`` is
+    ``f(t1, y1)``), and a ``tableau``: the layout of a step's stage matrix ``K`` and its dense
+    output ``y(t0 + theta h) = y0 + h sum_i b_i(theta) K_i`` (for a Runge-Kutta method its
+    Butcher tableau). Two typed facts say how a solve may run it:
+
+    - ``stepwise``: the integrator's loop takes its steps through :meth:`stepper` (one
+      :class:`Stepper` per integration). A solver that integrates whole spans itself (a wrapper
+      of another library's integrator) sets it ``False`` and implements :meth:`integrate_span`.
+    - ``tableau_steps``: each step is the explicit Runge-Kutta step of ``tableau`` and nothing
+      else. The code that re-implements that arithmetic (the NumPy step kernel, the hand-written
+      reverse pass, the compiled step) applies only where it is ``True``.
+    """
+
+    stepwise: ClassVar[bool] = True
+    tableau_steps: ClassVar[bool] = False
+
+    order: int
+    adaptive: bool
+    fsal: bool
+    error_order: int
+    tableau: ButcherTableau
+    _cache: dict
+
+    def stepper(self, rtol: float, atol: float) -> Stepper:
+        """The stepper of one integration at tolerances ``rtol``/``atol`` (``stepwise`` solvers)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no steps of odeflux's loop")
+
+    def integrate_span(self, f: VectorField, y0: torch.Tensor, t0: float, t1: float, options: Any) -> Any:
+        """The whole integration (``stepwise = False`` solvers): :func:`odeflux.integrator.integrate`'s
+        contract, returning an :class:`~odeflux.integrator.IntegrationResult`."""
+        raise NotImplementedError(f"{type(self).__name__} is stepped by odeflux's loop")
+
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+        """The tableau as tensors of ``dtype`` on ``device`` (made once per pair)."""
+        key = (dtype, device)
+        co = self._cache.get(key)
+        if co is None:
+            tab = self.tableau
+            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+            co = _Coefficients(
+                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
+                b_row=mk([list(tab.b)]),
+                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+                c=tab.c,
+                interp=mk([list(r) for r in tab.interp]),
+            )
+            self._cache[key] = co
+        return co
+
+    def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
+        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
+        deg = co.interp.shape[1]
+        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
+        return powers @ co.interp.T
+
+    @staticmethod
+    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
+        ``(m, stages)``, returned as ``(m, *state_shape)``."""
+        s = K.shape[0]
+        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
+        return out.reshape((weights.shape[0],) + tuple(y0.shape))
+
+
 @dataclass(eq=False)
-class ExplicitRK:
-    """An explicit Runge-Kutta solver defined by its tableau. Subclasses only supply the data."""
+class ExplicitRK(Solver):
+    """An explicit Runge-Kutta solver defined by its tableau. Subclasses only supply the data.
+    Stateless: it is the stepper of every integration it runs."""
 
     tableau: ButcherTableau = field(repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    tableau_steps: ClassVar[bool] = True
 
     @property
     def order(self) -> int:
@@ -159,21 +247,11 @@ class ExplicitRK:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
-        key = (dtype, device)
-        co = self._cache.get(key)
-        if co is None:
-            tab = self.tableau
-            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            co = _Coefficients(
-                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
-                b_row=mk([list(tab.b)]),
-                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
-                c=tab.c,
-                interp=mk([list(r) for r in tab.interp]),
-            )
-            self._cache[key] = co
-        return co
+    def stepper(self, rtol: float, atol: float) -> ExplicitRK:
+        return self
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return K.shape[0] - 1
 
     def step(
         self,
@@ -225,20 +303,6 @@ class ExplicitRK:
             else:
                 err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
         return StepResult(y1, err, K)
-
-    def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
-        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
-        deg = co.interp.shape[1]
-        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
-        return powers @ co.interp.T
-
-    @staticmethod
-    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
-        ``(m, stages)``, returned as ``(m, *state_shape)``."""
-        s = K.shape[0]
-        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
-        return out.reshape((weights.shape[0],) + tuple(y0.shape))
 
 
 def _not_compiling() -> bool:
