@@ -9,7 +9,7 @@ run in several solves at once (a forward solve and an adjoint's backward solve, 
 Steps, with ``h`` fixed (``dt0``):
 
 - the first ``p - 1`` steps, while the history builds, and any step of another size (the last
-  step, shortened to land on ``t1``) are Runge-Kutta steps: classic RK4 for ``p <= 5``, whose
+  step, shortened to land on ``t1``, unless only round-off shortened it) are Runge-Kutta steps: classic RK4 for ``p <= 5``, whose
   local error ``O(h^5)`` on a bounded number of steps keeps the global order ``p``; Dopri8's
   8th-order step above;
 - then Adams-Bashforth: ``y1 = y0 + h sum_j beta_j f_{n-j}`` (one evaluation, ``f(t1, y1)``);
@@ -24,6 +24,7 @@ written as ``y_n + h sum_i b_i(theta) K_i`` with ``K = [f_n, (y_{n+1} - y_n) / h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar, Sequence
@@ -38,6 +39,8 @@ from .tableau import ButcherTableau, ExplicitRK, Solver, StepResult, VectorField
 
 #: The highest order offered (the Dopri8 start keeps up to order 8).
 MAX_ORDER = 8
+# Steps whose sizes differ by less than this, relatively, count as equal (round-off of the times).
+_SAME_STEP = 1e-12
 
 __all__ = ["MAX_ORDER", "AdamsBashforth", "AdamsMoulton", "AdamsStepper", "adams_weights"]
 
@@ -179,13 +182,15 @@ class AdamsStepper:
     def __init__(self, solver: _Adams, rtol: float, atol: float):
         self.solver, self.rtol, self.atol = solver, rtol, atol
         self.history: list[torch.Tensor] = []
-        self.h: float | None = None
+        self.h = math.nan
         self._last_y: torch.Tensor | None = None
         self._evals = 0
 
     def step(self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any = None) -> StepResult:
         solver, p = self.solver, self.solver.order
-        if y is not self._last_y or dt != self.h:
+        # (A last step that lands on t1 differs from the others by the rounding of t0 + n h alone:
+        # it keeps the history, at a relative error far below any step's.)
+        if y is not self._last_y or abs(dt - self.h) > _SAME_STEP * abs(self.h):
             self.history, self.h = [k1], dt
         t1 = t + dt
         if len(self.history) >= p:

@@ -67,6 +67,11 @@ def require_cpu(device: torch.device) -> None:
         )
 
 
+def _as_float64(k: torch.Tensor) -> np.ndarray:
+    """A derivative as a flat float64 array of its own (scipy may keep it)."""
+    return np.array(k.detach().reshape(-1).cpu().numpy(), dtype=np.float64)
+
+
 def _sampling_tableau(method: str, m: int) -> ButcherTableau:
     """The layout of a scipy step as odeflux's dense output sees it: ``K_j = (y(theta_j) - y0) / h``
     at ``theta_j = j / m``, and ``b_j(theta)`` the Lagrange basis polynomials on ``0, theta_1..m``
@@ -109,9 +114,10 @@ class _StepBudget:
     which its root finding then returns)."""
 
     terminal = True
+    direction = 0.0  # (scipy's attribute: a zero reached from either side ends the solve)
 
-    def __init__(self, max_steps: int, direction: float):
-        self.max_steps, self.direction = max_steps, direction
+    def __init__(self, max_steps: int, sign: float):
+        self.max_steps, self.sign = max_steps, sign
         self.calls = 0
         self.t_stop: float | None = None
 
@@ -120,7 +126,7 @@ class _StepBudget:
             self.calls += 1
             if self.calls > self.max_steps:  # the first call is at t0: max_steps steps taken
                 self.t_stop = t
-        return 1.0 if self.t_stop is None else self.direction * (self.t_stop - t)
+        return 1.0 if self.t_stop is None else self.sign * (self.t_stop - t)
 
 
 @dataclass(eq=False)
@@ -193,8 +199,9 @@ class ScipySolver(Solver):
             k0 = f(time(t0), y0)
         _check_derivative(k0, y0)
         y0_np = y0.detach().reshape(-1).to(torch.float64).numpy().copy()
-        first = [np.array(k0.detach().reshape(-1), dtype=np.float64)]  # served to scipy's first call
+        first = [_as_float64(k0)]  # served to scipy's first call
         nonfinite = [False]
+        evals = [1]  # (scipy's nfev leaves out its finite-difference Jacobians' evaluations)
 
         def fun(t: float, y: np.ndarray) -> np.ndarray:
             if first and t == t0 and np.array_equal(y, y0_np):
@@ -203,7 +210,8 @@ class ScipySolver(Solver):
             yt = torch.from_numpy(np.array(y, dtype=np_dtype)).reshape(shape)  # a copy: f may keep or change it
             with torch.no_grad():
                 k = f(time(t), yt)
-            out = np.array(k.detach().reshape(-1), dtype=np.float64)
+            evals[0] += 1
+            out = _as_float64(k)
             if not nonfinite[0] and not np.isfinite(out).all():
                 nonfinite[0] = True
             return out
@@ -302,7 +310,6 @@ class ScipySolver(Solver):
             if keep:
                 dense = DenseOutput(self, starts, dts, y_starts, Ks, False)
 
-        nfev = int(res.nfev) + (1 if first else 0)  # (the start's evaluation, where scipy never asked for it)
-        stats = Stats(n_f_evals=nfev, n_steps=n_steps, n_accepted=n_steps, n_rejected=0)
+        stats = Stats(n_f_evals=evals[0], n_steps=n_steps, n_accepted=n_steps, n_rejected=0)
         dt_next = abs(steps[-1] - steps[-2]) if n_steps else abs(t1 - t0)
         return IntegrationResult(ts, ys, t_end, y_end, None, dt_next, stats, status, message, dense)
