@@ -77,7 +77,7 @@ class TorchStepKernel:
         self.float_time = float_time
         if compiled and not solver.tableau_steps:
             raise ValueError(
-                f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes other steps: drop compile=True"
+                f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes others: drop compile=True"
             )
         self.stepper = solver.stepper(rtol, atol)
         self._step = compiled_step() if compiled else rk_step_with_error

@@ -9,9 +9,9 @@ run in several solves at once (a forward solve and an adjoint's backward solve, 
 Steps, with ``h`` fixed (``dt0``):
 
 - the first ``p - 1`` steps, while the history builds, and any step of another size (the last
-  step, shortened to land on ``t1``, unless only round-off shortened it) are Runge-Kutta steps: classic RK4 for ``p <= 5``, whose
-  local error ``O(h^5)`` on a bounded number of steps keeps the global order ``p``; Dopri8's
-  8th-order step above;
+  step, shortened to land on ``t1``, unless only round-off shortened it) are Runge-Kutta steps:
+  classic RK4 for ``p <= 5``, whose local error ``O(h^5)`` on a bounded number of steps keeps the
+  global order ``p``; Dopri8's 8th-order step above;
 - then Adams-Bashforth: ``y1 = y0 + h sum_j beta_j f_{n-j}`` (one evaluation, ``f(t1, y1)``);
 - or Adams-Moulton: predict with Adams-Bashforth of order ``p``, then correct
   ``y1 = y0 + h (beta*_0 f(t1, y1) + sum_j beta*_j f_{n+1-j})`` by fixed-point iteration (see
@@ -113,7 +113,9 @@ class _Adams(Solver):
         """A fresh stepper, with an empty history, for one integration."""
         return AdamsStepper(self, rtol, atol)
 
-    def correct(self, stepper: AdamsStepper, f: VectorField, t1: Any, y: torch.Tensor, dt: float, y_pred: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def correct(
+        self, stepper: AdamsStepper, f: VectorField, t1: Any, y: torch.Tensor, dt: float, y_pred: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         """The corrected state from the predicted one, and the evaluations it took."""
         return y_pred, 0
 
@@ -149,7 +151,9 @@ class AdamsMoulton(_Adams):
             raise ValueError(f"AdamsMoulton: max_iters must be a positive integer, got {self.max_iters!r}")
         self._moulton = adams_weights([1 - j for j in range(self.order)])
 
-    def correct(self, stepper: AdamsStepper, f: VectorField, t1: Any, y: torch.Tensor, dt: float, y_pred: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def correct(
+        self, stepper: AdamsStepper, f: VectorField, t1: Any, y: torch.Tensor, dt: float, y_pred: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         p, n = self.order, y.numel()
         beta0 = float(self._moulton[0])
         # The part of the corrector the iteration leaves fixed: y_n + h sum_{j>=1} beta*_j f_{n+1-j}.

@@ -177,7 +177,7 @@ class ScipySolver(Solver):
         opts = options
         require_cpu(y0.device)
         if opts.compiled:
-            raise ValueError("compile=True compiles odeflux's Runge-Kutta step; ScipySolver runs scipy's: drop compile=True")
+            raise ValueError("compile=True compiles odeflux's Runge-Kutta step, not scipy's: drop compile=True")
         if opts.controller is not DEFAULT_PI:
             raise ValueError(
                 "ScipySolver controls its own step size: leave controller= unset (dt0=, dtmin= and dtmax= reach scipy)"
