@@ -23,7 +23,7 @@ below:
   adjoints' systems, :mod:`odeflux.sensitivity.rhs`).
 
 Nothing is probed by name on each call. Adding a kernel means a class with
-:class:`StepKernel`'s four methods and one branch in :func:`choose_step_kernel`, and a test that
+:class:`StepKernel`'s five methods and one branch in :func:`choose_step_kernel`, and a test that
 compares it with :class:`TorchStepKernel` step by step (``tests/test_kernels.py``).
 """
 

@@ -21,6 +21,8 @@ class ButcherTableau:
     weights of the error estimate ``dt * sum(b_err[i] * k[i])`` (``None`` for fixed-step methods).
     ``interp[i][d]`` is the coefficient of ``theta**(d + 1)`` in the dense-output weight
     ``b_i(theta)``, so that ``y(t0 + theta * dt) = y0 + dt * sum_i b_i(theta) * k_i``.
+    A solver that is no Runge-Kutta method (:class:`Solver`) uses one to describe only the rows
+    ``k_i`` of its steps' ``K`` and their dense output (``a`` zero, ``b`` reading ``y1`` back).
     """
 
     name: str
