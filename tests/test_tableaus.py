@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 
-from odeflux.solvers import SOLVERS
+from odeflux.solvers import RK_SOLVERS as SOLVERS  # the tableaus of the explicit Runge-Kutta solvers
 
 ALL = sorted(SOLVERS)
 ADAPTIVE = [n for n in ALL if SOLVERS[n]().adaptive]

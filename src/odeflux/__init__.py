@@ -22,6 +22,7 @@ from .solvers import (
     SDIRK2, TRBDF2, GaussLegendre4, GaussLegendre6, ImplicitEuler, ImplicitMidpoint, ImplicitRK, RadauIIA3, RadauIIA5,
     RungeKutta, Trapezoid,
 )  # fmt: skip
+from .solvers import AdamsBashforth, AdamsMoulton, ScipySolver, Solver
 
 __version__ = "0.1.0"
 
@@ -33,4 +34,5 @@ __all__ = [
     "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38", "StepCallbacks",
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "RadauIIA3", "RadauIIA5",
     "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
+    "AdamsBashforth", "AdamsMoulton", "ScipySolver", "Solver",
 ]

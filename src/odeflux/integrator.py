@@ -22,7 +22,7 @@ from .kernels import StepKernel, choose_step_kernel
 from .kernels.torch_step import rk_step_with_error
 from .solution import DenseOutput, Stats, Status
 from .solvers.implicit import NewtonFailure
-from .solvers.tableau import RungeKutta
+from .solvers.tableau import Solver
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 #: ``on_accept(t, h, y, y1, K)``: called after each accepted step from ``(t, y)`` to ``y1``; a
@@ -131,9 +131,11 @@ class IntegrationResult:
 
 
 def integrate(
-    f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: RungeKutta, options: IntegrateOptions
+    f: VectorField, y0: torch.Tensor, t0: float, t1: float, solver: Solver, options: IntegrateOptions
 ) -> IntegrationResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t0`` to ``t1`` (either direction) with ``solver``."""
+    if not solver.stepwise:  # it integrates whole spans itself (odeflux.ScipySolver)
+        return solver.integrate_span(f, y0, t0, t1, options)
     kernel = choose_step_kernel(
         f, y0, solver, rtol=options.rtol, atol=options.atol, parts=options.error_parts,
         float_time=options.float_time, compiled=options.compiled, norm=options.norm, perturb=options.perturb,
@@ -147,7 +149,7 @@ class _Saver:
     """Which states the caller gets back: the start and end, every step, or ``saveat`` times
     (interpolated inside steps, never forcing one)."""
 
-    def __init__(self, opts: IntegrateOptions, solver: RungeKutta, t0: float, y0: torch.Tensor, direction: float):
+    def __init__(self, opts: IntegrateOptions, solver: Solver, t0: float, y0: torch.Tensor, direction: float):
         self.solver, self.direction = solver, direction
         self.save_everystep, self.save_end = opts.save_everystep, opts.save_end
         self.times = list(opts.saveat) if opts.saveat is not None else None
@@ -218,14 +220,14 @@ class _DenseRecorder:
             self.on = False
             self.t, self.dt, self.y, self.K = [], [], [], []
 
-    def output(self, solver: RungeKutta, on_arrays: bool) -> DenseOutput | None:
+    def output(self, solver: Solver, on_arrays: bool) -> DenseOutput | None:
         return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays) if self.on and self.dt else None
 
 
 class _Integration:
     """One integration's state: where it is, the step it tries next, and its collaborators."""
 
-    def __init__(self, kernel: StepKernel, y0: torch.Tensor, t0: float, t1: float, solver: RungeKutta, opts: IntegrateOptions):
+    def __init__(self, kernel: StepKernel, y0: torch.Tensor, t0: float, t1: float, solver: Solver, opts: IntegrateOptions):
         self.kernel, self.solver, self.opts = kernel, solver, opts
         self.t0, self.t1 = t0, t1
         self.direction = 1.0 if t1 > t0 else -1.0
@@ -318,7 +320,7 @@ class _Integration:
             except NewtonFailure as exc:  # an implicit step: reported as a status, like the others
                 return self.result(Status.NEWTON_FAILED, str(exc), dt)
             stats.n_steps += 1
-            stats.n_f_evals += kernel.step_evaluations(K)
+            stats.n_f_evals += kernel.evaluations(K)
             if self.adaptive:
                 last_err = float(err)  # the one host synchronisation per step
                 accept, dt_new, ctrl_state = self.controller.propose(abs(h), last_err, ctrl_state, order)

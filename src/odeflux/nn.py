@@ -9,7 +9,7 @@ from torch import nn
 
 from .solution import Solution
 from .solve import solve
-from .solvers import RungeKutta, Tsit5
+from .solvers import Solver, Tsit5
 from .vector_field import VectorField
 
 __all__ = ["NeuralODE", "VectorField"]
@@ -28,7 +28,7 @@ class NeuralODE(nn.Module):
     def __init__(
         self,
         vector_field: nn.Module,
-        solver: RungeKutta | None = None,
+        solver: Solver | None = None,
         tspan: Sequence[float] = (0.0, 1.0),
         sensealg: Any = "default",
         *,

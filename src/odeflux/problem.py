@@ -18,7 +18,7 @@ from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
 from .vector_field import VectorField, takes_time
 from .integrator import IntegrateOptions, IntegrationResult, StepCallbacks, integrate
 from .solution import Solution, times_tensor
-from .solvers import RungeKutta, Tsit5
+from .solvers import Solver, Tsit5
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -31,7 +31,7 @@ class Problem:
     y0: torch.Tensor
     t0: float
     t1: float
-    solver: RungeKutta
+    solver: Solver
     controller: StepSizeController
     rtol: float
     atol: float
@@ -202,14 +202,14 @@ def make_problem(
 
     if solver is None:
         solver = Tsit5()
-    if isinstance(solver, type) and issubclass(solver, RungeKutta):
+    if isinstance(solver, type) and issubclass(solver, Solver):
         raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
-    if not isinstance(solver, RungeKutta):
+    if not isinstance(solver, Solver):
         raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
-    if compile and not solver.explicit:
+    if compile and not solver.tableau_steps:
         raise ValueError(
-            f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} is implicit (its Newton "
-            "iterations check convergence on the host): pass compile=False"
+            f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} takes other steps (implicit "
+            "or multistep, checked on the host): pass compile=False"
         )
     if controller is None:
         controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()

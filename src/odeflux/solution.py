@@ -13,7 +13,7 @@ import torch
 from .kernels import arrays
 
 if TYPE_CHECKING:
-    from .solvers.tableau import RungeKutta
+    from .solvers.tableau import Solver
 
 
 class Status(enum.IntEnum):
@@ -74,7 +74,7 @@ class DenseOutput:
     """The method's own interpolant over the accepted steps: ``y(t)`` anywhere in the span."""
 
     def __init__(
-        self, solver: RungeKutta, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
+        self, solver: Solver, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
         Ks: list[torch.Tensor], on_arrays: bool = False,
     ):  # fmt: skip
         self.solver = solver

@@ -16,7 +16,7 @@ from .tree import TreeField, flatten, is_tree, tree_norm
 from .vector_field import VectorField, takes_time
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm
 from .solution import Solution, SolveError, Status
-from .solvers import RungeKutta
+from .solvers import Solver
 
 _DIRECT = DirectAdjoint()  # solve()'s default method
 
@@ -26,7 +26,7 @@ def solve(
     y0: Any,
     t_span: Sequence[float] | torch.Tensor,
     *,
-    solver: RungeKutta | None = None,
+    solver: Solver | None = None,
     args: Any = None,
     params: Sequence[torch.Tensor] | None = None,
     rtol: float = 1e-3,

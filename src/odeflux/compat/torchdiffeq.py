@@ -80,10 +80,12 @@ def odeint_adjoint(
     params = list(func.parameters()) if adjoint_params is None else list(adjoint_params)
     norm = _AdjointNorm(y0, params, adjoint_options.pop("norm", None))
     adj_solver = _solver(adj_method, adjoint_options)
+    # (scipy's solvers control their own error, as in torchdiffeq: no norm reaches them)
+    adj_norm: Any = "mixed" if _kind(adj_method) == "scipy" else norm
     sensealg = BacksolveAdjoint(
         rtol=adjoint_rtol if adjoint_rtol is not None else rtol,
         atol=adjoint_atol if adjoint_atol is not None else atol,
-        solver=adj_solver, norm=norm, max_steps=adjoint_options.get("max_num_steps", _MAX_STEPS),
+        solver=adj_solver, norm=adj_norm, max_steps=adjoint_options.get("max_num_steps", _MAX_STEPS),
         callbacks=_callbacks(func, "_adjoint", adj_method),
     )  # fmt: skip
     ys = _odeint(func, y0, t, rtol, atol, method, options, event_fn, sensealg, None if adjoint_params is None else params)

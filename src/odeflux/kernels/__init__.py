@@ -10,9 +10,11 @@ field, any device, under autograd, optionally compiled), or :class:`NumpyStepKer
 arithmetic on NumPy arrays that view the tensors' memory, for small CPU states outside autograd,
 where torch's per-op dispatch (3-6 us) costs more than the work.
 
-:func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the state
-(:func:`arrays.state_applies`), whether the caller asked for a compiled step, and whether the
-right-hand side implements one of the two array interfaces below:
+:func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the solver
+(:attr:`~odeflux.solvers.tableau.Solver.tableau_steps`: the NumPy kernel re-implements only the
+explicit Runge-Kutta step), the state (:func:`arrays.state_applies`), whether the caller asked
+for a compiled step, and whether the right-hand side implements one of the two array interfaces
+below:
 
 - :class:`ArrayKernelSource`: a field that can hand a solve its evaluation
   (:class:`ArrayField`) and VJP (:class:`ArrayVJP`) on NumPy arrays, built for that solve from
@@ -22,7 +24,7 @@ right-hand side implements one of the two array interfaces below:
   adjoints' systems, :mod:`odeflux.sensitivity.rhs`).
 
 Nothing is probed by name on each call. Adding a kernel means a class with
-:class:`StepKernel`'s four methods and one branch in :func:`choose_step_kernel`, and a test that
+:class:`StepKernel`'s five methods and one branch in :func:`choose_step_kernel`, and a test that
 compares it with :class:`TorchStepKernel` step by step (``tests/test_kernels.py``).
 """
 
@@ -38,7 +40,7 @@ from . import arrays
 
 if TYPE_CHECKING:
     from ..control import HairerNorms, Parts
-    from ..solvers.tableau import RungeKutta
+    from ..solvers.tableau import Solver
 
 
 class StepKernel(Protocol):
@@ -64,11 +66,11 @@ class StepKernel(Protocol):
         synchronisation per step; a fixed-step explicit one never does. ``inside_end``: stages on
         the step's end are evaluated just before it (the step ends on a jump of ``f``)."""
 
-    def step_evaluations(self, K: torch.Tensor) -> int:
-        """The evaluations of ``f`` the last step made, given its stages ``K``."""
-
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> HairerNorms:
         """The scaled norms Hairer's initial step needs at ``(t, y)`` with ``k = f(t, y)``."""
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        """How many evaluations of ``f`` the step that returned the stages ``K`` made."""
 
 
 class ArrayField(abc.ABC):
@@ -142,22 +144,22 @@ class StepPlanner(abc.ABC):
 
 
 def choose_step_kernel(
-    f: Any, y0: torch.Tensor, solver: RungeKutta, *, rtol: float, atol: float, parts: Parts | None,
+    f: Any, y0: torch.Tensor, solver: Solver, *, rtol: float, atol: float, parts: Parts | None,
     float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     perturb: bool = False, jumps: bool = False,
 ) -> StepKernel:  # fmt: skip
     """The kernel for one solve of ``f`` from ``y0`` (see the module docstring). An implicit
-    solver gets :class:`ImplicitStepKernel` (torch's ops: the NumPy kernel and the compiled
-    step run explicit tableaus only). A user's ``norm``, ``perturb`` and steps ending on jumps
-    of ``f`` run on torch's ops."""
-    if not solver.explicit:
+    Runge-Kutta solver gets :class:`ImplicitStepKernel`; the NumPy kernel takes explicit
+    tableaus only (``solver.tableau_steps``). A user's ``norm``, ``perturb`` and steps ending on
+    jumps of ``f`` run on torch's ops."""
+    if isinstance(solver, RungeKutta) and not solver.explicit:
         if compiled:
             raise ValueError(
                 f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} is implicit (its Newton "
                 "iterations check convergence on the host): pass compile=False"
             )
         return ImplicitStepKernel(f, solver, y0, rtol, atol, parts, float_time, False, norm, perturb)
-    if not compiled and norm is None and not perturb and not jumps and arrays.state_applies(y0):
+    if solver.tableau_steps and not compiled and norm is None and not perturb and not jumps and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) else None
         if array_f is not None or planner is not None:
@@ -167,6 +169,7 @@ def choose_step_kernel(
 
 from .numpy_step import NumpyStepKernel  # noqa: E402 (they build on the interfaces above)
 from .torch_step import ImplicitStepKernel, TorchStepKernel  # noqa: E402
+from ..solvers.tableau import RungeKutta  # noqa: E402
 
 __all__ = [
     "ImplicitStepKernel", "NumpyStepKernel", "TorchStepKernel",

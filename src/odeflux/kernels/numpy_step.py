@@ -73,7 +73,7 @@ class NumpyStepKernel:
         self, f: Callable[..., torch.Tensor], solver: Any, y0: torch.Tensor, rtol: float, atol: float,
         parts: Parts | None, float_time: bool, array_f: ArrayField | None, planner: StepPlanner | None,
     ):  # fmt: skip
-        if not solver.explicit:
+        if not solver.tableau_steps:
             raise TypeError(f"the NumPy step kernel runs explicit tableaus only, not {type(solver).__name__}")
         self.f, self.solver, self.rtol, self.atol, self.parts = f, solver, rtol, atol, parts
         self.shape, self.dtype = y0.shape, y0.dtype
@@ -151,8 +151,8 @@ class NumpyStepKernel:
         err /= scale
         return y1, K_t, abs(dt) / self.rtol * part_rms_array(err, parts)
 
-    def step_evaluations(self, K: torch.Tensor) -> int:
-        return K.shape[0] - 1  # one per stage after the first (k is given)
-
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> NumpyNorms:
         return NumpyNorms(self, y, k)
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return K.shape[0] - 1  # every stage but the first (given) is one evaluation

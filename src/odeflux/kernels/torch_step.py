@@ -8,16 +8,17 @@ from typing import Any, Callable
 import torch
 
 from ..control import Parts, error_ratio, part_rms
-from ..solvers.tableau import ExplicitRK, RungeKutta
+from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def rk_step_with_error(
-    solver: ExplicitRK, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
+    solver: Stepper, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
     rtol: float, atol: float, parts: Parts | None, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """One Runge-Kutta step and its scaled error norm (``None`` if fixed-step).
+    """One step of ``solver`` (an explicit Runge-Kutta solver, or an integration's
+    :class:`~odeflux.solvers.tableau.Stepper`) and its scaled error norm (``None`` if fixed-step).
 
     Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
     """
@@ -66,7 +67,9 @@ class TorchNorms:
 
 
 class TorchStepKernel:
-    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``).
+    """Steps on torch's ops (:func:`rk_step_with_error`; compiled with ``compiled=True``), through
+    the solver's stepper for this integration (:meth:`~odeflux.solvers.tableau.Solver.stepper`:
+    a multistep method's history lives there, never on the solver).
 
     ``norm`` replaces the RMS error norm (of the scaled error); with ``perturb`` the stages
     that fall on a step's end are evaluated just before it (the integrator evaluates the start
@@ -75,7 +78,7 @@ class TorchStepKernel:
     arrays = False
 
     def __init__(
-        self, f: VectorField, solver: RungeKutta, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
+        self, f: VectorField, solver: Solver, y0: torch.Tensor, rtol: float, atol: float, parts: Parts | None,
         float_time: bool, compiled: bool, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
         perturb: bool = False,
     ):  # fmt: skip
@@ -84,6 +87,11 @@ class TorchStepKernel:
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
         self.norm, self.perturb = norm, perturb
+        if compiled and not solver.tableau_steps:
+            raise ValueError(
+                f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes others: drop compile=True"
+            )
+        self.stepper = solver.stepper(rtol, atol)
         self._step = compiled_step() if compiled else rk_step_with_error
 
     def running(self) -> contextlib.nullcontext:
@@ -99,7 +107,7 @@ class TorchStepKernel:
         self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
         f = self._before_end(t + h, -1.0 if h > 0 else 1.0) if self.perturb or inside_end else self.f
-        return self._step(self.solver, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
+        return self._step(self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
 
     def _before_end(self, end: float, back: float) -> VectorField:
         """``f`` with a stage on the step's end moved just inside the step (``perturb``)."""
@@ -114,8 +122,8 @@ class TorchStepKernel:
 
         return f_inside
 
-    def step_evaluations(self, K: torch.Tensor) -> int:
-        return K.shape[0] - 1  # an explicit step: one per stage after the first (k is given)
+    def evaluations(self, K: torch.Tensor) -> int:
+        return self.stepper.evaluations(K)
 
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():
@@ -131,5 +139,5 @@ class ImplicitStepKernel(TorchStepKernel):
         y1, _, K, self._evals = self.solver.step(f, self.time(t), y, h, k, self.co)
         return y1, K, None
 
-    def step_evaluations(self, K: torch.Tensor) -> int:
+    def evaluations(self, K: torch.Tensor) -> int:
         return self._evals

@@ -31,7 +31,8 @@ from ..solvers import SOLVERS
 # The names the command line takes, from the registries, so that a method added there is offered here.
 SENSEALGS = tuple(ALGORITHMS)
 VJPS = tuple(VJP_BACKENDS)
-ADAPTIVE_SOLVERS = tuple(name for name, cls in SOLVERS.items() if cls().adaptive)  # the layer needs error control
+# The layer needs error control, and steps on any device (ScipySolver integrates on the CPU alone).
+ADAPTIVE_SOLVERS = tuple(name for name, cls in SOLVERS.items() if cls().adaptive and cls.stepwise)
 PARAM_STRUCTURES = ("tree", "flat")
 ARCHS = ("tutorial", "odenet")
 IMAGE_SIZE = 28 * 28

@@ -25,7 +25,7 @@ from ..control import DEFAULT_PI, ConstantStepSize, Parts
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
-from ..solvers import RungeKutta
+from ..solvers import Solver
 from ..tree import TreeField
 from ..vector_field import VectorField
 from .rhs import LambdaRHS
@@ -93,7 +93,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     vjp: str = "autograd"
     rtol: float | None = None
     atol: float | None = None
-    solver: RungeKutta | None = None
+    solver: Solver | None = None
     seminorm: bool = False
     max_steps: int | None = None
     store_limit: int | None = None
@@ -117,7 +117,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
             raise ValueError(
                 f"{type(self).__name__}: first_step={self.first_step!r} is not one of {', '.join(FIRST_STEPS)}"
             )
-        if self.solver is not None and not isinstance(self.solver, RungeKutta):
+        if self.solver is not None and not isinstance(self.solver, Solver):
             raise TypeError(f"{type(self).__name__}: solver must be an odeflux solver such as Tsit5(), got {self.solver!r}")
 
     # -- what subclasses provide ------------------------------------------------------------

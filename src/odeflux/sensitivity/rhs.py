@@ -35,7 +35,7 @@ class _PlannedRHS(StepPlanner, JacobianSource):
         # is rather than interpolated (exact, and no lookup for the adjoint's first evaluation).
         self.t_known, self.y_known = (t_known, y_known) if y_known is not None else (None, None)
         # Stage plans are for explicit steps (the NumPy kernel's); an implicit solver gets none.
-        self.c = run.solver.tableau.c[1:] if run.solver.explicit else ()
+        self.c = run.solver.tableau.c[1:] if run.solver.tableau_steps else ()
         # (A flag, not a bound method stored on self: that would be a reference cycle, keeping each
         # piece's dense output alive until the garbage collector runs.)
         self.batched = dense.on_arrays and type(self.vjp).stage_plan is not VJPBackend.stage_plan

@@ -1,15 +1,16 @@
-"""Butcher tableaus as data, and the one generic explicit Runge-Kutta stepper that runs them.
+"""Butcher tableaus as data, the :class:`Solver` interface every solver implements, and the one
+generic explicit Runge-Kutta stepper that runs the tableaus.
 
-:class:`RungeKutta` is what every solver offers the integrator, dense output and the adjoints;
-:class:`ExplicitRK` runs explicit tableaus, :class:`odeflux.solvers.implicit.ImplicitRK`
-implicit ones. Code that only handles explicit tableaus checks ``solver.explicit``.
+:class:`RungeKutta` is the Runge-Kutta kind of solver: :class:`ExplicitRK` runs explicit
+tableaus, :class:`odeflux.solvers.implicit.ImplicitRK` implicit ones. Code that only handles
+explicit tableaus checks ``solver.tableau_steps`` (or, for a Runge-Kutta solver, ``explicit``).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -148,14 +149,98 @@ class StepResult(NamedTuple):
     n_evals: int | None = None
 
 
-class RungeKutta:
-    """What every solver offers the integrator, dense output and the adjoints: its ``tableau``
-    (``c``, ``b``, ``stages``, ``order`` and the dense-output weights of :class:`DenseWeights`),
-    ``coefficients`` (tensors with at least ``interp``) and ``step``.
+class Stepper(Protocol):
+    """How one integration takes its steps (:meth:`Solver.stepper`): an explicit Runge-Kutta
+    solver is its own, stateless stepper; a multistep method hands each integration a fresh
+    one that keeps that integration's history."""
+
+    def step(
+        self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any
+    ) -> StepResult:
+        """One step of size ``dt`` from ``(t, y)`` given ``k1 = f(t, y)`` (see :meth:`ExplicitRK.step`)."""
+        ...
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        """How many evaluations of ``f`` the step that returned ``K`` made (``k1`` not counted)."""
+        ...
+
+
+class Solver:
+    """What the integrator, dense output and the sensitivity methods ask of a solver.
+
+    A solver has an ``order``, says whether it is ``adaptive`` (has an error estimate, with
+    ``error_order`` for step-size control) and ``fsal`` (the last row of a step's ``K`` is
+    ``f(t1, y1)``), and a ``tableau``: the layout of a step's stage matrix ``K`` and its dense
+    output ``y(t0 + theta h) = y0 + h sum_i b_i(theta) K_i`` (for a Runge-Kutta method its
+    Butcher tableau). Two typed facts say how a solve may run it:
+
+    - ``stepwise``: the integrator's loop takes its steps through :meth:`stepper` (one
+      :class:`Stepper` per integration). A solver that integrates whole spans itself (a wrapper
+      of another library's integrator) sets it ``False`` and implements :meth:`integrate_span`.
+    - ``tableau_steps``: each step is the explicit Runge-Kutta step of ``tableau`` and nothing
+      else. The code that re-implements that arithmetic (the NumPy step kernel, the hand-written
+      reverse pass, the compiled step) applies only where it is ``True``.
+    """
+
+    stepwise: ClassVar[bool] = True
+    tableau_steps: ClassVar[bool] = False
+
+    order: int
+    adaptive: bool
+    fsal: bool
+    error_order: int
+    tableau: ButcherTableau
+    _cache: dict
+
+    def stepper(self, rtol: float, atol: float) -> Stepper:
+        """The stepper of one integration at tolerances ``rtol``/``atol`` (``stepwise`` solvers)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no steps of odeflux's loop")
+
+    def integrate_span(self, f: VectorField, y0: torch.Tensor, t0: float, t1: float, options: Any) -> Any:
+        """The whole integration (``stepwise = False`` solvers): :func:`odeflux.integrator.integrate`'s
+        contract, returning an :class:`~odeflux.integrator.IntegrationResult`."""
+        raise NotImplementedError(f"{type(self).__name__} is stepped by odeflux's loop")
+
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+        """The tableau as tensors of ``dtype`` on ``device`` (made once per pair)."""
+        key = (dtype, device)
+        co = self._cache.get(key)
+        if co is None:
+            tab = self.tableau
+            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+            co = _Coefficients(
+                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
+                b_row=mk([list(tab.b)]),
+                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+                c=tab.c,
+                interp=mk([list(r) for r in tab.interp]),
+            )
+            self._cache[key] = co
+        return co
+
+    def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
+        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
+        deg = co.interp.shape[1]
+        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
+        return powers @ co.interp.T
+
+    @staticmethod
+    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
+        ``(m, stages)``, returned as ``(m, *state_shape)``."""
+        s = K.shape[0]
+        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
+        return out.reshape((weights.shape[0],) + tuple(y0.shape))
+
+
+class RungeKutta(Solver):
+    """A Runge-Kutta method: its ``tableau`` (``c``, ``b``, ``stages``, ``order`` and the
+    dense-output weights of :class:`DenseWeights`) gives ``order``, ``adaptive``, ``fsal`` and
+    the dense output; it is the stateless stepper of every integration it runs.
 
     ``explicit`` is the one fact that code written for explicit, strictly lower triangular
-    tableaus (the NumPy step kernel, the hand-written reverse pass, the compiled step, stage
-    plans) checks before it takes a solver on.
+    tableaus (stage plans; through ``tableau_steps`` the NumPy step kernel, the hand-written
+    reverse pass and the compiled step) checks before it takes a solver on.
     """
 
     tableau: Any
@@ -181,29 +266,17 @@ class RungeKutta:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> Any:
-        """The tableau as tensors of ``dtype`` on ``device`` (made once per pair); has ``interp``."""
-        raise NotImplementedError
+    def stepper(self, rtol: float, atol: float) -> RungeKutta:
+        return self
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return K.shape[0] - 1  # one per stage after the first (k1 is given)
 
     def step(
         self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: Any = None
     ) -> StepResult:
         """One step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``."""
         raise NotImplementedError
-
-    def dense_weights(self, theta: torch.Tensor, co: Any) -> torch.Tensor:
-        """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
-        deg = co.interp.shape[1]
-        powers = theta.unsqueeze(-1) ** torch.arange(1, deg + 1, device=theta.device, dtype=theta.dtype)
-        return powers @ co.interp.T
-
-    @staticmethod
-    def interpolate(y0: torch.Tensor, dt: float, K: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dense output inside one step: ``y0 + dt * weights @ K`` for ``weights`` of shape
-        ``(m, stages)``, returned as ``(m, *state_shape)``."""
-        s = K.shape[0]
-        out = torch.addmm(y0.reshape(1, -1), weights, K.reshape(s, -1), alpha=dt)
-        return out.reshape((weights.shape[0],) + tuple(y0.shape))
 
 
 @dataclass(eq=False)
@@ -213,25 +286,10 @@ class ExplicitRK(RungeKutta):
     tableau: ButcherTableau = field(repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    tableau_steps: ClassVar[bool] = True
     explicit: ClassVar[bool] = True
 
     __repr__ = RungeKutta.__repr__  # (not the dataclass's)
-
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
-        key = (dtype, device)
-        co = self._cache.get(key)
-        if co is None:
-            tab = self.tableau
-            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            co = _Coefficients(
-                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
-                b_row=mk([list(tab.b)]),
-                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
-                c=tab.c,
-                interp=mk([list(r) for r in tab.interp]),
-            )
-            self._cache[key] = co
-        return co
 
     def step(
         self,
