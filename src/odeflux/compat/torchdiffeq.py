@@ -23,6 +23,7 @@ from torch import nn
 from ..control import IController
 from ..integrator import StepCallbacks
 from ..sensitivity import BacksolveAdjoint
+from ..solution import Status
 from ..solve import solve
 from ..solvers import SOLVERS
 from ..tree import is_tree
@@ -281,6 +282,8 @@ def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, me
     max_step = options.get("max_step", math.inf)
     min_step = float(options.get("min_step", 0.0))
     if kind == "adaptive":
+        # torchdiffeq never gives up for a small step: the only floor is the time's own precision.
+        kw["dtmin"] = max(min_step, 16 * 2.0**-52 * max(1.0, abs(float(t[0])), abs(float(t[-1]))))
         kw["controller"] = IController(
             safety=float(options.get("safety", 0.9)), qmax=float(options.get("ifactor", 10.0)),
             qmin=float(options.get("dfactor", 0.2)), shrink_accepted=False, min_step=min_step,
@@ -330,6 +333,15 @@ def _odeint(
         kw["sensealg"] = sensealg
     if event_fn is not None:
         return _until_event(func, y0, t, event_fn, kw)
+    if _kind(method) == "scipy" and sensealg is None:
+        # As torchdiffeq's scipy_solver under odeint: a result without a graph (scipy's steps are
+        # not differentiable; odeint_adjoint gives gradients), and a failure of scipy's is a
+        # warning with the times it reached, not an exception.
+        with torch.no_grad():
+            sol = solve(func, y0, (t[0], t[-1]), throw=False, **kw)
+        if sol.status != Status.SUCCESS:
+            warnings.warn(f"scipy_solver: {sol.message} (returning the {len(sol.ts)} of {len(t)} times reached)")
+        return sol.ys
     sol = solve(func, y0, (t[0], t[-1]), **kw)
     return sol.ys
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..control import Parts, error_ratio, part_rms
+from ..solvers.implicit import JacobianSource
 from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -106,21 +107,18 @@ class TorchStepKernel:
     def step(
         self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        f = self._before_end(t + h, -1.0 if h > 0 else 1.0) if self.perturb or inside_end else self.f
+        f = self._inside(t, t + h) if self.perturb or inside_end else self.f
         return self._step(self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
 
-    def _before_end(self, end: float, back: float) -> VectorField:
-        """``f`` with a stage on the step's end moved just inside the step (``perturb``)."""
+    def _inside(self, start: float, end: float) -> VectorField:
+        """``f`` with evaluations on the step's ends (a stage, an implicit step's Jacobian) moved
+        just inside the step (``perturb``, or a step ending on a jump of ``f``)."""
         from ..integrator import nudge
 
-        inside = self.time(nudge(end, back, self.dtype))
-        close = 4 * torch.finfo(self.dtype).eps * max(1.0, abs(end))
-        f = self.f
-
-        def f_inside(t: Any, y: torch.Tensor) -> torch.Tensor:
-            return f(inside if abs(float(t) - end) <= close else t, y)
-
-        return f_inside
+        forward = 1.0 if end > start else -1.0
+        after, before = self.time(nudge(start, forward, self.dtype)), self.time(nudge(end, -forward, self.dtype))
+        kind = _InsideWithJacobian if isinstance(self.f, JacobianSource) else _Inside
+        return kind(self.f, start, end, after, before, 4 * torch.finfo(self.dtype).eps)
 
     def evaluations(self, K: torch.Tensor) -> int:
         return self.stepper.evaluations(K)
@@ -130,12 +128,37 @@ class TorchStepKernel:
             return TorchNorms(self, y, k)
 
 
+class _Inside:
+    """``f`` with times on a step's ends replaced by the times just inside it."""
+
+    def __init__(self, f: VectorField, start: float, end: float, after: Any, before: Any, eps: float):
+        self.f, self.start, self.end, self.after, self.before, self.eps = f, start, end, after, before, eps
+
+    def inside(self, t: Any) -> Any:
+        tf = float(t)
+        if abs(tf - self.end) <= self.eps * max(1.0, abs(self.end)):
+            return self.before
+        if abs(tf - self.start) <= self.eps * max(1.0, abs(self.start)):
+            return self.after
+        return t
+
+    def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.f(self.inside(t), y)
+
+
+class _InsideWithJacobian(_Inside, JacobianSource):
+    """:class:`_Inside` of a field that gives its own Jacobian (an adjoint's system)."""
+
+    def jacobian(self, t: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.f.jacobian(self.inside(t), y)
+
+
 class ImplicitStepKernel(TorchStepKernel):
     """Steps of an implicit solver (:class:`odeflux.solvers.ImplicitRK`: fixed steps, Newton
     iterations whose count varies, never compiled) on torch's ops."""
 
     def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, None]:
-        f = self._before_end(t + h, -1.0 if h > 0 else 1.0) if self.perturb or inside_end else self.f
+        f = self._inside(t, t + h) if self.perturb or inside_end else self.f
         y1, _, K, self._evals = self.solver.step(f, self.time(t), y, h, k, self.co)
         return y1, K, None
 

@@ -58,7 +58,8 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     ``vjp`` picks how vector-Jacobian products of ``f`` are computed: ``"autograd"``
     (``torch.autograd.grad``), ``"func"`` (``torch.func.vjp``), ``"compile"`` (that VJP under
     ``torch.compile``) or ``"jacobian"`` (an explicit forward-mode Jacobian, for small states).
-    ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's.
+    ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's; it
+    takes the forward's ``dtmin``.
     ``norm`` says how the adjoint solve's error norm weighs the blocks of its state (``y`` for
     backsolve, ``lambda``, ``mu``): ``"mixed"`` (default) takes the largest of their RMS norms,
     as torchdiffeq's adjoint does, so that ``mu``, the parameter gradient, is controlled however
@@ -287,7 +288,7 @@ class AdjointRun:
         controller, dt0 = (DEFAULT_PI, None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         p = self.problem
         opts = IntegrateOptions(
-            rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0, max_steps=self.max_steps,
+            rtol=self.rtol, atol=self.atol, controller=controller, dt0=dt0, dtmin=p.dtmin, max_steps=self.max_steps,
             save_start=False, save_end=True, error_parts=self.error_parts(blocks), norm=self.block_norm(blocks),
             float_time=True, first_step=self.method.first_step, step_times=p.step_times, jump_times=p.jump_times,
             perturb=p.perturb, callbacks=self.method.callbacks, **kw,

@@ -27,6 +27,7 @@ scipy too).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -237,6 +238,11 @@ class ScipySolver(Solver):
             if self.method != "LSODA":
                 raise ValueError(f"dtmin= reaches scipy's min_step, which only LSODA has: drop dtmin for {self.method}")
             kw["min_step"] = abs(opts.dtmin)
+            if _scipy_version()[:2] == (1, 17):
+                warnings.warn(
+                    "scipy 1.17's LSODA ignores min_step (scipy issue gh-25827): dtmin has no effect; "
+                    "use scipy < 1.17 (or a release with the fix) for it to bound the steps"
+                )
         want_steps = opts.dense or opts.on_accept is not None
         budget = _StepBudget(opts.max_steps, direction)
         res = solve_ivp(
@@ -322,3 +328,9 @@ class ScipySolver(Solver):
         stats = Stats(n_f_evals=evals[0], n_steps=n_steps, n_accepted=n_steps, n_rejected=0)
         dt_next = abs(steps[-1] - steps[-2]) if n_steps else abs(t1 - t0)
         return IntegrationResult(ts, ys, t_end, y_end, None, dt_next, stats, status, message, dense)
+
+
+def _scipy_version() -> tuple[int, ...]:
+    import scipy
+
+    return tuple(int(p) for p in scipy.__version__.split(".")[:2] if p.isdigit())
