@@ -78,7 +78,7 @@ def spiral(lib: Any, iters: int, adjoint: bool) -> float:
         loss = torch.mean(torch.abs(pred_y - batch_y))
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def tutorial(lib: Any, data: tuple[torch.Tensor, torch.Tensor], batches: int) -> float:
@@ -111,7 +111,7 @@ def tutorial(lib: Any, data: tuple[torch.Tensor, torch.Tensor], batches: int) ->
         loss = nn.functional.cross_entropy(model(xb), yb)
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 # -- the comparison ---------------------------------------------------------------------------
