@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import LINEAR_M, LINEAR_Y0
+from conftest import LINEAR_M, LINEAR_Y0, exact_linear as exact, linear_f
 from torch import nn
 
 import odeflux
@@ -20,18 +20,6 @@ def _one_thread(one_torch_thread):  # (conftest.py: tiny ops)
     pass
 
 
-_LAM, _V = np.linalg.eig(LINEAR_M)
-_C = np.linalg.solve(_V, LINEAR_Y0.astype(complex))
-
-
-def exact(ts) -> np.ndarray:
-    """The linear system's solution at times ``ts``: ``expm(M t) y0 = V exp(diag(lambda) t) V^-1 y0``."""
-    t = np.atleast_1d(np.asarray(ts, dtype=np.float64))
-    return np.einsum("ij,tj,jk->tik", _V, np.exp(np.outer(t, _LAM)), _C).real
-
-
-def linear_f(t, y):
-    return torch.as_tensor(LINEAR_M, dtype=y.dtype) @ y
 
 
 Y0 = torch.tensor(LINEAR_Y0, dtype=torch.float64)
