@@ -202,7 +202,18 @@ class FuncVJP(VJPBackend):
     def __call__(self, t, y, v, want_y=True, want_p=True, want_f=False):
         self.stats.n_vjp_evals += 1
         self.stats.n_f_evals += want_f
-        out, gy, *gp = self._vjp(self.time(t), y, v)
+        try:
+            out, gy, *gp = self._vjp(self.time(t), y, v)
+        except RuntimeError as exc:
+            if "functorch" not in str(exc) and "torch.func" not in str(exc):
+                raise
+            # A field that calls torch.autograd or requires_grad_() itself (a CNF's exact trace)
+            # cannot run under torch.func's transforms.
+            first = str(exc).strip().splitlines()[0][:160]
+            raise ValueError(
+                f"vjp={self.name!r} runs f under torch.func transforms, which f does not support ({first}): use "
+                "vjp='autograd'"
+            ) from exc
         return (out if want_f else None), (gy if want_y else None), (list(gp) if want_p else None)
 
 
