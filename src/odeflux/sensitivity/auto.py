@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .backsolve import BacksolveAdjoint
 from .base import SensitivityAlgorithm, check_hidden_params
 from .direct import DirectAdjoint
 from .forward import ForwardSensitivity
@@ -23,10 +24,11 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     """The method ``sensealg="auto"`` picks for ``problem``.
 
     ``ForwardSensitivity()`` while state plus parameters stay within :data:`FORWARD_LIMIT` entries;
-    otherwise ``InterpolatingAdjoint()``, except where the continuous adjoints are ruled out: a
-    solver that integrates whole spans itself (``ScipySolver``), or an ``f`` that depends on
-    tensors requiring grad that the adjoint cannot see (captured from its closure): then
-    ``DirectAdjoint()``, which differentiates whatever the solve recorded.
+    otherwise ``InterpolatingAdjoint()``. Where the field rules those out, an ``f`` that depends
+    on tensors requiring grad that they cannot see (captured from its closure, not in
+    ``params=``): ``DirectAdjoint()``, which differentiates whatever the solve recorded. A solver
+    that integrates whole spans itself (``ScipySolver``: no recorded steps, no forward
+    interpolant of odeflux's): ``BacksolveAdjoint()``.
     """
     params = [p for p in problem.params if p.requires_grad]
     size = problem.y0.numel() + sum(p.numel() for p in params)
@@ -36,8 +38,10 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
         hidden = False
     except ValueError:
         hidden = True
-    if hidden or not stepwise:
+    if hidden:
         return DirectAdjoint()
+    if not stepwise:
+        return BacksolveAdjoint()
     if size <= FORWARD_LIMIT:
         return ForwardSensitivity()
     return InterpolatingAdjoint()
