@@ -20,6 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..integrator import IntegrationResult
+from ..kernels import arrays
 from ..problem import solution_from_result
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from .base import SensitivityAlgorithm, _buffers_kept, _restored, _stack_like, check_hidden_params, split_like
@@ -196,8 +197,7 @@ class ForwardRun:
             y_ = y.detach().requires_grad_()
             out = self.problem.f(t, y_)
             inputs = [y_, *self.params]
-            eye = torch.eye(self.n, dtype=y.dtype, device=y.device).view((self.n,) + self.shape)
-            grads = torch.autograd.grad(out, inputs, eye, is_grads_batched=True, allow_unused=True)
+            grads = torch.autograd.grad(out, inputs, self._eye(y), is_grads_batched=True, allow_unused=True)
         # Row i of each: d out_i / d input.
         jy = grads[0].reshape(self.n, self.n) if grads[0] is not None else y.new_zeros(self.n, self.n)
         dS = S @ jy.T
@@ -208,6 +208,12 @@ class ForwardRun:
             ], 1)  # fmt: skip
             dS[self.n_y0 :] += jp.T
         return out.detach(), dS
+
+    def _eye(self, y: torch.Tensor) -> torch.Tensor:
+        """The ``n`` unit cotangents, batched (made once)."""
+        if getattr(self, "_eye_t", None) is None:
+            self._eye_t = torch.eye(self.n, dtype=y.dtype, device=y.device).view((self.n,) + self.shape)
+        return self._eye_t
 
     def rhs(self, t: Any, z: torch.Tensor) -> torch.Tensor:
         n = self.n
@@ -227,7 +233,14 @@ class ForwardRun:
             kw["norm"] = self._norm(p.norm)
         else:
             kw["error_parts"] = ((0, n),) if self.method.seminorm or m == 0 else ((0, n), (n, n * (1 + m)))
-        with torch.no_grad(), _buffers_kept(self.module_state):
+        # A small augmented state: BLAS (NumPy's, torch's) on one thread while it steps. Its stage
+        # sums (a few hundred entries) pass torch's threading threshold, and on a loaded machine
+        # each parallel product then waits on a descheduled thread: measured 1.3 ms per addmm at 2
+        # threads against ~5 us at 1 (a 4-state MLP field with 76 parameters, 2 busy cores).
+        small = arrays.small_state(z0)
+        with torch.no_grad(), _buffers_kept(self.module_state), (arrays.one_blas_thread if small else _NULL), (
+            _one_torch_thread() if small else _NULL
+        ):
             res = _integrate(self.rhs, z0, p, **kw)
         self.result = res
         if res.dense is not None:
@@ -271,6 +284,26 @@ class ForwardRun:
 
     def recorded(self, y0: torch.Tensor) -> torch.Tensor:
         return _stack_like(self.problem.integrate(y0=y0), self.result)
+
+
+_NULL = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op pool at one thread for the block (from the main thread only: the count is
+    process-wide), the count it found given back after."""
+    import threading
+
+    n = torch.get_num_threads()
+    if n == 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _integrate(rhs: Callable, z0: torch.Tensor, p: "Problem", **kw: Any) -> IntegrationResult:
