@@ -7,8 +7,9 @@ Two parts, one gradient (forward solve, loss, ``backward()``) per timing, float6
   saved states;
 - ``mlp``: ``Linear(4, w)-tanh-Linear(w, 4)`` fields of growing width ``w`` (state (4,), its
   ``9w + 4`` parameters differentiated), t in [0, 1], 20 saved times, same tolerances and loss:
-  where ForwardSensitivity's cost, which grows with the number of parameters, crosses the
-  adjoints' (``sensealg="auto"``'s threshold, :data:`odeflux.sensitivity.FORWARD_LIMIT`).
+  whether and where ForwardSensitivity's cost, which grows with the number of parameters,
+  crosses the adjoints' (what ``sensealg="auto"`` picks for small problems,
+  :data:`odeflux.sensitivity.SMALL_LIMIT`).
 
 Each gradient's relative error is against DirectAdjoint at rtol = atol = 1e-11.
 

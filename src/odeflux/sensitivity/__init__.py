@@ -1,7 +1,7 @@
 """The adjoint family: one file per method, named for what it does; VJP backends in vjp.py."""
 
 from .backsolve import BacksolveAdjoint
-from .auto import FORWARD_LIMIT, choose_sensealg
+from .auto import SMALL_LIMIT, choose_sensealg
 from .base import ContinuousAdjoint, SensitivityAlgorithm
 from .direct import DirectAdjoint
 from .forward import ForwardSensitivity
@@ -19,6 +19,6 @@ SENSEALGS = {
 }
 
 __all__ = [
-    "BacksolveAdjoint", "ContinuousAdjoint", "DirectAdjoint", "FORWARD_LIMIT", "ForwardSensitivity", "GaussAdjoint", "InterpolatingAdjoint",
-    "QuadratureAdjoint", "SENSEALGS", "SensitivityAlgorithm", "VJP_BACKENDS", "choose_sensealg",
+    "BacksolveAdjoint", "ContinuousAdjoint", "DirectAdjoint", "ForwardSensitivity", "GaussAdjoint", "InterpolatingAdjoint",
+    "QuadratureAdjoint", "SENSEALGS", "SMALL_LIMIT", "SensitivityAlgorithm", "VJP_BACKENDS", "choose_sensealg",
 ]
