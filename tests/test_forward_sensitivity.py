@@ -256,7 +256,7 @@ def test_defaults_unchanged():
 
 def test_refusals():
     f, y0 = LV(), torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
-    with pytest.raises(ValueError, match="ScipySolver.*DirectAdjoint"):
+    with pytest.raises(ValueError, match="ScipySolver.*BacksolveAdjoint"):
         odeflux.solve(f, y0, (0.0, 1.0), solver=odeflux.ScipySolver("RK45"), sensealg=ForwardSensitivity())
     with pytest.raises(ValueError, match="tangents='sideways' is not one of"):
         ForwardSensitivity(tangents="sideways")
@@ -267,3 +267,22 @@ def test_refusals():
         odeflux.solve(lambda t, y: -k * y, y0, (0.0, 1.0), sensealg=ForwardSensitivity())
     with pytest.raises(TypeError, match='or "auto"'):
         odeflux.solve(f, y0, (0.0, 1.0), sensealg="fastest")
+
+
+def test_events_and_a_user_norm():
+    k = torch.tensor(0.8, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.0], dtype=D, requires_grad=True)
+
+    def f(t, y, a):
+        return torch.stack([y[1], -a * y[0]])
+
+    out = {}
+    for alg in (ForwardSensitivity(), odeflux.DirectAdjoint()):
+        sol = odeflux.solve(f, y0, (0.0, 10.0), args=k, rtol=1e-9, atol=1e-9, sensealg=alg,
+                            event=odeflux.Event(lambda t, y: y[0] + 0.5, terminal=True))  # fmt: skip
+        g_event = torch.autograd.grad(sol.event_t + sol.ys[-1].sum(), [y0, k])
+        sol = odeflux.solve(f, y0, (0.0, 3.0), args=k, rtol=1e-9, atol=1e-9, saveat=TS, sensealg=alg,
+                            norm=lambda e: e.abs().max())  # fmt: skip
+        out[type(alg).__name__] = torch.cat([torch.stack([*g_event[0], g_event[1]]),
+                                             torch.stack(torch.autograd.grad(loss_of(sol.ys), [k]))])  # fmt: skip
+    assert rel(out["ForwardSensitivity"], out["DirectAdjoint"]) < 1e-6

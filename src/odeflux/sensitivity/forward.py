@@ -79,7 +79,7 @@ class ForwardSensitivity(SensitivityAlgorithm):
         if not problem.solver.stepwise:
             raise ValueError(
                 f"ForwardSensitivity integrates the sensitivities with odeflux's own steps; {type(problem.solver).__name__} "
-                "integrates whole spans itself: use sensealg=DirectAdjoint() or a stepwise solver such as Tsit5()"
+                "integrates whole spans itself outside autograd: use sensealg=BacksolveAdjoint() or a stepwise solver such as Tsit5()"
             )
         params = [p for p in problem.params if p.requires_grad]
         check_hidden_params(problem, params)
