@@ -9,6 +9,7 @@ from .sensitivity import (
     BacksolveAdjoint,
     ContinuousAdjoint,
     DirectAdjoint,
+    ForwardSensitivity,
     GaussAdjoint,
     InterpolatingAdjoint,
     QuadratureAdjoint,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BS3", "RK4", "BacksolveAdjoint", "BackwardStats", "ContinuousAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
     "NeuralODE", "QuadratureAdjoint", "ButcherTableau", "ConstantStepSize", "DenseOutput", "DirectAdjoint", "Dopri5",
-    "Euler", "Event", "EventRecord", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
+    "Euler", "ForwardSensitivity", "Event", "EventRecord", "ExplicitRK", "Heun", "IController", "MLP", "Midpoint", "PIController", "SensitivityAlgorithm", "Solution",
     "SolveError", "Stats", "Status", "StepSizeController", "Tsit5", "VectorField", "solve",
     "Dopri8", "Fehlberg2", "Heun2", "Heun3", "RK38", "StepCallbacks",
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "RadauIIA3", "RadauIIA5",

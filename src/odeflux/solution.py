@@ -260,6 +260,9 @@ class Solution:
     events: list = field(default_factory=list)
     event_t: torch.Tensor | None = None
     event_y: torch.Tensor | None = field(default=None, repr=False)
+    # The sensitivity method that computed the gradients (the one sensealg="auto" picked); None
+    # when the solve recorded nothing to differentiate.
+    sensealg: Any = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:

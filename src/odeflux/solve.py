@@ -14,7 +14,7 @@ from .integrator import StepCallbacks
 from .problem import make_problem, solution_from_result
 from .tree import TreeField, flatten, is_tree, tree_norm
 from .vector_field import VectorField, takes_time
-from .sensitivity import DirectAdjoint, SensitivityAlgorithm
+from .sensitivity import DirectAdjoint, SensitivityAlgorithm, choose_sensealg
 from .solution import Solution, SolveError, Status
 from .solvers import Solver
 
@@ -41,7 +41,7 @@ def solve(
     dtmax: float | None = None,
     max_steps: int = 100_000,
     controller: StepSizeController | None = None,
-    sensealg: SensitivityAlgorithm | None = None,
+    sensealg: SensitivityAlgorithm | str | None = None,
     throw: bool = True,
     compile: bool = False,
     norm: Callable[[Any], torch.Tensor] | None = None,
@@ -62,8 +62,11 @@ def solve(
 
     Gradients: ``sensealg`` picks how they are computed (``DirectAdjoint`` backpropagates through
     the solver and is the default; ``InterpolatingAdjoint``, ``BacksolveAdjoint``,
-    ``QuadratureAdjoint`` and ``GaussAdjoint`` solve the continuous adjoint). The continuous
-    adjoints differentiate with respect to ``y0``, the parameters of ``f`` when it is an
+    ``QuadratureAdjoint`` and ``GaussAdjoint`` solve the continuous adjoint;
+    ``ForwardSensitivity`` integrates dy/d(y0, params) alongside the state, for few parameters).
+    ``sensealg="auto"`` picks one by the problem's size (:func:`odeflux.sensitivity.choose_sensealg`);
+    ``sol.sensealg`` says which method computed the gradients. The continuous
+    adjoints and ForwardSensitivity differentiate with respect to ``y0``, the parameters of ``f`` when it is an
     ``nn.Module``, the tensors inside ``args``, and ``params``. Gradients with respect to tensor
     ``t_span`` ends are given by every method.
 
@@ -112,9 +115,9 @@ def solve(
         raise ValueError(
             f"t_span ends at {problem.t1}: an infinite end needs a terminal event to stop the solve (event=Event(g))"
         )
-    if sensealg is not None and not isinstance(sensealg, SensitivityAlgorithm):
+    if sensealg is not None and not isinstance(sensealg, SensitivityAlgorithm) and sensealg != "auto":
         raise TypeError(
-            f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), got {sensealg!r}"
+            f"sensealg must be a sensitivity algorithm such as odeflux.InterpolatingAdjoint(), or \"auto\", got {sensealg!r}"
         )
     save_grad = isinstance(saveat, torch.Tensor) and saveat.requires_grad and torch.is_grad_enabled()
     needs_grad = torch.is_grad_enabled() and (
@@ -122,6 +125,8 @@ def solve(
         or save_grad
     )
     t0_tensor, t1_tensor = t_tensors
+    if sensealg == "auto":
+        sensealg = choose_sensealg(problem) if needs_grad else None
     y0_given = problem.y0
     if needs_grad and t0_tensor is not None:
         # y(t; t0 + d, y0) = y(t; t0, y0 - d f(t0, y0)) to first order: dL/dt0 = -<dL/dy0, f(t0, y0)>.
@@ -135,6 +140,8 @@ def solve(
         sol = solution_from_result(problem.integrate(), problem)
     else:
         sol = (sensealg if sensealg is not None else _DIRECT).solve(problem)
+    if needs_grad:
+        sol.sensealg = sensealg if sensealg is not None else _DIRECT
     if problem.y0 is not y0_given and len(sol.ts) and float(sol.ts[0]) == problem.t0:
         # The state saved at t0: y0 itself where the start is saved (it moves with t0); at a
         # saveat time that equals t0, the state there, which moving t0 shifts.

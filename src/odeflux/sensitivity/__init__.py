@@ -1,8 +1,10 @@
 """The adjoint family: one file per method, named for what it does; VJP backends in vjp.py."""
 
 from .backsolve import BacksolveAdjoint
+from .auto import SMALL_LIMIT, choose_sensealg
 from .base import ContinuousAdjoint, SensitivityAlgorithm
 from .direct import DirectAdjoint
+from .forward import ForwardSensitivity
 from .gauss import GaussAdjoint
 from .interpolating import InterpolatingAdjoint
 from .quadrature import QuadratureAdjoint
@@ -17,6 +19,6 @@ SENSEALGS = {
 }
 
 __all__ = [
-    "BacksolveAdjoint", "ContinuousAdjoint", "DirectAdjoint", "GaussAdjoint", "InterpolatingAdjoint",
-    "QuadratureAdjoint", "SENSEALGS", "SensitivityAlgorithm", "VJP_BACKENDS",
+    "BacksolveAdjoint", "ContinuousAdjoint", "DirectAdjoint", "ForwardSensitivity", "GaussAdjoint", "InterpolatingAdjoint",
+    "QuadratureAdjoint", "SENSEALGS", "SMALL_LIMIT", "SensitivityAlgorithm", "VJP_BACKENDS", "choose_sensealg",
 ]
