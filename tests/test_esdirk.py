@@ -265,6 +265,10 @@ def test_newton_failure_rejects_and_recovers(name):
         cubic_decay, y0, (0.0, 2.0), solver=SOLVERS[name](), dt0=1.0, controller=odeflux.ConstantStepSize(), throw=False
     )
     assert fixed.status == Status.NEWTON_FAILED and "Newton" in fixed.message and torch.isfinite(fixed.ys).all()
+    # An adaptive solve ends with NEWTON_FAILED only when the retried step would fall below dtmin.
+    floor = odeflux.solve(cubic_decay, y0, (0.0, 2.0), solver=SOLVERS[name](), dt0=1.0, dtmin=0.5, throw=False)
+    assert floor.status == Status.NEWTON_FAILED and "dtmin=0.5" in floor.message and floor.t_final == 0.0
+    assert floor.stats.n_rejected == 1
 
 
 def test_newton_failure_first_try_is_the_quarter_step():

@@ -23,6 +23,7 @@ treats the field's ``explicit`` part with ``a_explicit`` and only the ``implicit
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
@@ -176,6 +177,12 @@ class ImplicitTableau(DenseWeights):
 
     def a_matrix(self) -> np.ndarray:
         return np.array(self.a, dtype=np.float64)
+
+    @functools.cached_property
+    def gamma(self) -> float | None:
+        """The one nonzero diagonal value of a singly diagonally implicit tableau, else ``None``."""
+        diag = {g for g in np.diag(self.a_matrix()) if g != 0.0}
+        return float(diag.pop()) if len(diag) == 1 and self.diagonally_implicit else None
 
     @property
     def diagonally_implicit(self) -> bool:
@@ -395,8 +402,8 @@ class _NewtonStep:
         if co.e_row is not None:
             with torch.no_grad():
                 err = torch.mm(co.e_row, K.reshape(K.shape[0], n).detach()).mul_(dt)
-                diag = {g for g in np.diag(self.solver.tableau.a_matrix()) if g != 0.0}
-                lu = self.lus.get((dt, diag.pop())) if len(diag) == 1 else None
+                gamma = self.solver.tableau.gamma
+                lu = None if gamma is None else self.lus.get((dt, gamma))
                 if lu is not None:  # smoothed by the Newton matrix (ImplicitStepper's doc)
                     err = self.newton_update(lu, err)
             err = err.reshape(self.shape)
