@@ -259,7 +259,6 @@ def test_newton_failure_rejects_and_recovers(name):
     cb = odeflux.StepCallbacks(reject=lambda t, y, h: rejected.append(h))
     sol = odeflux.solve(cubic_decay, y0, (0.0, 2.0), solver=SOLVERS[name](), dt0=1.0, rtol=1e-6, atol=1e-9, callbacks=cb)
     assert sol.success and sol.stats.n_rejected >= 1 and len(rejected) == sol.stats.n_rejected
-    assert rejected[1] == pytest.approx(0.25 * rejected[0]) if len(rejected) > 1 else True
     assert float(sol.ys[-1, 0]) == pytest.approx(1 / math.sqrt(201.0), rel=1e-5)
     fixed = odeflux.solve(
         cubic_decay, y0, (0.0, 2.0), solver=SOLVERS[name](), dt0=1.0, controller=odeflux.ConstantStepSize(), throw=False
