@@ -23,7 +23,7 @@ from odeflux.kernels import ImplicitStepKernel, NumpyStepKernel, choose_step_ker
 from odeflux.solvers import RK_SOLVERS, SOLVERS, ImplicitRK, ImplicitTableau, JacobianSource
 from odeflux.solvers.implicit import collocation, jacobian
 
-IMPLICIT = sorted(n for n in SOLVERS if not getattr(SOLVERS[n], "explicit", True))
+IMPLICIT = sorted(n for n in SOLVERS if not getattr(SOLVERS[n], "explicit", True) and not SOLVERS[n]().adaptive)  # fixed step (the adaptive ESDIRKs: test_esdirk.py)
 NAMES = {  # torchdiffeq's names, as the brief and torchdiffeq spell them
     "implicit_euler": "ImplicitEuler", "implicit_midpoint": "ImplicitMidpoint", "trapezoid": "Trapezoid",
     "radauiia3": "RadauIIA3", "radauiia5": "RadauIIA5", "gl4": "GaussLegendre4", "gl6": "GaussLegendre6",

@@ -24,6 +24,7 @@ from .solvers import (
     RungeKutta, Trapezoid,
 )  # fmt: skip
 from .solvers import AdamsBashforth, AdamsMoulton, ScipySolver, Solver
+from .solvers import IMEX, KenCarp4, Kvaerno5
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,5 @@ __all__ = [
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "RadauIIA3", "RadauIIA5",
     "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
     "AdamsBashforth", "AdamsMoulton", "ScipySolver", "Solver",
+    "IMEX", "KenCarp4", "Kvaerno5",
 ]

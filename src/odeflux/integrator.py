@@ -259,6 +259,10 @@ class _Integration:
 
     # -- the outcome -------------------------------------------------------------------------
     def result(self, status: Status, message: str, dt_next: float) -> IntegrationResult:
+        counts = getattr(self.kernel, "counts", None)  # implicit steps' Newton and Jacobian work
+        if counts is not None:
+            for name, value in counts().items():
+                setattr(self.stats, name, value)
         dense = self.dense.output(self.solver, self.kernel.arrays)
         ts, ys = self.saver.finish(self.t1 if status == Status.SUCCESS else self.t, self.y)
         return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense)
@@ -270,6 +274,33 @@ class _Integration:
         h, extra = initial_step(norms, self.t, self.direction, self.solver.error_order, self.dtmax)
         self.stats.n_f_evals += extra
         return max(h, self.dtmin) if math.isfinite(h) else h
+
+    # -- an adaptive implicit step whose Newton iteration failed ------------------------------
+    #: The factor a step shrinks by when its Newton iteration fails (OrdinaryDiffEq's range is
+    #: 0.25-0.5; a quarter gets below a sharp transient's scale in fewer failed tries).
+    NEWTON_SHRINK = 0.25
+
+    def newton_rejected(self, exc: NewtonFailure, t: float, y: torch.Tensor, h: float, speculative: bool) -> tuple[float, IntegrationResult | None]:
+        """Count the failed step as a rejected one and return the next step size (a quarter of
+        it, or Hairer's estimate after a failed try at the whole span), or the result that ends
+        the solve where that falls below dtmin."""
+        stats, callbacks = self.stats, self.callbacks
+        stats.n_steps += 1
+        stats.n_rejected += 1
+        stats.n_f_evals += exc.n_evals
+        if callbacks is not None and callbacks.reject is not None:
+            callbacks.reject(self.kernel.time(t), y, h)
+        dt = abs(h) * self.NEWTON_SHRINK
+        if speculative:
+            dt = min(dt, self.hairer())
+        if not dt >= self.dtmin:
+            return dt, self.result(
+                Status.NEWTON_FAILED,
+                f"{exc} (the step fell below dtmin={self.dtmin:.3g} retrying it: the problem may be singular there; "
+                "loosen rtol/atol, lower dtmin or raise max_iters)",
+                dt,
+            )
+        return dt, None
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> IntegrationResult:
@@ -318,7 +349,13 @@ class _Integration:
                 else:
                     y1, K, err = kernel.step(t, y, h, self.k)
             except NewtonFailure as exc:  # an implicit step: reported as a status, like the others
-                return self.result(Status.NEWTON_FAILED, str(exc), dt)
+                if not self.adaptive:
+                    return self.result(Status.NEWTON_FAILED, str(exc), dt)
+                dt, failed = self.newton_rejected(exc, t, y, h, speculative)
+                if failed is not None:
+                    return failed
+                speculative = False
+                continue
             stats.n_steps += 1
             stats.n_f_evals += kernel.evaluations(K)
             if self.adaptive:

@@ -19,6 +19,7 @@ from .vector_field import VectorField, takes_time
 from .integrator import IntegrateOptions, IntegrationResult, StepCallbacks, integrate
 from .solution import Solution, times_tensor
 from .solvers import Solver, Tsit5
+from .solvers.implicit import IMEX
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -92,6 +93,8 @@ def solution_from_result(res: IntegrationResult, problem: Problem) -> Solution:
 def bind_args(f: Callable[..., torch.Tensor], args: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if args is None:
         return f
+    if isinstance(f, IMEX):  # (an IMEX method must still see the split)
+        return f.bind(args)
     return lambda t, y: f(t, y, args)
 
 

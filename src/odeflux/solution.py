@@ -37,12 +37,18 @@ class SolveError(RuntimeError):
 
 @dataclass
 class Stats:
-    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected)."""
+    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected). The
+    implicit solvers' work: Jacobians computed, Newton matrices factorised, linear solves with
+    them (Newton updates and error-estimate smoothing) and Newton iterations (0 for explicit solvers)."""
 
     n_f_evals: int = 0
     n_steps: int = 0
     n_accepted: int = 0
     n_rejected: int = 0
+    n_jacobians: int = 0
+    n_factorizations: int = 0
+    n_linear_solves: int = 0
+    n_newton_iterations: int = 0
 
     def add(self, other: Stats) -> None:
         for fl in fields(other):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..control import Parts, error_ratio, part_rms
-from ..solvers.implicit import JacobianSource
+from ..solvers.implicit import JacobianSource, imex_parts
 from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -145,6 +145,14 @@ class _Inside:
     def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
         return self.f(self.inside(t), y)
 
+    def imex_parts(self) -> tuple[VectorField, VectorField] | None:
+        """An :class:`~odeflux.solvers.IMEX` field's parts, each moved inside the step as ``f`` is."""
+        parts = imex_parts(self.f)
+        if parts is None:
+            return None
+        kind = lambda g: _InsideWithJacobian if isinstance(g, JacobianSource) else _Inside  # noqa: E731
+        return tuple(kind(g)(g, self.start, self.end, self.after, self.before, self.eps) for g in parts)
+
 
 class _InsideWithJacobian(_Inside, JacobianSource):
     """:class:`_Inside` of a field that gives its own Jacobian (an adjoint's system)."""
@@ -154,13 +162,17 @@ class _InsideWithJacobian(_Inside, JacobianSource):
 
 
 class ImplicitStepKernel(TorchStepKernel):
-    """Steps of an implicit solver (:class:`odeflux.solvers.ImplicitRK`: fixed steps, Newton
-    iterations whose count varies, never compiled) on torch's ops."""
+    """Steps of an implicit solver (:class:`odeflux.solvers.ImplicitRK`: Newton iterations whose
+    count varies, never compiled) on torch's ops, through the integration's
+    :class:`~odeflux.solvers.implicit.ImplicitStepper` (the kept Jacobian, the work counters)."""
 
-    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def step(self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         f = self._inside(t, t + h) if self.perturb or inside_end else self.f
-        y1, _, K, self._evals = self.solver.step(f, self.time(t), y, h, k, self.co)
-        return y1, K, None
+        return rk_step_with_error(self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
 
     def evaluations(self, K: torch.Tensor) -> int:
-        return self._evals
+        return self.stepper.last_evals
+
+    def counts(self) -> dict[str, int]:
+        """The Newton and Jacobian work of the steps so far (:data:`~odeflux.solvers.implicit.COUNTERS`)."""
+        return self.stepper.counts

@@ -26,6 +26,7 @@ from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepC
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import Solver
+from ..solvers.implicit import COUNTERS
 from ..tree import TreeField
 from ..vector_field import VectorField
 from .rhs import LambdaRHS
@@ -298,6 +299,8 @@ class AdjointRun:
         self.bstats.n_steps += res.stats.n_steps
         self.bstats.n_accepted += res.stats.n_accepted
         self.bstats.n_rejected += res.stats.n_rejected
+        for name in COUNTERS:  # an implicit adjoint solve's Newton and Jacobian work
+            setattr(self.bstats, name, getattr(self.bstats, name) + getattr(res.stats, name))
         if res.status != Status.SUCCESS:
             raise SolveError(
                 f"the adjoint solve of {type(self.method).__name__} failed ({res.status.name}): {res.message}", res.status

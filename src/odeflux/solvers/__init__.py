@@ -13,9 +13,11 @@ from .gl6 import GaussLegendre6
 from .heun import Heun
 from .heun2 import Heun2
 from .heun3 import Heun3
-from .implicit import ImplicitRK, ImplicitTableau, JacobianSource, NewtonFailure
+from .implicit import IMEX, ImplicitRK, ImplicitStepper, ImplicitTableau, JacobianSource, NewtonFailure
 from .implicit_euler import ImplicitEuler
 from .implicit_midpoint import ImplicitMidpoint
+from .kencarp4 import KenCarp4
+from .kvaerno5 import Kvaerno5
 from .midpoint import Midpoint
 from .radauiia3 import RadauIIA3
 from .radauiia5 import RadauIIA5
@@ -44,6 +46,8 @@ SOLVERS: dict[str, type[Solver]] = {
     "implicit_euler": ImplicitEuler, "implicit_midpoint": ImplicitMidpoint, "trapezoid": Trapezoid,
     "radauiia3": RadauIIA3, "radauiia5": RadauIIA5, "gl4": GaussLegendre4, "gl6": GaussLegendre6,
     "sdirk2": SDIRK2, "trbdf2": TRBDF2,
+    # adaptive ESDIRKs (KenCarp4 also an IMEX pair)
+    "kvaerno5": Kvaerno5, "kencarp4": KenCarp4,
     "explicit_adams": AdamsBashforth,
     # torchdiffeq's implicit_adams and fixed_adams are both its Adams-Bashforth-Moulton solver.
     "implicit_adams": AdamsMoulton,
@@ -56,5 +60,5 @@ __all__ = [
     "Heun", "Heun2", "Heun3", "Midpoint", "RK38", "RK4", "RK_SOLVERS", "SOLVERS", "ScipySolver", "Solver", "StepResult",
     "Stepper", "Tsit5",
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "ImplicitTableau",
-    "JacobianSource", "NewtonFailure", "RadauIIA3", "RadauIIA5", "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
+    "IMEX", "ImplicitStepper", "JacobianSource", "KenCarp4", "Kvaerno5", "NewtonFailure", "RadauIIA3", "RadauIIA5", "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
 ]  # fmt: skip

@@ -11,11 +11,19 @@ for a full tableau (Radau IIA, Gauss-Legendre: one coupled system of ``stages * 
 ``I - h a_ii J`` stage by stage for a diagonally implicit one (SDIRK, ESDIRK). ``J`` is a
 constant of the iteration (detached), so backpropagating through the iterations (DirectAdjoint)
 differentiates the converged stages: the iteration map's fixed point does not depend on ``J``.
+
+A tableau with an embedded estimate (``b_err``) makes the solver adaptive: each integration's
+:class:`ImplicitStepper` then keeps the Jacobian and the Newton matrices across steps (the reuse
+rule is in its docstring), stops the iterations at a fraction of the error tolerance, and a Newton
+failure is a rejected step (the integrator retries with a quarter of the step). A tableau with an
+explicit companion (``a_explicit``) is an additive (IMEX) method: given an :class:`IMEX` field it
+treats the field's ``explicit`` part with ``a_explicit`` and only the ``implicit`` part by Newton.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
@@ -28,13 +36,20 @@ from .tableau import DenseWeights, RungeKutta, StepResult
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
-    "ImplicitRK", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation", "jacobian",
+    "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
+    "jacobian",
 ]  # fmt: skip
+
+#: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
+COUNTERS = ("n_jacobians", "n_factorizations", "n_linear_solves", "n_newton_iterations")
 
 
 class NewtonFailure(RuntimeError):
-    """An implicit step's Newton iteration did not converge; the integrator ends the solve with
-    ``Status.NEWTON_FAILED`` and this message."""
+    """An implicit step's Newton iteration did not converge. A fixed-step solve ends with
+    ``Status.NEWTON_FAILED`` and this message; an adaptive one rejects the step and retries with a
+    smaller one. ``n_evals`` counts the evaluations of ``f`` the failed attempt made."""
+
+    n_evals: int = 0
 
 
 class JacobianSource(abc.ABC):
@@ -50,6 +65,39 @@ class JacobianSource(abc.ABC):
 
     @abc.abstractmethod
     def jacobian(self, t: Any, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class IMEX(torch.nn.Module):
+    """A field split as ``f(t, y) = explicit(t, y) + implicit(t, y)``: the non-stiff part and the
+    stiff part. Every solver sees the sum; an additive method (:class:`odeflux.KenCarp4`) treats
+    ``explicit`` explicitly and solves only for ``implicit`` (its Jacobian alone is formed).
+
+    The parts are ``f(t, y)`` callables (modules' parameters are the field's: the adjoints find
+    them); ``implicit`` may be a :class:`JacobianSource`. Extra ``args`` of a solve reach both.
+    """
+
+    def __init__(self, explicit: Callable[..., torch.Tensor], implicit: Callable[..., torch.Tensor]):
+        super().__init__()
+        if not (callable(explicit) and callable(implicit)):
+            raise TypeError("IMEX(explicit, implicit) needs two callables f(t, y): the non-stiff part, then the stiff part")
+        self.explicit, self.implicit = explicit, implicit
+
+    def forward(self, t: Any, y: torch.Tensor, *args: Any) -> torch.Tensor:
+        return self.explicit(t, y, *args) + self.implicit(t, y, *args)
+
+    def bind(self, args: Any) -> IMEX:
+        """The split with ``args`` passed to both parts (what ``solve(..., args=)`` calls)."""
+        return IMEX(lambda t, y: self.explicit(t, y, args), lambda t, y: self.implicit(t, y, args))
+
+    def imex_parts(self) -> tuple[VectorField, VectorField]:
+        return self.explicit, self.implicit
+
+
+def imex_parts(f: Any) -> tuple[VectorField, VectorField] | None:
+    """``(explicit, implicit)`` of a split field (:class:`IMEX`, or a wrapper that forwards its
+    ``imex_parts``), else ``None``."""
+    parts = getattr(f, "imex_parts", None)
+    return parts() if callable(parts) else None
 
 
 def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
@@ -79,12 +127,18 @@ def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImplicitTableau(DenseWeights):
-    """Coefficients of an implicit Runge-Kutta method (fixed step, no error estimate).
+    """Coefficients of an implicit Runge-Kutta method.
 
     ``a`` is the full ``stages x stages`` matrix, row by row. ``interp`` holds the dense-output
     weights on the stage derivatives as in :class:`odeflux.solvers.ButcherTableau`:
     ``y(t0 + theta h) = y0 + h sum_i b_i(theta) K_i`` with ``interp[i][d]`` the coefficient of
     ``theta**(d + 1)`` in ``b_i(theta)``.
+
+    ``b_err`` (optional) are the weights of the error estimate ``h sum_i b_err[i] K_i``, of
+    order ``error_order``: the method is then adaptive. ``fsal``: the last stage is ``f(t + h, y1)``
+    (stiffly accurate with an explicit first stage). ``a_explicit`` (optional, strictly lower
+    triangular, full ``stages x stages``) makes it an additive IMEX pair with ``a``: the same
+    ``b``, ``c``, ``b_err`` and dense output for both parts.
     """
 
     name: str
@@ -94,12 +148,14 @@ class ImplicitTableau(DenseWeights):
     b: tuple[float, ...]
     interp: tuple[tuple[float, ...], ...]
     interp_order: int
+    b_err: tuple[float, ...] | None = None
+    error_order: int | None = None
+    fsal: bool = False
+    a_explicit: tuple[tuple[float, ...], ...] | None = None
 
-    # What the integrator and the tests read of any tableau: no error estimate, no FSAL.
-    b_err: ClassVar[None] = None
-    error_order: ClassVar[None] = None
-    fsal: ClassVar[bool] = False
-    adaptive: ClassVar[bool] = False
+    @property
+    def adaptive(self) -> bool:
+        return self.b_err is not None
 
     def __post_init__(self) -> None:
         s = len(self.c)
@@ -110,9 +166,23 @@ class ImplicitTableau(DenseWeights):
         A = self.a_matrix()
         if not np.triu(A, 1).any() and not np.diag(A).any():
             raise ValueError(f"{self.name}: a is strictly lower triangular: use ButcherTableau and ExplicitRK")
+        if self.b_err is not None and (len(self.b_err) != s or self.error_order is None):
+            raise ValueError(f"{self.name}: b_err needs one entry per stage ({s}) and an error_order")
+        if self.fsal and not (np.allclose(A[-1], self.b, rtol=0, atol=1e-15) and self.c[0] == 0.0 and not A[0].any()):
+            raise ValueError(f"{self.name}: fsal needs an explicit first stage and the last row of a equal to b")
+        if self.a_explicit is not None:
+            AE = np.array(self.a_explicit, dtype=np.float64)
+            if AE.shape != (s, s) or np.triu(AE).any() or not self.diagonally_implicit:
+                raise ValueError(f"{self.name}: a_explicit must be a strictly lower triangular {s} x {s} matrix (with a lower triangular a)")
 
     def a_matrix(self) -> np.ndarray:
         return np.array(self.a, dtype=np.float64)
+
+    @functools.cached_property
+    def gamma(self) -> float | None:
+        """The one nonzero diagonal value of a singly diagonally implicit tableau, else ``None``."""
+        diag = {g for g in np.diag(self.a_matrix()) if g != 0.0}
+        return float(diag.pop()) if len(diag) == 1 and self.diagonally_implicit else None
 
     @property
     def diagonally_implicit(self) -> bool:
@@ -141,22 +211,34 @@ class _Coefficients(NamedTuple):
     c: tuple[float, ...]
     c_col: torch.Tensor  # (s, 1)
     interp: torch.Tensor  # (s, deg)
+    e_row: torch.Tensor | None = None  # (1, s): the error estimate's weights
+    AE: torch.Tensor | None = None  # (s, s): an IMEX pair's explicit tableau
+
+
+#: An adaptive solve refreshes its kept Jacobian before the next step once a Newton iteration
+#: contracted by less than this per iteration (the rate a fresh Jacobian has on a mildly
+#: nonlinear step is far below it; a stale one's grows with the change of J).
+SLOW_RATE = 0.2
 
 
 @dataclass(eq=False)
 class ImplicitRK(RungeKutta):
-    """An implicit Runge-Kutta solver defined by its tableau: fixed steps (give ``dt0``), the
-    stage equations solved by simplified Newton with a dense Jacobian of ``f`` per step.
+    """An implicit Runge-Kutta solver defined by its tableau, the stage equations solved by
+    simplified Newton with a dense Jacobian of ``f`` (``n x n`` of the flattened state).
 
-    ``max_iters`` caps the Newton iterations of a step (or of a stage, stage by stage);
-    ``newton_tol`` is the relative accuracy they stop at, against the state's scale (default:
-    32 units of round-off of the state's dtype). A step whose iteration does not converge ends
-    the solve with ``Status.NEWTON_FAILED`` (a ``SolveError`` unless ``throw=False``).
+    Fixed-step tableaus (give ``dt0``): a fresh Jacobian every step, the iteration stopped at
+    ``newton_tol`` relative to the state's scale (default: 32 units of round-off of its dtype),
+    and a step that does not converge ends the solve with ``Status.NEWTON_FAILED`` (a
+    ``SolveError`` unless ``throw=False``). Adaptive tableaus (with ``b_err``): see
+    :class:`ImplicitStepper`; the iteration stops once its update (with the rest of its geometric
+    series) is below ``newton_kappa`` times the error tolerance ``atol + rtol |y|``, and a failure
+    is a rejected step. ``max_iters`` caps the iterations of a step (or of a stage, stage by stage).
     """
 
     tableau: ImplicitTableau = field(repr=False)
     max_iters: int = 30
     newton_tol: float | None = None
+    newton_kappa: float = 0.01
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     explicit: ClassVar[bool] = False
@@ -166,6 +248,8 @@ class ImplicitRK(RungeKutta):
             raise ValueError(f"{type(self).__name__}: max_iters must be a positive integer, got {self.max_iters!r}")
         if self.newton_tol is not None and not (0 < self.newton_tol < 1):
             raise ValueError(f"{type(self).__name__}: newton_tol must lie in (0, 1), got {self.newton_tol!r}")
+        if not (0 < self.newton_kappa < 1):
+            raise ValueError(f"{type(self).__name__}: newton_kappa must lie in (0, 1), got {self.newton_kappa!r}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -179,21 +263,98 @@ class ImplicitRK(RungeKutta):
             co = self._cache[key] = _Coefficients(
                 A=mk([list(r) for r in tab.a]), b_row=mk([list(tab.b)]), c=tab.c, c_col=mk([[v] for v in tab.c]),
                 interp=mk([list(r) for r in tab.interp]),
+                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+                AE=None if tab.a_explicit is None else mk([list(r) for r in tab.a_explicit]),
             )
         return co
+
+    def stepper(self, rtol: float, atol: float) -> ImplicitStepper:
+        return ImplicitStepper(self, rtol, atol)
 
     def step(
         self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients | None = None
     ) -> StepResult:
-        """One step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``; differentiable through
-        the Newton iterations. Raises :class:`NewtonFailure` if they do not converge."""
+        """One step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``, with a fresh Jacobian
+        and the fixed-step stopping rule; differentiable through the Newton iterations. Raises
+        :class:`NewtonFailure` if they do not converge."""
+        return ImplicitStepper(self, None, None).step(f, t, y, dt, k1, co)
+
+
+class ImplicitStepper:
+    """One integration's implicit steps (:meth:`ImplicitRK.stepper`) and their work counters
+    (``counts``: :data:`COUNTERS`).
+
+    A fixed-step tableau gets a fresh Jacobian every step (as :meth:`ImplicitRK.step`). An
+    adaptive one reuses work, OrdinaryDiffEq's W-reuse in a simple form:
+
+    - the Jacobian ``J`` is computed at a step's start and kept for the following steps; it is
+      recomputed before a step when the last Newton iteration contracted slowly (a rate above
+      :data:`SLOW_RATE`), and when an iteration fails with a kept ``J``: the same step is then
+      tried again, once, with a ``J`` fresh at its start. A failure with a fresh ``J`` is the
+      integrator's rejected step (it retries with a quarter of ``dt``);
+    - each Newton matrix ``I - h a_ii J`` is factorised once per ``(J, h a_ii)``: a step of the
+      same size on the same ``J`` (after a repeated step size) reuses the factors;
+    - the error estimate is smoothed by the step's Newton matrix, ``(I - h gamma J)^-1 h b_err K``
+      (Hairer and Wanner IV.8, OrdinaryDiffEq's ``smooth_est``): the raw estimate of a stiff
+      component is far larger than its error.
+    """
+
+    def __init__(self, solver: ImplicitRK, rtol: float | None, atol: float | None):
+        self.solver, self.rtol, self.atol = solver, rtol, atol
+        self.reuse = solver.tableau.adaptive and rtol is not None
+        self.J: torch.Tensor | None = None
+        self.J_at: tuple[float, torch.Tensor] | None = None  # where the kept J was computed
+        self.lus: dict = {}
+        self.refresh = True
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.last_evals = 0
+
+    def evaluations(self, K: torch.Tensor) -> int:
+        return self.last_evals
+
+    def _new_jacobian(self, f: VectorField, t: Any, y: torch.Tensor) -> int:
+        """Compute and keep ``J`` at ``(t, y)``; returns the evaluations of ``f`` it took."""
+        if isinstance(f, JacobianSource):
+            self.J, evals = f.jacobian(t, y).detach().contiguous(), 0
+        else:
+            self.J, evals = jacobian(f, t, y), 1  # its forward pass
+        self.J_at, self.lus, self.refresh = (float(t), y), {}, False
+        self.counts["n_jacobians"] += 1
+        return evals
+
+    def step(
+        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients | None = None
+    ) -> StepResult:
+        """One step of size ``dt`` from ``(t, y)`` given ``k1 = f(t, y)`` (see the class doc)."""
+        solver = self.solver
         if co is None:
-            co = self.coefficients(y.dtype, y.device)
-        run = _NewtonStep(self, f, t, y, dt, k1, co)
-        K = run.stages_by_one() if self.tableau.diagonally_implicit else run.coupled()
-        n = y.numel()
-        y1 = torch.addmm(y.reshape(1, n), co.b_row, K.reshape(K.shape[0], n), alpha=dt).reshape(y.shape)
-        return StepResult(y1, None, K, run.n_evals)
+            co = solver.coefficients(y.dtype, y.device)
+        parts = imex_parts(f) if solver.tableau.a_explicit is not None else None
+        f_impl = f if parts is None else parts[1]
+        evals = 0
+        fresh = self.J_at is not None and self.J_at[0] == float(t) and self.J_at[1] is y
+        if not self.reuse or self.J is None or (self.refresh and not fresh):
+            evals += self._new_jacobian(f_impl, t, y)
+            fresh = True
+        while True:
+            run = _NewtonStep(self, f, parts, t, y, dt, k1, co)
+            try:
+                result = run.solve()
+            except NewtonFailure as exc:
+                evals += run.n_evals
+                if not fresh:  # the kept Jacobian may be what failed: once more with a fresh one
+                    evals += self._new_jacobian(f_impl, t, y)
+                    fresh = True
+                    continue
+                exc.n_evals = evals
+                raise
+            finally:
+                run.count()
+            break
+        self.last_evals = evals + run.n_evals
+        if self.reuse:
+            self.refresh = run.worst_rate > SLOW_RATE
+        return result
 
 
 class _NewtonStep:
@@ -201,60 +362,102 @@ class _NewtonStep:
     block to the first ``m``)."""
 
     def __init__(
-        self, solver: ImplicitRK, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor,
-        co: _Coefficients,
+        self, stepper: ImplicitStepper, f: VectorField, parts: tuple[VectorField, VectorField] | None, t: Any,
+        y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients,
     ):  # fmt: skip
-        self.solver, self.f, self.t, self.dt, self.co = solver, f, t, dt, co
+        solver = stepper.solver
+        self.solver, self.stepper, self.f, self.parts, self.t, self.dt, self.co = solver, stepper, f, parts, t, dt, co
+        self.f_impl = f if parts is None else parts[1]
         self.shape, self.n = y.shape, y.numel()
         self.y, self.k1 = y.reshape(-1), k1.reshape(-1)
-        self.n_evals = 0
-        if isinstance(f, JacobianSource):
-            self.J = f.jacobian(t, y).detach().contiguous()
-        else:
-            self.J = jacobian(f, t, y)
-            self.n_evals += 1  # its forward pass
+        self.J, self.lus = stepper.J, stepper.lus
         self.m = self.J.shape[0]
+        self.n_evals = self.iters = self.solves = self.factors = 0
+        self.worst_rate = 0.0
         eps = torch.finfo(y.dtype).eps
-        self.tol = solver.newton_tol if solver.newton_tol is not None else 32 * eps
-        # Below this the updates are round-off: an iteration that stops contracting there has converged.
-        self.noise = max(self.tol, 1024 * eps)
-        self.y_scale = float(y.detach().abs().max())
+        if stepper.reuse:
+            # Adaptive: updates measured against the error tolerance, entry by entry.
+            yd = self.y.detach().abs()
+            self.weights = 1 / (yd * stepper.rtol + stepper.atol)
+            self.tol = solver.newton_kappa
+            self.noise = max(self.tol, 1024 * eps * float((yd * self.weights).max()))
+        else:
+            self.weights = None
+            self.tol = solver.newton_tol if solver.newton_tol is not None else 32 * eps
+            # Below this the updates are round-off: an iteration that stops contracting there has converged.
+            self.noise = max(self.tol, 1024 * eps)
+            self.y_scale = float(y.detach().abs().max())
 
-    def evaluate(self, i: int, Y: torch.Tensor) -> torch.Tensor:
+    def count(self) -> None:
+        c = self.stepper.counts
+        c["n_factorizations"] += self.factors
+        c["n_linear_solves"] += self.solves
+        c["n_newton_iterations"] += self.iters
+
+    def solve(self) -> StepResult:
+        co, dt, n = self.co, self.dt, self.n
+        K = self.stages_by_one() if self.solver.tableau.diagonally_implicit else self.coupled()
+        y1 = torch.addmm(self.y.reshape(1, n), co.b_row, K.reshape(K.shape[0], n), alpha=dt).reshape(self.shape)
+        err = None
+        if co.e_row is not None:
+            with torch.no_grad():
+                err = torch.mm(co.e_row, K.reshape(K.shape[0], n).detach()).mul_(dt)
+                gamma = self.solver.tableau.gamma
+                lu = None if gamma is None else self.lus.get((dt, gamma))
+                if lu is not None:  # smoothed by the Newton matrix (ImplicitStepper's doc)
+                    err = self.newton_update(lu, err)
+            err = err.reshape(self.shape)
+        return StepResult(y1, err, K, self.n_evals)
+
+    def evaluate(self, i: int, Y: torch.Tensor, f: VectorField | None = None) -> torch.Tensor:
         self.n_evals += 1
-        return self.f(self.t + self.co.c[i] * self.dt, Y.reshape(self.shape)).reshape(-1)
+        return (self.f if f is None else f)(self.t + self.co.c[i] * self.dt, Y.reshape(self.shape)).reshape(-1)
 
-    def factor(self, M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-        LU, pivots, info = torch.linalg.lu_factor_ex(M)
-        if int(info) != 0:
-            raise NewtonFailure(self.message(what, "has a singular Newton matrix (I - h a J)"))
-        return LU, pivots
+    def factor(self, key: Any, M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lu = self.lus.get(key)
+        if lu is None:
+            LU, pivots, info = torch.linalg.lu_factor_ex(M)
+            self.factors += 1
+            if int(info) != 0:
+                raise NewtonFailure(self.message(what, "has a singular Newton matrix (I - h a J)"))
+            lu = self.lus[key] = (LU, pivots)
+        return lu
 
     def newton_update(self, lu: tuple[torch.Tensor, torch.Tensor], R: torch.Tensor) -> torch.Tensor:
         """``M^-1 R`` for residuals ``R`` of shape ``(rows, n)``: the head through the LU factors
         of ``M`` (``rows * m`` unknowns), the tail as it is (it has no Jacobian)."""
         rows, m = R.shape[0], self.m
+        self.solves += 1
         head = torch.linalg.lu_solve(*lu, R[:, :m].reshape(rows * m, 1)).reshape(rows, m)
         return head if m == self.n else torch.cat([head, R[:, m:]], dim=1)
 
-    def converged(self, it: int, dZ: torch.Tensor, Z: torch.Tensor, prev: list[float], what: str) -> bool:
-        """Whether the iteration has converged after update ``dZ`` (one host read per iteration)."""
+    def measure(self, dZ: torch.Tensor, Z: torch.Tensor) -> float:
+        """The update's size (one host read): against the error tolerance (adaptive), or the
+        state's scale."""
+        if self.weights is not None:
+            return float((dZ.detach().abs() * self.weights).max())
         d, z = (float(v) for v in torch.stack([dZ.detach().abs().max(), Z.detach().abs().max()]).tolist())
         scale = max(self.y_scale, z)
-        r = d / scale if scale > 0 else d
+        return d / scale if scale > 0 else d
+
+    def converged(self, it: int, dZ: torch.Tensor, Z: torch.Tensor, prev: list[float], what: str) -> bool:
+        """Whether the iteration has converged after update ``dZ``."""
+        self.iters += 1
+        r = self.measure(dZ, Z)
         if not math.isfinite(r):
             raise NewtonFailure(self.message(what, f"produced NaN or Inf at iteration {it + 1}"))
         if r <= self.tol:
             return True
         if prev:
             theta = r / prev[-1]
+            self.worst_rate = max(self.worst_rate, theta)
             if theta < 1 and theta / (1 - theta) * r <= self.tol:  # the rest of a geometric series
                 return True
             if theta >= 1:
                 if r <= self.noise:  # round-off: it cannot get closer
                     return True
                 if len(prev) >= 2 and prev[-1] / prev[-2] >= 1:
-                    raise NewtonFailure(self.message(what, f"diverges (update {r:.3g} of the state's scale, growing)"))
+                    raise NewtonFailure(self.message(what, f"diverges (update {r:.3g} of the scale, growing)"))
         prev.append(r)
         if it + 1 == self.solver.max_iters:
             why = f"did not converge in max_iters={self.solver.max_iters} iterations (last update {r:.3g} of the scale)"
@@ -273,8 +476,10 @@ class _NewtonStep:
         co, dt, m = self.co, self.dt, self.m
         s = len(co.c)
         A = co.A
-        M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
-        lu = self.factor(M, "the stages")
+        lu = self.lus.get(("coupled", dt))
+        if lu is None:
+            M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
+            lu = self.factor(("coupled", dt), M, "the stages")
         Z = (co.c_col * dt) * self.k1.unsqueeze(0)  # explicit Euler to each node
         prev: list[float] = []
         for it in range(self.solver.max_iters):
@@ -290,31 +495,70 @@ class _NewtonStep:
 
     def stages_by_one(self) -> torch.Tensor:
         """A diagonally implicit tableau: stage ``i`` solves ``Y_i = E_i + h a_ii f(Y_i)`` with
-        ``E_i = y + h sum_{j<i} a_ij K_j``; one LU factorisation per distinct ``a_ii``."""
+        ``E_i = y + h sum_{j<i} a_ij K_j``; one LU factorisation per distinct ``a_ii``. An IMEX
+        pair (``parts``: the explicit and the implicit field) solves ``Y_i = E_i + h a_ii
+        f_I(Y_i)`` with ``E_i = y + h sum_{j<i} (aE_ij f_E(Y_j) + a_ij f_I(Y_j))`` instead, and
+        ``K_i = f_E(Y_i) + f_I(Y_i)``."""
         co, dt, m = self.co, self.dt, self.m
         A = co.A
         a = self.solver.tableau.a
         s = len(co.c)
-        lus: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        split = self.parts is not None
+        f_exp, f_imp = self.parts if split else (None, self.f)
         Ks: list[torch.Tensor] = []
+        KEs: list[torch.Tensor] = []  # an IMEX pair's parts of each stage
+        KIs: list[torch.Tensor] = []
+        Y_prev = self.y
         for i in range(s):
-            E = self.y if i == 0 else torch.addmv(self.y, torch.stack(Ks).T, A[i, :i], alpha=dt)
+            if i == 0:
+                E = self.y
+            elif split:
+                E = torch.addmv(self.y, torch.stack(KEs).T, co.AE[i, :i], alpha=dt)
+                E = torch.addmv(E, torch.stack(KIs).T, A[i, :i], alpha=dt)
+            else:
+                E = torch.addmv(self.y, torch.stack(Ks).T, A[i, :i], alpha=dt)
             g = a[i][i]
             if g == 0.0:
                 # An explicit stage; the first of an ESDIRK (c_0 = 0, zero row) is f(t, y) = k1.
-                Ks.append(self.k1 if i == 0 and co.c[0] == 0.0 else self.evaluate(i, E))
+                first = i == 0 and co.c[0] == 0.0
+                if split:  # k1 is the sum: one evaluation of the explicit part splits it
+                    kE = self.evaluate(i, E, f_exp)
+                    kI = self.k1 - kE if first else self.evaluate(i, E, f_imp)
+                    KEs.append(kE), KIs.append(kI), Ks.append(kE + kI)
+                else:
+                    Ks.append(self.k1 if first else self.evaluate(i, E))
                 continue
-            lu = lus.get(g)
+            key = (dt, g)
+            lu = self.lus.get(key)
             if lu is None:
                 M = torch.eye(m, dtype=A.dtype, device=A.device) - (dt * g) * self.J
-                lu = lus[g] = self.factor(M, f"stage {i + 1}")
-            Y = self.y + (co.c[i] * dt) * self.k1
+                lu = self.factor(key, M, f"stage {i + 1}")
+            if self.weights is None:
+                Y = self.y + (co.c[i] * dt) * self.k1
+            else:
+                # Adaptive: from the previous stage's value. An extrapolation along a derivative
+                # (explicit Euler) overshoots far on a stiff step and Newton then diverges.
+                Y = Y_prev
             prev: list[float] = []
             for it in range(self.solver.max_iters):
-                R = Y - E - (dt * g) * self.evaluate(i, Y)
+                R = Y - E - (dt * g) * self.evaluate(i, Y, f_imp)
                 dY = self.newton_update(lu, R.unsqueeze(0)).squeeze(0)
                 Y = Y - dY
                 if self.converged(it, dY, Y - self.y, prev, f"stage {i + 1}"):
                     break
-            Ks.append(self.evaluate(i, Y))
+            Y_prev = Y
+            if self.weights is not None:
+                # Adaptive: the stage's implicit derivative from its equation, (Y - E) / (h a_ii),
+                # not f(Y) again: f would amplify the iteration's error by h |J| on a stiff
+                # component (Hairer and Wanner IV.8), and it saves an evaluation. A stiffly
+                # accurate tableau's y1 is then its last stage value.
+                kI = (Y - E) / (dt * g)
+                kE = self.evaluate(i, Y, f_exp) if split else None
+            elif split:
+                kE, kI = self.evaluate(i, Y, f_exp), self.evaluate(i, Y, f_imp)
+            else:
+                kE, kI = None, self.evaluate(i, Y)
+            if split:
+                KEs.append(kE), KIs.append(kI)
+            Ks.append(kI if kE is None else kE + kI)
         return torch.stack(Ks).reshape((s,) + tuple(self.shape))
