@@ -268,3 +268,13 @@ def test_saveat_in_float32_snaps_onto_the_span_ends():
     assert sol.ts.shape == (50,) and float(sol.ts[-1]) == pytest.approx(6.28)
     with pytest.raises(ValueError, match="outside t_span"):
         odeflux.solve(lambda t, y: -y, torch.ones(1), (0.0, 1.0), saveat=[0.5, 1.001])
+
+
+def test_saveat_near_an_end_snaps_by_that_ends_scale_only():
+    # float32's round trip of the end 6.28 is snapped onto it; a time near 0 on a long span is kept.
+    t32 = float(torch.tensor(6.28, dtype=torch.float32))
+    sol = odeflux.solve(decay, Y0, (0.0, 6.28), saveat=[0.0, t32])
+    assert sol.ts.tolist() == [0.0, 6.28]
+    sol = odeflux.solve(decay, Y0, (0.0, 1e5), saveat=[1e-2, 1.0], rtol=1e-8, atol=1e-10)
+    assert sol.ts.tolist() == [1e-2, 1.0]
+    assert sol.ys[0][0].item() == pytest.approx(math.exp(-1e-2), rel=1e-6)

@@ -250,8 +250,11 @@ def make_problem(
         lo, hi = min(t0, t1), max(t0, t1)
         # Times that round-tripped through float32 (torch.linspace(0, 6.28, n), say) may miss the
         # ends by an ulp: those snap onto them.
-        snap = 8 * torch.finfo(torch.float32).eps * max(1.0, abs(t0), abs(t1) if math.isfinite(t1) else 0.0)
-        save_list = [lo if abs(v - lo) <= snap else hi if abs(v - hi) <= snap else v for v in save_list]
+        # Each end by its own scale: float32 misses an end by an ulp of that end, so a span reaching
+        # 1e5 must not snap saveat=1e-2 onto its start at 0.
+        eps32 = 8 * torch.finfo(torch.float32).eps
+        snap_lo, snap_hi = (eps32 * max(1.0, abs(e)) if math.isfinite(e) else 0.0 for e in (lo, hi))
+        save_list = [lo if abs(v - lo) <= snap_lo else hi if abs(v - hi) <= snap_hi else v for v in save_list]
         for v in save_list:
             if not (lo <= v <= hi):
                 raise ValueError(f"saveat time {v} is outside t_span ({t0}, {t1})")
