@@ -23,6 +23,7 @@ from .solvers import (
     RungeKutta, Trapezoid,
 )  # fmt: skip
 from .solvers import AdamsBashforth, AdamsMoulton, ScipySolver, Solver
+from .solvers import Rodas5P, Rosenbrock, Rosenbrock23
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "RadauIIA3", "RadauIIA5",
     "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
     "AdamsBashforth", "AdamsMoulton", "ScipySolver", "Solver",
+    "Rodas5P", "Rosenbrock", "Rosenbrock23",
 ]

@@ -24,6 +24,7 @@ class Status(enum.IntEnum):
     DT_MIN = 2  # the step size fell below dtmin
     NONFINITE = 3  # the state or f produced NaN or Inf
     NEWTON_FAILED = 4  # an implicit step's Newton iteration did not converge
+    LINEAR_SOLVE_FAILED = 5  # a linearly implicit (Rosenbrock) step's matrix was singular
 
 
 class SolveError(RuntimeError):
@@ -37,12 +38,19 @@ class SolveError(RuntimeError):
 
 @dataclass
 class Stats:
-    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected)."""
+    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected).
+
+    ``n_jacobians``, ``n_factorizations`` and ``n_linear_solves`` count the linear algebra of
+    (linearly) implicit steps: Jacobians of ``f`` computed, LU factorisations, and triangular
+    solves with them (zero for explicit solvers)."""
 
     n_f_evals: int = 0
     n_steps: int = 0
     n_accepted: int = 0
     n_rejected: int = 0
+    n_jacobians: int = 0
+    n_factorizations: int = 0
+    n_linear_solves: int = 0
 
     def add(self, other: Stats) -> None:
         for fl in fields(other):
