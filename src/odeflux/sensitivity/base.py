@@ -298,6 +298,9 @@ class AdjointRun:
         self.bstats.n_steps += res.stats.n_steps
         self.bstats.n_accepted += res.stats.n_accepted
         self.bstats.n_rejected += res.stats.n_rejected
+        self.bstats.n_jacobians += res.stats.n_jacobians
+        self.bstats.n_factorizations += res.stats.n_factorizations
+        self.bstats.n_linear_solves += res.stats.n_linear_solves
         if res.status != Status.SUCCESS:
             raise SolveError(
                 f"the adjoint solve of {type(self.method).__name__} failed ({res.status.name}): {res.message}", res.status

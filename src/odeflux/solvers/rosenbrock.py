@@ -347,13 +347,39 @@ class RosenbrockStepper:
                 rhs = torch.addmm(F.unsqueeze(0), co.C_rows[i], U, alpha=1.0 / dt).squeeze(0)
             if T is not None and co.d[i] != 0.0:
                 rhs = rhs + (co.d[i] * dt) * T
-            Us.append(self._solve(LU, pivots, rhs, mj, hg))
+            Ui = self._solve(LU, pivots, rhs, mj, hg)
+            if mj < n:
+                Ui = self._tail_coupling(f, t, y, k1, Ui, mj, hg)
+            Us.append(Ui)
         U = torch.stack(Us)
         self.counters["n_linear_solves"] += s
         y1 = torch.addmm(yrow, co.m_row, U).reshape(shape)
         err = torch.mm(co.e_row, U).reshape(shape)
         self._last_y = y1
         return StepResult(y1, err, (U / dt).reshape((s,) + tuple(shape)), self._evals)
+
+    def _tail_coupling(
+        self, f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, U: torch.Tensor, mj: int, hg: float
+    ) -> torch.Tensor:  # fmt: skip
+        """The tail's share of ``W^-1``: ``W`` is block lower triangular, ``[[I/(h gamma) - J, 0],
+        [-B, I/(h gamma)]]`` with ``B`` the tail's derivatives' dependence on the head (an adjoint's
+        ``mu`` on ``lambda``), so the tail's increment gains ``h gamma B U_head``. Left out, the
+        method would run with an inexact Jacobian and lose its order in the tail (measured: 160x the
+        steps of the interpolating adjoint on ROBER). ``B U_head`` is a difference of ``f`` along
+        ``U_head`` (one evaluation; exact up to rounding where the tail is linear in the head, as
+        an adjoint's is)."""
+        n = y.numel()
+        u = U[:mj].detach()
+        yf = y.reshape(-1).detach()
+        scale = float(torch.stack([yf[:mj].abs().max(), u.abs().max()]).max()) if mj else 0.0
+        unorm = float(u.abs().max()) if mj else 0.0
+        if unorm == 0.0:
+            return U
+        eps = math.sqrt(torch.finfo(y.dtype).eps) * max(scale, 1.0) / unorm
+        z = torch.cat([yf[:mj] + eps * u, yf[mj:]]).reshape(y.shape)
+        self._evals += 1
+        BU = (f(t, z).reshape(-1)[mj:] - k1.reshape(-1)[mj:].detach()) / eps
+        return torch.cat([U[:mj], U[mj:] + hg * BU])
 
     @staticmethod
     def _solve(LU: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, mj: int, hg: float) -> torch.Tensor:
