@@ -254,6 +254,7 @@ class RosenbrockStepper:
         self._evals = 0
         self._J: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._age = 0
+        self._J_at: torch.Tensor | None = None  # the state the Jacobian was computed at
         self._last_y: torch.Tensor | None = None  # the state the last step returned
         self._last_start: torch.Tensor | None = None  # the state the last step started from
 
@@ -305,8 +306,10 @@ class RosenbrockStepper:
         retry = y is self._last_start  # the integrator rejected the last step and tries again from y
         if y is self._last_y:
             self._age += 1  # the last step was accepted
-        if self._J is None or retry or self._age >= solver.max_jacobian_age:
-            self._J, self._age = self._derivatives(f, t, y, dt, k1), 0
+        # A retry from the point the Jacobian was computed at keeps it (it is that point's); a retry
+        # with an older one, or one past its age, gets a fresh one.
+        if self._J is None or (self._J_at is not y and (retry or self._age >= solver.max_jacobian_age)):
+            self._J, self._J_at, self._age = self._derivatives(f, t, y, dt, k1), y, 0
         J, T = self._J
         self._last_start = y
         shape, n = y.shape, y.numel()
