@@ -410,13 +410,13 @@ def test_singular_and_nonfinite_matrices_end_with_a_status():
 
 
 @pytest.mark.parametrize("solver", [Rodas5P, Rosenbrock23])
-def test_float32_batched_state_and_events(solver):
-    """A (2, 3) float32 state (the Jacobian is 6 x 6 of the flattened state); a terminal event
-    located on the dense output."""
-    lam = torch.tensor([[-1.0, -1e3, -1e4], [-2.0, -10.0, -5e3]])
-    y0 = torch.ones(2, 3)
+def test_float32_batched_state_devices_and_events(solver, device):
+    """A (2, 3) float32 state on each device (the Jacobian is 6 x 6 of the flattened state); a
+    terminal event located on the dense output."""
+    lam = torch.tensor([[-1.0, -1e3, -1e4], [-2.0, -10.0, -5e3]], device=device)
+    y0 = torch.ones(2, 3, device=device)
     sol = odeflux.solve(lambda t, y: lam * y, y0, (0.0, 1.0), solver=solver(), rtol=1e-4, atol=1e-6)
-    assert sol.ys.dtype == torch.float32 and sol.status == Status.SUCCESS
+    assert sol.ys.dtype == torch.float32 and sol.ys.device.type == device.type and sol.status == Status.SUCCESS
     torch.testing.assert_close(sol.ys[-1], torch.exp(lam), rtol=1e-3, atol=1e-5)
     ev = odeflux.solve(lambda t, y: -y, torch.ones(1, dtype=F64), (0.0, 5.0), solver=solver(), rtol=1e-8, atol=1e-10,
                        event=odeflux.Event(lambda t, y: y[0] - 0.5, terminal=True))  # fmt: skip

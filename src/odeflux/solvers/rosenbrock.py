@@ -31,7 +31,8 @@ The Jacobian, in this order of precedence:
 Gradients (DirectAdjoint): while a graph is recorded, the autograd Jacobian is built with
 ``create_graph=True``, so backpropagation differentiates through ``J`` and ``T`` as well as through
 the LU solves: the gradient is that of the discrete solution the solver computed. (A given
-``jac`` or a JacobianSource's ``J`` enters the graph as it is.)
+``jac`` or a JacobianSource's ``J`` enters the graph as it is; a finite-difference ``df/dt`` as a
+constant.) Under the continuous adjoints the forward runs without a graph and all of it is detached.
 
 Limits: ``J`` is dense, ``n x n`` of the flattened state (memory ``n^2``, factorisation ``n^3``):
 meant for stiff systems of up to a few thousand unknowns, not for a large neural field.
@@ -196,7 +197,9 @@ class Rosenbrock(Solver):
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     stepwise: ClassVar[bool] = True
-    tableau_steps: ClassVar[bool] = False
+    tableau_steps: ClassVar[bool] = False  # its steps are not explicit RK steps: no NumPy kernel, reverse pass or compile
+    adaptive: ClassVar[bool] = True
+    fsal: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -221,9 +224,6 @@ class Rosenbrock(Solver):
     @property
     def error_order(self) -> int:
         return self.tableau.error_order
-
-    adaptive: ClassVar[bool] = True
-    fsal: ClassVar[bool] = False
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
         key = (dtype, device)
@@ -370,14 +370,16 @@ class RosenbrockStepper:
         method would run with an inexact Jacobian and lose its order in the tail (measured: 160x the
         steps of the interpolating adjoint on ROBER). ``B U_head`` is a difference of ``f`` along
         ``U_head`` (one evaluation; exact up to rounding where the tail is linear in the head, as
-        an adjoint's is)."""
-        n = y.numel()
+        an adjoint's is). As in every use of a JacobianSource's block, the head's derivatives do not
+        depend on the tail."""
         u = U[:mj].detach()
         yf = y.reshape(-1).detach()
-        scale = float(torch.stack([yf[:mj].abs().max(), u.abs().max()]).max()) if mj else 0.0
-        unorm = float(u.abs().max()) if mj else 0.0
+        if mj == 0:
+            return U
+        ymax, unorm = (float(v) for v in torch.stack([yf[:mj].abs().max(), u.abs().max()]).tolist())
         if unorm == 0.0:
             return U
+        scale = max(ymax, unorm)
         eps = math.sqrt(torch.finfo(y.dtype).eps) * max(scale, 1.0) / unorm
         z = torch.cat([yf[:mj] + eps * u, yf[mj:]]).reshape(y.shape)
         self._evals += 1
