@@ -25,6 +25,7 @@ from .solvers import (
 )  # fmt: skip
 from .solvers import AdamsBashforth, AdamsMoulton, ScipySolver, Solver
 from .solvers import IMEX, KenCarp4, Kvaerno5
+from .solvers import Rodas5P, Rosenbrock, Rosenbrock23
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,5 @@ __all__ = [
     "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
     "AdamsBashforth", "AdamsMoulton", "ScipySolver", "Solver",
     "IMEX", "KenCarp4", "Kvaerno5",
+    "Rodas5P", "Rosenbrock", "Rosenbrock23",
 ]

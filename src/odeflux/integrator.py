@@ -22,6 +22,7 @@ from .kernels import StepKernel, choose_step_kernel
 from .kernels.torch_step import rk_step_with_error
 from .solution import DenseOutput, Stats, Status
 from .solvers.implicit import NewtonFailure
+from .solvers.rosenbrock import LinearSolveFailure
 from .solvers.tableau import Solver
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -259,10 +260,9 @@ class _Integration:
 
     # -- the outcome -------------------------------------------------------------------------
     def result(self, status: Status, message: str, dt_next: float) -> IntegrationResult:
-        counts = getattr(self.kernel, "counts", None)  # implicit steps' Newton and Jacobian work
-        if counts is not None:
-            for name, value in counts().items():
-                setattr(self.stats, name, value)
+        # The linear-algebra counters of (linearly) implicit steppers that keep them.
+        for name, v in (getattr(self.kernel, "counters", None) or {}).items():
+            setattr(self.stats, name, getattr(self.stats, name) + v)
         dense = self.dense.output(self.solver, self.kernel.arrays)
         ts, ys = self.saver.finish(self.t1 if status == Status.SUCCESS else self.t, self.y)
         return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense)
@@ -356,6 +356,8 @@ class _Integration:
                     return failed
                 speculative = False
                 continue
+            except LinearSolveFailure as exc:  # a Rosenbrock step's singular or non-finite matrix
+                return self.result(exc.status, str(exc), dt)
             stats.n_steps += 1
             stats.n_f_evals += kernel.evaluations(K)
             if self.adaptive:

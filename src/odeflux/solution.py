@@ -24,6 +24,7 @@ class Status(enum.IntEnum):
     DT_MIN = 2  # the step size fell below dtmin
     NONFINITE = 3  # the state or f produced NaN or Inf
     NEWTON_FAILED = 4  # an implicit step's Newton iteration did not converge
+    LINEAR_SOLVE_FAILED = 5  # a linearly implicit (Rosenbrock) step's matrix was singular
 
 
 class SolveError(RuntimeError):
@@ -37,9 +38,12 @@ class SolveError(RuntimeError):
 
 @dataclass
 class Stats:
-    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected). The
-    implicit solvers' work: Jacobians computed, Newton matrices factorised, linear solves with
-    them (Newton updates and error-estimate smoothing) and Newton iterations (0 for explicit solvers)."""
+    """Per-solve counters. ``n_steps`` counts attempted steps (accepted plus rejected).
+
+    The linear algebra of (linearly) implicit steps: ``n_jacobians`` (Jacobians of ``f``
+    computed), ``n_factorizations`` (LU factorisations), ``n_linear_solves`` (solves with them:
+    Rosenbrock stages, Newton updates, error-estimate smoothing) and ``n_newton_iterations``;
+    zero for explicit solvers."""
 
     n_f_evals: int = 0
     n_steps: int = 0

@@ -123,6 +123,11 @@ class TorchStepKernel:
     def evaluations(self, K: torch.Tensor) -> int:
         return self.stepper.evaluations(K)
 
+    @property
+    def counters(self) -> dict[str, int] | None:
+        """The stepper's linear-algebra counters (``Stats`` field names), where it keeps any."""
+        return getattr(self.stepper, "counters", None)
+
     def norms(self, t: float, y: torch.Tensor, k: torch.Tensor) -> TorchNorms:
         with torch.no_grad():
             return TorchNorms(self, y, k)
@@ -173,6 +178,3 @@ class ImplicitStepKernel(TorchStepKernel):
     def evaluations(self, K: torch.Tensor) -> int:
         return self.stepper.last_evals
 
-    def counts(self) -> dict[str, int]:
-        """The Newton and Jacobian work of the steps so far (:data:`~odeflux.solvers.implicit.COUNTERS`)."""
-        return self.stepper.counts

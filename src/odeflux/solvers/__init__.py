@@ -1,6 +1,7 @@
 """The solvers: Runge-Kutta methods (one file per method holding its tableau, one generic stepper
 per kind: :class:`ExplicitRK` for explicit tableaus, :class:`ImplicitRK` for implicit ones), the
-fixed-step Adams methods, and scipy's ``solve_ivp`` behind :class:`ScipySolver`."""
+fixed-step Adams methods, the adaptive Rosenbrock methods (:class:`Rosenbrock`: one generic stepper,
+one file per method), and scipy's ``solve_ivp`` behind :class:`ScipySolver`."""
 
 from .adams import AdamsBashforth, AdamsMoulton
 from .bs3 import BS3
@@ -22,6 +23,9 @@ from .midpoint import Midpoint
 from .radauiia3 import RadauIIA3
 from .radauiia5 import RadauIIA5
 from .rk4 import RK4
+from .rodas5p import Rodas5P
+from .rosenbrock import LinearSolveFailure, Rosenbrock, RosenbrockTableau
+from .rosenbrock23 import Rosenbrock23
 from .rk38 import RK38
 from .scipy_solver import ScipySolver
 from .sdirk2 import SDIRK2
@@ -48,6 +52,8 @@ SOLVERS: dict[str, type[Solver]] = {
     "sdirk2": SDIRK2, "trbdf2": TRBDF2,
     # adaptive ESDIRKs (KenCarp4 also an IMEX pair)
     "kvaerno5": Kvaerno5, "kencarp4": KenCarp4,
+    # the Rosenbrock methods (adaptive, linearly implicit)
+    "rosenbrock23": Rosenbrock23, "rodas5p": Rodas5P,
     "explicit_adams": AdamsBashforth,
     # torchdiffeq's implicit_adams and fixed_adams are both its Adams-Bashforth-Moulton solver.
     "implicit_adams": AdamsMoulton,
@@ -61,4 +67,5 @@ __all__ = [
     "Stepper", "Tsit5",
     "GaussLegendre4", "GaussLegendre6", "ImplicitEuler", "ImplicitMidpoint", "ImplicitRK", "ImplicitTableau",
     "IMEX", "ImplicitStepper", "JacobianSource", "KenCarp4", "Kvaerno5", "NewtonFailure", "RadauIIA3", "RadauIIA5", "RungeKutta", "SDIRK2", "TRBDF2", "Trapezoid",
+    "LinearSolveFailure", "Rodas5P", "Rosenbrock", "Rosenbrock23", "RosenbrockTableau",
 ]  # fmt: skip

@@ -282,7 +282,7 @@ class ImplicitRK(RungeKutta):
 
 class ImplicitStepper:
     """One integration's implicit steps (:meth:`ImplicitRK.stepper`) and their work counters
-    (``counts``: :data:`COUNTERS`).
+    (``counters``: :data:`COUNTERS`).
 
     A fixed-step tableau gets a fresh Jacobian every step (as :meth:`ImplicitRK.step`). An
     adaptive one reuses work, OrdinaryDiffEq's W-reuse in a simple form:
@@ -306,7 +306,7 @@ class ImplicitStepper:
         self.J_at: tuple[float, torch.Tensor] | None = None  # where the kept J was computed
         self.lus: dict = {}
         self.refresh = True
-        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_evals = 0
 
     def evaluations(self, K: torch.Tensor) -> int:
@@ -319,7 +319,7 @@ class ImplicitStepper:
         else:
             self.J, evals = jacobian(f, t, y), 1  # its forward pass
         self.J_at, self.lus, self.refresh = (float(t), y), {}, False
-        self.counts["n_jacobians"] += 1
+        self.counters["n_jacobians"] += 1
         return evals
 
     def step(
@@ -389,7 +389,7 @@ class _NewtonStep:
             self.y_scale = float(y.detach().abs().max())
 
     def count(self) -> None:
-        c = self.stepper.counts
+        c = self.stepper.counters
         c["n_factorizations"] += self.factors
         c["n_linear_solves"] += self.solves
         c["n_newton_iterations"] += self.iters
