@@ -35,7 +35,7 @@ import torch
 from ..control import error_ratio
 from .dopri8 import Dopri8
 from .rk4 import RK4
-from .tableau import ButcherTableau, ExplicitRK, Solver, StepResult, VectorField, polynomial_weights
+from .tableau import ButcherTableau, ExplicitRK, Solver, StepResult, VectorField, new_state, polynomial_weights
 
 #: The highest order offered (the Dopri8 start keeps up to order 8).
 MAX_ORDER = 8
@@ -201,7 +201,7 @@ class AdamsStepper:
             n = y.numel()
             w = solver.weights("bashforth", solver._bashforth, y.dtype, y.device)
             F = torch.stack(self.history[:p]).reshape(p, n)
-            y1 = torch.addmm(y.reshape(1, n), w, F, alpha=dt).reshape(y.shape)
+            y1 = new_state(y.reshape(1, n), w, F, dt).reshape(y.shape)
             y1, evals = solver.correct(self, f, t1, y, dt, y1)
             f1 = f(t1, y1)
             evals += 1

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .tableau import DenseWeights, RungeKutta, StepResult
+from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -397,7 +397,7 @@ class _NewtonStep:
     def solve(self) -> StepResult:
         co, dt, n = self.co, self.dt, self.n
         K = self.stages_by_one() if self.solver.tableau.diagonally_implicit else self.coupled()
-        y1 = torch.addmm(self.y.reshape(1, n), co.b_row, K.reshape(K.shape[0], n), alpha=dt).reshape(self.shape)
+        y1 = new_state(self.y.reshape(1, n), co.b_row, K.reshape(K.shape[0], n), dt).reshape(self.shape)
         err = None
         if co.e_row is not None:
             with torch.no_grad():

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .implicit import JacobianSource
-from .tableau import DenseWeights, Solver, StepResult, polynomial_weights
+from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 JacobianFn = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -356,7 +356,7 @@ class RosenbrockStepper:
             Us.append(Ui)
         U = torch.stack(Us)
         self.counters["n_linear_solves"] += s
-        y1 = torch.addmm(yrow, co.m_row, U).reshape(shape)
+        y1 = new_state(yrow, co.m_row, U, 1.0).reshape(shape)
         err = torch.mm(co.e_row, U).reshape(shape)
         self._last_y = y1
         return StepResult(y1, err, (U / dt).reshape((s,) + tuple(shape)), self._evals)

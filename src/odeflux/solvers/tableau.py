@@ -323,7 +323,7 @@ class ExplicitRK(RungeKutta):
         for i in range(1, s):
             K = torch.stack(ks).reshape(i, n)
             if fsal and i == s - 1:  # the new state itself
-                yi = _new_state(yrow, co.a_rows[i], K, dt, compiling).reshape(shape)
+                yi = new_state(yrow, co.a_rows[i], K, dt, compiling).reshape(shape)
             elif compiling:
                 yi = torch.addmm(yrow, co.a_rows[i] * dt, K).reshape(shape)
             else:
@@ -334,7 +334,7 @@ class ExplicitRK(RungeKutta):
         if fsal:
             y1 = yi
         else:
-            y1 = _new_state(yrow, co.b_row, Kf, dt, compiling).reshape(shape)
+            y1 = new_state(yrow, co.b_row, Kf, dt, compiling).reshape(shape)
         err = None
         if co.e_row is not None:
             if compiling:
@@ -344,7 +344,7 @@ class ExplicitRK(RungeKutta):
         return StepResult(y1, err, K)
 
 
-def _new_state(yrow: torch.Tensor, row: torch.Tensor, K: torch.Tensor, dt: float, compiling: bool) -> torch.Tensor:
+def new_state(yrow: torch.Tensor, row: torch.Tensor, K: torch.Tensor, dt: float, compiling: bool = False) -> torch.Tensor:
     """``y + dt * (row @ K)`` with the stages summed apart from ``y``: one rounding at ``y``'s
     scale. An ``addmm`` into ``y`` may round at that scale once per stage, and a float32 state
     then drifts by up to stages x ulp(y) a step (4x a fixed-step RK4's drift, measured)."""
