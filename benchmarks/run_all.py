@@ -5,8 +5,8 @@
     python -m benchmarks.run_all --only tutorial_epoch --only whole_run
 
 About 5 minutes on a 2-core machine (diffrax's start-ups and JIT compilations take a good part), and
-about 1.5-3 more for work_precision (f evaluations, not time; its float64 references take most). A
-benchmark that fails is reported and the others still run; the exit status is then 1.
+about 1.5-3 more for work_precision (f evaluations, not time; its float64 references take most) and
+about 1.5 more for stiff_work_precision. A benchmark that fails is reported and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "blas_threads": [],
     "profile_default": [],
     "work_precision": [],
+    "stiff_work_precision": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.
 QUICK = {"solver_step": ["--rounds", "3", "--budget", "2", "--no-write"]}

@@ -79,3 +79,34 @@ def test_work_precision_controllers_follow_their_references():
     h = LimitedPID()  # H211PI as OrdinaryDiffEq's PIDController: the limited factor decides acceptance
     ok, dt, _ = h.propose(1.0, 10.0, h.init_state(), 5)
     assert ok and 0.81 < dt < 1.0
+
+
+def test_stiff_work_precision_compares_time_at_equal_error():
+    from benchmarks.common import Timing
+    from benchmarks.stiff_work_precision import Point, best_of, compare, rel_err
+
+    def pt(rtol, seconds, err):
+        return Point(rtol, err=err, time=Timing.from_samples([seconds]))
+
+    a = [pt(1e-4, 0.01, 1e-4), pt(1e-6, 0.02, 1e-6), pt(1e-8, 0.04, 1e-8)]
+    b = [pt(p.rtol, 3 * p.time.median, p.err) for p in a]
+    ratio, decades = compare(b, a)
+    assert abs(ratio - 3.0) < 1e-9 and abs(decades - 4.0) < 1e-9
+    failed = Point(1e-9, failed="MAX_STEPS")  # no time, infinite error: off the frontier
+    assert compare(b + [failed], a) == (ratio, decades)
+    assert best_of({"a": a, "b": b}, ["a", "b"]) == "a"
+    assert rel_err([[1.0, 2.2]], [[1.0, 2.0]]) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_stiff_work_precision_smoke_runs():
+    """`python -m benchmarks.stiff_work_precision --quick` (about 15 s: rtol 1e-4, one repeat, diffrax
+    on ROBER when installed); nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.stiff_work_precision", "--quick"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for title in ("## ROBER", "## HIRES", "## Summary"):
+        assert title in out.stdout
+    assert "written to" not in out.stdout
