@@ -170,6 +170,44 @@ def linear_f(t, y):
     return torch.as_tensor(LINEAR_M, dtype=y.dtype) @ y
 
 
+# Stiff problems: Robertson's chemical kinetics (rates k) and HIRES, on tensors and on arrays.
+ROBER_K = (0.04, 3e7, 1e4)
+
+
+def rober(t, y, k=ROBER_K):
+    y1, y2, y3 = y[0], y[1], y[2]
+    return torch.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2])
+
+
+def rober_np(t, y, k=ROBER_K):
+    y1, y2, y3 = y
+    return [-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2]
+
+
+def hires(t, y):
+    y1, y2, y3, y4, y5, y6, y7, y8 = (y[i] for i in range(8))
+    return torch.stack([
+        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
+        1.71 * y1 - 8.75 * y2,
+        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
+        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+        -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
+        280.0 * y6 * y8 - 1.81 * y7,
+        -280.0 * y6 * y8 + 1.81 * y7,
+    ])  # fmt: skip
+
+
+def hires_np(t, y):
+    y1, y2, y3, y4, y5, y6, y7, y8 = y
+    return [
+        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007, 1.71 * y1 - 8.75 * y2, -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
+        8.32 * y2 + 1.71 * y3 - 1.12 * y4, -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
+        -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7, 280.0 * y6 * y8 - 1.81 * y7,
+        -280.0 * y6 * y8 + 1.81 * y7,
+    ]  # fmt: skip
+
+
 def kepler_exact(ts, e: float) -> np.ndarray:
     """The two-body orbit with semi-major axis 1, mu = 1, eccentricity ``e``, at perihelion at t = 0.
 

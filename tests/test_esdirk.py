@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROBER_K, rober, rober_np
 from scipy.integrate import solve_ivp
 
 import odeflux
@@ -184,19 +185,6 @@ def test_very_stiff_with_large_steps(name):
     assert adaptive.stats.n_steps < 100
 
 
-K_ROBER = (0.04, 3e7, 1e4)
-
-
-def rober(t, y, k=K_ROBER):
-    y1, y2, y3 = y[0], y[1], y[2]
-    return torch.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2**2, k[1] * y2**2])
-
-
-def rober_np(t, y, k=K_ROBER):
-    y1, y2, y3 = y
-    return np.array([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2**2, k[1] * y2**2])
-
-
 @functools.lru_cache(maxsize=1)
 def rober_reference():
     return solve_ivp(rober_np, (0.0, 1e5), [1.0, 0.0, 0.0], method="Radau", rtol=1e-12, atol=1e-14, dense_output=True)
@@ -352,7 +340,7 @@ def test_imex_with_args_and_errors():
 class Rober(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(K_ROBER, dtype=torch.float64))
+        self.k = torch.nn.Parameter(torch.tensor(ROBER_K, dtype=torch.float64))
 
     def forward(self, t, y):
         return rober(t, y, self.k)
@@ -370,9 +358,9 @@ def fd_gradient() -> np.ndarray:
         return W_GRAD @ sol.y[:, -1]
 
     g = []
-    for i, ki in enumerate(K_ROBER):
+    for i, ki in enumerate(ROBER_K):
         e = 1e-4 * ki
-        kp, km = list(K_ROBER), list(K_ROBER)
+        kp, km = list(ROBER_K), list(ROBER_K)
         kp[i] += e
         km[i] -= e
         g.append((loss(kp) - loss(km)) / (2 * e))

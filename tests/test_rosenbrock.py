@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROBER_K, hires, hires_np, rober, rober_np
 
 import odeflux
 from odeflux import ConstantStepSize, Rodas5P, Rosenbrock23, Status
@@ -144,19 +145,6 @@ def test_l_stable_with_large_steps(solver):
 
 # -- stiff benchmarks ---------------------------------------------------------------------------
 
-ROBER_K = (0.04, 3e7, 1e4)
-
-
-def rober(t, y, k=ROBER_K):
-    y1, y2, y3 = y[0], y[1], y[2]
-    return torch.stack([-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2])
-
-
-def rober_np(t, y, k=ROBER_K):
-    y1, y2, y3 = y
-    return [-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2]
-
-
 def radau(f, y0, span, ts):
     from scipy.integrate import solve_ivp
 
@@ -187,30 +175,6 @@ def test_robertson_is_out_of_reach_of_explicit_methods():
     n = odeflux.solve(rober, y0, (0.0, 1e5), solver=Rodas5P(), rtol=rtol, atol=atol).stats.n_steps
     tsit = odeflux.solve(rober, y0, (0.0, 1e5), solver=odeflux.Tsit5(), rtol=rtol, atol=atol, max_steps=100 * n, throw=False)
     assert tsit.status == Status.MAX_STEPS and float(tsit.ts[-1]) < 1e3
-
-
-def hires(t, y):
-    y1, y2, y3, y4, y5, y6, y7, y8 = (y[i] for i in range(8))
-    return torch.stack([
-        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007,
-        1.71 * y1 - 8.75 * y2,
-        -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-        8.32 * y2 + 1.71 * y3 - 1.12 * y4,
-        -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-        -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7,
-        280.0 * y6 * y8 - 1.81 * y7,
-        -280.0 * y6 * y8 + 1.81 * y7,
-    ])  # fmt: skip
-
-
-def hires_np(t, y):
-    y1, y2, y3, y4, y5, y6, y7, y8 = y
-    return [
-        -1.71 * y1 + 0.43 * y2 + 8.32 * y3 + 0.0007, 1.71 * y1 - 8.75 * y2, -10.03 * y3 + 0.43 * y4 + 0.035 * y5,
-        8.32 * y2 + 1.71 * y3 - 1.12 * y4, -1.745 * y5 + 0.43 * y6 + 0.43 * y7,
-        -280.0 * y6 * y8 + 0.69 * y4 + 1.71 * y5 - 0.43 * y6 + 0.69 * y7, 280.0 * y6 * y8 - 1.81 * y7,
-        -280.0 * y6 * y8 + 1.81 * y7,
-    ]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -254,19 +254,14 @@ class ImplicitRK(RungeKutta):
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
-        key = (dtype, device)
-        co = self._cache.get(key)
-        if co is None:
-            tab = self.tableau
-            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            co = self._cache[key] = _Coefficients(
-                A=mk([list(r) for r in tab.a]), b_row=mk([list(tab.b)]), c=tab.c, c_col=mk([[v] for v in tab.c]),
-                interp=mk([list(r) for r in tab.interp]),
-                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
-                AE=None if tab.a_explicit is None else mk([list(r) for r in tab.a_explicit]),
-            )
-        return co
+    def make_coefficients(self, mk: Callable[[Any], torch.Tensor]) -> _Coefficients:
+        tab = self.tableau
+        return _Coefficients(
+            A=mk([list(r) for r in tab.a]), b_row=mk([list(tab.b)]), c=tab.c, c_col=mk([[v] for v in tab.c]),
+            interp=mk([list(r) for r in tab.interp]),
+            e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+            AE=None if tab.a_explicit is None else mk([list(r) for r in tab.a_explicit]),
+        )
 
     def stepper(self, rtol: float, atol: float) -> ImplicitStepper:
         return ImplicitStepper(self, rtol, atol)

@@ -225,18 +225,13 @@ class Rosenbrock(Solver):
     def error_order(self) -> int:
         return self.tableau.error_order
 
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
-        key = (dtype, device)
-        co = self._cache.get(key)
-        if co is None:
-            tab = self.tableau
-            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            co = self._cache[key] = _Coefficients(
-                a_rows=tuple(mk([list(r)]) for r in tab.a), C_rows=tuple(mk([list(r)]) for r in tab.C),
-                m_row=mk([list(tab.m)]), e_row=mk([list(tab.m_err)]), c=tab.c, d=tab.d,
-                interp=mk([list(r) for r in tab.interp]),
-            )  # fmt: skip
-        return co
+    def make_coefficients(self, mk: Callable[[Any], torch.Tensor]) -> _Coefficients:
+        tab = self.tableau
+        return _Coefficients(
+            a_rows=tuple(mk([list(r)]) for r in tab.a), C_rows=tuple(mk([list(r)]) for r in tab.C),
+            m_row=mk([list(tab.m)]), e_row=mk([list(tab.m_err)]), c=tab.c, d=tab.d,
+            interp=mk([list(r) for r in tab.interp]),
+        )  # fmt: skip
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
         """A fresh stepper per integration: it keeps the Jacobian it may reuse and the counters."""

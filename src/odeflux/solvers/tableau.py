@@ -201,22 +201,24 @@ class Solver:
         contract, returning an :class:`~odeflux.integrator.IntegrationResult`."""
         raise NotImplementedError(f"{type(self).__name__} is stepped by odeflux's loop")
 
-    def coefficients(self, dtype: torch.dtype, device: torch.device) -> _Coefficients:
+    def coefficients(self, dtype: torch.dtype, device: torch.device) -> Any:
         """The tableau as tensors of ``dtype`` on ``device`` (made once per pair)."""
         key = (dtype, device)
         co = self._cache.get(key)
         if co is None:
-            tab = self.tableau
-            mk = lambda v: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
-            co = _Coefficients(
-                a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
-                b_row=mk([list(tab.b)]),
-                e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
-                c=tab.c,
-                interp=mk([list(r) for r in tab.interp]),
-            )
-            self._cache[key] = co
+            co = self._cache[key] = self.make_coefficients(lambda v: torch.tensor(v, dtype=dtype, device=device))
         return co
+
+    def make_coefficients(self, mk: Callable[[Any], torch.Tensor]) -> Any:
+        """The tableau's tensors, ``mk`` making each (a solver with other coefficients overrides this)."""
+        tab = self.tableau
+        return _Coefficients(
+            a_rows=(mk([[0.0]]),) + tuple(mk([list(r)]) for r in tab.a[1:]),
+            b_row=mk([list(tab.b)]),
+            e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
+            c=tab.c,
+            interp=mk([list(r) for r in tab.interp]),
+        )
 
     def dense_weights(self, theta: torch.Tensor, co: _Coefficients) -> torch.Tensor:
         """``b_i(theta)`` as a ``(m, stages)`` tensor for fractions ``theta`` of shape ``(m,)``."""
