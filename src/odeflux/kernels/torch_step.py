@@ -94,6 +94,11 @@ class TorchStepKernel:
             )
         self.stepper = solver.stepper(rtol, atol)
         self._step = compiled_step() if compiled else rk_step_with_error
+        if compiled:
+            from ..compiled.program import STEP_REFUSED, code_key
+
+            if code_key(f) in STEP_REFUSED:  # (said when it was refused)
+                self.eager()
 
     def running(self) -> contextlib.nullcontext:
         return contextlib.nullcontext()
@@ -108,7 +113,22 @@ class TorchStepKernel:
         self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
         f = self._inside(t, t + h) if self.perturb or inside_end else self.f
-        return self._step(self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
+        args = (self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
+        if self._step is rk_step_with_error:
+            return rk_step_with_error(*args)
+        try:
+            return self._step(*args)
+        except Exception as exc:  # f cannot be compiled: said once, then every step eagerly
+            from ..compiled.program import STEP_REFUSED, code_key, warn_eager
+
+            STEP_REFUSED.add(code_key(self.f))
+            warn_eager(exc, "in one step")
+            self.eager()
+            return rk_step_with_error(*args)
+
+    def eager(self) -> None:
+        """Step with the eager step from now on (``f`` could not be compiled)."""
+        self._step = rk_step_with_error
 
     def _inside(self, start: float, end: float) -> VectorField:
         """``f`` with evaluations on the step's ends (a stage, an implicit step's Jacobian) moved

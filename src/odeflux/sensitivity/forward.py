@@ -147,7 +147,8 @@ class ForwardRun:
         eye = torch.eye(sum(self.sizes), dtype=dt, device=dev)
         seeds = torch.zeros(self.m, sum(self.sizes), dtype=dt, device=dev)
         seeds[self.n_y0 :] = eye
-        self.seeds = [s.reshape((self.m,) + tuple(p.shape)) for s, p in zip(seeds.split(self.sizes, 1), params)]
+        # (Each its own tensor: a compiled loop may not take inputs that alias each other.)
+        self.seeds = [s.reshape((self.m,) + tuple(p.shape)).clone() for s, p in zip(seeds.split(self.sizes, 1), params)]
 
     def _substitution(self, params):
         """Where each parameter reaches ``f`` (a module slot or an ``args`` leaf), or ``None``s
@@ -173,6 +174,16 @@ class ForwardRun:
         p = self.problem
         slots = [(d, name) for d, name, _ in self._slots]
         which = [i for _, _, i in self._slots]
+        root = p.f if isinstance(p.f, torch.nn.Module) else None
+        if p.args is None and root is not None:
+            # torch.func.functional_call substitutes without writing to the modules, which a
+            # compiled loop (compile=True) cannot trace.
+            names = self._qualified(root)
+
+            def call(y: torch.Tensor, *pv: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(root, {name: pv[i] for name, i in names}, (t, y))
+
+            return call
 
         def g(y: torch.Tensor, *pv: torch.Tensor) -> torch.Tensor:
             with _swapped(slots, tuple(pv[i] for i in which)):
@@ -184,6 +195,16 @@ class ForwardRun:
                 return p.user_f(t, y, pytree.tree_unflatten(leaves, self._arg_spec))
 
         return g
+
+    def _qualified(self, root: torch.nn.Module) -> list[tuple[str, int]]:
+        """``root``'s parameter names (tied ones each) with the index of the parameter in ``params``."""
+        names = getattr(self, "_names", None)
+        if names is None:
+            index = {id(x): i for i, x in enumerate(self.params)}
+            names = self._names = [
+                (name, index[id(q)]) for name, q in root.named_parameters(remove_duplicate=False) if id(q) in index
+            ]
+        return names
 
     def tangents(self, t: Any, y: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``f(t, y)`` and ``df/dy S + df/dtheta`` (``S``: ``(m, n)``)."""

@@ -1,0 +1,200 @@
+"""Compiled loops: which solves get one, the compiled programs kept per process, and running one.
+
+A solve with ``compile=True`` and autograd off (``torch.no_grad()``, inference, the forward
+passes of the continuous adjoints) runs its whole adaptive loop (:func:`.loop.run_loop`) as one
+program: ``torch.compile(fullgraph=True)`` with ``torch.while_loop`` carrying the loop, built by
+Inductor's C++ wrapper, which runs the loop itself in C++. Nothing crosses to the host until
+the solve is done.
+
+Under autograd the solve takes the compiled step instead (one compiled graph per step, the loop
+on the host): torch 2.13 differentiates ``torch.while_loop`` wrongly (the gradient through a
+carried value that feeds another carried value is lost: measured, a zero gradient for ``y0``),
+and has no C++ wrapper for its backward.
+
+:func:`compiled_loop` decides once per solve, from typed facts (autograd, the solver, the
+options), and says nothing when it declines: the solve then takes the compiled step. A field
+that cannot be traced as one graph (a graph break, an op the compiler refuses) gets one warning
+line naming the reason, and the solve runs eagerly; that field's code is not tried again in
+this process.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch._dynamo
+
+from ..solution import Status
+from .loop import LoopSpec, run_loop
+
+if TYPE_CHECKING:
+    from ..integrator import IntegrateOptions, _Integration
+    from ..solvers.tableau import Solver
+
+#: How many programs a process keeps before it warns that they thrash: torch.compile's own limit
+#: on recompilations of one function, past which it runs it uncompiled.
+PROGRAM_LIMIT = int(getattr(torch._dynamo.config, "recompile_limit", getattr(torch._dynamo.config, "cache_size_limit", 8)))
+
+_PROGRAMS: dict[str, Callable] = {}
+_KEYS: set = set()
+_REFUSED: dict[Any, str] = {}
+#: The fields' code whose compiled step failed (:class:`odeflux.kernels.TorchStepKernel`).
+STEP_REFUSED: set = set()
+_THRASH_WARNED: list[bool] = []
+
+
+def loop_refusal(solver: Solver, options: IntegrateOptions) -> str | None:
+    """Why the compiled loop cannot run these options (``None`` if it can)."""
+    from ..control import ConstantStepSize, IController, PIController
+
+    if not solver.tableau_steps:
+        return f"{type(solver).__name__} is not an explicit Runge-Kutta method"
+    if not isinstance(options.controller, (PIController, IController, ConstantStepSize)):
+        return f"the controller {type(options.controller).__name__} has no tensor rule"
+    unsupported = [
+        name for name, on in (
+            ("dense output", options.dense), ("save_everystep", options.save_everystep),
+            ("norm", options.norm is not None),
+            ("step_times", bool(options.step_times)), ("jump_times", bool(options.jump_times)),
+            ("perturb", options.perturb), ("callbacks", bool(options.callbacks)),
+            ("on_accept", options.on_accept is not None), ('first_step="interval"', options.first_step != "hairer"),
+            ("dense_budget", options.dense_budget is not None),
+        ) if on
+    ]  # fmt: skip
+    if unsupported:
+        return f"the compiled loop does not take {', '.join(unsupported)}"
+    return None
+
+
+def compiled_loop(f: Any, solver: Solver, options: IntegrateOptions, y0: torch.Tensor) -> LoopProgram | None:
+    """The compiled loop for this solve, or ``None`` (the compiled step then runs it)."""
+    if torch.is_grad_enabled() or loop_refusal(solver, options) is not None:
+        return None
+    adaptive = solver.adaptive and options.controller.adaptive
+    program = LoopProgram(f, LoopSpec(solver, options.controller, adaptive, options.saveat is not None, options.error_parts))
+    return None if program.key[:2] in _REFUSED else program
+
+
+def program_count() -> int:
+    """How many distinct compiled loops this process has asked torch.compile for."""
+    return len(_KEYS)
+
+
+def code_key(f: Any) -> Any:
+    """What a compiled loop of ``f`` depends on besides tensors: its code (a module's class, a
+    method's function, a function), not the object, as torch.compile's guards see it."""
+    func = getattr(f, "__func__", None)
+    if func is not None:
+        return func
+    if isinstance(f, torch.nn.Module) or not hasattr(f, "__code__"):
+        return type(f)
+    return f
+
+
+def _program() -> Callable:
+    fn = _PROGRAMS.get("loop")
+    if fn is None:
+        fn = _PROGRAMS["loop"] = torch.compile(run_loop, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    return fn
+
+
+class LoopProgram:
+    """One solve's compiled loop (see the module docstring)."""
+
+    def __init__(self, f: Any, spec: LoopSpec):
+        self.f, self.spec = f, spec
+        #: (the field's code, the loop's configuration): what a refusal is remembered by.
+        self.key = (code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving, spec.parts))
+
+    def run(self, it: _Integration, dt: float) -> Any:
+        from ..integrator import _nonfinite_message
+
+        y0, k0, opts = it.y, it.k, it.opts
+        f64 = dict(dtype=torch.float64, device=y0.device)
+        scalar = lambda v: torch.tensor(float(v), **f64)  # noqa: E731
+        saveat = opts.saveat
+        taus = torch.tensor(list(saveat) if saveat else [it.t1], **f64)
+        ys0 = y0.unsqueeze(0).expand((taus.shape[0],) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
+        ctrl0 = it.controller.init_state()
+        args = (
+            self.spec, self.f, y0, k0, scalar(it.t0), scalar(it.t1), scalar(dt), taus, ys0, scalar(opts.rtol),
+            scalar(opts.atol), scalar(it.dtmin), scalar(it.dtmax), scalar(it.land_tol),
+            torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), scalar(1.0 if ctrl0 is None else ctrl0),
+        )  # fmt: skip
+        self._note(y0)
+        try:
+            out = _program()(*args)
+        except Exception as exc:  # a field the compiler cannot take: said once, then eager
+            _REFUSED[self.key] = _reason(exc)
+            warn_eager(exc, "as one program")
+            it.kernel.eager()
+            return it.steps(dt, False)
+        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = out
+        # The one synchronisation of the solve: its outcome.
+        t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = torch.stack(
+            [t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]
+        ).tolist()
+        stats = it.stats
+        stats.n_steps += int(n_steps)
+        stats.n_accepted += int(n_acc)
+        stats.n_rejected += int(n_rej)
+        stats.n_f_evals += int(n_f)
+        it.t, it.y, it.k = t_f, y, k
+        status = Status(int(status))
+        if saveat is not None:
+            reached = sum(1 for s in saveat if it.direction * (s - t_f) <= 0)
+            it.saver.ts.extend(saveat[it.saver.si : reached])
+            it.saver.ys.extend(ys[it.saver.si : reached].unbind(0))
+            it.saver.si = reached
+        if status == Status.SUCCESS and it.direction * (it.t1 - t_f) > 0:
+            return it.result(Status.MAX_STEPS, it.max_steps_message(h_f), h_f)
+        if status == Status.DT_MIN:
+            return it.result(status, it.dt_min_message(h_f), h_f)
+        if status == Status.NONFINITE or not math.isfinite(err_f) and status != Status.SUCCESS:
+            return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f), h_f)
+        if not it.adaptive and not bool(torch.isfinite(y).all()):
+            return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f, fixed_step=True), h_f)
+        return it.result(Status.SUCCESS, "", h_f)
+
+    def _note(self, y0: torch.Tensor) -> None:
+        """Count a new program, and say once when there are more than the compiler keeps."""
+        key = (*self.key, tuple(y0.shape), y0.dtype, y0.device)
+        if key in _KEYS:
+            return
+        _KEYS.add(key)
+        if len(_KEYS) > PROGRAM_LIMIT and not _THRASH_WARNED:
+            _THRASH_WARNED.append(True)
+            warnings.warn(
+                f"compile=True: {len(_KEYS)} different compiled loops (fields, solvers, state shapes or dtypes) in this "
+                f"process, more than torch.compile keeps ({PROGRAM_LIMIT}): further ones run slowly, uncompiled; keep "
+                "shapes fixed (pad the batch) or pass compile=False",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def warn_eager(exc: BaseException, what: str) -> None:
+    """The one line a solve says when ``compile=True`` cannot compile ``f`` and runs it eagerly."""
+    warnings.warn(
+        f"compile=True: the field could not be compiled {what} ({type(exc).__name__}: {_reason(exc)}); this solve "
+        "runs eagerly (make f traceable by torch.compile(fullgraph=True), or pass compile=False)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of a compiler error that names what failed (dynamo's explanation, or the op)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for marker in ("Explanation:", "Developer debug context:", "Got graph break/error:"):
+        for i, ln in enumerate(lines):
+            if ln.startswith(marker):
+                rest = ln[len(marker):].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+                if rest:
+                    return rest
+    return lines[0] if lines else type(exc).__name__
+
+
