@@ -14,7 +14,7 @@ import torch._dynamo
 from torch import nn
 
 import odeflux
-from odeflux.compiled import program_count
+from odeflux.compiled import program, program_count
 from odeflux.control import HOST, TENSOR, IController, PIController
 from odeflux.solution import Status
 
@@ -61,7 +61,7 @@ def _quiet_dynamo():
         yield
 
 
-def test_tsit5_saveat_matches_eager_step_for_step_and_reuses_its_program():
+def test_tsit5_saveat_matches_eager_step_for_step_and_reuses_its_program(monkeypatch):
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     saveat = torch.linspace(0.0, 2.0, 17, dtype=torch.float64)
     eager, compiled = _pair(TimeMLP(4, 1), y0, (0.0, 2.0), saveat=saveat, rtol=1e-7, atol=1e-9)
@@ -79,9 +79,14 @@ def test_tsit5_saveat_matches_eager_step_for_step_and_reuses_its_program():
     assert compiled.status == Status.MAX_STEPS
     _same(eager, compiled)
     assert 0 < len(compiled.ts) < len(saveat)
-    # A new state shape is a new program.
+    # A new state shape is a new program; past the limit that is said once, in one line.
+    monkeypatch.setattr(program, "PROGRAM_LIMIT", program_count())
+    monkeypatch.setattr(program, "_THRASH_WARNED", [])
     y1 = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    eager, compiled = _pair(TimeMLP(4, 1), y1, (0.0, 2.0), saveat=saveat, rtol=1e-7, atol=1e-9)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"compile=True: \d+ compiled loops in this process, one per field class.*pass compile=False$"):
+        compiled = odeflux.solve(TimeMLP(4, 1), y1, (0.0, 2.0), compile=True, saveat=saveat, rtol=1e-7, atol=1e-9)
+    with torch.no_grad():
+        eager = odeflux.solve(TimeMLP(4, 1), y1, (0.0, 2.0), saveat=saveat, rtol=1e-7, atol=1e-9)
     _same(eager, compiled)
     assert program_count() == before + 1
 
@@ -144,21 +149,35 @@ def test_a_field_the_compiler_refuses_gets_one_line_and_runs_eagerly():
         eager = odeflux.solve(_GraphBreak(), y0, (0.0, 1.0))
         with pytest.warns(RuntimeWarning, match=r"compile=True: the field could not be compiled as one program \(.+\); this solve runs eagerly") as rec:
             compiled = odeflux.solve(_GraphBreak(), y0, (0.0, 1.0), compile=True)
-        assert len([w for w in rec if "could not be compiled" in str(w.message)]) == 1
-        assert "\n" not in str(rec[0].message) and "data-dependent" in str(rec[0].message)
-        torch.testing.assert_close(compiled.ys, eager.ys)
-    # Under autograd (the compiled step) the same: one line, then eager.
+    assert len([w for w in rec if "could not be compiled" in str(w.message)]) == 1
+    assert "\n" not in str(rec[0].message) and "data-dependent" in str(rec[0].message)
+    torch.testing.assert_close(compiled.ys, eager.ys)
+    # Said once: the same field's code is not tried again, as a loop or step by step.
     y1 = y0.clone().requires_grad_(True)
-    with pytest.warns(RuntimeWarning, match=r"could not be compiled in one step \(.+\); this solve runs eagerly"):
-        sol = odeflux.solve(_GraphBreak(), y1, (0.0, 1.0), compile=True)
-    torch.testing.assert_close(sol.ys.detach(), eager.ys)
-    # Said once: the same field's code is not tried again.
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         with torch.no_grad():
             again = odeflux.solve(_GraphBreak(), y0, (0.0, 1.0), compile=True)
         sol = odeflux.solve(_GraphBreak(), y1, (0.0, 1.0), compile=True)
     torch.testing.assert_close(again.ys, eager.ys)
+    torch.testing.assert_close(sol.ys.detach(), eager.ys)
+
+
+class _GraphBreakToo(_GraphBreak):
+    pass
+
+
+def test_under_autograd_a_refused_field_also_gets_one_line():
+    y0 = torch.ones(3, dtype=torch.float64)
+    with torch.no_grad():
+        eager = odeflux.solve(_GraphBreakToo(), y0, (0.0, 1.0))
+    y1 = y0.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match=r"could not be compiled in one step \(.+\); this solve runs eagerly"):
+        sol = odeflux.solve(_GraphBreakToo(), y1, (0.0, 1.0), compile=True)
+    torch.testing.assert_close(sol.ys.detach(), eager.ys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        sol = odeflux.solve(_GraphBreakToo(), y1, (0.0, 1.0), compile=True)
     torch.testing.assert_close(sol.ys.detach(), eager.ys)
 
 
@@ -223,3 +242,20 @@ def test_forward_sensitivity_is_one_compiled_program_with_the_eager_gradient():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=0)
     direct = odeflux.solve(f, y0, (0.0, 5.0), saveat=saveat, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads[1], torch.autograd.grad(direct.ys.square().sum(), f.rates)[0], rtol=1e-5, atol=0)
+
+
+def test_auto_with_compile_picks_compiled_forward_sensitivities_for_small_problems():
+    f = _LotkaVolterra()
+    y0 = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    saveat = torch.linspace(0.0, 5.0, 40, dtype=torch.float64)
+    sol = odeflux.solve(f, y0, (0.0, 5.0), saveat=saveat, rtol=1e-7, atol=1e-9, compile=True, sensealg="auto")
+    assert isinstance(sol.sensealg, odeflux.ForwardSensitivity) and sol.sensealg.tangents == "forward"
+    (g,) = torch.autograd.grad(sol.ys.square().sum(), f.rates)
+    direct = odeflux.solve(f, y0, (0.0, 5.0), saveat=saveat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, torch.autograd.grad(direct.ys.square().sum(), f.rates)[0], rtol=1e-5, atol=0)
+    # Without compile=True, or past the size bound, the choices are unchanged.
+    assert isinstance(odeflux.solve(f, y0, (0.0, 1.0), sensealg="auto").sensealg, odeflux.DirectAdjoint)
+    y_big = torch.ones(70, 2, dtype=torch.float64)  # 140 states x (1 + 140 + 4 directions) > 4096
+    y_big.requires_grad_(True)
+    sol = odeflux.solve(f, y_big, (0.0, 0.1), compile=True, sensealg="auto")
+    assert isinstance(sol.sensealg, odeflux.InterpolatingAdjoint)

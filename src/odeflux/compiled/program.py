@@ -21,6 +21,7 @@ this process.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,12 +35,11 @@ if TYPE_CHECKING:
     from ..integrator import IntegrateOptions, _Integration
     from ..solvers.tableau import Solver
 
-#: How many programs a process keeps before it warns that they thrash: torch.compile's own limit
-#: on recompilations of one function, past which it runs it uncompiled.
-PROGRAM_LIMIT = int(getattr(torch._dynamo.config, "recompile_limit", getattr(torch._dynamo.config, "cache_size_limit", 8)))
+#: Past this many compiled loops in one process a warning says the cache thrashes (each new field
+#: class, solver, controller, state shape or dtype compiles for seconds).
+PROGRAM_LIMIT = 16
 
-_PROGRAMS: dict[str, Callable] = {}
-_KEYS: set = set()
+_PROGRAMS: dict[tuple, Callable] = {}
 _REFUSED: dict[Any, str] = {}
 #: The fields' code whose compiled step failed (:class:`odeflux.kernels.TorchStepKernel`).
 STEP_REFUSED: set = set()
@@ -79,8 +79,8 @@ def compiled_loop(f: Any, solver: Solver, options: IntegrateOptions, y0: torch.T
 
 
 def program_count() -> int:
-    """How many distinct compiled loops this process has asked torch.compile for."""
-    return len(_KEYS)
+    """How many distinct compiled loops this process has built."""
+    return len(_PROGRAMS)
 
 
 def code_key(f: Any) -> Any:
@@ -94,10 +94,23 @@ def code_key(f: Any) -> Any:
     return f
 
 
-def _program() -> Callable:
-    fn = _PROGRAMS.get("loop")
+def _program(key: tuple) -> Callable:
+    """The compiled loop for ``key``: each its own copy of :func:`run_loop` (a code object of its
+    own), so that torch.compile's limit on recompilations of one function (8) bounds the guards
+    of one program, not the number of programs a process runs."""
+    fn = _PROGRAMS.get(key)
     if fn is None:
-        fn = _PROGRAMS["loop"] = torch.compile(run_loop, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        code = run_loop.__code__.replace(co_name=f"run_loop_{len(_PROGRAMS)}")
+        copy = types.FunctionType(code, run_loop.__globals__, code.co_name, run_loop.__defaults__, run_loop.__closure__)
+        fn = _PROGRAMS[key] = torch.compile(copy, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        if len(_PROGRAMS) > PROGRAM_LIMIT and not _THRASH_WARNED:
+            _THRASH_WARNED.append(True)
+            warnings.warn(
+                f"compile=True: {len(_PROGRAMS)} compiled loops in this process, one per field class, solver, controller, "
+                "state shape and dtype, each compiled for seconds: keep shapes fixed (pad the batch) or pass compile=False",
+                RuntimeWarning,
+                stacklevel=5,
+            )
     return fn
 
 
@@ -124,11 +137,11 @@ class LoopProgram:
             scalar(opts.atol), scalar(it.dtmin), scalar(it.dtmax), scalar(it.land_tol),
             torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), scalar(1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
-        self._note(y0)
         try:
-            out = _program()(*args)
+            out = _program((*self.key, tuple(y0.shape), y0.dtype, y0.device))(*args)
         except Exception as exc:  # a field the compiler cannot take: said once, then eager
             _REFUSED[self.key] = _reason(exc)
+            STEP_REFUSED.add(self.key[0])  # (its compiled step would fail the same way: said once)
             warn_eager(exc, "as one program")
             it.kernel.eager()
             return it.steps(dt, False)
@@ -158,22 +171,6 @@ class LoopProgram:
         if not it.adaptive and not bool(torch.isfinite(y).all()):
             return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f, fixed_step=True), h_f)
         return it.result(Status.SUCCESS, "", h_f)
-
-    def _note(self, y0: torch.Tensor) -> None:
-        """Count a new program, and say once when there are more than the compiler keeps."""
-        key = (*self.key, tuple(y0.shape), y0.dtype, y0.device)
-        if key in _KEYS:
-            return
-        _KEYS.add(key)
-        if len(_KEYS) > PROGRAM_LIMIT and not _THRASH_WARNED:
-            _THRASH_WARNED.append(True)
-            warnings.warn(
-                f"compile=True: {len(_KEYS)} different compiled loops (fields, solvers, state shapes or dtypes) in this "
-                f"process, more than torch.compile keeps ({PROGRAM_LIMIT}): further ones run slowly, uncompiled; keep "
-                "shapes fixed (pad the batch) or pass compile=False",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
 
 def warn_eager(exc: BaseException, what: str) -> None:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from torch.utils import _pytree as pytree
+
 from .backsolve import BacksolveAdjoint
 from .base import SensitivityAlgorithm, check_hidden_params
 from .direct import DirectAdjoint
+from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint
 
 if TYPE_CHECKING:
@@ -17,6 +20,11 @@ if TYPE_CHECKING:
 #: A problem is small while its state's entries plus its differentiated parameters' are at most
 #: this many: SciMLSensitivity's bound for its forward-mode choice.
 SMALL_LIMIT = 100
+
+#: With ``compile=True``, forward sensitivities are chosen while the augmented state (the state's
+#: entries times one plus the differentiated entries) has at most this many entries: their whole
+#: solve is then one compiled program (benchmarks/results/small_systems.md).
+COMPILED_FORWARD_LIMIT = 4096
 
 
 def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
@@ -27,6 +35,11 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     CPU, backpropagation through the solve measured faster than ``ForwardSensitivity`` at every
     size tried (Lotka-Volterra, 4 rates: 174 ms against 664 ms; 4-state MLP fields of 22 to 580
     parameters: 2.5-9 ms against 25-80 ms), and its memory, the steps of a small state, is small.
+    With ``compile=True``, while the augmented state of forward sensitivities stays within
+    :data:`COMPILED_FORWARD_LIMIT` entries and every parameter reaches ``f`` as a module parameter
+    or through ``args``: ``ForwardSensitivity(tangents="forward")``, whose whole solve, tangents
+    included, is one compiled program with no backward solve (on the spiral benchmark, 506
+    entries, about 3-5x faster than DirectAdjoint through the compiled step).
     Larger problems: ``InterpolatingAdjoint()`` (memory bounded whatever the number of steps;
     faster than DirectAdjoint on large states, benchmarks/results/general.md).
     Where the field rules the continuous adjoints out, an ``f`` that depends on tensors requiring
@@ -37,6 +50,10 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     params = [p for p in problem.params if p.requires_grad]
     if not problem.solver.stepwise:
         return BacksolveAdjoint()
+    m = sum(p.numel() for p in params) + (problem.y0.numel() if problem.y0.requires_grad else 0)
+    if problem.compiled and problem.solver.tableau_steps and problem.y0.numel() * (1 + m) <= COMPILED_FORWARD_LIMIT:
+        if _substitutable(problem, params):
+            return ForwardSensitivity(tangents="forward")
     if problem.y0.numel() + sum(p.numel() for p in params) <= SMALL_LIMIT:
         return DirectAdjoint()
     try:
@@ -44,3 +61,11 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     except ValueError:
         return DirectAdjoint()
     return InterpolatingAdjoint()
+
+
+def _substitutable(problem: "Problem", params: list) -> bool:
+    """Whether every differentiated parameter reaches ``f`` where forward mode can substitute it."""
+    reach = {id(p) for p in problem.f_params or []}
+    if problem.args is not None:
+        reach |= {id(x) for x in pytree.tree_leaves(problem.args)}
+    return all(id(p) in reach for p in params)

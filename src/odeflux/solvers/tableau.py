@@ -322,6 +322,8 @@ class ExplicitRK(RungeKutta):
         # scales the coefficient rows instead.
         compiling = _is_compiling()
         fsal = self.tableau.fsal
+        if compiling:
+            return self._traced_step(f, t, y, dt, ks, co)
         for i in range(1, s):
             K = torch.stack(ks).reshape(i, n)
             if fsal and i == s - 1:  # the new state itself
@@ -344,6 +346,35 @@ class ExplicitRK(RungeKutta):
             else:
                 err = torch.addmm(yrow, co.e_row, Kf, beta=0.0, alpha=dt).reshape(shape)
         return StepResult(y1, err, K)
+
+
+    def _traced_step(self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: Any, ks: list, co: _Coefficients) -> StepResult:
+        """:meth:`step` as ``torch.compile`` traces it: each stage's sum written out over the
+        tableau's nonzero coefficients (constants of the graph), which the compiler fuses with
+        ``f``'s pointwise work, where an ``addmm`` per stage would be a separate library call; ``dt``
+        may be a tensor (the compiled loop's)."""
+        tab = self.tableau
+        yi = y
+        for i in range(1, len(co.c)):
+            yi = _plus(y, dt, ks, tab.a[i])
+            ks.append(f(t + co.c[i] * dt, yi))
+        y1 = yi if tab.fsal else _plus(y, dt, ks, tab.b)
+        err = None if tab.b_err is None else dt * _stage_sum(ks, tab.b_err, y)
+        return StepResult(y1, err, torch.stack(ks))
+
+
+def _stage_sum(ks: list, row: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """``sum_j row[j] k_j`` over the nonzero coefficients."""
+    out = None
+    for k, c in zip(ks, row):
+        if c != 0.0:
+            out = k * c if out is None else out + k * c
+    return torch.zeros_like(like) if out is None else out
+
+
+def _plus(y: torch.Tensor, dt: Any, ks: list, row: Sequence[float]) -> torch.Tensor:
+    """``y + dt * sum_j row[j] k_j``: the stages summed apart from ``y`` (one rounding at its scale)."""
+    return y + dt * _stage_sum(ks, row, y)
 
 
 def new_state(yrow: torch.Tensor, row: torch.Tensor, K: torch.Tensor, dt: float, compiling: bool = False) -> torch.Tensor:
