@@ -259,3 +259,24 @@ def test_auto_with_compile_picks_compiled_forward_sensitivities_for_small_proble
     y_big.requires_grad_(True)
     sol = odeflux.solve(f, y_big, (0.0, 0.1), compile=True, sensealg="auto")
     assert isinstance(sol.sensealg, odeflux.InterpolatingAdjoint)
+
+
+def _decay(t, y, rate):
+    return -rate * y
+
+
+def test_args_and_closures_made_anew_reuse_one_program():
+    """A program is keyed by the field's code: args bound anew, or a closure made for each solve,
+    do not compile again."""
+    y0 = torch.ones(3, dtype=torch.float64)
+    count = program_count()
+    for rate in (0.5, 1.5):
+        with torch.no_grad():
+            sol = odeflux.solve(_decay, y0, (0.0, 1.0), args=torch.tensor(rate, dtype=torch.float64), compile=True)
+        torch.testing.assert_close(sol.ys[-1], torch.full((3,), math.exp(-rate), dtype=torch.float64), rtol=1e-5, atol=0)
+    for rate in (0.5, 1.5):
+        k = torch.tensor(rate, dtype=torch.float64)
+        with torch.no_grad():
+            sol = odeflux.solve(lambda t, y: -k * y, y0, (0.0, 1.0), compile=True)
+        torch.testing.assert_close(sol.ys[-1], torch.full((3,), math.exp(-rate), dtype=torch.float64), rtol=1e-5, atol=0)
+    assert program_count() == count + 2

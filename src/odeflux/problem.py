@@ -95,7 +95,23 @@ def bind_args(f: Callable[..., torch.Tensor], args: Any) -> Callable[[torch.Tens
         return f
     if isinstance(f, IMEX):  # (an IMEX method must still see the split)
         return f.bind(args)
-    return lambda t, y: f(t, y, args)
+    return BoundArgs(f, args)
+
+
+class BoundArgs:
+    """``f(t, y, args)`` as ``f(t, y)``."""
+
+    def __init__(self, f: Callable[..., torch.Tensor], args: Any):
+        self.f, self.args = f, args
+
+    def __call__(self, t: Any, y: torch.Tensor) -> torch.Tensor:
+        return self.f(t, y, self.args)
+
+    def code_key(self) -> Any:
+        """What a compiled loop of this depends on besides tensors (:func:`odeflux.compiled.program.code_key`)."""
+        from .compiled.program import code_key
+
+        return code_key(self.f)
 
 
 ModuleState = list[tuple[nn.Module, str, str, torch.Tensor]]

@@ -88,10 +88,12 @@ def code_key(f: Any) -> Any:
     method's function, a function), not the object, as torch.compile's guards see it."""
     func = getattr(f, "__func__", None)
     if func is not None:
-        return func
-    if isinstance(f, torch.nn.Module) or not hasattr(f, "__code__"):
-        return type(f)
-    return f
+        return func.__code__
+    code = getattr(f, "__code__", None)
+    if code is not None:  # (a closure made anew for each solve has the same code)
+        return code
+    inner = getattr(f, "code_key", None)  # a wrapper that says what it wraps (odeflux.problem.BoundArgs)
+    return (type(f), inner()) if callable(inner) else type(f)
 
 
 def _program(key: tuple) -> Callable:

@@ -174,14 +174,20 @@ class ForwardRun:
         p = self.problem
         slots = [(d, name) for d, name, _ in self._slots]
         which = [i for _, _, i in self._slots]
-        root = p.f if isinstance(p.f, torch.nn.Module) else None
-        if p.args is None and root is not None:
+        root = p.user_f if isinstance(p.user_f, torch.nn.Module) else None
+        if root is not None:
             # torch.func.functional_call substitutes without writing to the modules, which a
             # compiled loop (compile=True) cannot trace.
             names = self._qualified(root)
 
             def call(y: torch.Tensor, *pv: torch.Tensor) -> torch.Tensor:
-                return torch.func.functional_call(root, {name: pv[i] for name, i in names}, (t, y))
+                values = {name: pv[i] for name, i in names}
+                if p.args is None:
+                    return torch.func.functional_call(root, values, (t, y))
+                leaves = list(self._arg_leaves)
+                for j, i in self._leaf_slots:
+                    leaves[j] = pv[i]
+                return torch.func.functional_call(root, values, (t, y, pytree.tree_unflatten(leaves, self._arg_spec)))
 
             return call
 
