@@ -20,9 +20,12 @@ Parts = tuple[tuple[int, int], ...]
 
 def error_ratio(
     err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None,
-    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None, per_sample: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """RMS norm of ``err / (atol + rtol * max(|y0|, |y1|))``, as OrdinaryDiffEq computes it.
+
+    ``per_sample``: the states are ``(B, ...)``, ``B`` independent problems, and the norm is each
+    one's (a ``(B,)`` tensor; ``parts`` then index one problem's flattened state).
 
     With ``parts``, the largest of the blocks' RMS norms (see :data:`Parts`): the adjoints' mixed
     norm over ``(lambda, mu)``, as torchdiffeq's adjoint takes it, or a seminorm that leaves the
@@ -32,6 +35,13 @@ def error_ratio(
     if norm is not None:
         scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
         return norm(err / scale).reshape(())
+    if per_sample:
+        B = err.shape[0]
+        err, y0, y1 = err.reshape(B, -1), y0.reshape(B, -1), y1.reshape(B, -1)
+        scaled = err / (torch.maximum(y0.abs(), y1.abs()) * rtol + atol)
+        if parts is None:
+            return torch.linalg.vector_norm(scaled, dim=1) / math.sqrt(scaled.shape[1])
+        return torch.stack([torch.linalg.vector_norm(scaled[:, a:b], dim=1) / math.sqrt(b - a) for a, b in parts]).amax(0)
     if parts is not None:
         end = parts[-1][1]
         err, y0, y1 = err.reshape(-1)[:end], y0.reshape(-1)[:end], y1.reshape(-1)[:end]

@@ -46,13 +46,19 @@ def run_loop(
     spec: LoopSpec, f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
-    ctrl0: torch.Tensor,
+    ctrl0: torch.Tensor, traced: bool = True,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Integrate from ``(t0, y0)`` (``k0 = f(t0, y0)``) to ``t1`` with first step ``h0``.
+    """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
+    ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
+    counters and status (one problem, ``B = 1``, is how a joint solve runs: :class:`JointField`).
 
-    Times, step sizes and tolerances are float64 0-d tensors; ``taus`` the saveat times (in the
-    direction of integration) with ``ys0`` their states so far (``y0`` where a time is at or
-    before ``t0``). Returns the final carry (:class:`Carry`'s fields).
+    ``f(t, y)`` takes the ``(B,)`` times and the ``(B, ...)`` states. Times, step sizes, ``dtmin``,
+    ``dtmax`` and ``land_tol`` are float64 ``(B,)`` tensors, ``rtol``/``atol`` 0-d; ``taus``
+    the ``(B, n)`` saveat times (in each direction of integration; NaN pads), ``ys0`` their
+    ``(B, n, ...)`` states so far. A problem that is done (or failed) stops advancing while the
+    others go on. ``traced``: carried by ``torch.while_loop`` (what ``torch.compile`` takes);
+    otherwise by a Python loop that reads one flag per step (what autograd differentiates).
+    Returns the final carry (:class:`Carry`'s fields, each per problem).
     """
     solver, rule, adaptive = spec.solver, spec.controller.rule, spec.adaptive
     order, fsal = solver.error_order, solver.fsal
@@ -60,61 +66,90 @@ def run_loop(
     co = solver.coefficients(dtype, device)
     direction = torch.sign(t1 - t0)
     extra_evals = len(co.c) - 1  # per step, k1 being given (an explicit tableau)
+    col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731  (a (B,) value against states)
+    cols = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731  ((B, n) against saved states)
 
-    def cond(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n):
+    def active(t, n_steps, status):
         return (direction * (t1 - t) > 0) & (status == 0) & (n_steps < max_steps)
 
+    def cond(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n):
+        return active(t, n_steps, status).any()
+
     def body(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n):
+        going = active(t, n_steps, status)
         remaining = direction * (t1 - t)
         lands = h >= remaining - land_tol
-        hm = torch.where(lands, remaining, h)
+        hm = torch.where(going, torch.where(lands, remaining, h), 0.0)  # (a problem that is done stands still)
         hs = direction * hm
         y1, e_vec, K, _ = solver.step(f, t.to(dtype), y, hs.to(dtype), k, co)
         if adaptive:
             # Step-size decisions are constants to autograd, as in the eager loop.
-            e = error_ratio(e_vec.detach(), y.detach(), y1.detach(), rtol, atol, spec.parts).to(torch.float64)
+            e = error_ratio(e_vec.detach(), y.detach(), y1.detach(), rtol, atol, spec.parts, per_sample=True)
+            e = e.to(torch.float64)
             accept, h_new, ctrl_new = rule(hm, e, ctrl, order, TENSOR)
-            ctrl_new = torch.where(accept, ctrl_new, ctrl)  # (a new tensor: the loop may not alias)
+            accept = accept & going
             t_new = torch.where(lands, t1, t + hs)
         else:
             e = torch.zeros_like(err)
-            accept, h_new, ctrl_new = torch.ones((), dtype=torch.bool, device=device), h, ctrl.clone()
+            accept, h_new, ctrl_new = going, h, ctrl
             # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
         if spec.saving:
             # States at the saveat times inside this step: the interpolant, or y1 on its end.
-            inside = accept & (direction * (taus - t) > 0) & (direction * (taus - t_new) <= 0)
-            theta = ((taus - t) / hs).to(dtype)
-            # (h scales the weights: a tensor addmm alpha would be a data-dependent scalar to autograd.)
-            interp = solver.interpolate(y, 1.0, K, solver.dense_weights(theta, co) * hs.to(dtype))
-            on_end = (taus == t_new).reshape((-1,) + (1,) * y.dim())
-            new = torch.where(on_end, y1.unsqueeze(0), interp)
-            ys = torch.where(inside.reshape((-1,) + (1,) * y.dim()), new, ys)
+            inside = accept.unsqueeze(1) & (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
+            inside = inside & (direction.unsqueeze(1) * (taus - t_new.unsqueeze(1)) <= 0)
+            # (theta outside the step is set to 0: no inf or NaN reaches autograd through the mask.)
+            theta = torch.where(inside, (taus - t.unsqueeze(1)) / torch.where(going, hs, 1.0).unsqueeze(1), 0.0)
+            weights = solver.dense_weights(theta.to(dtype), co) * hs.to(dtype).reshape(-1, 1, 1)  # (B, n, stages)
+            B, s = y.shape[0], K.shape[0]
+            interp = y.reshape(B, 1, -1) + torch.einsum("bns,sbx->bnx", weights, K.reshape(s, B, -1))
+            interp = interp.reshape(ys.shape)
+            new = torch.where(cols(taus == t_new.unsqueeze(1)), y1.unsqueeze(1), interp)
+            ys = torch.where(cols(inside), new, ys)
         else:
             ys = ys.clone()
         if fsal:
             k_new = K[-1]
-            n_eval = extra_evals
+            n_eval = going.to(torch.int64) * extra_evals
         else:
+            # (Evaluated for every problem; counted as the eager loop counts: after accepted
+            # steps that do not end the solve.)
             k_new = f(t_new.to(dtype), y1)
-            n_eval = extra_evals + (accept & ~lands).to(torch.int64)  # (as the eager loop counts)
-        y_next = torch.where(accept, y1, y)
-        k_next = torch.where(accept, k_new, k)
+            n_eval = going.to(torch.int64) * extra_evals + (accept & ~lands).to(torch.int64)
+        y_next = torch.where(col(accept), y1, y)
+        k_next = torch.where(col(accept), k_new, k)
         t_next = torch.where(accept, t_new, t)
+        # (New tensors throughout: the loop may not alias its carried inputs.)
+        ctrl_next = torch.where(accept, ctrl_new, ctrl)
         # A step cut short to land on t1 must not shrink the next one.
         h_new = torch.where(accept & lands & (h_new < h), h, h_new)
-        h_next = torch.minimum(h_new, dtmax)
+        h_next = torch.where(going, torch.minimum(h_new, dtmax), h)
         unfinished = direction * (t1 - t_next) > 0
-        too_small = unfinished & (h_next < dtmin)
-        status_next = torch.where(
-            too_small, torch.where(torch.isfinite(e), int(Status.DT_MIN), int(Status.NONFINITE)), status
-        )
+        too_small = going & unfinished & (h_next < dtmin)
+        failed = torch.where(torch.isfinite(e), int(Status.DT_MIN), int(Status.NONFINITE))
+        status_next = torch.where(too_small, failed, status)
         return (
-            t_next, h_next, y_next, k_next, ctrl_new, n_steps + 1, n_acc + accept.to(torch.int64),
-            n_rej + (~accept).to(torch.int64), n_f + n_eval, ys, status_next, e, grid_n + accept.to(torch.int64),
+            t_next, h_next, y_next, k_next, ctrl_next, n_steps + going.to(torch.int64),
+            n_acc + accept.to(torch.int64), n_rej + (going & ~accept).to(torch.int64), n_f + n_eval, ys,
+            status_next, torch.where(going, e, err), grid_n + accept.to(torch.int64),
         )  # fmt: skip
 
-    # (Each carried tensor its own: the loop may not alias its inputs.)
-    count = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
+    count = lambda: torch.zeros(t0.shape, dtype=torch.int64, device=device)  # noqa: E731
     carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, count(), torch.zeros_like(t0), count())
-    return tuple(while_loop(cond, body, carry))
+    if traced:
+        return tuple(while_loop(cond, body, carry))
+    while bool(cond(*carry)):  # the one read per step
+        carry = body(*carry)
+    return carry
+
+
+class JointField(torch.nn.Module):
+    """``f`` of one state as the loop's field of ``B = 1`` problem: ``f(t[0], y[0])[None]`` (a
+    module, so that torch.compile sees through it to ``f`` as it does for ``f`` itself)."""
+
+    def __init__(self, f: VectorField):
+        super().__init__()
+        self.f = f
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.f(t.reshape(()), y.squeeze(0)).unsqueeze(0)

@@ -29,7 +29,7 @@ import torch
 import torch._dynamo
 
 from ..solution import Status
-from .loop import LoopSpec, run_loop
+from .loop import JointField, LoopSpec, run_loop
 
 if TYPE_CHECKING:
     from ..integrator import IntegrateOptions, _Integration
@@ -128,16 +128,18 @@ class LoopProgram:
         from ..integrator import _nonfinite_message
 
         y0, k0, opts = it.y, it.k, it.opts
+        # One problem of the loop's B = 1: every per-problem value a (1,) tensor.
         f64 = dict(dtype=torch.float64, device=y0.device)
-        scalar = lambda v: torch.tensor(float(v), **f64)  # noqa: E731
+        one = lambda v: torch.tensor([float(v)], **f64)  # noqa: E731
         saveat = opts.saveat
-        taus = torch.tensor(list(saveat) if saveat else [it.t1], **f64)
-        ys0 = y0.unsqueeze(0).expand((taus.shape[0],) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
+        taus = torch.tensor([list(saveat) if saveat else [it.t1]], **f64)
+        ys0 = y0.unsqueeze(0).unsqueeze(0).expand((1, taus.shape[1]) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
         ctrl0 = it.controller.init_state()
+        rtol, atol = (torch.tensor(float(v), **f64) for v in (opts.rtol, opts.atol))
         args = (
-            self.spec, self.f, y0, k0, scalar(it.t0), scalar(it.t1), scalar(dt), taus, ys0, scalar(opts.rtol),
-            scalar(opts.atol), scalar(it.dtmin), scalar(it.dtmax), scalar(it.land_tol),
-            torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), scalar(1.0 if ctrl0 is None else ctrl0),
+            self.spec, JointField(self.f), y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), one(dt), taus,
+            ys0, rtol, atol, one(it.dtmin), one(it.dtmax), one(it.land_tol),
+            torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
         try:
             out = _program((*self.key, tuple(y0.shape), y0.dtype, y0.device))(*args)
@@ -147,7 +149,7 @@ class LoopProgram:
             warn_eager(exc, "as one program")
             it.kernel.eager()
             return it.steps(dt, False)
-        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = out
+        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = (x.squeeze(0) for x in out)
         # The one synchronisation of the solve: its outcome.
         t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = torch.stack(
             [t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]

@@ -322,7 +322,7 @@ class ExplicitRK(RungeKutta):
         # scales the coefficient rows instead.
         compiling = _is_compiling()
         fsal = self.tableau.fsal
-        if compiling:
+        if compiling or isinstance(dt, torch.Tensor):
             return self._traced_step(f, t, y, dt, ks, co)
         for i in range(1, s):
             K = torch.stack(ks).reshape(i, n)
@@ -351,15 +351,18 @@ class ExplicitRK(RungeKutta):
     def _traced_step(self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: Any, ks: list, co: _Coefficients) -> StepResult:
         """:meth:`step` as ``torch.compile`` traces it: each stage's sum written out over the
         tableau's nonzero coefficients (constants of the graph), which the compiler fuses with
-        ``f``'s pointwise work, where an ``addmm`` per stage would be a separate library call; ``dt``
-        may be a tensor (the compiled loop's)."""
+        ``f``'s pointwise work, where an ``addmm`` per stage would be a separate library call. Also
+        the step for a tensor ``dt`` (0-d, or ``(B,)`` for the loop's ``B`` problems), outside
+        the compiler too."""
         tab = self.tableau
+        # A (B,) dt (the compiled loop's B problems, y of shape (B, ...)) scales each problem's state.
+        dy = dt.reshape(dt.shape + (1,) * (y.dim() - 1)) if isinstance(dt, torch.Tensor) and dt.dim() == 1 else dt
         yi = y
         for i in range(1, len(co.c)):
-            yi = _plus(y, dt, ks, tab.a[i])
+            yi = _plus(y, dy, ks, tab.a[i])
             ks.append(f(t + co.c[i] * dt, yi))
-        y1 = yi if tab.fsal else _plus(y, dt, ks, tab.b)
-        err = None if tab.b_err is None else dt * _stage_sum(ks, tab.b_err, y)
+        y1 = yi if tab.fsal else _plus(y, dy, ks, tab.b)
+        err = None if tab.b_err is None else dy * _stage_sum(ks, tab.b_err, y)
         return StepResult(y1, err, torch.stack(ks))
 
 
