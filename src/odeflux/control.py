@@ -73,24 +73,32 @@ class HairerNorms(Protocol):
     def change(self, t: float, h: float) -> float: ...
 
 
-def initial_step(norms: HairerNorms, t0: float, direction: float, order: int, dtmax: float) -> tuple[float, int]:
+def initial_step(
+    norms: HairerNorms, t0: Any, direction: Any, order: int, dtmax: Any, ops: Ops | None = None
+) -> tuple[Any, int]:  # fmt: skip
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
     Returns the step (positive; NaN where the start itself is not finite) and the number of
-    extra ``f`` evaluations it spent.
+    extra ``f`` evaluations it spent. On host floats (``ops`` :data:`HOST`, the default) or on
+    tensors of one value per problem (:data:`TENSOR`: ``B`` problems, ``norms`` giving ``(B,)``
+    norms).
     """
+    ops = HOST if ops is None else ops
     d0, d1 = norms.d0, norms.d1
-    if not (math.isfinite(d0) and math.isfinite(d1)):
+    finite = ops.both(ops.isfinite(d0), ops.isfinite(d1))
+    if ops is HOST and not finite:
         return float("nan"), 0
-    dt0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-    dt0 = min(dt0, dtmax)
+    # (The floors only keep 0 out of divisions in branches that are not selected.)
+    dt0 = ops.where(ops.either(d0 < 1e-5, d1 < 1e-5), 1e-6, 0.01 * d0 / ops.maximum(d1, 1e-300))
+    dt0 = ops.minimum(dt0, dtmax)
     with torch.no_grad():  # a heuristic: nothing here is differentiated
         d2 = norms.change(t0 + direction * dt0, direction * dt0) / dt0
-    m = max(d1, d2)
-    if not math.isfinite(m):
-        return dt0, 1
-    dt1 = max(1e-6, dt0 * 1e-3) if m <= 1e-15 else (0.01 / m) ** (1.0 / order)
-    return min(100 * dt0, dt1, dtmax), 1
+    m = ops.maximum(d1, d2)
+    dt1 = ops.where(m <= 1e-15, ops.maximum(dt0 * 1e-3, 1e-6), (0.01 / ops.maximum(m, 1e-300)) ** (1.0 / order))
+    h = ops.where(ops.isfinite(m), ops.minimum(ops.minimum(dt1, 100 * dt0), dtmax), dt0)
+    if ops is not HOST:
+        h = ops.where(finite, h, math.nan)
+    return h, 1
 
 
 class Ops:

@@ -273,6 +273,12 @@ class Solution:
     # The sensitivity method that computed the gradients (the one sensealg="auto" picked); None
     # when the solve recorded nothing to differentiate.
     sensealg: Any = field(default=None, repr=False)
+    # Per-sample solves (solve(..., batch_axis=0)): each sample's status (a (batch,) tensor of
+    # Status codes), the time it reached, and its counters (Stats' names, each a (batch,) tensor);
+    # ``stats`` then holds the totals and ``status`` the worst.
+    statuses: torch.Tensor | None = field(default=None, repr=False)
+    t_reached: torch.Tensor | None = field(default=None, repr=False)
+    sample_stats: dict | None = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:
@@ -280,11 +286,14 @@ class Solution:
 
     @property
     def y_final(self) -> Any:
-        """The last saved state (in the state's structure)."""
+        """The last saved state (in the state's structure; per sample, each sample's last saved
+        state, NaN where its last saveat time was padding)."""
         if len(self.ts) == 0:
             raise ValueError("this solution saved no state: set save_end=True or pass saveat")
         if self.tree is not None:
             return _index(self.ys, -1)
+        if self.statuses is not None:  # per sample: (batch, n, ...), the end of each row
+            return self.ys[:, -1]
         return self.ys[-1]
 
     def __call__(self, t: float | Sequence[float] | torch.Tensor) -> torch.Tensor:

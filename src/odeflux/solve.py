@@ -50,6 +50,7 @@ def solve(
     perturb: bool = False,
     callbacks: StepCallbacks | None = None,
     event: Event | EventFunction | Sequence[Event | EventFunction] | None = None,
+    batch_axis: int | None = None,
 ) -> Solution:
     """Solve ``dy/dt = f(t, y)`` (or ``f(t, y, args)`` when ``args`` is given) over ``t_span``.
 
@@ -95,7 +96,30 @@ def solve(
     with a ``jump`` restarts the solve from ``jump(t, y)``; the saved states of the segments are
     stitched in order (``save_everystep`` saves both the state before and after a jump, at the
     same time). Event times and states are differentiable under every ``sensealg``.
+
+    Per-sample solves: ``batch_axis=0`` makes each sample along axis 0 of ``y0`` its own problem
+    (its own steps, error norm, status and counters; :mod:`odeflux.per_sample`). ``f(t, y)`` then
+    gets ``t`` of shape ``(batch,)``, one time per sample; ``t_span``'s ends may be one per
+    sample, and ``saveat`` ``(batch, n)`` times (NaN pads shorter rows). ``sol.ts`` is
+    ``(batch, n)``, ``sol.ys`` ``(batch, n, ...)`` (NaN where a sample never got);
+    ``sol.statuses`` and ``sol.sample_stats`` are per sample, ``sol.status`` the worst.
     """
+    if batch_axis is not None:
+        given = {
+            "params": params is not None, "save_everystep": save_everystep, "save_end=False": not save_end, "dense": bool(dense), "norm": norm is not None,
+            "step_times": step_times is not None, "jump_times": jump_times is not None, "perturb": perturb,
+            "callbacks": callbacks is not None, "event": event is not None, "a structured y0": is_tree(y0),
+        }  # fmt: skip
+        refused = [name for name, on in given.items() if on]
+        if refused:
+            raise ValueError(f"per-sample solves (batch_axis=) do not take {', '.join(refused)}: drop them, or batch_axis")
+        from .per_sample import solve_per_sample
+
+        return solve_per_sample(
+            f, y0, t_span, solver=solver, args=args, rtol=rtol, atol=atol, saveat=saveat, dt0=dt0, dtmin=dtmin,
+            dtmax=dtmax, max_steps=max_steps, controller=controller, sensealg=sensealg, throw=throw, compile=compile,
+            batch_axis=batch_axis, save_start=save_start,
+        )  # fmt: skip
     if is_tree(y0):
         return _solve_tree(
             f, y0, t_span, norm, args,

@@ -177,6 +177,25 @@ class LoopProgram:
         return it.result(Status.SUCCESS, "", h_f)
 
 
+class PerSampleProgram:
+    """A per-sample solve's loop (:mod:`odeflux.per_sample`) as one compiled program; a field
+    the compiler cannot take gets the one line, and the loop runs on the host."""
+
+    def __init__(self, f: Any, spec: LoopSpec):
+        self.f, self.spec = f, spec
+        self.key = ("per-sample", code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving))
+
+    def run(self, inputs: tuple) -> tuple:
+        y0 = inputs[1]
+        if self.key not in _REFUSED:
+            try:
+                return _program((*self.key, tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device))(self.spec, *inputs)
+            except Exception as exc:  # said once, then the loop on the host
+                _REFUSED[self.key] = _reason(exc)
+                warn_eager(exc, "as one program")
+        return run_loop(self.spec, *inputs, traced=False)
+
+
 def warn_eager(exc: BaseException, what: str) -> None:
     """The one line a solve says when ``compile=True`` cannot compile ``f`` and runs it eagerly."""
     warnings.warn(

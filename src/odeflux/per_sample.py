@@ -1,0 +1,174 @@
+"""A batch of independent problems: ``solve(..., batch_axis=0)``.
+
+Each sample along the batch axis is its own ODE: its own step sizes, accept/reject decisions,
+error norm, ``t_span`` ends, ``saveat`` times, counters and status. The loop is the compiled
+loop's (:func:`odeflux.compiled.loop.run_loop`, which integrates ``B`` problems at once; a joint
+solve is its ``B = 1``): on the host it reads one flag per step for the whole batch (whether
+any sample is still going), and with ``compile=True`` outside autograd it runs as one compiled
+program. Samples that are done or failed stand still while the others go on.
+
+Gradients: backpropagation through the per-sample loop (``DirectAdjoint``); each parameter's
+gradient is summed over the samples, as autograd does for a batched loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .compiled.loop import LoopSpec, run_loop
+from .compiled.program import PerSampleProgram
+from .control import DEFAULT_PI, TENSOR, ConstantStepSize, IController, PIController, StepSizeController, initial_step
+from .problem import bind_args
+from .sensitivity import DirectAdjoint
+from .solution import Solution, SolveError, Stats, Status
+from .solvers import Solver, Tsit5
+from .vector_field import VectorField, takes_time
+
+__all__ = ["solve_per_sample"]
+
+
+class _Norms:
+    """Hairer's norms of each problem (:class:`odeflux.control.HairerNorms` with ``(B,)`` values)."""
+
+    def __init__(self, f: Callable, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float):
+        self.f, self.y0, self.f0 = f, y0, f0
+        self.scale = y0.abs() * rtol + atol
+        self.d0, self.d1 = self._rms(y0), self._rms(f0)
+
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x / self.scale).reshape(x.shape[0], -1)
+        return (torch.linalg.vector_norm(z, dim=1) / math.sqrt(z.shape[1])).to(torch.float64)
+
+    def change(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        hy = h.to(self.y0.dtype).reshape(h.shape + (1,) * (self.y0.dim() - 1))
+        f1 = self.f(t.to(self.y0.dtype), self.y0 + hy * self.f0)
+        return self._rms(f1 - self.f0)
+
+
+def _per_sample_times(name: str, v: Any, B: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64).to(device)
+    if t.numel() == 1:
+        return t.reshape(()).expand(B).clone()
+    if t.shape != (B,):
+        raise ValueError(f"{name} must be a number or one per sample (shape ({B},)), got shape {tuple(t.shape)}")
+    return t.clone()
+
+
+def solve_per_sample(
+    f: Callable[..., Any], y0: torch.Tensor, t_span: Any, *, solver: Solver | None, args: Any, rtol: float,
+    atol: float, saveat: Any, dt0: float | None, dtmin: float | None, dtmax: float | None, max_steps: int,
+    controller: StepSizeController | None, sensealg: Any, throw: bool, compile: bool, batch_axis: int,
+    save_start: bool = True,
+) -> Solution:  # fmt: skip
+    """:func:`odeflux.solve` with ``batch_axis`` (see the module docstring and ``solve``)."""
+    if not isinstance(y0, torch.Tensor) or y0.dtype not in (torch.float32, torch.float64):
+        raise TypeError("batch_axis needs y0 as a float32 or float64 tensor with the batch along that axis")
+    if batch_axis != 0:
+        raise ValueError(f"batch_axis={batch_axis}: per-sample solves take the batch on axis 0: pass y0.movedim({batch_axis}, 0)")
+    if y0.dim() < 1 or y0.shape[0] == 0:
+        raise ValueError(f"batch_axis=0 needs a batch of at least one sample, got y0 of shape {tuple(y0.shape)}")
+    if sensealg is not None and not isinstance(sensealg, DirectAdjoint):
+        raise ValueError(
+            f"per-sample solves (batch_axis=) differentiate through their loop: pass sensealg=None or DirectAdjoint(), not {sensealg!r}"
+        )
+    solver = Tsit5() if solver is None else solver
+    if not getattr(solver, "tableau_steps", False):
+        raise ValueError(f"per-sample solves take explicit Runge-Kutta methods; {type(solver).__name__} is not one")
+    controller = controller if controller is not None else (DEFAULT_PI if solver.adaptive else ConstantStepSize())
+    if not isinstance(controller, (PIController, IController, ConstantStepSize)):
+        raise ValueError(f"per-sample solves take PIController, IController or ConstantStepSize, not {type(controller).__name__}")
+    adaptive = solver.adaptive and controller.adaptive
+    if not adaptive and dt0 is None:
+        raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
+    if isinstance(f, nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
+        f = VectorField(f, time_dependent=False)  # a module of y alone, as NeuralODE takes it
+    f = bind_args(f, args)
+    B, dev, dtype = y0.shape[0], y0.device, y0.dtype
+    pair = tuple(t_span) if not isinstance(t_span, torch.Tensor) or t_span.dim() != 2 else tuple(t_span.unbind(-1))
+    if len(pair) != 2:
+        raise ValueError(f"t_span must be a pair (t0, t1), each a number or one per sample, got {t_span!r}")
+    t0, t1 = (_per_sample_times(f"t_span[{i}]", v, B, dev) for i, v in enumerate(pair))
+    if not bool(torch.isfinite(t0).all() & torch.isfinite(t1).all() & (t0 != t1).all()):
+        raise ValueError("t_span's ends must be finite and different for every sample")
+    direction = torch.sign(t1 - t0)
+    span = (t1 - t0).abs()
+    tscale = torch.maximum(torch.maximum(t0.abs(), t1.abs()), torch.ones_like(t0))
+    saving = saveat is not None
+    if saving:
+        taus = torch.as_tensor(saveat.detach() if isinstance(saveat, torch.Tensor) else saveat, dtype=torch.float64).to(dev)
+        taus = taus.expand(B, -1).clone() if taus.dim() == 1 else taus.clone()
+        if taus.dim() != 2 or taus.shape[0] != B:
+            raise ValueError(f"saveat must be (n,) times or (batch, n) times (NaN pads), got shape {tuple(taus.shape)}")
+        known = ~torch.isnan(taus)
+        lo, hi = torch.minimum(t0, t1).unsqueeze(1), torch.maximum(t0, t1).unsqueeze(1)
+        if bool((known & ((taus < lo) | (taus > hi))).any()):
+            raise ValueError("a saveat time is outside its sample's t_span")
+    else:
+        taus = torch.stack([t0, t1], 1) if save_start else t1.unsqueeze(1)
+    with torch.no_grad():
+        k0 = f(t0.to(dtype), y0)
+    if not isinstance(k0, torch.Tensor) or k0.shape != y0.shape:
+        raise ValueError(
+            f"f(t, y) must return the batch's shape {tuple(y0.shape)} (t has shape ({B},), one time per sample), "
+            f"got {getattr(k0, 'shape', type(k0).__name__)}"
+        )
+    k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
+    eps64 = 2.0**-52
+    dtmin_t = (
+        torch.full_like(t0, float(dtmin)) if dtmin is not None
+        else torch.maximum(16 * eps64 * tscale, 16 * torch.finfo(dtype).eps * span) if adaptive else torch.zeros_like(t0)
+    )  # fmt: skip
+    dtmax_t = span if dtmax is None else torch.minimum(span, torch.full_like(span, float(dtmax)))
+    n_f = torch.ones(B, dtype=torch.int64, device=dev)
+    if dt0 is not None:
+        h0 = torch.full_like(t0, abs(float(dt0)))
+    else:
+        with torch.no_grad():
+            h0, extra = initial_step(_Norms(f, y0.detach(), k0.detach(), rtol, atol), t0, direction, solver.error_order, dtmax_t, TENSOR)
+        h0 = torch.maximum(h0, dtmin_t)
+        n_f = n_f + extra
+    h0 = torch.minimum(h0, dtmax_t)
+    ys0 = y0.unsqueeze(1).expand((B, taus.shape[1]) + tuple(y0.shape[1:])).clone()
+    ctrl0 = controller.init_state()
+    f64 = dict(dtype=torch.float64, device=dev)
+    inputs = (
+        f, y0, k0, t0, t1, h0, taus, ys0, torch.tensor(float(rtol), **f64), torch.tensor(float(atol), **f64), dtmin_t,
+        dtmax_t, 64 * eps64 * tscale, torch.tensor(max_steps, dtype=torch.int64, device=dev),
+        torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
+    )  # fmt: skip
+    spec = LoopSpec(solver, controller, adaptive, True)
+    grad = torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)
+    if compile and not grad:
+        out = PerSampleProgram(f, spec).run(inputs)
+    else:
+        out = run_loop(spec, *inputs, traced=False)
+    t, _h, y, _k, _ctrl, n_steps, n_acc, n_rej, n_ev, ys, status, _err, _grid = out
+    status = torch.where((status == 0) & (direction * (t1 - t) > 0), int(Status.MAX_STEPS), status)
+    # States at saved times a sample never reached: NaN (as its padding).
+    unreached = torch.isnan(taus) | (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
+    ys = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)), math.nan, ys)
+    if not saving and save_start:
+        ys = torch.cat([y0.unsqueeze(1), ys[:, 1:]], 1)  # (y0 itself at t0: its gradient reaches it)
+    counts = torch.stack([n_steps, n_acc, n_rej, n_ev + n_f]).tolist()
+    stats = Stats(n_f_evals=sum(counts[3]), n_steps=sum(counts[0]), n_accepted=sum(counts[1]), n_rejected=sum(counts[2]))
+    codes = status.tolist()
+    failed = [b for b, c in enumerate(codes) if c != Status.SUCCESS]
+    worst = Status(max(codes))
+    message = "" if not failed else (
+        f"{len(failed)} of {B} samples did not reach t1 (samples {failed[:8]}{'...' if len(failed) > 8 else ''}: "
+        f"{', '.join(sorted({Status(codes[b]).name for b in failed}))}); sol.statuses has each sample's status"
+    )  # fmt: skip
+    sol = Solution(
+        ts=taus.to(dtype), ys=ys, stats=stats, status=worst, message=message, statuses=status, t_reached=t,
+        sample_stats={"n_steps": n_steps, "n_accepted": n_acc, "n_rejected": n_rej, "n_f_evals": n_ev + n_f},
+    )  # fmt: skip
+    if grad:
+        sol.sensealg = sensealg if sensealg is not None else DirectAdjoint()
+    if throw and failed:
+        raise SolveError(f"solve failed ({worst.name}): {message}", worst, sol)
+    return sol
+

@@ -1,0 +1,156 @@
+"""Per-sample solves (``solve(..., batch_axis=0)``): each sample its own problem, against a
+Python loop of single solves, finite differences, and the failure of one sample."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import odeflux
+from odeflux.solution import Status
+
+D = torch.float64
+
+
+class VdP(nn.Module):
+    """Van der Pol oscillators, one ``mu`` per sample (elementwise: a sample's result does not
+    depend on the batch it is in, to the last bit)."""
+
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = nn.Parameter(torch.as_tensor(mu, dtype=D))
+
+    def forward(self, t, y):
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, self.mu * (1 - x * x) * v - x], -1)
+
+
+MU = [0.1, 0.5, 1.0, 3.0, 10.0]
+
+
+def _batch():
+    return VdP(MU), torch.tensor([[2.0, 0.0]] * len(MU), dtype=D)
+
+
+def test_each_sample_takes_the_steps_of_its_own_solve():
+    f, y0 = _batch()
+    saveat = torch.linspace(0.0, 8.0, 9, dtype=D)
+    with torch.no_grad():
+        sol = odeflux.solve(f, y0, (0.0, 8.0), saveat=saveat, batch_axis=0, rtol=1e-6, atol=1e-8)
+        singles = [
+            odeflux.solve(VdP(MU[b : b + 1]), y0[b : b + 1], (0.0, 8.0), saveat=saveat, rtol=1e-6, atol=1e-8)
+            for b in range(len(MU))
+        ]
+        joint = odeflux.solve(f, y0, (0.0, 8.0), saveat=saveat, rtol=1e-6, atol=1e-8)
+    assert sol.ys.shape == (len(MU), 9, 2) and sol.ts.shape == (len(MU), 9)
+    assert sol.statuses.tolist() == [0] * len(MU) and sol.status == Status.SUCCESS
+    for b, s in enumerate(singles):
+        assert int(sol.sample_stats["n_steps"][b]) == s.stats.n_steps
+        assert int(sol.sample_stats["n_rejected"][b]) == s.stats.n_rejected
+        assert int(sol.sample_stats["n_f_evals"][b]) == s.stats.n_f_evals
+        torch.testing.assert_close(sol.ys[b], s.ys[:, 0], rtol=0, atol=1e-9)
+    # The stiffest sample sets the joint batch's steps; each sample alone takes no more.
+    steps = sol.sample_stats["n_steps"]
+    assert int(steps.max()) <= joint.stats.n_steps
+    assert sol.stats.n_steps == sum(s.stats.n_steps for s in singles)
+
+
+def test_per_sample_spans_and_saveat_rows_of_different_lengths():
+    f, y0 = _batch()
+    t1 = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=D)
+    nan = math.nan
+    saveat = torch.tensor(
+        [[0.25, 1.0, nan], [0.5, 1.0, 2.0], [0.5, nan, nan], [1.0, 2.0, 3.0], [0.0, 1.5, nan]], dtype=D
+    )  # fmt: skip
+    with torch.no_grad():
+        sol = odeflux.solve(f, y0, (0.0, t1), saveat=saveat, batch_axis=0, rtol=1e-8, atol=1e-10)
+        for b in range(len(MU)):
+            times = saveat[b][~torch.isnan(saveat[b])]
+            s = odeflux.solve(VdP(MU[b : b + 1]), y0[b : b + 1], (0.0, float(t1[b])), saveat=times, rtol=1e-8, atol=1e-10)
+            torch.testing.assert_close(sol.ys[b, : len(times)], s.ys[:, 0], rtol=0, atol=1e-9)
+            assert bool(torch.isnan(sol.ys[b, len(times) :]).all())
+
+
+def test_one_sample_blowing_up_leaves_the_others_to_finish():
+    class Quadratic(nn.Module):
+        def forward(self, t, y):
+            return y * y * torch.tensor([0.1, 1.0, 0.2], dtype=D).unsqueeze(-1)
+
+    y0 = torch.ones(3, 1, dtype=D)  # the middle sample: y = 1 / (1 - t), infinite at t = 1
+    with torch.no_grad():
+        sol = odeflux.solve(Quadratic(), y0, (0.0, 2.0), batch_axis=0, throw=False)
+    assert sol.statuses[1] != Status.SUCCESS and sol.statuses[[0, 2]].tolist() == [0, 0]
+    assert sol.status == Status(int(sol.statuses[1]))
+    torch.testing.assert_close(sol.ys[[0, 2], -1, 0], 1 / (1 - 2.0 * torch.tensor([0.1, 0.2], dtype=D)), rtol=1e-4, atol=0)
+    assert bool(torch.isnan(sol.ys[1, -1]).all()) and float(sol.t_reached[1]) < 1.0
+    with pytest.raises(odeflux.SolveError, match=r"1 of 3 samples did not reach t1 \(samples \[1\]"):
+        with torch.no_grad():
+            odeflux.solve(Quadratic(), y0, (0.0, 2.0), batch_axis=0)
+
+
+def test_gradients_per_sample_against_finite_differences():
+    f, y0 = _batch()
+    y0 = y0.clone().requires_grad_(True)
+    saveat = torch.linspace(0.0, 3.0, 4, dtype=D)
+
+    def loss(f_, y0_):
+        sol = odeflux.solve(f_, y0_, (0.0, 3.0), saveat=saveat, batch_axis=0, rtol=1e-10, atol=1e-12)
+        return (sol.ys**2).sum()
+
+    g_mu, g_y0 = torch.autograd.grad(loss(f, y0), [f.mu, y0])
+    eps = 1e-4  # (the solves' own error, 1e-10, over eps stays below the 1e-5 asked)
+    with torch.no_grad():
+        for b in range(len(MU)):
+            e = torch.zeros(len(MU), dtype=D)
+            e[b] = eps
+            fd = (loss(VdP(f.mu + e), y0) - loss(VdP(f.mu - e), y0)) / (2 * eps)
+            assert float(g_mu[b]) == pytest.approx(float(fd), rel=1e-5)
+            e2 = torch.zeros_like(y0)
+            e2[b, 1] = eps
+            fd = (loss(f, y0 + e2) - loss(f, y0 - e2)) / (2 * eps)
+            assert float(g_y0[b, 1]) == pytest.approx(float(fd), rel=1e-5)
+    # A shared parameter's gradient is the sum over the samples.
+    shared = nn.Parameter(torch.tensor(1.0, dtype=D))
+    sol = odeflux.solve(lambda t, y: -shared * y, torch.ones(3, 1, dtype=D), (0.0, torch.tensor([1.0, 2.0, 3.0])), batch_axis=0)
+    (g,) = torch.autograd.grad(sol.ys[:, -1].sum(), [shared])
+    assert float(g) == pytest.approx(sum(-t * math.exp(-t) for t in (1.0, 2.0, 3.0)), rel=1e-3)
+    assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
+
+
+def test_compiled_per_sample_loop_matches_the_host_loop():
+    f, y0 = _batch()
+    saveat = torch.linspace(0.0, 4.0, 5, dtype=D)
+    with torch.no_grad():
+        eager = odeflux.solve(f, y0, (0.0, 4.0), saveat=saveat, batch_axis=0, rtol=1e-6, atol=1e-8)
+        compiled = odeflux.solve(f, y0, (0.0, 4.0), saveat=saveat, batch_axis=0, rtol=1e-6, atol=1e-8, compile=True)
+    assert compiled.sample_stats["n_steps"].tolist() == eager.sample_stats["n_steps"].tolist()
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=0, atol=1e-10)
+
+
+def test_refusals_name_the_option():
+    f, y0 = _batch()
+    with pytest.raises(ValueError, match=r"per-sample solves \(batch_axis=\) do not take dense, event: drop them"):
+        odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, dense=True, event=lambda t, y: y[..., 0])
+    with pytest.raises(ValueError, match="differentiate through their loop: pass sensealg=None or DirectAdjoint()"):
+        odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, sensealg=odeflux.InterpolatingAdjoint())
+    with pytest.raises(ValueError, match=r"t_span\[1\] must be a number or one per sample"):
+        odeflux.solve(f, y0, (0.0, torch.ones(3)), batch_axis=0)
+    with pytest.raises(ValueError, match="per-sample solves take explicit Runge-Kutta methods; Rodas5P is not one"):
+        odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, solver=odeflux.Rodas5P())
+    with pytest.raises(ValueError, match=r"f\(t, y\) must return the batch's shape"):
+        odeflux.solve(lambda t, y: y.sum(-1), y0, (0.0, 1.0), batch_axis=0)
+
+
+def test_neural_ode_per_sample():
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    model = odeflux.NeuralODE(field, sensealg=odeflux.DirectAdjoint(), batch_axis=0, rtol=1e-8, atol=1e-10)
+    x = torch.randn(4, 2, dtype=D)
+    out = model(x)
+    with torch.no_grad():
+        for b in range(4):
+            ref = odeflux.solve(field, x[b], (0.0, 1.0), rtol=1e-8, atol=1e-10).y_final
+            torch.testing.assert_close(out[b], ref, rtol=0, atol=1e-7)
+    out.sum().backward()
+    assert field[0].weight.grad is not None
