@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.common import Timing, interleaved, markdown_table, write_result
 
@@ -109,4 +110,28 @@ def test_stiff_work_precision_smoke_runs():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for title in ("## ROBER", "## HIRES", "## Summary"):
         assert title in out.stdout
+    assert "written to" not in out.stdout
+
+
+def test_gradient_work_precision_weights_and_errors():
+    from benchmarks.gradient_work_precision import GradPoint, rel_err
+
+    p = GradPoint(1e-3, 0, 0.1, fwd=10, bwd=4, vjps=4)
+    assert p.total() == 18 and p.total(2) == 22
+    assert p.weighted(2).nfe == 22 and p.weighted(2).err == 0.1
+    assert rel_err(torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 2.5])) == pytest.approx(0.5 / 11.25**0.5)
+
+
+def test_gradient_work_precision_smoke_runs():
+    """`python -m benchmarks.gradient_work_precision --quick` on two small fields (a few seconds: two
+    tolerances, every configuration, a loose reference); nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gradient_work_precision", "--quick", "--only", "tutorial_doubled",
+         "--only", "cnf_exact"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for title in ("## Summary", "## Gradient error per tolerance", "## (a)", "## (f)"):
+        assert title in out.stdout
+    assert "failed (" not in out.stdout  # no configuration fails on these fields
     assert "written to" not in out.stdout
