@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "work_precision": [],
     "stiff_work_precision": [],
     "gradient_work_precision": [],
+    "per_sample": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.
 QUICK = {"solver_step": ["--rounds", "3", "--budget", "2", "--no-write"]}

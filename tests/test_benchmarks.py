@@ -135,3 +135,13 @@ def test_gradient_work_precision_smoke_runs():
         assert title in out.stdout
     assert "failed (" not in out.stdout  # no configuration fails on these fields
     assert "written to" not in out.stdout
+
+
+def test_per_sample_smoke_runs():
+    """`python -m benchmarks.per_sample --quick` (4 samples, no compile=True; seconds): the
+    per-sample steps equal the single solves' (the script checks it) and the joint batch's
+    iterations are at least the stiffest sample's."""
+    from benchmarks.per_sample import main
+
+    out = main(["--quick"])
+    assert len(out["steps"]) == 4 and max(out["steps"]) <= out["joint"]
