@@ -128,15 +128,15 @@ def test_first_step_interval_saves_backward_steps_where_the_adjoint_is_smooth(me
         return flat_grads(f, y0), sol.backward_stats
 
     ref, _ = run(DirectAdjoint())
-    fast, st_fast = run(method())  # the default: first_step="interval"
-    slow, st_slow = run(method(first_step="hairer"))
+    fast, st_fast = run(method(first_step="interval"))
+    slow, st_slow = run(method())  # the default: first_step="hairer"
     assert st_fast.n_accepted < st_slow.n_accepted and st_fast.n_vjp_evals < st_slow.n_vjp_evals
     for g_ in (fast, slow):
         assert float((g_ - ref).norm() / ref.norm()) < 1e-3
 
 
 def test_first_step_is_checked():
-    assert InterpolatingAdjoint().first_step == "interval"
+    assert InterpolatingAdjoint().first_step == "hairer"
     with pytest.raises(ValueError, match="GaussAdjoint: first_step='auto' is not one of hairer, interval"):
         GaussAdjoint(first_step="auto")
 
@@ -553,7 +553,8 @@ def test_the_mixed_norm_controls_a_small_parameter_block_next_to_a_large_state(m
     exact = grad(DirectAdjoint())
     assert grad(method()) == pytest.approx(exact, rel=1e-3)
     if method is InterpolatingAdjoint:  # (backsolve's own y block keeps its steps small either way)
-        assert abs(grad(method(norm="rms")) / exact - 1) > 0.1  # the diluted norm's error, as measured
+        # The diluted norm's error, as measured, where the adjoint may cross the span in one try.
+        assert abs(grad(method(norm="rms", first_step="interval")) / exact - 1) > 0.1
     with pytest.raises(ValueError, match="norm='max' is not one of mixed, rms"):
         method(norm="max")
 
