@@ -37,7 +37,7 @@ VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
-    "jacobian",
+    "factorize", "jacobian", "solve_factored",
 ]  # fmt: skip
 
 #: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
@@ -98,6 +98,32 @@ def imex_parts(f: Any) -> tuple[VectorField, VectorField] | None:
     ``imex_parts``), else ``None``."""
     parts = getattr(f, "imex_parts", None)
     return parts() if callable(parts) else None
+
+
+#: Newton and Rosenbrock matrices of up to this many rows are inverted once instead of kept as
+#: LU factors: each solve is then one matrix-vector product (about 1 us) rather than
+#: ``torch.linalg.lu_solve`` (about 16 us on a CPU, with host reads of its checks), and a step
+#: makes many solves per factorisation (Rodas5P 8, Kvaerno5 about 20). Past it the inverse costs
+#: more than the solves it saves. Both are the exact solution up to rounding.
+SMALL_SYSTEM = 64
+
+
+def factorize(M: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``(factors, info)`` of the square matrix ``M`` for :func:`solve_factored`: its inverse (one
+    tensor) up to :data:`SMALL_SYSTEM` rows, else its LU factors and pivots; ``info`` is nonzero
+    (a 0-d tensor, not read here) where ``M`` is singular."""
+    if M.shape[-1] <= SMALL_SYSTEM:
+        inv, info = torch.linalg.inv_ex(M)
+        return (inv,), info
+    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    return (LU, pivots), info
+
+
+def solve_factored(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor) -> torch.Tensor:
+    """``M^-1 rhs`` for a vector ``rhs`` given :func:`factorize`'s factors of ``M``."""
+    if len(factors) == 1:
+        return torch.mv(factors[0], rhs)
+    return torch.linalg.lu_solve(factors[0], factors[1], rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
@@ -385,15 +411,25 @@ class _NewtonStep:
         if stepper.reuse:
             # Adaptive: updates measured against the error tolerance, entry by entry.
             yd = self.y.detach().abs()
-            self.weights = 1 / (yd * stepper.rtol + stepper.atol)
+            self.weights = yd.mul(stepper.rtol).add_(stepper.atol).reciprocal_()
             self.tol = solver.newton_kappa
-            self.noise = max(self.tol, 1024 * eps * float((yd * self.weights).max()))
+            self._noise: float | None = None  # read from the device only where needed
         else:
             self.weights = None
             self.tol = solver.newton_tol if solver.newton_tol is not None else 32 * eps
             # Below this the updates are round-off: an iteration that stops contracting there has converged.
-            self.noise = max(self.tol, 1024 * eps)
+            self._noise = max(self.tol, 1024 * eps)
             self.y_scale = float(y.detach().abs().max())
+        self.stage_t: dict[int, Any] = {}
+
+    @property
+    def noise(self) -> float:
+        """Below this the updates are round-off: an iteration that stops contracting there has
+        converged (adaptive: 1024 units of round-off of the state, in the error's weights)."""
+        if self._noise is None:
+            yd = self.y.detach().abs()
+            self._noise = max(self.tol, 1024 * torch.finfo(yd.dtype).eps * float((yd * self.weights).max()))
+        return self._noise
 
     def count(self) -> None:
         c = self.stepper.counters
@@ -418,27 +454,36 @@ class _NewtonStep:
 
     def evaluate(self, i: int, Y: torch.Tensor, f: VectorField | None = None) -> torch.Tensor:
         self.n_evals += 1
-        return (self.f if f is None else f)(self.t + self.co.c[i] * self.dt, Y.reshape(self.shape)).reshape(-1)
+        t = self.stage_t.get(i)
+        if t is None:  # once per stage, not per Newton iteration (t may be a tensor: an op each)
+            t = self.stage_t[i] = self.t + self.co.c[i] * self.dt
+        flat = len(self.shape) == 1
+        out = (self.f if f is None else f)(t, Y if flat else Y.reshape(self.shape))
+        return out if flat else out.reshape(-1)
 
     def factor(self, key: Any, M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         lu = self.lus.get(key)
         if lu is None:
-            LU, pivots, info = torch.linalg.lu_factor_ex(M)
+            lu, info = factorize(M)
             self.factors += 1
             if int(info) != 0:
                 raise NewtonFailure(self.message(what, "has a singular Newton matrix (I - h a J)"))
-            lu = self.lus[key] = (LU, pivots)
+            self.lus[key] = lu
         return lu
 
-    def newton_update(self, lu: tuple[torch.Tensor, torch.Tensor], R: torch.Tensor) -> torch.Tensor:
-        """``M^-1 R`` for residuals ``R`` of shape ``(rows, n)``: the head through the LU factors
-        of ``M`` (``rows * m`` unknowns), the tail as it is (it has no Jacobian)."""
-        rows, m = R.shape[0], self.m
+    def newton_update(self, lu: tuple[torch.Tensor, ...], R: torch.Tensor) -> torch.Tensor:
+        """``M^-1 R`` for residuals ``R`` of shape ``(rows, n)``, or ``(n,)`` for one stage: the
+        head through the factors of ``M`` (``rows * m`` unknowns), the tail as it is (it has no
+        Jacobian)."""
+        m = self.m
         self.solves += 1
-        head = torch.linalg.lu_solve(*lu, R[:, :m].reshape(rows * m, 1)).reshape(rows, m)
+        if R.dim() == 1:
+            return solve_factored(lu, R) if m == self.n else torch.cat([solve_factored(lu, R[:m]), R[m:]])
+        rows = R.shape[0]
+        head = solve_factored(lu, R[:, :m].reshape(rows * m)).reshape(rows, m)
         return head if m == self.n else torch.cat([head, R[:, m:]], dim=1)
 
-    def measure(self, dZ: torch.Tensor, Z: torch.Tensor, prev: list) -> tuple[float, float | None, float | None]:
+    def measure(self, dZ: torch.Tensor, Z: Callable[[], torch.Tensor], prev: list) -> tuple[float, float | None, float | None]:
         """The update's size, its contraction rate and the ratio of its size to the last one's
         (``None`` on the first update), with one host read: against the error tolerance
         (adaptive), or the state's scale.
@@ -449,16 +494,19 @@ class _NewtonStep:
         while a slower one lags: that hid a fixed-point-like iteration on a stale Jacobian
         (ROBER, t > 0 on the Jacobian of t = 0) and left errors of a whole tolerance in y1."""
         if self.weights is not None:
-            a = dZ.detach().abs() * self.weights
+            a = dZ.detach().abs().mul_(self.weights)
             last = prev[-1] if prev else None
-            prev.append(a)
             if last is None:
-                return float(a.max()), None, None
-            # Entries already below the tolerance cannot hold the iteration back: ratio 0.
-            ratio = torch.where(a > self.tol, a / last.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
-            r, theta, r_last = torch.stack([a.max(), ratio.max(), last.max()]).tolist()
-            return r, theta, r / r_last
-        d, z = (float(v) for v in torch.stack([dZ.detach().abs().max(), Z.detach().abs().max()]).tolist())
+                r = float(a.max())
+                prev.append((a, r))
+                return r, None, None
+            # Entries already below the tolerance cannot hold the iteration back: ratio 0 (also
+            # where 0/0 gives NaN; an entry growing from 0 gives inf).
+            ratio = (a / last[0]).masked_fill_(a <= self.tol, 0.0)
+            r, theta = torch.stack([a.max(), ratio.max()]).tolist()
+            prev.append((a, r))
+            return r, theta, r / last[1]
+        d, z = (float(v) for v in torch.stack([dZ.detach().abs().max(), Z().detach().abs().max()]).tolist())
         scale = max(self.y_scale, z)
         r = d / scale if scale > 0 else d
         last = prev[-1] if prev else None
@@ -466,9 +514,9 @@ class _NewtonStep:
         growth = None if last is None else r / last
         return r, growth, growth
 
-    def converged(self, it: int, dZ: torch.Tensor, Z: torch.Tensor, prev: list, what: str) -> bool:
-        """Whether the iteration has converged after update ``dZ`` (``prev``: the iteration's
-        earlier updates, kept by :meth:`measure`)."""
+    def converged(self, it: int, dZ: torch.Tensor, Z: Callable[[], torch.Tensor], prev: list, what: str) -> bool:
+        """Whether the iteration has converged after update ``dZ`` (``Z()``: the iterate, less
+        the state; ``prev``: the iteration's earlier updates, kept by :meth:`measure`)."""
         self.iters += 1
         r, theta, growth = self.measure(dZ, Z, prev)
         if not math.isfinite(r):
@@ -517,7 +565,7 @@ class _NewtonStep:
             R = Z - dt * (A @ F)
             dZ = self.newton_update(lu, R)
             Z = Z - dZ
-            if self.converged(it, dZ, Z, prev, "the stages"):
+            if self.converged(it, dZ, lambda: Z, prev, "the stages"):
                 break
         Y = self.y.unsqueeze(0) + Z
         return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
@@ -571,10 +619,10 @@ class _NewtonStep:
             prev: list = []
             self.growing = False
             for it in range(self.solver.max_iters):
-                R = Y - E - (dt * g) * self.evaluate(i, Y, f_imp)
-                dY = self.newton_update(lu, R.unsqueeze(0)).squeeze(0)
+                R = torch.sub(Y, E).sub_(self.evaluate(i, Y, f_imp), alpha=dt * g)
+                dY = self.newton_update(lu, R)
                 Y = Y - dY
-                if self.converged(it, dY, Y - self.y, prev, f"stage {i + 1}"):
+                if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
                     break
             Y_prev = Y
             if self.weights is not None:

@@ -47,7 +47,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .implicit import JacobianSource
+from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -252,6 +252,7 @@ class RosenbrockStepper:
         self._J_at: torch.Tensor | None = None  # the state the Jacobian was computed at
         self._last_y: torch.Tensor | None = None  # the state the last step returned
         self._last_start: torch.Tensor | None = None  # the state the last step started from
+        self._eye: torch.Tensor | None = None
 
     def evaluations(self, K: torch.Tensor) -> int:
         return self._evals
@@ -310,8 +311,10 @@ class RosenbrockStepper:
         shape, n = y.shape, y.numel()
         mj = J.shape[0]
         hg = dt * solver.tableau.gamma
-        W = torch.eye(mj, dtype=y.dtype, device=y.device) / hg - J
-        LU, pivots, info = torch.linalg.lu_factor_ex(W)
+        eye = self._eye
+        if eye is None or eye.shape[0] != mj:
+            eye = self._eye = torch.eye(mj, dtype=y.dtype, device=y.device)
+        factors, info = factorize(eye / hg - J)
         self.counters["n_factorizations"] += 1
         # One host read per step: a singular W, or a Jacobian that is not finite.
         bad, finite = (int(v) for v in torch.stack([info.to(torch.int64), torch.isfinite(J).all().to(torch.int64)]).tolist())
@@ -345,7 +348,7 @@ class RosenbrockStepper:
                 rhs = torch.addmm(F.unsqueeze(0), co.C_rows[i], U, alpha=1.0 / dt).squeeze(0)
             if T is not None and co.d[i] != 0.0:
                 rhs = rhs + (co.d[i] * dt) * T
-            Ui = self._solve(LU, pivots, rhs, mj, hg)
+            Ui = self._solve(factors, rhs, mj, hg)
             if mj < n:
                 Ui = self._tail_coupling(f, t, y, k1, Ui, mj, hg)
             Us.append(Ui)
@@ -382,10 +385,10 @@ class RosenbrockStepper:
         return torch.cat([U[:mj], U[mj:] + hg * BU])
 
     @staticmethod
-    def _solve(LU: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, mj: int, hg: float) -> torch.Tensor:
-        """``W^-1 rhs``: the Jacobian's block through the LU factors; the tail past it (no Jacobian:
-        its ``W`` is ``I / (h gamma)``) scaled."""
-        head = torch.linalg.lu_solve(LU, pivots, rhs[:mj].unsqueeze(-1)).squeeze(-1)
+    def _solve(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor, mj: int, hg: float) -> torch.Tensor:
+        """``W^-1 rhs``: the Jacobian's block through ``W``'s factors (:func:`factorize`); the tail
+        past it (no Jacobian: its ``W`` is ``I / (h gamma)``) scaled."""
+        head = solve_factored(factors, rhs[:mj] if mj < rhs.shape[0] else rhs)
         if mj == rhs.shape[0]:
             return head
         return torch.cat([head, rhs[mj:] * hg])
