@@ -218,9 +218,10 @@ class ImplicitTableau(DenseWeights):
         b_hat = np.asarray(self.b) - np.asarray(self.b_err)
         return any(np.allclose(row, b_hat, rtol=0, atol=1e-14) for row in self.a_matrix())
 
-    @property
+    @functools.cached_property
     def diagonally_implicit(self) -> bool:
-        """Whether ``a`` is lower triangular: the stages can then be solved one at a time."""
+        """Whether ``a`` is lower triangular: the stages can then be solved one at a time (cached:
+        every step asks)."""
         return not np.triu(self.a_matrix(), 1).any()
 
 
