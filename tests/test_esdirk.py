@@ -411,13 +411,15 @@ def test_gradients_wrt_rate_constants(name, sensealg):
     """d(w . y(T))/dk of ROBER under DirectAdjoint (through the Newton iterations; step sizes
     constants) and the continuous adjoints that take y(t) from the forward solve (their backward
     systems solved by the same method, with the adjoint systems' own Jacobians) against finite
-    differences of an independent solution. (BacksolveAdjoint integrates ROBER's y backwards,
+    differences of an independent solution, within 1e-5 relative at rtol 1e-6 (measured: 4e-6 at
+    worst, Kvaerno5's quadrature adjoints through its cubic dense output; the finite differences
+    agree with InterpolatingAdjoint to 1e-8). (BacksolveAdjoint integrates ROBER's y backwards,
     where its stiff mode grows as exp(|lambda| t): see test_backsolve_adjoint.)"""
     model = Rober()
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     sol = odeflux.solve(model, y0, (0.0, T_GRAD), solver=SOLVERS[name](), rtol=1e-6, atol=1e-14, sensealg=sensealg())
     (g,) = torch.autograd.grad(sol.ys[-1] @ torch.from_numpy(W_GRAD), [model.k])
-    np.testing.assert_allclose(g.numpy(), fd_gradient(), rtol=1e-4)
+    np.testing.assert_allclose(g.numpy(), fd_gradient(), rtol=1e-5)
 
 
 class Relax(torch.nn.Module):
