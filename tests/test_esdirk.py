@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROBER_K, rober, rober_np
+from conftest import ROBER_K, hires, hires_np, rober, rober_np
 from scipy.integrate import solve_ivp
 
 import odeflux
@@ -204,6 +204,35 @@ def test_robertson(name):
     torch.testing.assert_close(sol.ys.sum(dim=1), torch.ones(len(sol.ts), dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+@functools.lru_cache(maxsize=None)
+def hires_reference():
+    y0 = [1.0, 0, 0, 0, 0, 0, 0, 0.0057]
+    return solve_ivp(hires_np, (0.0, 321.8122), y0, method="Radau", rtol=1e-12, atol=1e-14, dense_output=True)
+
+
+@pytest.mark.parametrize(
+    "problem, rtol", [("rober", 1e-8), ("hires", 1e-6), ("hires", 1e-7), ("hires", 1e-8)], ids=lambda v: str(v)
+)
+def test_kvaerno5_tight_tolerances(problem, rtol):
+    """Kvaerno5 at tight tolerances (atol = 1e-4 rtol, as the stiff benchmark): every accepted
+    step's state within 10x the tolerance of scipy's Radau at rtol 1e-12, atol 1e-14. Regression:
+    the Newton iteration's stopping test took its contraction rate from the ratio of two max-norms,
+    which a fast entry's first update dominates; on a stale Jacobian (ROBER's at t = 0, where the
+    stiff terms vanish) it stopped with errors of a whole tolerance in y1, and ROBER at 1e-8 stalled
+    at dt ~ 2e-4 (MAX_STEPS), HIRES's error stayed flat."""
+    atol = 1e-4 * rtol
+    if problem == "rober":
+        f, y0, span, ref = rober, [1.0, 0.0, 0.0], (0.0, 1e5), rober_reference()
+    else:
+        f, y0, span, ref = hires, [1.0, 0, 0, 0, 0, 0, 0, 0.0057], (0.0, 321.8122), hires_reference()
+    y0 = torch.tensor(y0, dtype=torch.float64)
+    sol = odeflux.solve(f, y0, span, solver=Kvaerno5(), rtol=rtol, atol=atol, save_everystep=True, max_steps=2000, throw=False)
+    assert sol.status == Status.SUCCESS, sol.message
+    exact = ref.sol(sol.ts.numpy()).T
+    scaled = np.abs(sol.ys.numpy() - exact) / (rtol * np.abs(exact) + atol)
+    assert scaled.max() < 10, (scaled.max(axis=0), sol.stats)
+
+
 @pytest.mark.slow
 def test_robertson_is_stiff_for_tsit5():
     """Tsit5 at the same tolerances runs out of 100x Kvaerno5's steps on ROBER."""
@@ -382,13 +411,15 @@ def test_gradients_wrt_rate_constants(name, sensealg):
     """d(w . y(T))/dk of ROBER under DirectAdjoint (through the Newton iterations; step sizes
     constants) and the continuous adjoints that take y(t) from the forward solve (their backward
     systems solved by the same method, with the adjoint systems' own Jacobians) against finite
-    differences of an independent solution. (BacksolveAdjoint integrates ROBER's y backwards,
+    differences of an independent solution, within 1e-5 relative at rtol 1e-6 (measured: 4e-6 at
+    worst, Kvaerno5's quadrature adjoints through its cubic dense output; the finite differences
+    agree with InterpolatingAdjoint to 1e-8). (BacksolveAdjoint integrates ROBER's y backwards,
     where its stiff mode grows as exp(|lambda| t): see test_backsolve_adjoint.)"""
     model = Rober()
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     sol = odeflux.solve(model, y0, (0.0, T_GRAD), solver=SOLVERS[name](), rtol=1e-6, atol=1e-14, sensealg=sensealg())
     (g,) = torch.autograd.grad(sol.ys[-1] @ torch.from_numpy(W_GRAD), [model.k])
-    np.testing.assert_allclose(g.numpy(), fd_gradient(), rtol=1e-4)
+    np.testing.assert_allclose(g.numpy(), fd_gradient(), rtol=1e-5)
 
 
 class Relax(torch.nn.Module):
@@ -433,8 +464,12 @@ def test_counters():
         assert st.n_f_evals == calls
         # The Jacobian kept across steps; one factorisation per step tried (its dt is new).
         assert 1 <= st.n_jacobians < st.n_steps / 2 and st.n_factorizations >= st.n_steps - st.n_rejected
-        # One solve per Newton iteration, one per completed step to smooth the error estimate.
-        assert st.n_linear_solves - st.n_newton_iterations <= st.n_steps
+        # One solve per Newton iteration; KenCarp4 one more per completed step to smooth the error
+        # estimate (Kvaerno5's embedded solution is a stage value: its estimate is not smoothed).
+        if isinstance(solver, Kvaerno5):
+            assert st.n_linear_solves == st.n_newton_iterations
+        else:
+            assert 0 < st.n_linear_solves - st.n_newton_iterations <= st.n_steps
         assert st.n_newton_iterations >= 5 * st.n_accepted  # (at least one per implicit stage)
     # Fixed steps: a fresh Jacobian and Newton matrix every step (one diagonal value).
     st = odeflux.solve(lambda t, y: -y**3 + torch.sin(t), y0, (0.0, 1.0), solver=odeflux.TRBDF2(), dt0=0.1).stats

@@ -21,7 +21,7 @@ import odeflux
 from odeflux import SolveError, Status
 from odeflux.kernels import ImplicitStepKernel, NumpyStepKernel, choose_step_kernel
 from odeflux.solvers import RK_SOLVERS, SOLVERS, ImplicitRK, ImplicitTableau, JacobianSource
-from odeflux.solvers.implicit import collocation, jacobian
+from odeflux.solvers.implicit import SMALL_SYSTEM, collocation, factorize, jacobian, solve_factored
 
 IMPLICIT = sorted(n for n in SOLVERS if not getattr(SOLVERS[n], "explicit", True) and not SOLVERS[n]().adaptive)  # fixed step (the adaptive ESDIRKs: test_esdirk.py)
 NAMES = {  # torchdiffeq's names, as the brief and torchdiffeq spell them
@@ -288,6 +288,35 @@ def test_jacobian_against_closed_form():
     expected = t * (1 - torch.tanh(A @ y) ** 2)[:, None] * A
     torch.testing.assert_close(J, expected, rtol=1e-14, atol=1e-14)
     assert not J.requires_grad
+
+
+@pytest.mark.parametrize("m", [3, SMALL_SYSTEM, SMALL_SYSTEM + 1])
+def test_factorize_small_by_inverse_large_by_lu(m):
+    """Up to SMALL_SYSTEM rows a matrix is inverted once, past it kept as LU factors; either way
+    solve_factored is M^-1 b (against numpy's solve), and info flags a singular matrix."""
+    g = torch.Generator().manual_seed(m)
+    M = torch.randn(m, m, dtype=torch.float64, generator=g) + m * torch.eye(m, dtype=torch.float64)
+    b = torch.randn(m, dtype=torch.float64, generator=g)
+    factors, info = factorize(M)
+    assert len(factors) == (1 if m <= SMALL_SYSTEM else 2) and int(info) == 0
+    np.testing.assert_allclose(solve_factored(factors, b).numpy(), np.linalg.solve(M.numpy(), b.numpy()), rtol=1e-12, atol=1e-14)
+    _, info = factorize(torch.zeros(m, m, dtype=torch.float64))
+    assert int(info) != 0
+
+
+@pytest.mark.parametrize("solver", [odeflux.Kvaerno5, odeflux.Rodas5P])
+def test_stiff_system_past_the_inverse_size(solver):
+    """A linear stiff system of SMALL_SYSTEM + 6 states (its Newton or Rosenbrock matrix kept as LU
+    factors) against the matrix exponential."""
+    from scipy.linalg import expm
+
+    n = SMALL_SYSTEM + 6
+    rates = np.logspace(0, 4, n)
+    A = -np.diag(rates) + np.diag(np.full(n - 1, 0.5), 1)  # upper bidiagonal: eigenvalues -rates
+    y0 = np.ones(n)
+    At = torch.from_numpy(A)
+    sol = odeflux.solve(lambda t, y: At @ y, torch.from_numpy(y0), (0.0, 1.0), solver=solver(), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(sol.ys[-1].numpy(), expm(A) @ y0, rtol=1e-5, atol=1e-8)
 
 
 def test_jacobian_of_a_backward_vmap_cannot_batch():

@@ -37,7 +37,7 @@ VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
-    "jacobian",
+    "factorize", "jacobian", "solve_factored",
 ]  # fmt: skip
 
 #: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
@@ -98,6 +98,32 @@ def imex_parts(f: Any) -> tuple[VectorField, VectorField] | None:
     ``imex_parts``), else ``None``."""
     parts = getattr(f, "imex_parts", None)
     return parts() if callable(parts) else None
+
+
+#: Newton and Rosenbrock matrices of up to this many rows are inverted once instead of kept as
+#: LU factors: each solve is then one matrix-vector product (about 1 us) rather than
+#: ``torch.linalg.lu_solve`` (about 16 us on a CPU, with host reads of its checks), and a step
+#: makes many solves per factorisation (Rodas5P 8, Kvaerno5 about 20). Past it the inverse costs
+#: more than the solves it saves. Both are the exact solution up to rounding.
+SMALL_SYSTEM = 64
+
+
+def factorize(M: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``(factors, info)`` of the square matrix ``M`` for :func:`solve_factored`: its inverse (one
+    tensor) up to :data:`SMALL_SYSTEM` rows, else its LU factors and pivots; ``info`` is nonzero
+    (a 0-d tensor, not read here) where ``M`` is singular."""
+    if M.shape[-1] <= SMALL_SYSTEM:
+        inv, info = torch.linalg.inv_ex(M)
+        return (inv,), info
+    LU, pivots, info = torch.linalg.lu_factor_ex(M)
+    return (LU, pivots), info
+
+
+def solve_factored(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor) -> torch.Tensor:
+    """``M^-1 rhs`` for a vector ``rhs`` given :func:`factorize`'s factors of ``M``."""
+    if len(factors) == 1:
+        return torch.mv(factors[0], rhs)
+    return torch.linalg.lu_solve(factors[0], factors[1], rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
@@ -184,9 +210,18 @@ class ImplicitTableau(DenseWeights):
         diag = {g for g in np.diag(self.a_matrix()) if g != 0.0}
         return float(diag.pop()) if len(diag) == 1 and self.diagonally_implicit else None
 
-    @property
+    @functools.cached_property
+    def embedded_stage(self) -> bool:
+        """Whether the embedded solution ``b - b_err`` is one of the stage values (a row of ``a``)."""
+        if self.b_err is None:
+            return False
+        b_hat = np.asarray(self.b) - np.asarray(self.b_err)
+        return any(np.allclose(row, b_hat, rtol=0, atol=1e-14) for row in self.a_matrix())
+
+    @functools.cached_property
     def diagonally_implicit(self) -> bool:
-        """Whether ``a`` is lower triangular: the stages can then be solved one at a time."""
+        """Whether ``a`` is lower triangular: the stages can then be solved one at a time (cached:
+        every step asks)."""
         return not np.triu(self.a_matrix(), 1).any()
 
 
@@ -289,9 +324,13 @@ class ImplicitStepper:
       integrator's rejected step (it retries with a quarter of ``dt``);
     - each Newton matrix ``I - h a_ii J`` is factorised once per ``(J, h a_ii)``: a step of the
       same size on the same ``J`` (after a repeated step size) reuses the factors;
-    - the error estimate is smoothed by the step's Newton matrix, ``(I - h gamma J)^-1 h b_err K``
-      (Hairer and Wanner IV.8, OrdinaryDiffEq's ``smooth_est``): the raw estimate of a stiff
-      component is far larger than its error.
+    - where the embedded solution is not a stage value (KenCarp4), the error estimate is
+      smoothed by the step's Newton matrix, ``(I - h gamma J)^-1 h b_err K`` (Hairer and Wanner
+      IV.8, OrdinaryDiffEq's ``smooth_est``): its raw estimate of a stiff component is far larger
+      than the error. Where it is a stage value (Kvaerno5: stage 6), both solutions lie on the
+      slow manifold of a stiff component and the raw estimate measures the error there: smoothing
+      it divided it by ``1 + h gamma |lambda|`` (40x on HIRES past t = 100), and the steps missed
+      the tolerance by 10-100x.
     """
 
     def __init__(self, solver: ImplicitRK, rtol: float | None, atol: float | None):
@@ -373,15 +412,25 @@ class _NewtonStep:
         if stepper.reuse:
             # Adaptive: updates measured against the error tolerance, entry by entry.
             yd = self.y.detach().abs()
-            self.weights = 1 / (yd * stepper.rtol + stepper.atol)
+            self.weights = yd.mul(stepper.rtol).add_(stepper.atol).reciprocal_()
             self.tol = solver.newton_kappa
-            self.noise = max(self.tol, 1024 * eps * float((yd * self.weights).max()))
+            self._noise: float | None = None  # read from the device only where needed
         else:
             self.weights = None
             self.tol = solver.newton_tol if solver.newton_tol is not None else 32 * eps
             # Below this the updates are round-off: an iteration that stops contracting there has converged.
-            self.noise = max(self.tol, 1024 * eps)
+            self._noise = max(self.tol, 1024 * eps)
             self.y_scale = float(y.detach().abs().max())
+        self.stage_t: dict[int, Any] = {}
+
+    @property
+    def noise(self) -> float:
+        """Below this the updates are round-off: an iteration that stops contracting there has
+        converged (adaptive: 1024 units of round-off of the state, in the error's weights)."""
+        if self._noise is None:
+            yd = self.y.detach().abs()
+            self._noise = max(self.tol, 1024 * torch.finfo(yd.dtype).eps * float((yd * self.weights).max()))
+        return self._noise
 
     def count(self) -> None:
         c = self.stepper.counters
@@ -398,7 +447,7 @@ class _NewtonStep:
             with torch.no_grad():
                 err = torch.mm(co.e_row, K.reshape(K.shape[0], n).detach()).mul_(dt)
                 gamma = self.solver.tableau.gamma
-                lu = None if gamma is None else self.lus.get((dt, gamma))
+                lu = None if gamma is None or self.solver.tableau.embedded_stage else self.lus.get((dt, gamma))
                 if lu is not None:  # smoothed by the Newton matrix (ImplicitStepper's doc)
                     err = self.newton_update(lu, err)
             err = err.reshape(self.shape)
@@ -406,54 +455,87 @@ class _NewtonStep:
 
     def evaluate(self, i: int, Y: torch.Tensor, f: VectorField | None = None) -> torch.Tensor:
         self.n_evals += 1
-        return (self.f if f is None else f)(self.t + self.co.c[i] * self.dt, Y.reshape(self.shape)).reshape(-1)
+        t = self.stage_t.get(i)
+        if t is None:  # once per stage, not per Newton iteration (t may be a tensor: an op each)
+            t = self.stage_t[i] = self.t + self.co.c[i] * self.dt
+        flat = len(self.shape) == 1
+        out = (self.f if f is None else f)(t, Y if flat else Y.reshape(self.shape))
+        return out if flat else out.reshape(-1)
 
     def factor(self, key: Any, M: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         lu = self.lus.get(key)
         if lu is None:
-            LU, pivots, info = torch.linalg.lu_factor_ex(M)
+            lu, info = factorize(M)
             self.factors += 1
             if int(info) != 0:
                 raise NewtonFailure(self.message(what, "has a singular Newton matrix (I - h a J)"))
-            lu = self.lus[key] = (LU, pivots)
+            self.lus[key] = lu
         return lu
 
-    def newton_update(self, lu: tuple[torch.Tensor, torch.Tensor], R: torch.Tensor) -> torch.Tensor:
-        """``M^-1 R`` for residuals ``R`` of shape ``(rows, n)``: the head through the LU factors
-        of ``M`` (``rows * m`` unknowns), the tail as it is (it has no Jacobian)."""
-        rows, m = R.shape[0], self.m
+    def newton_update(self, lu: tuple[torch.Tensor, ...], R: torch.Tensor) -> torch.Tensor:
+        """``M^-1 R`` for residuals ``R`` of shape ``(rows, n)``, or ``(n,)`` for one stage: the
+        head through the factors of ``M`` (``rows * m`` unknowns), the tail as it is (it has no
+        Jacobian)."""
+        m = self.m
         self.solves += 1
-        head = torch.linalg.lu_solve(*lu, R[:, :m].reshape(rows * m, 1)).reshape(rows, m)
+        if R.dim() == 1:
+            return solve_factored(lu, R) if m == self.n else torch.cat([solve_factored(lu, R[:m]), R[m:]])
+        rows = R.shape[0]
+        head = solve_factored(lu, R[:, :m].reshape(rows * m)).reshape(rows, m)
         return head if m == self.n else torch.cat([head, R[:, m:]], dim=1)
 
-    def measure(self, dZ: torch.Tensor, Z: torch.Tensor) -> float:
-        """The update's size (one host read): against the error tolerance (adaptive), or the
-        state's scale."""
-        if self.weights is not None:
-            return float((dZ.detach().abs() * self.weights).max())
-        d, z = (float(v) for v in torch.stack([dZ.detach().abs().max(), Z.detach().abs().max()]).tolist())
-        scale = max(self.y_scale, z)
-        return d / scale if scale > 0 else d
+    def measure(self, dZ: torch.Tensor, Z: Callable[[], torch.Tensor], prev: list) -> tuple[float, float | None, float | None]:
+        """The update's size, its contraction rate and the ratio of its size to the last one's
+        (``None`` on the first update), with one host read: against the error tolerance
+        (adaptive), or the state's scale.
 
-    def converged(self, it: int, dZ: torch.Tensor, Z: torch.Tensor, prev: list[float], what: str) -> bool:
-        """Whether the iteration has converged after update ``dZ``."""
+        Adaptive: the rate is taken entry by entry (the largest over the entries still above
+        the tolerance). The ratio of two max-norms understates it where the first update is
+        dominated by an entry that converges at once (a predictor's error in a fast variable)
+        while a slower one lags: that hid a fixed-point-like iteration on a stale Jacobian
+        (ROBER, t > 0 on the Jacobian of t = 0) and left errors of a whole tolerance in y1."""
+        if self.weights is not None:
+            a = dZ.detach().abs().mul_(self.weights)
+            last = prev[-1] if prev else None
+            if last is None:
+                r = float(a.max())
+                prev.append((a, r))
+                return r, None, None
+            # Entries already below the tolerance cannot hold the iteration back: ratio 0 (also
+            # where 0/0 gives NaN; an entry growing from 0 gives inf).
+            ratio = (a / last[0]).masked_fill_(a <= self.tol, 0.0)
+            r, theta = torch.stack([a.max(), ratio.max()]).tolist()
+            prev.append((a, r))
+            return r, theta, r / last[1]
+        d, z = (float(v) for v in torch.stack([dZ.detach().abs().max(), Z().detach().abs().max()]).tolist())
+        scale = max(self.y_scale, z)
+        r = d / scale if scale > 0 else d
+        last = prev[-1] if prev else None
+        prev.append(r)
+        growth = None if last is None else r / last
+        return r, growth, growth
+
+    def converged(self, it: int, dZ: torch.Tensor, Z: Callable[[], torch.Tensor], prev: list, what: str) -> bool:
+        """Whether the iteration has converged after update ``dZ`` (``Z()``: the iterate, less
+        the state; ``prev``: the iteration's earlier updates, kept by :meth:`measure`)."""
         self.iters += 1
-        r = self.measure(dZ, Z)
+        r, theta, growth = self.measure(dZ, Z, prev)
         if not math.isfinite(r):
             raise NewtonFailure(self.message(what, f"produced NaN or Inf at iteration {it + 1}"))
         if r <= self.tol:
             return True
-        if prev:
-            theta = r / prev[-1]
+        if theta is not None:
             self.worst_rate = max(self.worst_rate, theta)
             if theta < 1 and theta / (1 - theta) * r <= self.tol:  # the rest of a geometric series
                 return True
-            if theta >= 1:
-                if r <= self.noise:  # round-off: it cannot get closer
-                    return True
-                if len(prev) >= 2 and prev[-1] / prev[-2] >= 1:
+            if theta >= 1 and r <= self.noise:  # round-off: it cannot get closer
+                return True
+            if growth >= 1:
+                if self.growing:
                     raise NewtonFailure(self.message(what, f"diverges (update {r:.3g} of the scale, growing)"))
-        prev.append(r)
+                self.growing = True
+            else:
+                self.growing = False
         if it + 1 == self.solver.max_iters:
             why = f"did not converge in max_iters={self.solver.max_iters} iterations (last update {r:.3g} of the scale)"
             raise NewtonFailure(self.message(what, why))
@@ -476,14 +558,15 @@ class _NewtonStep:
             M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
             lu = self.factor(("coupled", dt), M, "the stages")
         Z = (co.c_col * dt) * self.k1.unsqueeze(0)  # explicit Euler to each node
-        prev: list[float] = []
+        prev: list = []
+        self.growing = False
         for it in range(self.solver.max_iters):
             Y = self.y.unsqueeze(0) + Z
             F = torch.stack([self.evaluate(i, Y[i]) for i in range(s)])
             R = Z - dt * (A @ F)
             dZ = self.newton_update(lu, R)
             Z = Z - dZ
-            if self.converged(it, dZ, Z, prev, "the stages"):
+            if self.converged(it, dZ, lambda: Z, prev, "the stages"):
                 break
         Y = self.y.unsqueeze(0) + Z
         return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
@@ -534,12 +617,13 @@ class _NewtonStep:
                 # Adaptive: from the previous stage's value. An extrapolation along a derivative
                 # (explicit Euler) overshoots far on a stiff step and Newton then diverges.
                 Y = Y_prev
-            prev: list[float] = []
+            prev: list = []
+            self.growing = False
             for it in range(self.solver.max_iters):
-                R = Y - E - (dt * g) * self.evaluate(i, Y, f_imp)
-                dY = self.newton_update(lu, R.unsqueeze(0)).squeeze(0)
+                R = torch.sub(Y, E).sub_(self.evaluate(i, Y, f_imp), alpha=dt * g)
+                dY = self.newton_update(lu, R)
                 Y = Y - dY
-                if self.converged(it, dY, Y - self.y, prev, f"stage {i + 1}"):
+                if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
                     break
             Y_prev = Y
             if self.weights is not None:

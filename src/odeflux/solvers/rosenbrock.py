@@ -47,7 +47,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .implicit import JacobianSource
+from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -177,6 +177,8 @@ class _Coefficients(NamedTuple):
     c: tuple[float, ...]
     d: tuple[float, ...]
     interp: torch.Tensor  # (s, deg)
+    a_full: torch.Tensor  # (s, s): a, strictly lower triangular
+    C_full: torch.Tensor  # (s, s): C, strictly lower triangular
 
 
 @dataclass(eq=False)
@@ -231,6 +233,7 @@ class Rosenbrock(Solver):
             a_rows=tuple(mk([list(r)]) for r in tab.a), C_rows=tuple(mk([list(r)]) for r in tab.C),
             m_row=mk([list(tab.m)]), e_row=mk([list(tab.m_err)]), c=tab.c, d=tab.d,
             interp=mk([list(r) for r in tab.interp]),
+            a_full=mk(_lower(tab.a, tab.stages).tolist()), C_full=mk(_lower(tab.C, tab.stages).tolist()),
         )  # fmt: skip
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
@@ -252,6 +255,7 @@ class RosenbrockStepper:
         self._J_at: torch.Tensor | None = None  # the state the Jacobian was computed at
         self._last_y: torch.Tensor | None = None  # the state the last step returned
         self._last_start: torch.Tensor | None = None  # the state the last step started from
+        self._eye: torch.Tensor | None = None
 
     def evaluations(self, K: torch.Tensor) -> int:
         return self._evals
@@ -310,8 +314,10 @@ class RosenbrockStepper:
         shape, n = y.shape, y.numel()
         mj = J.shape[0]
         hg = dt * solver.tableau.gamma
-        W = torch.eye(mj, dtype=y.dtype, device=y.device) / hg - J
-        LU, pivots, info = torch.linalg.lu_factor_ex(W)
+        eye = self._eye
+        if eye is None or eye.shape[0] != mj:
+            eye = self._eye = torch.eye(mj, dtype=y.dtype, device=y.device)
+        factors, info = factorize(eye / hg - J)
         self.counters["n_factorizations"] += 1
         # One host read per step: a singular W, or a Jacobian that is not finite.
         bad, finite = (int(v) for v in torch.stack([info.to(torch.int64), torch.isfinite(J).all().to(torch.int64)]).tolist())
@@ -330,8 +336,10 @@ class RosenbrockStepper:
             )  # fmt: skip
 
         yrow = y.reshape(1, n)
-        Us: list[torch.Tensor] = []
         s = len(co.c)
+        if mj == n and not torch.is_grad_enabled():
+            return self._stages_in_place(f, t, y, dt, k1, co, T, factors)
+        Us: list[torch.Tensor] = []
         for i in range(s):
             if i == 0:
                 F = k1.reshape(n)
@@ -345,7 +353,7 @@ class RosenbrockStepper:
                 rhs = torch.addmm(F.unsqueeze(0), co.C_rows[i], U, alpha=1.0 / dt).squeeze(0)
             if T is not None and co.d[i] != 0.0:
                 rhs = rhs + (co.d[i] * dt) * T
-            Ui = self._solve(LU, pivots, rhs, mj, hg)
+            Ui = self._solve(factors, rhs, mj, hg)
             if mj < n:
                 Ui = self._tail_coupling(f, t, y, k1, Ui, mj, hg)
             Us.append(Ui)
@@ -355,6 +363,38 @@ class RosenbrockStepper:
         err = torch.mm(co.e_row, U).reshape(shape)
         self._last_y = y1
         return StepResult(y1, err, (U / dt).reshape((s,) + tuple(shape)), self._evals)
+
+    def _stages_in_place(
+        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients,
+        T: torch.Tensor | None, factors: tuple[torch.Tensor, ...],
+    ) -> StepResult:  # fmt: skip
+        """The stages of :meth:`step` without autograd (no graph to keep): written in place into
+        one ``(s, n)`` buffer, whose rows not yet computed are zero, so that each stage's
+        combinations of the earlier ones are one ``addmv`` with a full row of ``a`` or ``C``
+        (the same sums as the graph-keeping loop, about half its ops)."""
+        shape, n, s = y.shape, y.numel(), len(co.c)
+        U = torch.zeros(s, n, dtype=y.dtype, device=y.device)
+        UT = U.T
+        yf = y.reshape(n)
+        for i in range(s):
+            if i == 0:
+                rhs = k1.reshape(n)
+            else:
+                Yi = torch.addmv(yf, UT, co.a_full[i])
+                F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(n)
+                self._evals += 1
+                rhs = torch.addmv(F, UT, co.C_full[i], alpha=1.0 / dt)
+            if T is not None and co.d[i] != 0.0:
+                rhs = torch.add(rhs, T, alpha=co.d[i] * dt)
+            if len(factors) == 1:
+                torch.mv(factors[0], rhs, out=U[i])
+            else:
+                U[i] = solve_factored(factors, rhs)
+        self.counters["n_linear_solves"] += s
+        y1 = new_state(yf.reshape(1, n), co.m_row, U, 1.0).reshape(shape)
+        err = torch.mm(co.e_row, U).reshape(shape)
+        self._last_y = y1
+        return StepResult(y1, err, U.div_(dt).reshape((s,) + tuple(shape)), self._evals)
 
     def _tail_coupling(
         self, f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, U: torch.Tensor, mj: int, hg: float
@@ -382,10 +422,10 @@ class RosenbrockStepper:
         return torch.cat([U[:mj], U[mj:] + hg * BU])
 
     @staticmethod
-    def _solve(LU: torch.Tensor, pivots: torch.Tensor, rhs: torch.Tensor, mj: int, hg: float) -> torch.Tensor:
-        """``W^-1 rhs``: the Jacobian's block through the LU factors; the tail past it (no Jacobian:
-        its ``W`` is ``I / (h gamma)``) scaled."""
-        head = torch.linalg.lu_solve(LU, pivots, rhs[:mj].unsqueeze(-1)).squeeze(-1)
+    def _solve(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor, mj: int, hg: float) -> torch.Tensor:
+        """``W^-1 rhs``: the Jacobian's block through ``W``'s factors (:func:`factorize`); the tail
+        past it (no Jacobian: its ``W`` is ``I / (h gamma)``) scaled."""
+        head = solve_factored(factors, rhs[:mj] if mj < rhs.shape[0] else rhs)
         if mj == rhs.shape[0]:
             return head
         return torch.cat([head, rhs[mj:] * hg])
