@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         compile_s[name] = time.perf_counter() - t
     timings = interleaved(configs, rounds=rounds, warmup=1, min_rounds=rounds)
     trows = [[name, str(timings[name]), f"{compile_s[name]:.1f} s"] for name in configs]
+    tutorial = tutorial_section(quick=args.quick)
     parts = [
         f"A batch of {B} Van der Pol oscillators, mu log-spaced in [0.1, 10], y0 = (2, 0), t in [0, 10], rtol 1e-6, "
         "atol 1e-8, float64, Tsit5 (PI controller), 1 torch thread. *Per sample*: `solve(..., batch_axis=0)`, each "
@@ -102,11 +103,52 @@ def main(argv: list[str] | None = None) -> dict:
         + "\n\n" + markdown_table(["", "alone", "per sample", "joint batch"], summary),
         "## Time\n\nMedian [min–max] over interleaved rounds, after a first call (its time in the last column: "
         "compilation where `compile=True`).\n\n" + markdown_table(["configuration", "time", "first call"], trows),
+        tutorial,
         closing_line(start),
     ]
     publish("Per-sample solves: a batch of independent problems (issue 16)", parts,
             machine_info() + f"\n- {code_state()}", "benchmarks.per_sample", argv, RESULT, write=not args.quick)  # fmt: skip
     return {"steps": steps, "joint": joint.stats.n_steps}
+
+
+def tutorial_section(quick: bool) -> str:
+    """The MNIST tutorial's model, per sample against joint: one batch's steps, and the epoch
+    time of `odeflux train --sensealg direct [--per-sample]` (epochs 2-4, median)."""
+    from odeflux.mnist.config import TrainConfig
+    from odeflux.mnist.data import tutorial_split
+    from odeflux.mnist.model import create_model
+    from odeflux.mnist.train import train
+
+    (x, _), _ = tutorial_split(download=False)
+    model = create_model(sensealg="direct")
+    with torch.no_grad():
+        h = model.act(model.dense_in(model.flatten(x[:128])))
+        field = model.node.field
+        per = odeflux.solve(field, h, (0.0, 1.0), rtol=1e-3, atol=1e-3, batch_axis=0, save_start=False)
+        joint = odeflux.solve(field, h, (0.0, 1.0), rtol=1e-3, atol=1e-3, save_start=False)
+    steps = per.sample_stats["n_steps"].float()
+    epochs = 2 if quick else 4
+    times = {}
+    for per_sample in (False, True):
+        lines: list[str] = []
+        train(TrainConfig(sensealg="direct", epochs=epochs, per_sample=per_sample), log=lines.append)
+        secs = sorted(float(line.split("Time ")[1].split("s")[0]) for line in lines[1:])
+        times[per_sample] = secs[len(secs) // 2]
+    return (
+        "## The MNIST tutorial's model\n\nThe first training batch (128 images) through the freshly initialised "
+        "model's ODE layer (rtol = atol = 1e-3, float32): steps per image solved on its own, against the joint "
+        "batch's; and the epoch time of `odeflux train --sensealg direct` with and without `--per-sample` "
+        f"(epochs 2-{epochs}, median; the joint run takes the NumPy kernels and the hand-written reverse pass, "
+        "the per-sample loop the generic torch path).\n\n"
+        + markdown_table(
+            ["", "per sample", "joint batch"],
+            [
+                ["steps (min / median / max over the images)",
+                 f"{int(steps.min())} / {float(steps.median()):.0f} / {int(steps.max())}", joint.stats.n_steps],
+                ["epoch (s)", f"{times[True]:.2f}", f"{times[False]:.2f}"],
+            ],
+        )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

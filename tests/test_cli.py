@@ -43,6 +43,7 @@ LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d
         (["train", "--model", "odenet", "--width", "0"], ["--width", "positive integer"]),
         (["train", "--width", "16"], ["--width", "--model odenet"]),
         (["train", "--pooled-head"], ["--pooled-head", "--model odenet"]),
+        (["train", "--per-sample"], ["--per-sample", "--sensealg direct"]),
         (["train", "--resume", "somewhere", "--run-dir", "elsewhere"], ["--resume", "drop --run-dir"]),
         (["evaluate"], ["CHECKPOINT"]),
         (["evaluate", "ckpt", "--split", "validation"], ["--split", "invalid choice"]),
@@ -129,6 +130,15 @@ def test_short_train_prints_the_epoch_lines(capsys):
     assert code == 0, err
     lines = out.strip().splitlines()
     assert [LINE.match(l).group(1, 2) for l in lines] == [("1", "2"), ("2", "2")]
+
+
+def test_per_sample_training_prints_the_epoch_lines(capsys):
+    """`--per-sample`: each image's ODE its own problem (issue 16)."""
+    code, out, err = run_cli(
+        ["train", "--sensealg", "direct", "--per-sample", "--epochs", "1", "--n-samples", "200"], capsys
+    )
+    assert code == 0, err
+    assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("1", "1")]
 
 
 def test_python_dash_m_runs_the_cli():

@@ -153,6 +153,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--adjoint-first-step", choices=FIRST_STEPS, default="interval",
         help="the continuous adjoints' first step: interval tries the whole span as one step (falling back to "
         "Hairer's estimate if rejected); hairer starts from Hairer's estimate, as SciMLSensitivity")
+    add("--per-sample", action="store_true",
+        help="solve each image's ODE as its own problem (its own steps; solve(..., batch_axis=0)); needs --sensealg direct")
     add("--dataset", choices=DATASETS, default="mnist", help="MNIST, or Fashion-MNIST in the same format")
     add("--data-dir", default=None,
         help="directory holding the IDX files; otherwise $ODEFLUX_DATA_DIR, the cache, the bundled 1500 images, a download")
@@ -209,6 +211,8 @@ def _check_train_args(args: argparse.Namespace) -> str | None:
     for flag, given in (("--width", args.width is not None), ("--pooled-head", args.pooled_head)):
         if given and args.model != "odenet":
             return f"{flag} shapes the ODE-Net, not the {args.model} model: add --model odenet, or drop {flag}"
+    if args.per_sample and (args.sensealg != "direct" or args.model != "tutorial"):
+        return "--per-sample backpropagates through each image's own solve: add --sensealg direct (tutorial model)"
     if args.n_samples != "all":
         n_train = round(args.train_split * args.n_samples)
         if n_train in (0, args.n_samples):
@@ -317,7 +321,7 @@ def _run_train(args: argparse.Namespace, given: set[str]) -> int:
                 seed=args.seed, rtol=args.rtol, atol=args.atol, solver=args.solver, data_dir=args.data_dir,
                 dataset=args.dataset, compile=args.compile, threads=args.threads, arch=args.model, width=args.width,
                 pooled_head=args.pooled_head, deterministic=args.deterministic, lr_schedule=args.lr_schedule,
-                adjoint_first_step=args.adjoint_first_step,
+                adjoint_first_step=args.adjoint_first_step, per_sample=args.per_sample,
             )  # fmt: skip
             run_dir = None
             if args.run_dir is not None:

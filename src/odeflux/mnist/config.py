@@ -45,6 +45,8 @@ class TrainConfig:
     # The continuous adjoints' first step: "interval" tries each interval whole; "hairer" is
     # SciMLSensitivity's start (see odeflux.sensitivity.base.ContinuousAdjoint).
     adjoint_first_step: str = "interval"
+    # Each image's ODE its own problem (solve(..., batch_axis=0)); with sensealg="direct".
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         choices = {
@@ -96,4 +98,5 @@ def build_model(config: TrainConfig, device: torch.device | str | None = None) -
         arch=config.arch, width=config.width, pooled_head=config.pooled_head, sensealg=config.sensealg,
         vjp=config.vjp, solver=config.solver, rtol=config.rtol, atol=config.atol, params=config.params,
         seed=config.seed, compile=config.compile, device=device, adjoint_first_step=config.adjoint_first_step,
+        per_sample=config.per_sample,
     )  # fmt: skip

@@ -269,6 +269,7 @@ def create_model(
     pooled_head: bool = False,
     vjp_rule: bool = True,
     adjoint_first_step: str = "interval",
+    per_sample: bool = False,
 ) -> nn.Module:
     """The ``arch`` model (``ARCHS``), initialised from ``torch.Generator().manual_seed(seed)`` in layer order.
 
@@ -282,7 +283,9 @@ def create_model(
     ``torch.compile(fullgraph=True)``. ``vjp_rule=False`` hides the tutorial field's hand-written
     VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine.
     ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``"interval"`` or
-    SciMLSensitivity's ``"hairer"``). Float32, as in the tutorial.
+    SciMLSensitivity's ``"hairer"``). ``per_sample=True`` solves each image's ODE as its own
+    problem (``NeuralODE(batch_axis=0)``: its own steps), with ``sensealg="direct"``. Float32, as
+    in the tutorial.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -299,6 +302,11 @@ def create_model(
         raise ValueError(f"unknown params {params!r}: choose one of {', '.join(PARAM_STRUCTURES)}")
     if solver not in ADAPTIVE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of the adaptive {', '.join(ADAPTIVE_SOLVERS)}")
+    if per_sample and (arch != "tutorial" or sensealg != "direct"):
+        raise ValueError(
+            "per_sample solves take the tutorial's model with sensealg='direct' (backpropagation through the "
+            "per-sample loop): pass arch='tutorial' and sensealg='direct'"
+        )
     alg = make_sensealg(sensealg, vjp, adjoint_first_step) if isinstance(sensealg, str) else sensealg
     gen = torch.Generator().manual_seed(seed)
     if arch == "odenet":
@@ -314,7 +322,7 @@ def create_model(
             act=nn.Tanh(),
             node=NeuralODE(
                 vector_field(gen, vjp_rule), SOLVERS[solver](), (0.0, 1.0), alg,
-                rtol=rtol, atol=atol, save_start=False, compile=compile,
+                rtol=rtol, atol=atol, save_start=False, compile=compile, **({"batch_axis": 0} if per_sample else {}),
             ),  # fmt: skip
             dense_out=dense(HIDDEN, N_CLASSES, gen),
         )

@@ -55,7 +55,9 @@ class ForwardSensitivity(SensitivityAlgorithm):
     (``n`` VJPs batched in one backward pass), then one product, which also covers parameters
     ``f`` captures from its closure (``params=``); ``"auto"`` (default): forward where it takes
     fewer passes (``m < n``: few parameters next to a larger state whose ``y0`` is not
-    differentiated) and every parameter can be substituted, reverse otherwise.
+    differentiated) or the solve is compiled (``compile=True``: its whole loop, tangents
+    included, is then one compiled program), and every parameter can be substituted; reverse
+    otherwise.
 
     ``seminorm=False`` (default): the step-size control covers the sensitivities as well as the
     state (the largest of the two blocks' RMS norms), so the gradient is as accurate as the
@@ -140,7 +142,10 @@ class ForwardRun:
         # "auto": whichever takes fewer passes through f, n VJPs (reverse) or m JVPs (forward); on
         # ties reverse, measured faster per pass (benchmarks/results/forward_sensitivity.md).
         if mode == "auto":
-            mode = "forward" if self._slots is not None and self.m < self.n else "reverse"
+            # With compile=True forward mode wherever it can substitute: the reverse mode's
+            # autograd.grad inside f's evaluation is what torch.compile cannot trace.
+            fewer = self.m < self.n or (problem.compiled and problem.solver.tableau_steps)
+            mode = "forward" if self._slots is not None and fewer else "reverse"
         self.mode = mode
         dt, dev = y0.dtype, y0.device
         # The parameter directions' seeds: direction n_y0 + k moves parameter entry k alone.
