@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -83,17 +83,53 @@ def initial_step(norms: HairerNorms, t0: float, direction: float, order: int, dt
     return min(100 * dt0, dt1, dtmax), 1
 
 
+class Ops:
+    """The few operations a controller's rule needs, on host floats (:data:`HOST`) or on 0-d
+    tensors (:data:`TENSOR`, for a loop traced as one compiled program). A rule written with them
+    exists once and gives the same arithmetic on both: every branch is computed and one selected."""
+
+    def __init__(self, where: Callable, minimum: Callable, maximum: Callable, isfinite: Callable, both: Callable, either: Callable):
+        self.where, self.minimum, self.maximum, self.isfinite = where, minimum, maximum, isfinite
+        self.both, self.either = both, either
+
+
+HOST = Ops(lambda c, a, b: a if c else b, min, max, math.isfinite, lambda a, b: a and b, lambda a, b: a or b)
+
+
+def _tensor_min(a: Any, b: Any) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.minimum(a, b) if isinstance(b, torch.Tensor) else a.clamp(max=b)
+
+
+def _tensor_max(a: Any, b: Any) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    return torch.maximum(a, b) if isinstance(b, torch.Tensor) else a.clamp(min=b)
+
+
+TENSOR = Ops(torch.where, _tensor_min, _tensor_max, torch.isfinite, torch.logical_and, torch.logical_or)
+
+
 class StepSizeController:
-    """Decides, from the scaled error norm of a step, whether to accept it and the next step size."""
+    """Decides, from the scaled error norm of a step, whether to accept it and the next step size.
+
+    A controller implements :meth:`rule` with the operations of an :class:`Ops`; the eager loop
+    calls it on host floats (:meth:`propose`), the compiled loop (:mod:`odeflux.compiled`) on
+    0-d tensors. ``state`` is a float (a tensor there) or ``None``."""
 
     adaptive: bool = True
 
     def init_state(self) -> object:
         return None
 
-    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
-        """Given ``|dt|`` just tried and its error norm, return ``(accept, next |dt|, new state)``."""
+    def rule(self, dt: Any, err: Any, state: Any, order: int, ops: Ops) -> tuple[Any, Any, Any]:
+        """Given ``|dt|`` just tried and its error norm, ``(accept, next |dt|, new state)``."""
         raise NotImplementedError
+
+    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+        """:meth:`rule` on host floats."""
+        return self.rule(dt, err, state, order, HOST)
 
 
 @dataclass
@@ -121,17 +157,16 @@ class PIController(StepSizeController):
     def init_state(self) -> float:
         return self.qoldinit
 
-    def propose(self, dt: float, err: float, state: float, order: int) -> tuple[bool, float, float]:
+    def rule(self, dt: Any, err: Any, state: Any, order: int, ops: Ops) -> tuple[Any, Any, Any]:
         beta1 = self.beta1 if self.beta1 is not None else 7 / (10 * order)
         beta2 = self.beta2 if self.beta2 is not None else 2 / (5 * order)
-        if not math.isfinite(err):
-            return False, dt * self.qmin, state
+        finite = ops.isfinite(err)
+        accept = ops.both(finite, err <= 1.0)
         q11 = err**beta1
-        if err <= 1.0:
-            q = q11 / state**beta2 / self.safety
-            q = min(1 / self.qmin, max(1 / self.qmax, q))
-            return True, dt / q, max(err, self.qoldinit)
-        return False, dt / min(1 / self.qmin, q11 / self.safety), state
+        q = ops.minimum(1 / self.qmin, ops.maximum(1 / self.qmax, q11 / state**beta2 / self.safety))
+        # (q11 > 1 wherever the rejected step size is selected: the floor only keeps 0 out of it.)
+        rejected = ops.where(finite, dt / ops.minimum(1 / self.qmin, ops.maximum(q11, 1e-300) / self.safety), dt * self.qmin)
+        return accept, ops.where(accept, dt / q, rejected), ops.where(accept, ops.maximum(err, self.qoldinit), state)
 
 
 #: A PIController with the defaults, shared by the solves that pick none (a controller keeps no
@@ -162,14 +197,15 @@ class IController(StepSizeController):
         if not self.min_step >= 0:
             raise ValueError(f"IController needs min_step >= 0, got {self.min_step}")
 
-    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+    def rule(self, dt: Any, err: Any, state: Any, order: int, ops: Ops) -> tuple[Any, Any, Any]:
         forced = dt <= self.min_step
-        if not math.isfinite(err):
-            return forced, max(dt * self.qmin, self.min_step), state
-        accept = err <= 1.0 or forced
-        qmin = 1.0 if accept and not self.shrink_accepted else self.qmin
-        q = self.qmax if err == 0 else min(self.qmax, max(qmin, self.safety * err ** (-1 / order)))
-        return accept, max(dt * q, self.min_step), state
+        finite = ops.isfinite(err)
+        accept = ops.where(finite, ops.either(err <= 1.0, forced), forced)
+        qmin = self.qmin if self.shrink_accepted else ops.where(accept, 1.0, self.qmin)
+        # An error below 1e-300 (or 0) proposes qmax like any error under (safety/qmax)^p.
+        q = ops.minimum(self.qmax, ops.maximum(qmin, self.safety * ops.maximum(err, 1e-300) ** (-1 / order)))
+        q = ops.where(finite, q, self.qmin)
+        return accept, ops.maximum(dt * q, self.min_step), state
 
 
 @dataclass
@@ -178,5 +214,5 @@ class ConstantStepSize(StepSizeController):
 
     adaptive = False
 
-    def propose(self, dt: float, err: float, state: object, order: int) -> tuple[bool, float, object]:
+    def rule(self, dt: Any, err: Any, state: Any, order: int, ops: Ops) -> tuple[Any, Any, Any]:
         return True, dt, state

@@ -20,6 +20,7 @@ import torch
 from .control import Parts, StepSizeController, initial_step
 from .kernels import StepKernel, choose_step_kernel
 from .kernels.torch_step import rk_step_with_error
+from .compiled import compiled_loop
 from .solution import DenseOutput, Stats, Status
 from .solvers.implicit import NewtonFailure
 from .solvers.rosenbrock import LinearSolveFailure
@@ -142,8 +143,9 @@ def integrate(
         float_time=options.float_time, compiled=options.compiled, norm=options.norm, perturb=options.perturb,
         jumps=bool(options.jump_times),
     )  # fmt: skip
+    program = compiled_loop(f, solver, options, y0) if options.compiled else None
     with kernel.running():
-        return _Integration(kernel, y0, t0, t1, solver, options).run()
+        return _Integration(kernel, y0, t0, t1, solver, options).run(program)
 
 
 class _Saver:
@@ -267,6 +269,18 @@ class _Integration:
         ts, ys = self.saver.finish(self.t1 if status == Status.SUCCESS else self.t, self.y)
         return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense)
 
+    def max_steps_message(self, dt: float) -> str:
+        return (
+            f"max_steps={self.opts.max_steps} steps were taken and t={self.t:.6g} has not reached t1={self.t1:.6g} "
+            f"(last dt={dt:.3g}): raise max_steps, loosen rtol/atol, or check whether the problem is stiff"
+        )
+
+    def dt_min_message(self, dt: float) -> str:
+        return (
+            f"the step size fell below dtmin={self.dtmin:.3g} at t={self.t:.6g} (dt={dt:.3g}): the problem "
+            "may be stiff or singular there; loosen rtol/atol, lower dtmin, or use float64"
+        )
+
     def hairer(self) -> float:
         """Hairer's estimate from where the solve is; NaN where the start itself is not finite.
         As OrdinaryDiffEq: never below dtmin, or the first proposal could end the solve (DT_MIN)."""
@@ -303,9 +317,10 @@ class _Integration:
         return dt, None
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> IntegrationResult:
-        opts, kernel, stats, direction, t1 = self.opts, self.kernel, self.stats, self.direction, self.t1
-        callbacks, stops = self.callbacks, self.stops
+    def run(self, program: Any = None) -> IntegrationResult:
+        """Start (``f`` at ``t0``, the first step size), then step to ``t1``: on the host, or as
+        the compiled ``program`` (:class:`odeflux.compiled.LoopProgram`) where one is given."""
+        opts, kernel, stats, direction = self.opts, self.kernel, self.stats, self.direction
         self.k = kernel.evaluate(nudge(self.t0, direction, self.y.dtype) if opts.perturb else self.t0, self.y)
         _check_derivative(self.k, self.y)
         stats.n_f_evals += 1
@@ -321,6 +336,14 @@ class _Integration:
             if not math.isfinite(dt):
                 return self.result(Status.NONFINITE, _nonfinite_message(self.t0, None), float("nan"))
         dt = min(dt, self.dtmax)
+        if program is not None:
+            return program.run(self, dt)
+        return self.steps(dt, speculative)
+
+    def steps(self, dt: float, speculative: bool) -> IntegrationResult:
+        """The eager loop, from the first step size ``dt``."""
+        opts, kernel, stats, direction, t1 = self.opts, self.kernel, self.stats, self.direction, self.t1
+        callbacks, stops = self.callbacks, self.stops
         ctrl_state = self.controller.init_state()
         order = self.solver.error_order
         last_err = 0.0
@@ -329,12 +352,7 @@ class _Integration:
 
         while direction * (t1 - self.t) > 0:
             if stats.n_steps >= opts.max_steps:
-                return self.result(
-                    Status.MAX_STEPS,
-                    f"max_steps={opts.max_steps} steps were taken and t={self.t:.6g} has not reached t1={t1:.6g} "
-                    f"(last dt={dt:.3g}): raise max_steps, loosen rtol/atol, or check whether the problem is stiff",
-                    dt,
-                )
+                return self.result(Status.MAX_STEPS, self.max_steps_message(dt), dt)
             t, y = self.t, self.y
             target = stops[si] if si < len(stops) else t1
             remaining = abs(target - t)
@@ -416,12 +434,7 @@ class _Integration:
                 if dt < self.dtmin and direction * (t1 - self.t) > 0:
                     if not math.isfinite(last_err):
                         return self.result(Status.NONFINITE, _nonfinite_message(self.t, dt), dt)
-                    return self.result(
-                        Status.DT_MIN,
-                        f"the step size fell below dtmin={self.dtmin:.3g} at t={self.t:.6g} (dt={dt:.3g}): the problem "
-                        "may be stiff or singular there; loosen rtol/atol, lower dtmin, or use float64",
-                        dt,
-                    )
+                    return self.result(Status.DT_MIN, self.dt_min_message(dt), dt)
 
         if not self.adaptive and not bool(torch.isfinite(self.y).all()):
             return self.result(Status.NONFINITE, _nonfinite_message(self.t, dt, fixed_step=True), dt)
