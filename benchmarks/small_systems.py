@@ -68,6 +68,9 @@ FORWARD = "forward"  # the probe / configuration key of a forward solve
 DFX = {"diffrax forward (jit)": "forward", "diffrax RecursiveCheckpointAdjoint (jit)": "checkpoint",
        "diffrax BacksolveAdjoint (jit)": "backsolve"}  # fmt: skip
 REFERENCE = "odeflux eager DirectAdjoint"
+# compile=True only: DirectAdjoint with y0.requires_grad_() (its gradient not used), which the WIP
+# compiled loop needs for a right parameter gradient (without it only a fraction comes back).
+Y0_GRAD = "DirectAdjoint, y0 requires grad"
 TARGETS = (("spiral", "fastest", 1.0), ("spiral", "InterpolatingAdjoint", 2.0), ("lv", "fastest", 1.0))
 
 
@@ -108,8 +111,8 @@ class Workload:
     rounds: int
     budget_s: float
 
-    def solve(self, sensealg: Any = None, compile: bool = False):
-        return odeflux.solve(self.field, self.y0, (float(self.ts[0]), float(self.ts[-1])), saveat=self.ts,
+    def solve(self, sensealg: Any = None, compile: bool = False, y0: torch.Tensor | None = None):
+        return odeflux.solve(self.field, self.y0 if y0 is None else y0, (float(self.ts[0]), float(self.ts[-1])), saveat=self.ts,
                              rtol=self.rtol, atol=self.atol, sensealg=sensealg, compile=compile)  # fmt: skip
 
     def loss(self, sol) -> torch.Tensor:
@@ -148,6 +151,11 @@ def grad_vector(f: nn.Module) -> torch.Tensor:
 # -- odeflux configurations -------------------------------------------------------------------
 
 
+def base_key(key: str) -> str:
+    """The sensitivity method (or FORWARD) of a configuration key."""
+    return "DirectAdjoint" if key == Y0_GRAD else key
+
+
 def config_name(compiled: bool, key: str) -> str:
     return f"odeflux {'compiled' if compiled else 'eager'} {key}"
 
@@ -177,11 +185,12 @@ def odeflux_call(w: Workload, key: str, compiled: bool) -> tuple[Callable[[], An
 
         return call, check
 
-    make = SENSEALGS[key]
+    make = SENSEALGS[base_key(key)]
+    y0 = w.y0.clone().requires_grad_() if key == Y0_GRAD else w.y0
 
     def call():
         w.field.zero_grad(set_to_none=True)
-        sol = w.solve(make(), compile=compiled)
+        sol = w.solve(make(), compile=compiled, y0=y0)
         loss = w.loss(sol)
         loss.backward()
         return sol, loss
@@ -305,7 +314,7 @@ def failure_line(e: BaseException) -> str:
 def run_workload(w: Workload, args: argparse.Namespace, tmp: Path) -> tuple[list[Row], dict]:
     print(f"== {w.name}: {w.description}", flush=True)
     info: dict[str, Any] = {}
-    keys = [FORWARD, *SENSEALGS]
+    keys = [FORWARD, *SENSEALGS, Y0_GRAD]
     modes = [False] if args.quick or args.no_compile else [False, True]
     rows: dict[str, Row] = {}
     fns: dict[str, Callable[[], Any]] = {}
@@ -314,6 +323,8 @@ def run_workload(w: Workload, args: argparse.Namespace, tmp: Path) -> tuple[list
     caught: list[str] = []
     for compiled in modes:
         for key in keys:
+            if key == Y0_GRAD and not compiled:
+                continue
             name = config_name(compiled, key)
             row = rows[name] = Row(name, "forward" if key == FORWARD else "gradient", key, compiled)
             call, check = odeflux_call(w, key, compiled)
@@ -328,7 +339,7 @@ def run_workload(w: Workload, args: argparse.Namespace, tmp: Path) -> tuple[list
                     print(f"  {name}: fails: {row.failure}", flush=True)
                     traceback.print_exc()
             for wm in ws:
-                msg = f"{wm.category.__name__}: {str(wm.message).splitlines()[0][:300]}"
+                msg = f"{wm.category.__name__}: {str(wm.message).splitlines()[0][:500]}"
                 row.notes.append(msg)
                 caught.append(f"{name}: {msg}")
             if row.failure:
@@ -459,7 +470,7 @@ def workload_table(rows: list[Row], tol: float) -> str:
         best = fwd_best if r.kind == "forward" else grad_best
         ratio = f"{r.timing.median / best.timing.median:.2f}" if r.timing and best else "—"
         notes = list(dict.fromkeys(r.notes))
-        eager = by.get(config_name(False, r.key)) if r.compiled else None
+        eager = by.get(config_name(False, base_key(r.key))) if r.compiled else None
         if eager is not None and not eager.failure and eager.steps.split(" + ")[0] != r.steps.split(" + ")[0]:
             notes.append(f"forward steps differ from eager's ({eager.steps.split(' + ')[0]})")
         if r.grad_diff is not None and r.grad_diff > tol and r.name not in DFX:
@@ -473,20 +484,23 @@ def workload_table(rows: list[Row], tol: float) -> str:
     return markdown_table(headers, out, align="lllrlrrll")
 
 
-def payback_table(rows: list[Row]) -> str:
+def payback_table(rows: list[Row], tol: float) -> str:
     by = {r.name: r for r in rows}
     out = []
     for r in rows:
         if not r.compiled or r.failure or r.timing is None:
             continue
-        eager = by.get(config_name(False, r.key))
+        eager = by.get(config_name(False, base_key(r.key)))
         if eager is None or eager.timing is None:
             continue
+        wrong = r.grad_diff is not None and r.grad_diff > tol
         saved = eager.timing.median - r.timing.median
         cells = [r.name, ms(r.timing), ms(eager.timing)]
         for s in compile_cost(r):
             if s is None:
                 cells.append("—")
+            elif wrong:
+                cells.append(f"{s:.1f} s: — (wrong gradient)")
             elif saved <= 0:
                 cells.append(f"{s:.1f} s: never (not faster)")
             else:
@@ -584,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
             if any(r.compiled for r in rows):
                 text += ("\n\nCompile cost and payback (compile cost: the first call less a steady call; payback: "
                          "that cost ÷ the time saved per call against the same configuration eager):\n\n"
-                         + payback_table(rows))  # fmt: skip
+                         + payback_table(rows, tols[name]))  # fmt: skip
             if info["warnings"]:
                 text += "\n\nWarnings raised in this process:\n\n" + "\n".join(
                     f"- {m}" for m in dict.fromkeys(info["warnings"]))
@@ -608,6 +622,10 @@ def main(argv: list[str] | None = None) -> dict:
         "(`TORCHINDUCTOR_CACHE_DIR` a new folder: cold) and in another fresh process on that cache (warm); for "
         "diffrax, the first call of each jitted function (tracing and XLA compilation; JAX's persistent "
         "compilation cache is off).",
+        f"*odeflux compiled {Y0_GRAD}*: `compile=True` with `DirectAdjoint` and `y0.requires_grad_()` (the "
+        "gradient with respect to y0 is computed and not used): with this WIP's compiled loop, a solve whose y0 "
+        "does not require grad gets a wrong parameter gradient (the plain compiled DirectAdjoint rows), one whose "
+        "y0 does gets the right one; the row shows what the compiled loop's gradient costs when it is right.",
         "## Targets\n\nRatios of median times per gradient, diffrax's from its own clock; only gradients that "
         f"agree with {REFERENCE} count.\n\n{goal_table}",
         *parts_w,
