@@ -7,7 +7,8 @@
 About 5 minutes on a 2-core machine (diffrax's start-ups and JIT compilations take a good part), and
 about 1.5-3 more for work_precision (f evaluations, not time; its float64 references take most) and
 about 1.5 more for stiff_work_precision, about 6-10 more for gradient_work_precision (its conv field's
-float64 reference and time_mlp_x3 take most). A benchmark that fails is reported and the others still run; the exit status is then 1.
+float64 reference and time_mlp_x3 take most), about 2-3 more for per_sample and about 18 more for
+small_systems (its torch.compile cold/warm probes in fresh processes take most). A benchmark that fails is reported and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "stiff_work_precision": [],
     "gradient_work_precision": [],
     "per_sample": [],
+    "small_systems": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.
 QUICK = {"solver_step": ["--rounds", "3", "--budget", "2", "--no-write"]}

@@ -145,3 +145,38 @@ def test_per_sample_smoke_runs():
 
     out = main(["--quick"])
     assert len(out["steps"]) == 4 and max(out["steps"]) <= out["joint"]
+@pytest.mark.slow
+def test_small_systems_smoke_runs(tmp_path):
+    """`python -m benchmarks.small_systems --quick` (a few seconds: eager odeflux on the spiral and
+    Lotka-Volterra, one round, no compile=True, no diffrax); prints the tables, writes nothing."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.small_systems", "--quick", "--out", str(tmp_path / "s.md")], cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for title in ("## Targets", "## spiral:", "## lv:"):
+        assert title in out.stdout
+    assert "| odeflux eager InterpolatingAdjoint |" in out.stdout
+    assert "written to" not in out.stdout and not (tmp_path / "s.md").exists()
+
+
+def test_small_systems_targets_come_from_the_numbers():
+    from benchmarks.common import Timing
+    from benchmarks.small_systems import Row, targets
+
+    def row(name, kind, key, ms, grad_diff=0.0, compiled=False):
+        return Row(name, kind, key, compiled, timing=Timing.from_samples([ms / 1e3]), grad_diff=grad_diff)
+
+    spiral = [
+        row("odeflux eager InterpolatingAdjoint", "gradient", "InterpolatingAdjoint", 3.0),
+        row("odeflux compiled DirectAdjoint", "gradient", "DirectAdjoint", 0.5, grad_diff=0.9, compiled=True),
+        row("odeflux eager DirectAdjoint", "gradient", "DirectAdjoint", 1.5),
+        row("diffrax RecursiveCheckpointAdjoint (jit)", "gradient", "checkpoint", 1.0),
+    ]
+    lv = [row("odeflux eager DirectAdjoint", "gradient", "DirectAdjoint", 0.9),
+          row("diffrax BacksolveAdjoint (jit)", "gradient", "backsolve", 1.0)]
+    text, data = targets({"spiral": spiral, "lv": lv}, {"spiral": 0.1, "lv": 1e-4})
+    # The wrong (fast) gradient does not count: 1.5 ÷ 1.0 is not met; 3.0 ÷ 1.0 ≤ 2 is not met; lv 0.9 is met.
+    assert [(d["workload"], d["which"], round(d["ratio"], 2), d["met"]) for d in data] == [
+        ("spiral", "fastest", 1.5, False), ("spiral", "InterpolatingAdjoint", 3.0, False), ("lv", "fastest", 0.9, True)]
+    assert text.count("not met") == 2
