@@ -137,29 +137,6 @@ def test_gradient_work_precision_smoke_runs():
     assert "written to" not in out.stdout
 
 
-def test_per_sample_smoke_runs():
-    """`python -m benchmarks.per_sample --quick` (4 samples, no compile=True; seconds): the
-    per-sample steps equal the single solves' (the script checks it) and the joint batch's
-    iterations are at least the stiffest sample's."""
-    from benchmarks.per_sample import main
-
-    out = main(["--quick"])
-    assert len(out["steps"]) == 4 and max(out["steps"]) <= out["joint"]
-@pytest.mark.slow
-def test_small_systems_smoke_runs(tmp_path):
-    """`python -m benchmarks.small_systems --quick` (a few seconds: eager odeflux on the spiral and
-    Lotka-Volterra, one round, no compile=True, no diffrax); prints the tables, writes nothing."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.small_systems", "--quick", "--out", str(tmp_path / "s.md")], cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for title in ("## Targets", "## spiral:", "## lv:"):
-        assert title in out.stdout
-    assert "| odeflux eager InterpolatingAdjoint |" in out.stdout
-    assert "written to" not in out.stdout and not (tmp_path / "s.md").exists()
-
-
 def test_small_systems_targets_come_from_the_numbers():
     from benchmarks.common import Timing
     from benchmarks.small_systems import Row, targets

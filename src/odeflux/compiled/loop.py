@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch._higher_order_ops.while_loop import while_loop
 
 from ..control import TENSOR, StepSizeController, error_ratio
 from ..solution import Status
@@ -137,6 +136,10 @@ def run_loop(
     count = lambda: torch.zeros(t0.shape, dtype=torch.int64, device=device)  # noqa: E731
     carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, count(), torch.zeros_like(t0), count())
     if traced:
+        # (Imported here: torch's higher-order ops import torch._dynamo, seconds of start-up that
+        # a process without compile=True should not pay.)
+        from torch._higher_order_ops.while_loop import while_loop
+
         return tuple(while_loop(cond, body, carry))
     while bool(cond(*carry)):  # the one read per step
         carry = body(*carry)

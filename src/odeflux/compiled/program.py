@@ -26,7 +26,6 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-import torch._dynamo
 
 from ..solution import Status
 from .loop import JointField, LoopSpec, run_loop
