@@ -109,14 +109,12 @@ def solve_per_sample(
             raise ValueError("a saveat time is outside its sample's t_span")
     else:
         taus = torch.stack([t0, t1], 1) if save_start else t1.unsqueeze(1)
-    with torch.no_grad():
-        k0 = f(t0.to(dtype), y0)
+    k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
     if not isinstance(k0, torch.Tensor) or k0.shape != y0.shape:
         raise ValueError(
             f"f(t, y) must return the batch's shape {tuple(y0.shape)} (t has shape ({B},), one time per sample), "
             f"got {getattr(k0, 'shape', type(k0).__name__)}"
         )
-    k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
     eps64 = 2.0**-52
     dtmin_t = (
         torch.full_like(t0, float(dtmin)) if dtmin is not None

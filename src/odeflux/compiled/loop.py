@@ -35,12 +35,6 @@ class LoopSpec:
     parts: tuple[tuple[int, int], ...] | None = None  # the error norm's blocks (IntegrateOptions.error_parts)
 
 
-class Carry:
-    """Names for the loop's carried tensors (``torch.while_loop`` carries a flat tuple)."""
-
-    FIELDS = ("t", "h", "y", "k", "ctrl", "n_steps", "n_accepted", "n_rejected", "n_f", "ys", "status", "err", "grid_n")
-
-
 def run_loop(
     spec: LoopSpec, f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
@@ -57,7 +51,8 @@ def run_loop(
     ``(B, n, ...)`` states so far. A problem that is done (or failed) stops advancing while the
     others go on. ``traced``: carried by ``torch.while_loop`` (what ``torch.compile`` takes);
     otherwise by a Python loop that reads one flag per step (what autograd differentiates).
-    Returns the final carry (:class:`Carry`'s fields, each per problem).
+    Returns the final carry ``(t, h, y, k, ctrl, n_steps, n_accepted, n_rejected, n_f, ys, status,
+    err, grid_n)``, each per problem.
     """
     solver, rule, adaptive = spec.solver, spec.controller.rule, spec.adaptive
     order, fsal = solver.error_order, solver.fsal
@@ -65,8 +60,8 @@ def run_loop(
     co = solver.coefficients(dtype, device)
     direction = torch.sign(t1 - t0)
     extra_evals = len(co.c) - 1  # per step, k1 being given (an explicit tableau)
-    col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731  (a (B,) value against states)
-    cols = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731  ((B, n) against saved states)
+    # A (B,) value against (B, ...) states, or a (B, n) one against (B, n, ...) saved states.
+    col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731
 
     def active(t, n_steps, status):
         return (direction * (t1 - t) > 0) & (status == 0) & (n_steps < max_steps)
@@ -103,8 +98,8 @@ def run_loop(
             B, s = y.shape[0], K.shape[0]
             interp = y.reshape(B, 1, -1) + torch.einsum("bns,sbx->bnx", weights, K.reshape(s, B, -1))
             interp = interp.reshape(ys.shape)
-            new = torch.where(cols(taus == t_new.unsqueeze(1)), y1.unsqueeze(1), interp)
-            ys = torch.where(cols(inside), new, ys)
+            new = torch.where(col(taus == t_new.unsqueeze(1)), y1.unsqueeze(1), interp)
+            ys = torch.where(col(inside), new, ys)
         else:
             ys = ys.clone()
         if fsal:

@@ -140,12 +140,8 @@ class LoopProgram:
             ys0, rtol, atol, one(it.dtmin), one(it.dtmax), one(it.land_tol),
             torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
-        try:
-            out = _program((*self.key, tuple(y0.shape), y0.dtype, y0.device))(*args)
-        except Exception as exc:  # a field the compiler cannot take: said once, then eager
-            _REFUSED[self.key] = _reason(exc)
-            STEP_REFUSED.add(self.key[0])  # (its compiled step would fail the same way: said once)
-            warn_eager(exc, "as one program")
+        out = _run(self.key, (tuple(y0.shape), y0.dtype, y0.device), args)
+        if out is None:  # refused: the eager loop with the eager step
             it.kernel.eager()
             return it.steps(dt, False)
         t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = (x.squeeze(0) for x in out)
@@ -186,13 +182,22 @@ class PerSampleProgram:
 
     def run(self, inputs: tuple) -> tuple:
         y0 = inputs[1]
-        if self.key not in _REFUSED:
-            try:
-                return _program((*self.key, tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device))(self.spec, *inputs)
-            except Exception as exc:  # said once, then the loop on the host
-                _REFUSED[self.key] = _reason(exc)
-                warn_eager(exc, "as one program")
-        return run_loop(self.spec, *inputs, traced=False)
+        out = _run(self.key, (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device), (self.spec, *inputs))
+        return run_loop(self.spec, *inputs, traced=False) if out is None else out
+
+
+def _run(key: tuple, shapes: tuple, args: tuple) -> tuple | None:
+    """The compiled program for ``key`` (and these shapes) on ``args``; ``None`` where the field's
+    code was refused, now (said in one line) or before."""
+    if key in _REFUSED:
+        return None
+    try:
+        return _program((*key, *shapes))(*args)
+    except Exception as exc:  # a field the compiler cannot take: said once, then eager
+        _REFUSED[key] = _reason(exc)
+        STEP_REFUSED.add(key[1] if key[0] == "per-sample" else key[0])  # (its compiled step would fail alike)
+        warn_eager(exc, "as one program")
+        return None
 
 
 def warn_eager(exc: BaseException, what: str) -> None:
