@@ -211,6 +211,7 @@ class _DenseRecorder:
         self.dt: list[float] = []
         self.y: list[torch.Tensor] = []
         self.K: list[torch.Tensor] = []
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (a compiled loop's record)
 
     def accepted(self, t: float, h: float, y: torch.Tensor, K: torch.Tensor) -> None:
         if not self.on:
@@ -224,7 +225,9 @@ class _DenseRecorder:
             self.t, self.dt, self.y, self.K = [], [], [], []
 
     def output(self, solver: Solver, on_arrays: bool) -> DenseOutput | None:
-        return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays) if self.on and self.dt else None
+        if not (self.on and self.dt):
+            return None
+        return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays, stacked=self.stacked)
 
 
 class _Integration:

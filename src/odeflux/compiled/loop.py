@@ -33,13 +33,16 @@ class LoopSpec:
     adaptive: bool
     saving: bool  # saveat times given (else only the end state is returned)
     parts: tuple[tuple[int, int], ...] | None = None  # the error norm's blocks (IntegrateOptions.error_parts)
+    #: Capacity of the accepted steps' record (dense output), 0 for none: each problem's first
+    #: ``record`` accepted steps are kept, and a problem stops (unfinished) when its record is full.
+    record: int = 0
 
 
 def run_loop(
     spec: LoopSpec, f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
-    ctrl0: torch.Tensor, traced: bool = True,
+    ctrl0: torch.Tensor, params: dict[str, torch.Tensor] | None = None, traced: bool = True,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
     ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
@@ -52,8 +55,18 @@ def run_loop(
     others go on. ``traced``: carried by ``torch.while_loop`` (what ``torch.compile`` takes);
     otherwise by a Python loop that reads one flag per step (what autograd differentiates).
     Returns the final carry ``(t, h, y, k, ctrl, n_steps, n_accepted, n_rejected, n_f, ys, status,
-    err, grid_n)``, each per problem.
+    err, grid_n)``, each per problem, followed where ``spec.record`` is set by the record of the
+    accepted steps: their starts ``(B, C)``, signed sizes ``(B, C)``, start states ``(B, C, ...)``
+    and stages ``(B, C, stages, ...)`` (what :class:`~odeflux.solution.DenseOutput` keeps).
+    ``params``: the values of the module ``f``'s parameters, substituted by name (inputs of the
+    program rather than attributes it reads: torch.while_loop refuses a body whose inputs alias,
+    as the views a field takes of one parameter, ``a, b = self.rates``, would).
     """
+    if params is not None:
+        module = f
+        # (Copies made inside the loop's body: views of a tensor from outside it would be lifted
+        # into the body as inputs of their own, which alias.)
+        f = lambda tt, yy: torch.func.functional_call(module, {k: v.clone() for k, v in params.items()}, (tt, yy))  # noqa: E731
     solver, rule, adaptive = spec.solver, spec.controller.rule, spec.adaptive
     order, fsal = solver.error_order, solver.fsal
     dtype, device = y0.dtype, y0.device
@@ -63,14 +76,17 @@ def run_loop(
     # A (B,) value against (B, ...) states, or a (B, n) one against (B, n, ...) saved states.
     col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731
 
-    def active(t, n_steps, status):
-        return (direction * (t1 - t) > 0) & (status == 0) & (n_steps < max_steps)
+    C = spec.record
 
-    def cond(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n):
-        return active(t, n_steps, status).any()
+    def active(t, n_steps, status, n_acc):
+        going = (direction * (t1 - t) > 0) & (status == 0) & (n_steps < max_steps)
+        return going & (n_acc < C) if C else going
 
-    def body(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n):
-        going = active(t, n_steps, status)
+    def cond(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n, *record):
+        return active(t, n_steps, status, n_acc).any()
+
+    def body(t, h, y, k, ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, grid_n, *record):
+        going = active(t, n_steps, status, n_acc)
         remaining = direction * (t1 - t)
         lands = h >= remaining - land_tol
         hm = torch.where(going, torch.where(lands, remaining, h), 0.0)  # (a problem that is done stands still)
@@ -88,7 +104,7 @@ def run_loop(
             accept, h_new, ctrl_new = going, h, ctrl
             # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
-        if spec.saving:
+        if spec.saving and not C:
             # States at the saveat times inside this step: the interpolant, or y1 on its end.
             inside = accept.unsqueeze(1) & (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
             inside = inside & (direction.unsqueeze(1) * (taus - t_new.unsqueeze(1)) <= 0)
@@ -122,23 +138,84 @@ def run_loop(
         too_small = going & unfinished & (h_next < dtmin)
         failed = torch.where(torch.isfinite(e), int(Status.DT_MIN), int(Status.NONFINITE))
         status_next = torch.where(too_small, failed, status)
+        if C:
+            # Each attempt is written at the problem's next free slot; a rejected one is
+            # overwritten by the attempt after it, so the slots below n_accepted are the accepted steps.
+            record = _write(record, torch.clamp(n_acc, max=C - 1), (t, hs, y, K.movedim(0, 1)))
         return (
             t_next, h_next, y_next, k_next, ctrl_next, n_steps + going.to(torch.int64),
             n_acc + accept.to(torch.int64), n_rej + (going & ~accept).to(torch.int64), n_f + n_eval, ys,
-            status_next, torch.where(going, e, err), grid_n + accept.to(torch.int64),
+            status_next, torch.where(going, e, err), grid_n + accept.to(torch.int64), *record,
         )  # fmt: skip
 
     count = lambda: torch.zeros(t0.shape, dtype=torch.int64, device=device)  # noqa: E731
     carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, count(), torch.zeros_like(t0), count())
+    if C:
+        B, s = y0.shape[0], len(co.c)
+        carry += (
+            t0.new_zeros(B, C), t0.new_zeros(B, C), y0.new_zeros((B, C) + tuple(y0.shape[1:])),
+            y0.new_zeros((B, C, s) + tuple(y0.shape[1:])),
+        )  # fmt: skip
     if traced:
         # (Imported here: torch's higher-order ops import torch._dynamo, seconds of start-up that
         # a process without compile=True should not pay.)
         from torch._higher_order_ops.while_loop import while_loop
 
-        return tuple(while_loop(cond, body, carry))
-    while bool(cond(*carry)):  # the one read per step
-        carry = body(*carry)
+        carry = tuple(while_loop(cond, body, carry))
+    else:
+        while bool(cond(*carry)):  # the one read per step
+            carry = body(*carry)
+    if spec.saving and C:
+        carry = carry[:9] + (_saved_from_record(solver, co, taus, carry, direction),) + carry[10:]
     return carry
+
+
+def _saved_from_record(solver: Solver, co: Any, taus: torch.Tensor, carry: tuple, direction: torch.Tensor) -> torch.Tensor:
+    """The states at the saveat times from the record of the accepted steps, after the loop (the
+    same interpolant as in the loop, once per time rather than every time at every step)."""
+    t_end, y_end, n_acc, ys0 = carry[0], carry[2], carry[6], carry[9]
+    rec_t, rec_h, rec_y, rec_K = carry[13:]
+    B, C = rec_t.shape
+    n = taus.shape[1]
+    col = lambda x: x.reshape(x.shape + (1,) * (ys0.dim() - x.dim()))  # noqa: E731
+    valid = torch.arange(C, device=taus.device) < n_acc.unsqueeze(1)  # (B, C)
+    d = direction.reshape(B, 1, 1)
+    before = valid.unsqueeze(1) & (d * (rec_t.unsqueeze(1) - taus.unsqueeze(2)) < 0)  # (B, n, C)
+    i = before.sum(-1) - 1  # the step each time falls in (-1: at t0)
+    ic = i.clamp(min=0)
+    nxt = (ic + 1).clamp(max=C - 1)
+    gather = lambda buf, idx: buf.gather(1, idx.reshape(idx.shape + (1,) * (buf.dim() - 2)).expand(idx.shape + buf.shape[2:]))  # noqa: E731
+    t_i, h_i = gather(rec_t, ic), gather(rec_h, ic)
+    last = ic + 1 >= n_acc.unsqueeze(1)
+    t_next = torch.where(last, t_end.unsqueeze(1), gather(rec_t, nxt))
+    reached = (i >= 0) & (d.squeeze(2) * (taus - t_next) <= 0)
+    theta = torch.where(reached, (taus - t_i) / torch.where(reached, h_i, 1.0), 0.0)
+    dtype = ys0.dtype
+    weights = solver.dense_weights(theta.to(dtype), co) * h_i.to(dtype).unsqueeze(2)  # (B, n, stages)
+    K = gather(rec_K, ic)  # (B, n, stages, ...)
+    s = K.shape[2]
+    interp = gather(rec_y, ic).reshape(B, n, -1) + torch.einsum("bns,bnsx->bnx", weights, K.reshape(B, n, s, -1))
+    y_next = torch.where(col(last), y_end.unsqueeze(1), gather(rec_y, nxt))
+    new = torch.where(col(taus == t_next), y_next, interp.reshape(ys0.shape))
+    return torch.where(col(reached), new, ys0)
+
+
+def _write(record: tuple, slot: torch.Tensor, values: tuple) -> tuple:
+    """``record``'s buffers (``(B, C, ...)`` each) with each problem's ``values`` (``(B, ...)``)
+    written at its ``slot``."""
+    out = []
+    for buf, v in zip(record, values):
+        idx = slot.reshape((-1, 1) + (1,) * (buf.dim() - 2)).expand((buf.shape[0], 1) + tuple(buf.shape[2:]))
+        out.append(buf.scatter(1, idx, v.reshape(idx.shape)))
+    return tuple(out)
+
+
+def module_params(f: Any) -> dict[str, torch.Tensor] | None:
+    """The module ``f``'s parameters by name, detached (:func:`run_loop`'s ``params``), or ``None``."""
+    if not isinstance(f, torch.nn.Module):
+        return None
+    named = {name: p.detach() for name, p in f.named_parameters(remove_duplicate=False)}
+    return named or None
 
 
 class JointField(torch.nn.Module):

@@ -20,6 +20,7 @@ this process.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import warnings
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..solution import Status
-from .loop import JointField, LoopSpec, run_loop
+from .loop import JointField, LoopSpec, module_params, run_loop
 
 if TYPE_CHECKING:
     from ..integrator import IntegrateOptions, _Integration
@@ -37,6 +38,14 @@ if TYPE_CHECKING:
 #: Past this many compiled loops in one process a warning says the cache thrashes (each new field
 #: class, solver, controller, state shape or dtype compiles for seconds).
 PROGRAM_LIMIT = 16
+
+#: Dense output in the compiled loop keeps each accepted step's start and stages in buffers of a
+#: fixed capacity (a solve that fills them runs again with four times the room); it is taken while
+#: the buffers stay within this many entries, else the solve steps on the host.
+RECORD_LIMIT = 1 << 22
+#: The record's first capacity, and the one each loop needed last (a solve that outgrew it).
+FIRST_RECORD = 64
+_RECORD: dict[Any, int] = {}
 
 _PROGRAMS: dict[tuple, Callable] = {}
 _REFUSED: dict[Any, str] = {}
@@ -55,7 +64,7 @@ def loop_refusal(solver: Solver, options: IntegrateOptions) -> str | None:
         return f"the controller {type(options.controller).__name__} has no tensor rule"
     unsupported = [
         name for name, on in (
-            ("dense output", options.dense), ("save_everystep", options.save_everystep),
+            ("save_everystep", options.save_everystep),
             ("norm", options.norm is not None),
             ("step_times", bool(options.step_times)), ("jump_times", bool(options.jump_times)),
             ("perturb", options.perturb), ("callbacks", bool(options.callbacks)),
@@ -73,8 +82,19 @@ def compiled_loop(f: Any, solver: Solver, options: IntegrateOptions, y0: torch.T
     if torch.is_grad_enabled() or loop_refusal(solver, options) is not None:
         return None
     adaptive = solver.adaptive and options.controller.adaptive
-    program = LoopProgram(f, LoopSpec(solver, options.controller, adaptive, options.saveat is not None, options.error_parts))
+    record = 0
+    if options.dense:
+        record = max(_RECORD.get((code_key(f), tuple(y0.shape)), FIRST_RECORD), FIRST_RECORD)
+        if not _fits(record, solver, y0):
+            return None
+    spec = LoopSpec(solver, options.controller, adaptive, options.saveat is not None, options.error_parts, record)
+    program = LoopProgram(f, spec)
     return None if program.key[:2] in _REFUSED else program
+
+
+def _fits(capacity: int, solver: Solver, y0: torch.Tensor) -> bool:
+    """Whether a record of ``capacity`` steps of ``y0`` stays within :data:`RECORD_LIMIT` entries."""
+    return capacity * (len(solver.tableau.c) + 1) * y0.numel() <= RECORD_LIMIT
 
 
 def program_count() -> int:
@@ -95,14 +115,15 @@ def code_key(f: Any) -> Any:
     return (type(f), inner()) if callable(inner) else type(f)
 
 
-def _program(key: tuple) -> Callable:
-    """The compiled loop for ``key``: each its own copy of :func:`run_loop` (a code object of its
-    own), so that torch.compile's limit on recompilations of one function (8) bounds the guards
-    of one program, not the number of programs a process runs."""
+def _program(key: tuple, source: Callable = run_loop) -> Callable:
+    """The compiled program for ``key``: each its own copy of ``source`` (:func:`run_loop`, or the
+    reverse pass's loop) with a code object of its own, so that torch.compile's limit on
+    recompilations of one function (8) bounds the guards of one program, not the number of
+    programs a process runs."""
     fn = _PROGRAMS.get(key)
     if fn is None:
-        code = run_loop.__code__.replace(co_name=f"run_loop_{len(_PROGRAMS)}")
-        copy = types.FunctionType(code, run_loop.__globals__, code.co_name, run_loop.__defaults__, run_loop.__closure__)
+        code = source.__code__.replace(co_name=f"{source.__name__}_{len(_PROGRAMS)}")
+        copy = types.FunctionType(code, source.__globals__, code.co_name, source.__defaults__, source.__closure__)
         fn = _PROGRAMS[key] = torch.compile(copy, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
         if len(_PROGRAMS) > PROGRAM_LIMIT and not _THRASH_WARNED:
             _THRASH_WARNED.append(True)
@@ -124,8 +145,26 @@ class LoopProgram:
         self.key = (code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving, spec.parts))
 
     def run(self, it: _Integration, dt: float) -> Any:
-        from ..integrator import _nonfinite_message
+        out = self._run(it, dt)
+        while out is not None and self.spec.record and self._outgrown(it, out):
+            # The record filled before t1: again with four times the room (a new program, said
+            # nowhere: the capacity is remembered, so the next solve of this loop starts there).
+            record = self.spec.record * 4
+            _RECORD[(self.key[0], tuple(it.y.shape))] = record
+            if not _fits(record, self.spec.solver, it.y) or record > 4 * it.opts.max_steps:
+                return it.steps(dt, False)
+            self.spec = dataclasses.replace(self.spec, record=record)
+            out = self._run(it, dt)
+        if out is None:  # refused: the eager loop with the eager step
+            it.kernel.eager()
+            return it.steps(dt, False)
+        return self._finish(it, out)
 
+    def _outgrown(self, it: _Integration, out: tuple) -> bool:
+        t, n_acc, status = out[0], out[6], out[10]
+        return bool((n_acc == self.spec.record).all() & (status == 0).all() & (it.direction * (it.t1 - t) > 0).all())
+
+    def _run(self, it: _Integration, dt: float) -> tuple | None:
         y0, k0, opts = it.y, it.k, it.opts
         # One problem of the loop's B = 1: every per-problem value a (1,) tensor.
         f64 = dict(dtype=torch.float64, device=y0.device)
@@ -135,16 +174,20 @@ class LoopProgram:
         ys0 = y0.unsqueeze(0).unsqueeze(0).expand((1, taus.shape[1]) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
         ctrl0 = it.controller.init_state()
         rtol, atol = (torch.tensor(float(v), **f64) for v in (opts.rtol, opts.atol))
+        joint = JointField(self.f)
         args = (
-            self.spec, JointField(self.f), y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), one(dt), taus,
+            self.spec, joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), one(dt), taus,
             ys0, rtol, atol, one(it.dtmin), one(it.dtmax), one(it.land_tol),
             torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
+            module_params(joint),
         )  # fmt: skip
-        out = _run(self.key, (tuple(y0.shape), y0.dtype, y0.device), args)
-        if out is None:  # refused: the eager loop with the eager step
-            it.kernel.eager()
-            return it.steps(dt, False)
-        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = (x.squeeze(0) for x in out)
+        return _run(self.key, (tuple(y0.shape), y0.dtype, y0.device, self.spec.record), args)
+
+    def _finish(self, it: _Integration, out: tuple) -> Any:
+        from ..integrator import _nonfinite_message
+
+        saveat = it.opts.saveat
+        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = (x.squeeze(0) for x in out[:13])
         # The one synchronisation of the solve: its outcome.
         t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = torch.stack(
             [t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]
@@ -155,6 +198,12 @@ class LoopProgram:
         stats.n_rejected += int(n_rej)
         stats.n_f_evals += int(n_f)
         it.t, it.y, it.k = t_f, y, k
+        if self.spec.record:
+            n = int(n_acc)
+            rec_t, rec_h, rec_y, rec_K = (x[0, :n] for x in out[13:])
+            d = it.dense
+            d.t, d.dt, d.y, d.K = rec_t.tolist(), rec_h.tolist(), list(rec_y.unbind(0)), list(rec_K.unbind(0))
+            d.stacked = (rec_y, rec_K)
         status = Status(int(status))
         if saveat is not None:
             reached = sum(1 for s in saveat if it.direction * (s - t_f) <= 0)
@@ -182,7 +231,7 @@ class PerSampleProgram:
 
     def run(self, inputs: tuple) -> tuple:
         y0 = inputs[1]
-        out = _run(self.key, (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device), (self.spec, *inputs))
+        out = _run(self.key, (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device), (self.spec, *inputs, module_params(self.f)))
         return run_loop(self.spec, *inputs, traced=False) if out is None else out
 
 

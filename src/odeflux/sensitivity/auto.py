@@ -11,7 +11,6 @@ from torch.utils import _pytree as pytree
 from .backsolve import BacksolveAdjoint
 from .base import SensitivityAlgorithm, check_hidden_params
 from .direct import DirectAdjoint
-from .forward import ForwardSensitivity
 from .interpolating import InterpolatingAdjoint
 
 if TYPE_CHECKING:
@@ -21,10 +20,10 @@ if TYPE_CHECKING:
 #: this many: SciMLSensitivity's bound for its forward-mode choice.
 SMALL_LIMIT = 100
 
-#: With ``compile=True``, forward sensitivities are chosen while the augmented state (the state's
-#: entries times one plus the differentiated entries) has at most this many entries: their whole
-#: solve is then one compiled program (benchmarks/results/small_systems.md).
-COMPILED_FORWARD_LIMIT = 4096
+#: With ``compile=True``, DirectAdjoint is chosen while the state has at most this many entries:
+#: its forward solve and its reverse pass are then two compiled programs
+#: (:mod:`odeflux.compiled.reverse`; benchmarks/results/small_systems.md).
+COMPILED_DIRECT_LIMIT = 4096
 
 
 def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
@@ -35,11 +34,11 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     CPU, backpropagation through the solve measured faster than ``ForwardSensitivity`` at every
     size tried (Lotka-Volterra, 4 rates: 174 ms against 664 ms; 4-state MLP fields of 22 to 580
     parameters: 2.5-9 ms against 25-80 ms), and its memory, the steps of a small state, is small.
-    With ``compile=True``, while the augmented state of forward sensitivities stays within
-    :data:`COMPILED_FORWARD_LIMIT` entries and every parameter reaches ``f`` as a module parameter
-    or through ``args``: ``ForwardSensitivity(tangents="forward")``, whose whole solve, tangents
-    included, is one compiled program with no backward solve (on the spiral benchmark, 506
-    entries, about 3-5x faster than DirectAdjoint through the compiled step).
+    With ``compile=True``, while the state has at most :data:`COMPILED_DIRECT_LIMIT` entries and
+    every parameter reaches ``f`` as a module parameter or through ``args``: ``DirectAdjoint()``,
+    whose forward solve and reverse pass are each one compiled program (measured faster than
+    compiled ``ForwardSensitivity``, the earlier choice here, on the spiral and Lotka-Volterra
+    benchmarks: benchmarks/results/small_systems.md).
     Larger problems: ``InterpolatingAdjoint()`` (memory bounded whatever the number of steps;
     faster than DirectAdjoint on large states, benchmarks/results/general.md).
     Where the field rules the continuous adjoints out, an ``f`` that depends on tensors requiring
@@ -50,10 +49,9 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     params = [p for p in problem.params if p.requires_grad]
     if not problem.solver.stepwise:
         return BacksolveAdjoint()
-    m = sum(p.numel() for p in params) + (problem.y0.numel() if problem.y0.requires_grad else 0)
-    if problem.compiled and problem.solver.tableau_steps and problem.y0.numel() * (1 + m) <= COMPILED_FORWARD_LIMIT:
+    if problem.compiled and problem.solver.tableau_steps and problem.y0.numel() <= COMPILED_DIRECT_LIMIT:
         if _substitutable(problem, params):
-            return ForwardSensitivity(tangents="forward")
+            return DirectAdjoint()
     if problem.y0.numel() + sum(p.numel() for p in params) <= SMALL_LIMIT:
         return DirectAdjoint()
     try:

@@ -553,8 +553,10 @@ class _AdjointFunction(torch.autograd.Function):
             with _restored(run.module_state), _buffers_kept(run.module_state):
                 out = run.recorded(y0)
             inputs = [y0, *params]
-            grads = torch.autograd.grad(out, inputs, grad_ys, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+            wanted = [x for x in inputs if x.requires_grad]  # (y0 need not be differentiated)
+            found = iter(torch.autograd.grad(out, wanted, grad_ys, create_graph=True, allow_unused=True))
+            grads = [next(found) if x.requires_grad else None for x in inputs]
+            grads = [torch.zeros_like(x) if g is None and x.requires_grad else g for g, x in zip(grads, inputs)]
             return (None, *grads)
         grad_y0, grad_params = run.backward(grad_ys)
         return (None, grad_y0, *grad_params)

@@ -22,13 +22,22 @@ class DirectAdjoint(SensitivityAlgorithm):
 
     Where the field brings a VJP rule (:mod:`odeflux.fields`) and the state is small and on the
     CPU, the same reverse pass is written out by hand (:mod:`.rk_reverse`) rather than recorded as
-    a graph; ``hand_written=False`` always records the graph.
+    a graph; ``hand_written=False`` always records the graph. With ``compile=True`` (an explicit
+    Runge-Kutta solver, parameters reaching ``f`` as module parameters or through ``args``) the
+    forward solve is the compiled loop with its steps recorded and the reverse pass a second
+    compiled program (:mod:`odeflux.compiled.reverse`): the same gradient, no graph.
     """
 
     def __init__(self, hand_written: bool = True):
         self.hand_written = hand_written
 
     def solve(self, problem: "Problem") -> Solution:
+        if problem.compiled:
+            from ..compiled.reverse import solve_compiled_reverse
+
+            sol = solve_compiled_reverse(problem)
+            if sol is not None:
+                return sol
         vjp = reverse_pass_rule(problem) if self.hand_written else None
         if vjp is not None:
             return solve_reverse(problem, vjp)

@@ -1,0 +1,164 @@
+"""DirectAdjoint with ``compile=True``: the compiled loop forward (its steps recorded) and the
+compiled reverse pass (:mod:`odeflux.compiled.reverse`), against the eager DirectAdjoint, which
+records the solve's graph, and against central finite differences.
+
+Programs compile for seconds each, so the cases share one field class, state shape and number
+of saved times (a new instance, another span or direction reuses the programs).
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import odeflux
+from odeflux.compiled import program
+from odeflux.compiled.reverse import capacity, cotangents, run_reverse
+
+
+class _LotkaVolterra(nn.Module):
+    def __init__(self, rates=(1.5, 1.0, 1.0, 3.0)):
+        super().__init__()
+        self.rates = nn.Parameter(torch.tensor(rates, dtype=torch.float64))
+
+    def forward(self, t, y):
+        a, b, d, g = self.rates
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([a * x - b * x * v, d * x * v - g * v], -1)
+
+
+SAVE = 12  # saved times in every case here (a shape of the programs)
+
+
+def _grads(f, y0, span, saveat, compile, **kw):
+    y0 = y0.clone().requires_grad_(True)
+    sol = odeflux.solve(f, y0, span, saveat=saveat, rtol=1e-8, atol=1e-10, compile=compile, **kw)
+    weights = torch.linspace(0.5, 2.0, sol.ys.numel(), dtype=sol.ys.dtype).reshape(sol.ys.shape)
+    loss = (weights * sol.ys).sum() + sol.ys[-1].square().sum()
+    gy0, grates = torch.autograd.grad(loss, (y0, f.rates))
+    return sol, gy0, grates
+
+
+@pytest.fixture(autouse=True)
+def _no_eager_fallback():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile=True", category=RuntimeWarning)
+        yield
+
+
+@pytest.mark.parametrize("span", [(0.0, 6.0), (6.0, 0.5)], ids=["forward", "backward-in-time"])
+def test_the_compiled_reverse_pass_gives_the_recorded_graphs_gradient(span):
+    """Saved times on the start, inside steps and on the end; more steps than the record's first
+    capacity (64: the loop runs again with more room); integration in either direction."""
+    f = _LotkaVolterra()
+    y0 = torch.tensor([1.0, 0.7], dtype=torch.float64)
+    t0, t1 = span
+    saveat = torch.linspace(t0, t1, SAVE, dtype=torch.float64)
+    before = program.program_count()
+    eager, gy_e, gp_e = _grads(f, y0, span, saveat, compile=False)
+    compiled, gy_c, gp_c = _grads(f, y0, span, saveat, compile=True)
+    assert eager.stats.n_accepted > 64
+    assert isinstance(compiled.sensealg, odeflux.DirectAdjoint)
+    assert compiled.stats.n_steps == eager.stats.n_steps and compiled.stats.n_f_evals == eager.stats.n_f_evals
+    torch.testing.assert_close(compiled.ys.detach(), eager.ys.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(gy_c, gy_e, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gp_c, gp_e, rtol=1e-9, atol=1e-12)
+    # The reverse pass ran as a program of its own (not the recorded graph).
+    assert any(k[0] == "reverse" for k in program._PROGRAMS) and program.program_count() >= before
+    assert compiled.backward_stats.n_vjp_evals == compiled.stats.n_accepted * odeflux.Tsit5().tableau.stages
+
+
+def test_central_differences_agree_with_the_compiled_gradient():
+    f = _LotkaVolterra()
+    y0 = torch.tensor([1.0, 0.7], dtype=torch.float64)
+    saveat = torch.linspace(0.0, 6.0, SAVE, dtype=torch.float64)
+    _, _, gp = _grads(f, y0, (0.0, 6.0), saveat, compile=True)
+    eps = 1e-6
+    for i in range(4):
+        vals = []
+        for sign in (1, -1):
+            rates = f.rates.detach().clone()
+            rates[i] += sign * eps
+            with torch.no_grad():
+                sol = odeflux.solve(_LotkaVolterra(rates.tolist()), y0, (0.0, 6.0), saveat=saveat, rtol=1e-12, atol=1e-12)
+            weights = torch.linspace(0.5, 2.0, sol.ys.numel(), dtype=sol.ys.dtype).reshape(sol.ys.shape)
+            vals.append(float((weights * sol.ys).sum() + sol.ys[-1].square().sum()))
+        assert (vals[0] - vals[1]) / (2 * eps) == pytest.approx(float(gp[i]), rel=1e-5)
+
+
+def test_double_backward_and_in_place_changes_behave_as_on_the_recorded_graph():
+    f = _LotkaVolterra()
+    y0 = torch.tensor([1.0, 0.7], dtype=torch.float64)
+    saveat = torch.linspace(0.0, 6.0, SAVE, dtype=torch.float64)
+    results = []
+    for compile in (False, True):
+        sol = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-8, atol=1e-10, compile=compile)
+        (g,) = torch.autograd.grad(sol.ys.square().sum(), f.rates, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), f.rates)  # a gradient penalty's second backward
+        results.append((g.detach(), gg))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-8, atol=0)
+    sol = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-8, atol=1e-10, compile=True)
+    with torch.no_grad():
+        f.rates.add_(0.01)  # modified between forward and backward: autograd's own error
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sol.ys.sum().backward()
+
+
+def test_parameters_captured_from_a_closure_fall_back_to_the_recorded_graph():
+    """The reverse pass substitutes parameters into f; a tensor f captures from its closure
+    (passed in params=) cannot be substituted, so that solve records its graph, and its gradient
+    is still DirectAdjoint's."""
+    rate = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+
+    def f(t, y):
+        return -rate * y + torch.sin(t) * y.flip(-1)
+
+    grads = []
+    for compile in (False, True):
+        sol = odeflux.solve(f, y0, (0.0, 1.0), params=[rate], compile=compile, sensealg=odeflux.DirectAdjoint())
+        grads.append(torch.autograd.grad(sol.ys[-1].sum(), rate)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=0)
+
+
+def test_the_reverse_loop_matches_autograd_through_the_steps_without_compiling():
+    """The reverse pass itself (run as a Python loop here), on steps recorded by hand: each
+    saved time's cotangent reaches the boundary or stages it was computed from."""
+    torch.manual_seed(0)
+    solver = odeflux.Tsit5()
+    co = solver.coefficients(torch.float64, torch.device("cpu"))
+    W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(t, y, w):
+        return torch.tanh(y @ w) * (1 + t)
+
+    y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    starts, dts, ys, Ks = [0.0, 0.2, 0.5], [0.2, 0.3, 0.25], [], []
+    y = y0
+    for t, h in zip(starts, dts):
+        tt = torch.tensor(t, dtype=torch.float64)
+        ys.append(y)
+        y, _, K, _ = solver.step(lambda s, z: fn(s, z, W), tt, y, torch.tensor(h, dtype=torch.float64), fn(tt, y, W), co)
+        Ks.append(K)
+    dense = odeflux.solution.DenseOutput(solver, starts, dts, [v.detach() for v in ys], [K.detach() for K in Ks])
+    ts = [0.0, 0.1, 0.2, 0.6, 0.75]
+    saved = torch.stack([ys[0], _interp(solver, co, ys[0], 0.2, Ks[0], 0.5), ys[1],
+                         _interp(solver, co, ys[2], 0.25, Ks[2], 0.4), y])  # fmt: skip
+    g = torch.randn(saved.shape, dtype=torch.float64)
+    want = torch.autograd.grad((g * saved).sum(), (y0, W))
+    C = capacity(3)
+    ybar_b, kbar = cotangents(dense, 0.0, 0.75, ts, g, C, (3,))
+    pad = lambda x, rows: torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])  # noqa: E731
+    got = run_reverse(
+        solver, fn, torch.tensor(3), pad(torch.tensor(starts, dtype=torch.float64), C), pad(torch.tensor(dts, dtype=torch.float64), C),
+        pad(torch.stack([v.detach() for v in ys]), C), ybar_b, kbar, (W.detach(),), traced=False,
+    )  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14)
+
+
+def _interp(solver, co, y, h, K, theta):
+    w = solver.dense_weights(torch.tensor([theta], dtype=torch.float64), co)
+    return solver.interpolate(y, h, K, w).squeeze(0)
