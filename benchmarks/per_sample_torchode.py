@@ -392,22 +392,24 @@ def results_table(results: list[Result], what: str, grad_worst: bool) -> str:
     rows = []
     for r in results:
         if r.failed:
-            rows.append([r.name, f"failed: {r.failed}"] + ["—"] * (6 + grad_worst))
+            rows.append([r.name, f"failed: {r.failed}"] + ["—"] * (7 + grad_worst))
             continue
         ratio = "—"
         if base is not None and r.timing is not None:
             ratio = f"{r.timing.median / base.timing.median:.2f}"
         t = str(r.timing) + ("" if r.in_rounds else " (1 call)") if r.timing else "—"
-        row = [r.name, t, ratio, r.steps, r.iterations, r.backward, fmt_err(r.state_err), fmt_err(r.grad_err)]
+        per_it = fmt_seconds(r.timing.median / int(r.iterations)) if r.timing and r.iterations.isdigit() else "—"
+        row = [r.name, t, ratio, r.steps, r.iterations, per_it, r.backward, fmt_err(r.state_err), fmt_err(r.grad_err)]
         if grad_worst:
             row.append(fmt_err(r.grad_worst))
         rows.append(row)
     headers = ["configuration", f"{what}: median [min–max]", "÷ odeflux per sample", "steps per sample: max / mean",
-               "loop iterations", "backward solve steps: max / mean", "state error", "gradient error"]  # fmt: skip
+               "loop iterations", "time per iteration", "backward solve steps: max / mean", "state error",
+               "gradient error"]  # fmt: skip
     if grad_worst:
         headers.append("worst sample's dy0 error")
     notes = [f"- {r.name}: {r.note}" for r in results if r.note]
-    return markdown_table(headers, rows, align="lrrrrrrr" + ("r" if grad_worst else "")) + (
+    return markdown_table(headers, rows, align="lrrrrrrrr" + ("r" if grad_worst else "")) + (
         "\n\n" + "\n".join(notes) if notes else ""
     )
 
@@ -445,6 +447,7 @@ def goal_rows(workload: str, results: list[Result]) -> list[list[str]]:
         if as_good:
             m = min(as_good, key=lambda r: r.timing.median)
             ratio, (lo, hi) = paired_ratio(m.timing, best.timing)
+            spread = f"[{lo:.2f}–{hi:.2f}]" if best.in_rounds else "(one call)"
             verdict = "met" if ratio <= GOAL else "not met"
             tols = m.name.split(", ", 2)[2] if m.factor != 1 else "same tolerances"
             what = f"matched accuracy: {tols} (state {fmt_err(m.state_err)}, gradient {fmt_err(m.grad_err)})"
@@ -477,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"configuration per round, rotated order) after one untimed call; a configuration whose first call "
         f"takes over {SLOW_S:g} s is timed by that call alone. *Steps per sample*: attempted steps (accepted + "
         "rejected) of each sample, max / mean over the batch; *loop iterations*: how many times the batched "
-        "loop steps (the slowest sample's steps; a joint solve's steps). torchode's `BacksolveAdjoint` solves "
+        "loop steps (the slowest sample's steps; a joint solve's steps); *time per iteration*: the median time ÷ the "
+        "loop iterations (forward and backward together; a backsolve's backward iterations not counted). torchode's `BacksolveAdjoint` solves "
         "the adjoint backwards per sample (VJPs by `vmap`), its backward steps in their own column; "
         "`AutoDiffAdjoint` and odeflux's DirectAdjoint backpropagate through the forward loop."
     ]
