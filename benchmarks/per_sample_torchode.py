@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", action="append", choices=["tutorial", "vdp"], help="run just this workload")
     p.add_argument("--sensealg", action="append",
                    help=f"odeflux sensitivity algorithm per sample (repeatable; default: {', '.join(SENSEALGS)})")  # fmt: skip
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--batch", type=int, default=32, help="Van der Pol oscillators")
     p.add_argument("--t1", type=float, default=10.0, help="Van der Pol's end time")
     p.add_argument("--no-write", action="store_true", help="print only")
