@@ -380,11 +380,12 @@ def vdp_workload(args, sensealgs: list[str]) -> tuple[str, list[Result], dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def time_results(results: list[Result], rounds: int) -> None:
+def time_results(results: list[Result], rounds: int, number: int = 1) -> None:
+    """Interleaved rounds; each sample the mean of ``number`` calls (short calls: more calls per sample)."""
     fns = {r.name: r.fn for r in results if r.fn is not None and r.in_rounds}
     if not fns:
         return
-    timings = interleaved(fns, rounds=rounds, warmup=1, min_rounds=rounds)
+    timings = interleaved(fns, rounds=rounds, warmup=1, number=number, min_rounds=rounds)
     for r in results:
         if r.name in timings:
             r.timing = timings[r.name]
@@ -488,7 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
         "and torchode (a batch of problems: its native batching), Tsit5 in both; torchode with its "
         "`PIDController` at `solve_ivp`'s gains (P 0.2, I 0.5), as the tutorial peer; odeflux with its default "
         "PI controller. 1 torch thread. Times: median [min–max] over interleaved rounds (one call of each "
-        f"configuration per round, rotated order) after one untimed call; a configuration whose first call "
+        f"configuration per round, rotated order; a round's sample of a tutorial training step is the mean of 5 "
+        "steps) after one untimed call; a configuration whose first call "
         f"takes over {SLOW_S:g} s is timed by that call alone. *Steps per sample*: attempted steps (accepted + "
         "rejected) of each sample, max / mean over the batch; *loop iterations*: how many times the batched "
         "loop steps (the slowest sample's steps; a joint solve's steps); *time per iteration*: the median time ÷ the "
@@ -504,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     for w in workloads:
         print(f"== {w}", flush=True)
         intro, results, info = (tutorial_workload if w == "tutorial" else vdp_workload)(args, sensealgs)
-        time_results(results, rounds)
+        time_results(results, rounds, number=1 if args.quick or w == "vdp" else 5)
         what = "training step" if w == "tutorial" else "gradient"
         title = "## tutorial: the MNIST tutorial's field, one training step" if w == "tutorial" else \
             "## vdp: Van der Pol, one gradient"  # fmt: skip
