@@ -160,3 +160,36 @@ def test_small_systems_targets_come_from_the_numbers():
     assert [(d["workload"], d["which"], round(d["ratio"], 2), d["met"]) for d in data] == [
         ("spiral", "fastest", 1.5, False), ("spiral", "InterpolatingAdjoint", 3.0, False), ("lv", "fastest", 0.9, True)]
     assert text.count("not met") == 2
+
+
+def test_per_sample_torchode_goal_counts_only_comparable_gradients():
+    from benchmarks.common import Timing
+    from benchmarks.per_sample_torchode import Result, goal_rows
+
+    def res(name, kind, ms, state, grad, factor=1):
+        return Result(name, kind, factor=factor, sensealg="DirectAdjoint" if "odeflux" in name else "",
+                      timing=Timing.from_samples([ms / 1e3]), state_err=state, grad_err=grad)  # fmt: skip
+
+    rows = goal_rows("w", [
+        res("odeflux per sample, DirectAdjoint", "odeflux per sample", 4.0, 1e-6, 1e-6),
+        res("odeflux per sample, DirectAdjoint, rtol 3e-3", "odeflux per sample", 3.0, 1e-5, 1e-5, factor=3),
+        res("torchode per sample, AutoDiffAdjoint", "torchode per sample", 10.0, 2e-5, 2e-5),
+        res("torchode per sample, BacksolveAdjoint", "torchode per sample", 1.0, 2e-5, float("inf")),
+    ])  # fmt: skip
+    # The backsolve's infinite gradient error keeps it out; at matched accuracy the looser row counts.
+    assert [(r[2].split(" (")[0], r[4].split()[0], r[6]) for r in rows] == [
+        ("same tolerances", "0.40", "met"), ("matched accuracy: rtol 3e-3", "0.30", "met")]
+    assert "BacksolveAdjoint" in rows[0][7]
+
+
+def test_per_sample_torchode_smoke_runs():
+    """`python -m benchmarks.per_sample_torchode --quick` (a few seconds: 8 random images, 4 oscillators
+    over [0, 0.2], one round); nothing is written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.per_sample_torchode", "--quick"], cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for title in ("## tutorial:", "## vdp:", "## Goal (issue 16)"):
+        assert title in out.stdout
+    assert "| failed:" not in out.stdout and "written to" not in out.stdout
