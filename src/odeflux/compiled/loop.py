@@ -39,7 +39,7 @@ def run_loop(
     spec: LoopSpec, f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
-    ctrl0: torch.Tensor, traced: bool = True,
+    ctrl0: torch.Tensor, traced: bool = True, record: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
     ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
@@ -52,8 +52,12 @@ def run_loop(
     others go on. ``traced``: carried by ``torch.while_loop`` (what ``torch.compile`` takes);
     otherwise by a Python loop that reads one flag per step (what autograd differentiates).
     Returns the final carry ``(t, h, y, k, ctrl, n_steps, n_accepted, n_rejected, n_f, ys, status,
-    err, grid_n)``, each per problem.
+    err, grid_n)``, each per problem. ``record(t, hs, y, K, accept)`` (host loop only) hears of
+    every step: its start times, signed sizes, start states, stages and which problems accepted it
+    (the per-sample adjoints keep the forward's steps, and sum their quadratures, with it).
     """
+    if record is not None and traced:
+        raise ValueError("run_loop: record= takes the host loop (traced=False)")
     solver, rule, adaptive = spec.solver, spec.controller.rule, spec.adaptive
     order, fsal = solver.error_order, solver.fsal
     dtype, device = y0.dtype, y0.device
@@ -88,6 +92,8 @@ def run_loop(
             accept, h_new, ctrl_new = going, h, ctrl
             # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
+        if record is not None:
+            record(t, hs, y, K, accept)
         if spec.saving:
             # States at the saveat times inside this step: the interpolant, or y1 on its end.
             inside = accept.unsqueeze(1) & (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
