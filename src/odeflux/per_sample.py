@@ -201,7 +201,8 @@ def solve_per_sample(
     status = torch.where((status == 0) & (direction * (t1 - t) > 0), int(Status.MAX_STEPS), status)
     # States at saved times a sample never reached: NaN (as its padding).
     unreached = torch.isnan(taus) | (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
-    ys = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)), math.nan, ys)
+    if run is None:  # (the adjoints' function masks its own output)
+        ys = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)), math.nan, ys)
     if not saving and save_start:
         ys = torch.cat([y0.unsqueeze(1), ys[:, 1:]], 1)  # (y0 itself at t0: its gradient reaches it)
     counts = torch.stack([n_steps, n_acc, n_rej, n_ev + n_f]).tolist()

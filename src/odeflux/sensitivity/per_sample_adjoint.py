@@ -237,7 +237,11 @@ class PerSampleAdjointRun:
             self.steps.finish(self.direction, y.shape)
         t, status = self.out[0], self.out[10]
         self.status = torch.where((status == 0) & (self.direction * (self.t1 - t) > 0), int(Status.MAX_STEPS), status)
-        return self.out[9]
+        # States at saved times a sample never reached: NaN, here rather than after the function,
+        # so that a loss reading one (a failed sample's) sends its gradient here to be refused.
+        d, taus = self.direction.unsqueeze(1), self.taus
+        unreached = torch.isnan(taus) | (d * (taus - t.unsqueeze(1)) > 0)
+        return torch.where(unreached.reshape(unreached.shape + (1,) * (y.dim() - 1)), math.nan, self.out[9])
 
     def recorded(self, y0: torch.Tensor) -> torch.Tensor:
         """The saved states again, recorded in a graph from ``y0`` (``create_graph=True``)."""
@@ -392,7 +396,9 @@ class PerSampleAdjointRun:
                 return
             self.bstats.n_quadrature_points += m * int(accept.sum())
             h = hs.to(dtype).unsqueeze(1)
-            scale = torch.where(accept, hs.abs() / 2, 0.0).to(dtype).unsqueeze(1)
+            # mu(t_lo) = mu(t_hi) + int_{t_lo}^{t_hi} lambda^T df/dp: each step adds -hs times the mean
+            # (hs signed: negative where the sample's forward ran forward in time).
+            scale = torch.where(accept, -hs / 2, 0.0).to(dtype).unsqueeze(1)
             for j in range(m):
                 lam = z + h * torch.einsum("s,sbn->bn", lam_weights[j], K)
                 tau = t + float(thetas[j]) * hs
