@@ -18,8 +18,9 @@ METHODS = [
     odeflux.InterpolatingAdjoint(),
     odeflux.InterpolatingAdjoint(seminorm=True),
     odeflux.GaussAdjoint(),
+    odeflux.QuadratureAdjoint(),
 ]
-IDS = ["backsolve", "backsolve-carried", "interpolating", "interpolating-seminorm", "gauss"]
+IDS = ["backsolve", "backsolve-carried", "interpolating", "interpolating-seminorm", "gauss", "quadrature"]
 
 
 class Field(nn.Module):
@@ -105,7 +106,7 @@ class Shared(nn.Module):
         return torch.tanh(y) @ self.A.T + self.b * torch.cos(torch.as_tensor(t, dtype=D)).unsqueeze(-1)
 
 
-@pytest.mark.parametrize("method", [odeflux.BacksolveAdjoint(), odeflux.InterpolatingAdjoint(), odeflux.GaussAdjoint()], ids=["backsolve", "interpolating", "gauss"])
+@pytest.mark.parametrize("method", METHODS[::2] + [METHODS[-1]], ids=IDS[::2] + [IDS[-1]])
 def test_parameter_gradients_are_the_sum_of_each_samples_own(method):
     f = Shared()
     y0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.5]], dtype=D)
@@ -121,7 +122,7 @@ def test_parameter_gradients_are_the_sum_of_each_samples_own(method):
         torch.testing.assert_close(g, t, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", [odeflux.InterpolatingAdjoint(), odeflux.GaussAdjoint()], ids=["interpolating", "gauss"])
+@pytest.mark.parametrize("method", [odeflux.InterpolatingAdjoint(), odeflux.QuadratureAdjoint()], ids=["interpolating", "quadrature"])
 def test_a_failed_sample_is_refused_unless_left_out_of_the_loss(method):
     class Quadratic(nn.Module):
         def __init__(self):
@@ -163,9 +164,9 @@ def test_refusals_name_the_methods_and_options():
     f = Field()
     y0 = Y0.clone().requires_grad_(True)
     solve = lambda sensealg, g=f: odeflux.solve(g, y0, (0.0, 1.0), batch_axis=0, sensealg=sensealg)  # noqa: E731
-    works = r"sensealg=None, DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint or GaussAdjoint\(\), not QuadratureAdjoint"
+    works = r"sensealg=None, DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint or QuadratureAdjoint\(\), not ForwardSens"
     with pytest.raises(ValueError, match=works):
-        solve(odeflux.QuadratureAdjoint())
+        solve(odeflux.ForwardSensitivity())
     with pytest.raises(ValueError, match=r"take InterpolatingAdjoint without vjp='func' \(they take vjp='autograd'\)"):
         solve(odeflux.InterpolatingAdjoint(vjp="func"))
     with pytest.raises(ValueError, match="take GaussAdjoint without checkpointing=True"):

@@ -17,12 +17,17 @@ What each method integrates, per sample:
   forward keeps for this (each sample's accepted steps and stages: ``steps x B x (stages + 1) x n``).
 - :class:`GaussAdjoint`: ``lambda``; at each accepted adjoint step, Gauss-Legendre quadrature of
   ``lambda^T df/dp`` over that sample's step, ``y`` from the forward's steps as above.
+- :class:`QuadratureAdjoint`: ``lambda``, keeping the adjoint's own steps; then, per interval,
+  adaptive Gauss-Kronrod (7-15) quadrature of ``lambda^T df/dp`` over each sample's adjoint steps,
+  bisected per sample until its own error estimate meets ``quad_rtol``/``quad_atol`` (one piece
+  of each sample per round, all samples in the same 15 evaluations).
 
 Parameter adjoints: ``f`` is batch-separable (sample ``b``'s derivative depends on sample ``b``
 alone), so ``lambda^T df/dy`` for the batch is one VJP. ``mu`` of backsolve and interpolating
 is one block per sample, ``(B, P)``, its derivative ``lambda_b^T df_b/dp`` for every sample at
 once: one autograd pass with ``B`` cotangents (``is_grads_batched``, each ``lambda`` masked to one
-sample), which holds ``B x B x n`` cotangents and ``B x P`` gradients. The Gauss adjoint only needs
+sample), which holds ``B x B x n`` cotangents and ``B x P`` gradients (as do the quadrature
+adjoint's per-sample error estimates, ``15 x B x P`` a round). The Gauss adjoint only needs
 the sum over samples of its quadratures: one ordinary VJP per node, ``P`` numbers kept. The
 parameters' gradients are the sum of the samples' ``mu``, as autograd sums a batched loss.
 """
@@ -41,10 +46,11 @@ from .backsolve import BacksolveAdjoint
 from .base import ContinuousAdjoint, _buffers_kept, _outside_leaves, _restored, adjoint_parts, split_like
 from .gauss import GaussAdjoint
 from .interpolating import InterpolatingAdjoint
+from .quadrature import QuadratureAdjoint, kronrod_rule
 
 #: The sensitivity methods a per-sample solve takes (DirectAdjoint: backpropagation through its loop).
-PER_SAMPLE_METHODS = (BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint)
-WORKING = "DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint or GaussAdjoint"
+PER_SAMPLE_METHODS = (BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint, QuadratureAdjoint)
+WORKING = "DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint or QuadratureAdjoint"
 
 
 def check_method(method: Any) -> None:
@@ -153,6 +159,7 @@ class ForwardSteps:
         self.co = self.solver.coefficients(self.Y.dtype, dev)
         # idx[b, j]: the loop iteration of sample b's j-th accepted step (padded with its last).
         n_acc = A.sum(0)
+        self.n_acc = n_acc.tolist()
         order = torch.argsort((~A).to(torch.int8), dim=0, stable=True).T  # accepted iterations first, in order
         S = max(1, int(n_acc.max()))
         self.idx = order[:, :S]
@@ -329,6 +336,12 @@ class PerSampleAdjointRun:
             elif isinstance(m, InterpolatingAdjoint):
                 z = self._segment((n, P), torch.cat([lam, mu], 1), t_hi_t, t_lo_t, active, self._interpolating_rhs)
                 lam, mu = z[:, :n], z[:, n:]
+            elif isinstance(m, QuadratureAdjoint):
+                lam_steps = ForwardSteps(self.adjoint["solver"]) if P else None
+                lam = self._segment((n,), lam, t_hi_t, t_lo_t, active, self._lambda_rhs, record=lam_steps)
+                if lam_steps is not None:
+                    lam_steps.finish(torch.sign(t_lo_t - t_hi_t), y0.shape)
+                    total = total + self._quadrature(lam_steps, t_lo_t)
             else:
                 acc: list[torch.Tensor] = []
                 record = self._gauss_quadrature(acc) if P else None
@@ -378,6 +391,49 @@ class PerSampleAdjointRun:
     def _lambda_rhs(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         _, gy, _ = self.vjp(t, self.steps.at(t), z.reshape(self.y.shape), params=None)
         return gy.reshape(z.shape).neg()
+
+    def _quadrature(self, lam_steps: ForwardSteps, t_rest: torch.Tensor) -> torch.Tensor:
+        """``sum_b int lambda_b^T df/dp`` over each sample's adjoint steps of one interval, by
+        adaptive Gauss-Kronrod (7-15) bisection with each sample's own error estimate (the joint
+        :class:`QuadratureAdjoint`'s rule); ``t_rest``: where a sample with nothing left stands."""
+        m = self.method
+        rtol = m.quad_rtol if m.quad_rtol is not None else self.adjoint["rtol"]
+        atol = m.quad_atol if m.quad_atol is not None else self.adjoint["atol"]
+        x, wk, wg = kronrod_rule()
+        dtype, dev = self.y.dtype, self.y.device
+        wts = torch.tensor(np.stack([wk, wg]), dtype=dtype, device=dev)  # (2, 15)
+        B = self.y.shape[0]
+        T, H, idx = lam_steps.T, lam_steps.H, lam_steps.idx
+        # Each sample's pieces (start, signed size, depth), from its accepted adjoint steps.
+        work: list[list[tuple[float, float, int]]] = []
+        for b in range(B):
+            steps = idx[b, : lam_steps.n_acc[b]].tolist()
+            work.append([(float(T[i, b]), float(H[i, b]), 0) for i in steps])
+        total = self.y.new_zeros(self.n_params)
+        rest = t_rest.tolist()
+        while any(work):
+            items = [w.pop() if w else (rest[b], 0.0, -1) for b, w in enumerate(work)]
+            a = torch.tensor([it[0] for it in items], dtype=torch.float64, device=dev)
+            h = torch.tensor([it[1] for it in items], dtype=torch.float64, device=dev)
+            half, mid = h / 2, a + h / 2
+            vals = []
+            for xi in x:
+                tau = mid + half * float(xi)
+                lam = lam_steps.at(tau.to(dtype))
+                vals.append(self.vjp(tau.to(dtype), self.steps.at(tau.to(dtype)), lam, want_y=False)[2])
+            self.bstats.n_quadrature_points += 15 * sum(it[2] >= 0 for it in items)
+            # mu(t_lo) = mu(t_hi) + int_{t_lo}^{t_hi}: a piece of signed size h adds -h/2 sum w v.
+            est = torch.einsum("ki,ibp->kbp", wts, torch.stack(vals)) * (-half).to(dtype).reshape(1, B, 1)
+            err = (est[0] - est[1]).abs().amax(1).tolist() if self.n_params else [0.0] * B
+            size = est[0].abs().amax(1).tolist() if self.n_params else [0.0] * B
+            for b, (t_a, h_b, depth) in enumerate(items):
+                if depth < 0:
+                    continue
+                if err[b] <= max(atol, rtol * size[b]) or depth >= m.max_depth:
+                    total = total + est[0, b]
+                else:
+                    work[b] += [(t_a, h_b / 2, depth + 1), (t_a + h_b / 2, h_b / 2, depth + 1)]
+        return total
 
     def _gauss_quadrature(self, acc: list[torch.Tensor]) -> Callable:
         """The loop's ``record``: at each adjoint step, ``int lambda^T df/dp`` over each sample's
