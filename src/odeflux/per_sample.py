@@ -7,8 +7,11 @@ solve is its ``B = 1``): on the host it reads one flag per step for the whole ba
 any sample is still going), and with ``compile=True`` outside autograd it runs as one compiled
 program. Samples that are done or failed stand still while the others go on.
 
-Gradients: backpropagation through the per-sample loop (``DirectAdjoint``); each parameter's
-gradient is summed over the samples, as autograd does for a batched loss.
+Gradients: backpropagation through the per-sample loop (``DirectAdjoint``, the default), or a
+continuous adjoint (``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint``,
+``QuadratureAdjoint``) that integrates each sample's adjoint ODE back from its own last saved time
+to its own ``t0`` with its own steps (:mod:`odeflux.sensitivity.per_sample_adjoint`). Either way
+each parameter's gradient is summed over the samples, as autograd does for a batched loss.
 """
 
 from __future__ import annotations
