@@ -14,7 +14,7 @@ What each method integrates, per sample:
 - :class:`BacksolveAdjoint`: ``(y, lambda, mu)``; ``y`` reset to the forward's saved state at each
   saved time (``checkpointing=True``) or carried on.
 - :class:`InterpolatingAdjoint`: ``(lambda, mu)``, ``y(t)`` from the forward's own steps, which the
-  forward keeps for this (each sample's accepted steps and stages: ``steps x B x (stages + 1) x n``).
+  forward keeps for this (every iteration of its loop, states and stages: ``iterations x B x (stages + 1) x n``).
 - :class:`GaussAdjoint`: ``lambda``; at each accepted adjoint step, Gauss-Legendre quadrature of
   ``lambda^T df/dp`` over that sample's step, ``y`` from the forward's steps as above.
 - :class:`QuadratureAdjoint`: ``lambda``, keeping the adjoint's own steps; then, per interval,
@@ -343,11 +343,8 @@ class PerSampleAdjointRun:
                     lam_steps.finish(torch.sign(t_lo_t - t_hi_t), y0.shape)
                     total = total + self._quadrature(lam_steps, t_lo_t)
             else:
-                acc: list[torch.Tensor] = []
-                record = self._gauss_quadrature(acc) if P else None
+                record = self._gauss_quadrature(total) if P else None  # (adds into total)
                 lam = self._segment((n,), lam, t_hi_t, t_lo_t, active, self._lambda_rhs, record=record)
-                if acc:
-                    total = total + torch.stack(acc).sum(0)
         for b, cols in enumerate(starts):
             if cols:
                 lam[b] += g[b, cols].sum(0)
@@ -435,10 +432,10 @@ class PerSampleAdjointRun:
                     work[b] += [(t_a, h_b / 2, depth + 1), (t_a + h_b / 2, h_b / 2, depth + 1)]
         return total
 
-    def _gauss_quadrature(self, acc: list[torch.Tensor]) -> Callable:
+    def _gauss_quadrature(self, total: torch.Tensor) -> Callable:
         """The loop's ``record``: at each adjoint step, ``int lambda^T df/dp`` over each sample's
         step by Gauss-Legendre quadrature at ``ceil((order + 1) / 2)`` nodes (accepted steps only),
-        summed over the samples."""
+        summed over the samples into ``total`` (in place)."""
         solver = self.adjoint["solver"]
         m = math.ceil((solver.order + 1) / 2)
         x, w = np.polynomial.legendre.leggauss(m)
@@ -460,6 +457,6 @@ class PerSampleAdjointRun:
                 tau = t + float(thetas[j]) * hs
                 _, _, gp = self.vjp(tau.to(dtype), self.steps.at(tau), (lam * scale * float(w[j])).reshape(self.y.shape),
                                     want_y=False, params="sum")  # fmt: skip
-                acc.append(gp)
+                total.add_(gp)
 
         return record
