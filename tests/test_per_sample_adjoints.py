@@ -106,7 +106,12 @@ class Shared(nn.Module):
         return torch.tanh(y) @ self.A.T + self.b * torch.cos(torch.as_tensor(t, dtype=D)).unsqueeze(-1)
 
 
-@pytest.mark.parametrize("method", METHODS[::2] + [METHODS[-1]], ids=IDS[::2] + [IDS[-1]])
+FUNC = [odeflux.InterpolatingAdjoint(vjp="func"), odeflux.BacksolveAdjoint(vjp="func"), odeflux.QuadratureAdjoint(vjp="func")]
+
+
+@pytest.mark.parametrize(
+    "method", METHODS[::2] + [METHODS[-1]] + FUNC, ids=IDS[::2] + [IDS[-1], "interpolating-func", "backsolve-func", "quadrature-func"]
+)
 def test_parameter_gradients_are_the_sum_of_each_samples_own(method):
     f = Shared()
     y0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.5]], dtype=D)
@@ -151,13 +156,14 @@ def test_neural_ode_per_sample_takes_the_continuous_adjoints():
     field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     x = torch.randn(4, 2, dtype=D)
     grads = []
-    for sensealg in ("default", odeflux.DirectAdjoint()):
+    for sensealg in ("default", odeflux.GaussAdjoint(vjp="func"), odeflux.InterpolatingAdjoint(vjp="func"), odeflux.DirectAdjoint()):
         model = odeflux.NeuralODE(field, sensealg=sensealg, batch_axis=0, rtol=1e-9, atol=1e-9)
         loss = (model(x) ** 2).sum()
         grads.append(torch.autograd.grad(loss, list(field.parameters())))
     assert isinstance(odeflux.NeuralODE(field, batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
-    for g, d in zip(*grads):
-        torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-7)
+    for other in grads[:-1]:
+        for g, d in zip(other, grads[-1]):
+            torch.testing.assert_close(g, d, rtol=1e-5, atol=1e-7)
 
 
 def test_refusals_name_the_methods_and_options():
@@ -167,8 +173,14 @@ def test_refusals_name_the_methods_and_options():
     works = r"sensealg=None, DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint or QuadratureAdjoint\(\), not ForwardSens"
     with pytest.raises(ValueError, match=works):
         solve(odeflux.ForwardSensitivity())
-    with pytest.raises(ValueError, match=r"take InterpolatingAdjoint without vjp='func' \(they take vjp='autograd'\)"):
-        solve(odeflux.InterpolatingAdjoint(vjp="func"))
+    with pytest.raises(ValueError, match=r"take InterpolatingAdjoint without vjp='compile' \(they take vjp='autograd' or 'func'\)"):
+        solve(odeflux.InterpolatingAdjoint(vjp="compile"))
+    # vjp='func' takes f one sample at a time: a parameter per sample (Field's mu) is refused when it shows.
+    with pytest.raises(ValueError, match=r"vjp='func' evaluates f on one sample at a time \(a batch of one\), and f failed there"):
+        loss, _ = _loss(f, y0, odeflux.BacksolveAdjoint(vjp="func"))
+        loss.backward()
+    with pytest.raises(ValueError, match="take vjp='func' for f an nn.Module"):
+        solve(odeflux.InterpolatingAdjoint(vjp="func"), lambda t, y: -y)
     with pytest.raises(ValueError, match="take GaussAdjoint without checkpointing=True"):
         solve(odeflux.GaussAdjoint(checkpointing=True))
     with pytest.raises(ValueError, match="without first_step='interval'"):

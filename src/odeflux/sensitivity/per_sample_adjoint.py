@@ -61,7 +61,7 @@ def check_method(method: Any) -> None:
         )
     name = type(method).__name__
     refused = {
-        f"vjp={method.vjp!r} (they take vjp='autograd')": method.vjp != "autograd",
+        f"vjp={method.vjp!r} (they take vjp='autograd' or 'func')": method.vjp not in ("autograd", "func"),
         "a callable norm": callable(method.norm),
         "callbacks": method.callbacks is not None,
         f"first_step={method.first_step!r}": method.first_step != "hairer",
@@ -77,11 +77,58 @@ def check_method(method: Any) -> None:
 
 
 class BatchVJP:
-    """Vector-Jacobian products of a batch-separable ``f(t, y)`` (``(B,)`` times, ``(B, ...)`` states)."""
+    """Vector-Jacobian products of a batch-separable ``f(t, y)`` (``(B,)`` times, ``(B, ...)`` states).
 
-    def __init__(self, f: Callable, params: list[torch.Tensor], stats: BackwardStats):
-        self.f, self.params, self.stats = f, params, stats
+    One row per sample of ``v^T df/dp`` (``params="each"``): with ``vjp="autograd"`` one backward
+    pass of the batch's graph with ``B`` cotangents (``is_grads_batched``: any ``f``, ``B x B x n``
+    cotangents, cost growing as ``B^2``); with ``vjp="func"``, ``torch.func.vmap`` over the samples
+    of ``torch.func.vjp`` of ``f`` (an ``nn.Module``) on one sample at a time, a batch of one
+    (cost growing as ``B``: for a field whose samples do not depend on the batch they are in, such
+    as an MLP; one with a parameter per sample is refused, as its output then has the wrong shape).
+    """
+
+    def __init__(self, f: Callable, params: list[torch.Tensor], stats: BackwardStats, vjp: str = "autograd"):
+        self.f, self.params, self.stats, self.mode = f, params, stats, vjp
         self.n_params = sum(p.numel() for p in params)
+        if vjp == "func":
+            if not isinstance(f, torch.nn.Module):
+                raise ValueError(
+                    "per-sample solves take vjp='func' for f an nn.Module (its parameters substituted by name), without "
+                    "args=; use vjp='autograd'"
+                )
+            where = {id(p): i for i, p in enumerate(params)}
+            self.names = [(name, where[id(p)]) for name, p in f.named_parameters(remove_duplicate=False) if id(p) in where]
+            if len({i for _, i in self.names}) != len(params):
+                raise ValueError("per-sample solves take vjp='func' when every tensor differentiated is a parameter of f; "
+                                 "use vjp='autograd'")  # fmt: skip
+
+    def _each_func(self, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(B, P)``: each sample's ``v_b^T df/dp``, one sample at a time under ``torch.func.vmap``."""
+        from torch.func import functional_call, vjp, vmap
+
+        B, module = y.shape[0], self.f
+        primals = {name: self.params[i].detach() for name, i in self.names}
+        shape = (1,) + tuple(y.shape[1:])
+
+        def one(pd: dict, tb: torch.Tensor, yb: torch.Tensor, vb: torch.Tensor) -> dict:
+            def g(pd: dict) -> torch.Tensor:
+                why = "vjp='func' evaluates f on one sample at a time (a batch of one), and f"
+                hint = "its samples depend on the batch (a parameter per sample?): use vjp='autograd'"
+                try:
+                    out = functional_call(module, pd, (tb.unsqueeze(0), yb.unsqueeze(0)))
+                except RuntimeError as exc:
+                    raise ValueError(f"{why} failed there ({exc}); {hint}") from exc
+                if tuple(out.shape) != shape:
+                    raise ValueError(f"{why} returned shape {tuple(out.shape)} for {shape}; {hint}")
+                return out
+
+            return vjp(g, pd)[1](vb.unsqueeze(0))[0]
+
+        grads = vmap(one, in_dims=(None, 0, 0, 0))(primals, t, y.detach(), v)
+        rows = [y.new_zeros((B, p.numel())) for p in self.params]
+        for name, i in self.names:
+            rows[i] = rows[i] + grads[name].reshape(B, -1)
+        return torch.cat(rows, 1)
 
     def __call__(
         self, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, want_y: bool = True, params: str | None = "each",
@@ -102,8 +149,9 @@ class BatchVJP:
                 gp = y.new_zeros((B, self.n_params) if params == "each" else (self.n_params,))
             return (out.detach() if want_f else None), gy, gp
         first = ([y_] if want_y else []) + (ps if params == "sum" else [])
+        batched = params == "each" and bool(ps) and self.mode == "autograd"
         if first:
-            grads = torch.autograd.grad(out, first, v, allow_unused=True, retain_graph=params == "each" and bool(ps))
+            grads = torch.autograd.grad(out, first, v, allow_unused=True, retain_graph=batched)
             grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, first)]
             if want_y:
                 gy, grads = grads[0], grads[1:]
@@ -112,6 +160,8 @@ class BatchVJP:
         if params == "each":
             if not ps:
                 gp = y.new_zeros(B, 0)
+            elif not batched:
+                gp = self._each_func(t, y, v)
             else:
                 # One cotangent per sample: v masked to that sample (a batch of B backward passes).
                 eye = torch.eye(B, dtype=v.dtype, device=v.device).reshape((B, B) + (1,) * (v.dim() - 1))
@@ -213,7 +263,7 @@ class PerSampleAdjointRun:
             dt0=None if adaptive else batch.dt0, dtmin=batch.dtmin, dtmax=None,
             max_steps=method.max_steps or batch.max_steps,
         )  # fmt: skip
-        self.vjp = BatchVJP(batch.f, params, self.bstats)
+        self.vjp = BatchVJP(batch.f, params, self.bstats, method.vjp)
         self.steps: ForwardSteps | None = None
         self._check_hidden_params()
 
