@@ -105,7 +105,7 @@ def solve(
     ``sol.statuses`` and ``sol.sample_stats`` are per sample, ``sol.status`` the worst.
     Their gradients: ``sensealg=None``/``DirectAdjoint()`` backpropagates through the per-sample
     loop; ``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint`` and ``QuadratureAdjoint``
-    solve each sample's adjoint backwards on its own steps (``vjp="autograd"``).
+    solve each sample's adjoint backwards on its own steps (``vjp="autograd"`` or ``"func"``).
     """
     if batch_axis is not None:
         given = {

@@ -25,9 +25,14 @@ What each method integrates, per sample:
 Parameter adjoints: ``f`` is batch-separable (sample ``b``'s derivative depends on sample ``b``
 alone), so ``lambda^T df/dy`` for the batch is one VJP. ``mu`` of backsolve and interpolating
 is one block per sample, ``(B, P)``, its derivative ``lambda_b^T df_b/dp`` for every sample at
-once: one autograd pass with ``B`` cotangents (``is_grads_batched``, each ``lambda`` masked to one
-sample), which holds ``B x B x n`` cotangents and ``B x P`` gradients (as do the quadrature
-adjoint's per-sample error estimates, ``15 x B x P`` a round). The Gauss adjoint only needs
+once (as are the quadrature adjoint's per-sample error estimates, ``15 x B x P`` a round): with
+``vjp="autograd"`` one autograd pass with ``B`` cotangents (``is_grads_batched``, each ``lambda``
+masked to one sample: any ``f``, ``B x B x n`` cotangents, cost growing as ``B^2``); with
+``vjp="func"`` ``torch.func.vmap`` over the samples of ``torch.func.vjp`` of the module on one
+sample (cost growing as ``B``; for fields whose samples do not depend on the batch they are in).
+Measured (B = 128, a 16-64-16 tanh MLP, rtol = atol = 1e-6, one thread, float64): DirectAdjoint
+25 ms, Gauss 53 ms, backsolve/interpolating/quadrature 810/869/1147 ms with autograd and
+229/260/295 ms with func, all within 4e-9 of DirectAdjoint's gradients. The Gauss adjoint only needs
 the sum over samples of its quadratures: one ordinary VJP per node, ``P`` numbers kept. The
 parameters' gradients are the sum of the samples' ``mu``, as autograd sums a batched loss.
 """
