@@ -204,3 +204,19 @@ def test_args_tensors_and_second_derivatives():
         grads.append((g_a, g_y0, *torch.autograd.grad(g_a.sum(), [a])))  # (create_graph: the recorded loop's)
     for g, d in zip(*grads):
         torch.testing.assert_close(g, d, rtol=1e-6, atol=1e-9)
+
+
+def test_fixed_steps_take_the_forwards_step_size_back():
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(3, 2, dtype=D)
+    grads, steps = [], []
+    for sensealg in (odeflux.DirectAdjoint(), odeflux.InterpolatingAdjoint(), odeflux.BacksolveAdjoint()):
+        sol = odeflux.solve(field, x, (0.0, torch.tensor([1.0, 0.5, 0.8])), solver=odeflux.RK4(), dt0=0.01, batch_axis=0,
+                            sensealg=sensealg)  # fmt: skip
+        grads.append(torch.autograd.grad((sol.ys[:, -1] ** 2).sum(), list(field.parameters())))
+        steps.append(sol.backward_stats.n_steps if sol.backward_stats is not None else sol.stats.n_steps)
+    assert steps[0] >= 230 and steps[1:] == [steps[0]] * 2  # (100 + 50 + 80 steps of 0.01, and back)
+    for other in grads[1:]:
+        for g, d in zip(other, grads[0]):
+            torch.testing.assert_close(g, d, rtol=1e-9, atol=1e-12)
