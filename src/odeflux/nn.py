@@ -21,7 +21,8 @@ class NeuralODE(nn.Module):
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
     is integrated as one ODE state, as in the Lux tutorial. ``sensealg`` picks the gradient method
     (default ``InterpolatingAdjoint()``; ``"auto"`` picks by size, see :func:`odeflux.solve`); other keywords go to :func:`odeflux.solve` (``rtol``,
-    ``atol``, ``saveat``, ...). With ``return_solution=True`` the forward returns the whole
+    ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
+    ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``). With ``return_solution=True`` the forward returns the whole
     :class:`~odeflux.Solution` instead of the final state.
     """
 

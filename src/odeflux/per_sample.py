@@ -7,12 +7,16 @@ solve is its ``B = 1``): on the host it reads one flag per step for the whole ba
 any sample is still going), and with ``compile=True`` outside autograd it runs as one compiled
 program. Samples that are done or failed stand still while the others go on.
 
-Gradients: backpropagation through the per-sample loop (``DirectAdjoint``); each parameter's
-gradient is summed over the samples, as autograd does for a batched loss.
+Gradients: backpropagation through the per-sample loop (``DirectAdjoint``, the default), or a
+continuous adjoint (``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint``,
+``QuadratureAdjoint``) that integrates each sample's adjoint ODE back from its own last saved time
+to its own ``t0`` with its own steps (:mod:`odeflux.sensitivity.per_sample_adjoint`). Either way
+each parameter's gradient is summed over the samples, as autograd does for a batched loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -21,9 +25,11 @@ from torch import nn
 
 from .compiled.loop import LoopSpec, run_loop
 from .compiled.program import PerSampleProgram
-from .control import DEFAULT_PI, TENSOR, ConstantStepSize, IController, PIController, StepSizeController, initial_step
-from .problem import bind_args
+from .control import DEFAULT_PI, TENSOR, Parts, ConstantStepSize, IController, PIController, StepSizeController, initial_step
+from .problem import BoundArgs, bind_args, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
+from .sensitivity.base import _AdjointFunction
+from .sensitivity.per_sample_adjoint import PerSampleAdjointRun, check_method
 from .solution import Solution, SolveError, Stats, Status
 from .solvers import Solver, Tsit5
 from .vector_field import VectorField, takes_time
@@ -32,21 +38,84 @@ __all__ = ["solve_per_sample"]
 
 
 class _Norms:
-    """Hairer's norms of each problem (:class:`odeflux.control.HairerNorms` with ``(B,)`` values)."""
+    """Hairer's norms of each problem (:class:`odeflux.control.HairerNorms` with ``(B,)`` values);
+    with ``parts``, the largest of the blocks' RMS norms, as the error norm takes them."""
 
-    def __init__(self, f: Callable, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float):
-        self.f, self.y0, self.f0 = f, y0, f0
+    def __init__(self, f: Callable, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None):
+        self.f, self.y0, self.f0, self.parts = f, y0, f0, parts
         self.scale = y0.abs() * rtol + atol
         self.d0, self.d1 = self._rms(y0), self._rms(f0)
 
     def _rms(self, x: torch.Tensor) -> torch.Tensor:
         z = (x / self.scale).reshape(x.shape[0], -1)
-        return (torch.linalg.vector_norm(z, dim=1) / math.sqrt(z.shape[1])).to(torch.float64)
+        blocks = [(0, z.shape[1])] if self.parts is None else self.parts
+        norms = [torch.linalg.vector_norm(z[:, a:b], dim=1) / math.sqrt(b - a) for a, b in blocks]
+        return torch.stack(norms).amax(0).to(torch.float64)
 
     def change(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         hy = h.to(self.y0.dtype).reshape(h.shape + (1,) * (self.y0.dim() - 1))
         f1 = self.f(t.to(self.y0.dtype), self.y0 + hy * self.f0)
         return self._rms(f1 - self.f0)
+
+
+class Batch:
+    """How the ``B`` problems of a per-sample solve are stepped (solver, controller, tolerances and
+    step limits): :meth:`run` integrates ``f`` from ``(t0, y0)`` to ``t1`` with the compiled loop's
+    ``B`` problems at once. The forward solve is one run; the per-sample adjoints
+    (:mod:`odeflux.sensitivity.per_sample_adjoint`) run their backward systems through it too."""
+
+    def __init__(
+        self, f: Callable, solver: Solver, controller: StepSizeController, adaptive: bool, *, saving: bool,
+        rtol: float, atol: float, dt0: float | None, dtmin: float | None, dtmax: float | None, max_steps: int,
+        parts: Parts | None = None,
+    ):  # fmt: skip
+        self.f, self.solver, self.controller, self.adaptive, self.saving = f, solver, controller, adaptive, saving
+        self.rtol, self.atol, self.dt0, self.dtmin, self.dtmax, self.max_steps = rtol, atol, dt0, dtmin, dtmax, max_steps
+        self.parts = parts
+
+    def run(
+        self, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor | None = None,
+        *, compile: bool = False, on_step: Callable | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
+        """The loop's final carry (see :func:`~odeflux.compiled.loop.run_loop`) and the
+        evaluations its start took (``k0`` given), per problem. A problem with ``t0 == t1``
+        stands still."""
+        f, dtype, dev = self.f, y0.dtype, y0.device
+        B = y0.shape[0]
+        direction = torch.sign(t1 - t0)
+        span = (t1 - t0).abs()
+        tscale = torch.maximum(torch.maximum(t0.abs(), t1.abs()), torch.ones_like(t0))
+        eps64 = 2.0**-52
+        dtmin_t = (
+            torch.full_like(t0, float(self.dtmin)) if self.dtmin is not None
+            else torch.maximum(16 * eps64 * tscale, 16 * torch.finfo(dtype).eps * span) if self.adaptive
+            else torch.zeros_like(t0)
+        )  # fmt: skip
+        dtmax_t = span if self.dtmax is None else torch.minimum(span, torch.full_like(span, float(self.dtmax)))
+        n_f = torch.ones(B, dtype=torch.int64, device=dev)
+        if self.dt0 is not None:
+            h0 = torch.full_like(t0, abs(float(self.dt0)))
+        else:
+            with torch.no_grad():
+                norms = _Norms(f, y0.detach(), k0.detach(), self.rtol, self.atol, self.parts)
+                h0, extra = initial_step(norms, t0, direction, self.solver.error_order, dtmax_t, TENSOR)
+            h0 = torch.maximum(h0, dtmin_t)
+            n_f = n_f + extra
+        h0 = torch.minimum(h0, dtmax_t)
+        if taus is None:
+            taus = t1.unsqueeze(1)
+        ys0 = y0.unsqueeze(1).expand((B, taus.shape[1]) + tuple(y0.shape[1:])).clone()
+        ctrl0 = self.controller.init_state()
+        f64 = dict(dtype=torch.float64, device=dev)
+        inputs = (
+            f, y0, k0, t0, t1, h0, taus, ys0, torch.tensor(float(self.rtol), **f64),
+            torch.tensor(float(self.atol), **f64), dtmin_t, dtmax_t, 64 * eps64 * tscale,
+            torch.tensor(self.max_steps, dtype=torch.int64, device=dev), torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
+        )  # fmt: skip
+        spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts)
+        if compile and on_step is None:
+            return PerSampleProgram(f, spec).run(inputs), n_f
+        return run_loop(spec, *inputs, traced=False, on_step=on_step), n_f
 
 
 def _per_sample_times(name: str, v: Any, B: int, device: torch.device) -> torch.Tensor:
@@ -71,10 +140,9 @@ def solve_per_sample(
         raise ValueError(f"batch_axis={batch_axis}: per-sample solves take the batch on axis 0: pass y0.movedim({batch_axis}, 0)")
     if y0.dim() < 1 or y0.shape[0] == 0:
         raise ValueError(f"batch_axis=0 needs a batch of at least one sample, got y0 of shape {tuple(y0.shape)}")
-    if sensealg is not None and not isinstance(sensealg, DirectAdjoint):
-        raise ValueError(
-            f"per-sample solves (batch_axis=) differentiate through their loop: pass sensealg=None or DirectAdjoint(), not {sensealg!r}"
-        )
+    adjoint = sensealg is not None and not isinstance(sensealg, DirectAdjoint)
+    if adjoint:
+        check_method(sensealg)  # (refuses what a per-sample solve cannot differentiate with, in one line)
     solver = Tsit5() if solver is None else solver
     if not getattr(solver, "tableau_steps", False):
         raise ValueError(f"per-sample solves take explicit Runge-Kutta methods; {type(solver).__name__} is not one")
@@ -95,8 +163,6 @@ def solve_per_sample(
     if not bool(torch.isfinite(t0).all() & torch.isfinite(t1).all() & (t0 != t1).all()):
         raise ValueError("t_span's ends must be finite and different for every sample")
     direction = torch.sign(t1 - t0)
-    span = (t1 - t0).abs()
-    tscale = torch.maximum(torch.maximum(t0.abs(), t1.abs()), torch.ones_like(t0))
     saving = saveat is not None
     if saving:
         taus = torch.as_tensor(saveat.detach() if isinstance(saveat, torch.Tensor) else saveat, dtype=torch.float64).to(dev)
@@ -109,46 +175,37 @@ def solve_per_sample(
             raise ValueError("a saveat time is outside its sample's t_span")
     else:
         taus = torch.stack([t0, t1], 1) if save_start else t1.unsqueeze(1)
-    k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
+    with torch.no_grad() if adjoint else contextlib.nullcontext():
+        k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
     if not isinstance(k0, torch.Tensor) or k0.shape != y0.shape:
         raise ValueError(
             f"f(t, y) must return the batch's shape {tuple(y0.shape)} (t has shape ({B},), one time per sample), "
             f"got {getattr(k0, 'shape', type(k0).__name__)}"
         )
-    eps64 = 2.0**-52
-    dtmin_t = (
-        torch.full_like(t0, float(dtmin)) if dtmin is not None
-        else torch.maximum(16 * eps64 * tscale, 16 * torch.finfo(dtype).eps * span) if adaptive else torch.zeros_like(t0)
+    batch = Batch(
+        f, solver, controller, adaptive, saving=True, rtol=rtol, atol=atol, dt0=dt0, dtmin=dtmin, dtmax=dtmax,
+        max_steps=max_steps,
     )  # fmt: skip
-    dtmax_t = span if dtmax is None else torch.minimum(span, torch.full_like(span, float(dtmax)))
-    n_f = torch.ones(B, dtype=torch.int64, device=dev)
-    if dt0 is not None:
-        h0 = torch.full_like(t0, abs(float(dt0)))
+    run = None
+    if adjoint and torch.is_grad_enabled():
+        f_params, module_state = module_tensors(f if not isinstance(f, BoundArgs) else f.f)
+        params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
+        if y0.requires_grad or params:
+            run = PerSampleAdjointRun(sensealg, batch, y0, t0, t1, taus, params, module_state)
+    if run is not None:
+        ys = _AdjointFunction.apply(run, y0, *params)
+        out, n_f = run.out, run.n_f
+        grad = True
     else:
-        with torch.no_grad():
-            h0, extra = initial_step(_Norms(f, y0.detach(), k0.detach(), rtol, atol), t0, direction, solver.error_order, dtmax_t, TENSOR)
-        h0 = torch.maximum(h0, dtmin_t)
-        n_f = n_f + extra
-    h0 = torch.minimum(h0, dtmax_t)
-    ys0 = y0.unsqueeze(1).expand((B, taus.shape[1]) + tuple(y0.shape[1:])).clone()
-    ctrl0 = controller.init_state()
-    f64 = dict(dtype=torch.float64, device=dev)
-    inputs = (
-        f, y0, k0, t0, t1, h0, taus, ys0, torch.tensor(float(rtol), **f64), torch.tensor(float(atol), **f64), dtmin_t,
-        dtmax_t, 64 * eps64 * tscale, torch.tensor(max_steps, dtype=torch.int64, device=dev),
-        torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
-    )  # fmt: skip
-    spec = LoopSpec(solver, controller, adaptive, True)
-    grad = torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)
-    if compile and not grad:
-        out = PerSampleProgram(f, spec).run(inputs)
-    else:
-        out = run_loop(spec, *inputs, traced=False)
-    t, _h, y, _k, _ctrl, n_steps, n_acc, n_rej, n_ev, ys, status, _err, _grid = out
+        grad = torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)
+        out, n_f = batch.run(y0, k0, t0, t1, taus, compile=compile and not grad)
+        ys = out[9]
+    t, _h, y, _k, _ctrl, n_steps, n_acc, n_rej, n_ev, _ys, status, _err, _grid = out
     status = torch.where((status == 0) & (direction * (t1 - t) > 0), int(Status.MAX_STEPS), status)
     # States at saved times a sample never reached: NaN (as its padding).
     unreached = torch.isnan(taus) | (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
-    ys = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)), math.nan, ys)
+    if run is None:  # (the adjoints' function masks its own output)
+        ys = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)), math.nan, ys)
     if not saving and save_start:
         ys = torch.cat([y0.unsqueeze(1), ys[:, 1:]], 1)  # (y0 itself at t0: its gradient reaches it)
     counts = torch.stack([n_steps, n_acc, n_rej, n_ev + n_f]).tolist()
@@ -166,6 +223,8 @@ def solve_per_sample(
     )  # fmt: skip
     if grad:
         sol.sensealg = sensealg if sensealg is not None else DirectAdjoint()
+    if run is not None:
+        sol.backward_stats = run.bstats
     if throw and failed:
         raise SolveError(f"solve failed ({worst.name}): {message}", worst, sol)
     return sol

@@ -103,6 +103,9 @@ def solve(
     sample, and ``saveat`` ``(batch, n)`` times (NaN pads shorter rows). ``sol.ts`` is
     ``(batch, n)``, ``sol.ys`` ``(batch, n, ...)`` (NaN where a sample never got);
     ``sol.statuses`` and ``sol.sample_stats`` are per sample, ``sol.status`` the worst.
+    Their gradients: ``sensealg=None``/``DirectAdjoint()`` backpropagates through the per-sample
+    loop; ``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint`` and ``QuadratureAdjoint``
+    solve each sample's adjoint backwards on its own steps (``vjp="autograd"`` or ``"func"``).
     """
     if batch_axis is not None:
         given = {

@@ -43,6 +43,7 @@ def run_loop(
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
     ctrl0: torch.Tensor, params: dict[str, torch.Tensor] | None = None, traced: bool = True,
+    on_step: Callable[..., None] | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
     ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
@@ -61,7 +62,12 @@ def run_loop(
     ``params``: the values of the module ``f``'s parameters, substituted by name (inputs of the
     program rather than attributes it reads: torch.while_loop refuses a body whose inputs alias,
     as the views a field takes of one parameter, ``a, b = self.rates``, would).
+    ``on_step(t, hs, y, K, accept)`` (host loop only) hears of every step: its start times, signed
+    sizes, start states, stages and which problems accepted it (the per-sample adjoints keep the
+    forward's steps, and sum their quadratures, with it).
     """
+    if on_step is not None and traced:
+        raise ValueError("run_loop: on_step= takes the host loop (traced=False)")
     if params is not None:
         module = f
         # (Copies made inside the loop's body: views of a tensor from outside it would be lifted
@@ -104,6 +110,8 @@ def run_loop(
             accept, h_new, ctrl_new = going, h, ctrl
             # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
+        if on_step is not None:
+            on_step(t, hs, y, K, accept)
         if spec.saving and not C:
             # States at the saveat times inside this step: the interpolant, or y1 on its end.
             inside = accept.unsqueeze(1) & (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)

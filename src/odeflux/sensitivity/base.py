@@ -224,6 +224,23 @@ def _outside_leaves(out: torch.Tensor, params: list[torch.Tensor]) -> list[tuple
     return found
 
 
+def adjoint_parts(method: ContinuousAdjoint, blocks: tuple[int, ...]) -> Parts | None:
+    """The error norm's blocks of an adjoint state made of ``blocks`` (their sizes, in order:
+    ``y`` for backsolve, ``lambda``, ``mu`` last), as ``method``'s ``norm`` and ``seminorm`` say."""
+    m = method
+    if callable(m.norm):
+        return None
+    kept = blocks[:-1] if m.seminorm and len(blocks) > 1 else blocks  # seminorm: mu left out
+    if m.norm == "rms":
+        return None if kept == blocks else ((0, sum(kept)),)
+    bounds, at = [], 0
+    for size in kept:
+        if size:
+            bounds.append((at, at + size))
+        at += size
+    return None if len(bounds) == 1 and kept == blocks else tuple(bounds)
+
+
 class AdjointRun:
     """The state one solve shares between its forward and backward passes."""
 
@@ -319,18 +336,7 @@ class AdjointRun:
 
     def error_parts(self, blocks: tuple[int, ...]) -> Parts | None:
         """The adjoint solve's error norm over ``blocks`` (see :meth:`adjoint_integrate`)."""
-        m = self.method
-        if callable(m.norm):
-            return None
-        kept = blocks[:-1] if m.seminorm and len(blocks) > 1 else blocks  # seminorm: mu left out
-        if m.norm == "rms":
-            return None if kept == blocks else ((0, sum(kept)),)
-        bounds, at = [], 0
-        for size in kept:
-            if size:
-                bounds.append((at, at + size))
-            at += size
-        return None if len(bounds) == 1 and kept == blocks else tuple(bounds)
+        return adjoint_parts(self.method, blocks)
 
     def pieces(self, t_lo: float, t_hi: float, y_lo: torch.Tensor) -> Iterator[tuple[float, float, torch.Tensor, DenseOutput | None]]:
         """The interval ``[t_lo, t_hi]`` as ``(a, b, y(a), dense output on [a, b])`` pieces, last first.
