@@ -162,3 +162,19 @@ def test_the_reverse_loop_matches_autograd_through_the_steps_without_compiling()
 def _interp(solver, co, y, h, K, theta):
     w = solver.dense_weights(torch.tensor([theta], dtype=torch.float64), co)
     return solver.interpolate(y, h, K, w).squeeze(0)
+
+
+def test_neural_ode_with_compile_defaults_to_auto_which_takes_the_compiled_reverse_pass():
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    grads = []
+    for compile in (False, True):
+        kw = {"compile": True} if compile else {"sensealg": odeflux.DirectAdjoint()}
+        node = odeflux.NeuralODE(field, tspan=(0.0, 1.0), rtol=1e-8, atol=1e-10, return_solution=True, **kw)
+        sol = node(x)
+        assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
+        grads.append(torch.autograd.grad(sol.y_final.square().sum(), list(field.parameters())))
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert isinstance(odeflux.NeuralODE(field).sensealg, odeflux.InterpolatingAdjoint)  # without compile=True

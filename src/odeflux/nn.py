@@ -20,7 +20,8 @@ class NeuralODE(nn.Module):
 
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
     is integrated as one ODE state, as in the Lux tutorial. ``sensealg`` picks the gradient method
-    (default ``InterpolatingAdjoint()``; ``"auto"`` picks by size, see :func:`odeflux.solve`); other keywords go to :func:`odeflux.solve` (``rtol``,
+    (default ``InterpolatingAdjoint()``, or ``"auto"`` with ``compile=True``; ``"auto"`` picks by
+    size, see :func:`odeflux.solve`); other keywords go to :func:`odeflux.solve` (``rtol``,
     ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
     ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``). With ``return_solution=True`` the forward returns the whole
     :class:`~odeflux.Solution` instead of the final state.
@@ -48,7 +49,11 @@ class NeuralODE(nn.Module):
         if sensealg == "default":
             from .sensitivity import InterpolatingAdjoint
 
-            sensealg = InterpolatingAdjoint()
+            # With compile=True, "auto" (a small state then takes DirectAdjoint, its solve and
+            # reverse pass two compiled programs: benchmarks/results/small_systems.md); a
+            # per-sample solve has no "auto".
+            compiled = solve_kwargs.get("compile") and solve_kwargs.get("batch_axis") is None
+            sensealg = "auto" if compiled else InterpolatingAdjoint()
         self.field = VectorField(vector_field, time_dependent)
         self.solver = solver if solver is not None else Tsit5()
         self.tspan = (float(tspan[0]), float(tspan[1]))

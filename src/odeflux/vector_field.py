@@ -39,6 +39,14 @@ class VectorField(nn.Module):
         self.module = module
         self.time_dependent = takes_time(module) if time_dependent is None else bool(time_dependent)
 
+    def code_key(self) -> Any:
+        """What a compiled program of this field depends on besides tensors: the wrapped module's
+        code (:func:`odeflux.compiled.program.code_key`), not this adapter's, which every
+        ``NeuralODE`` shares."""
+        from .compiled.program import code_key
+
+        return (code_key(self.module), self.time_dependent)
+
     @property
     def ignores_time(self) -> bool:
         """Tells :func:`odeflux.solve` that ``t`` is unused, so it may pass host floats."""
