@@ -6,6 +6,7 @@ Programs compile for seconds each, so the cases share one field class, state sha
 of saved times (a new instance, another span or direction reuses the programs).
 """
 
+import math
 import warnings
 
 import pytest
@@ -124,37 +125,43 @@ def test_parameters_captured_from_a_closure_fall_back_to_the_recorded_graph():
 
 
 def test_the_reverse_loop_matches_autograd_through_the_steps_without_compiling():
-    """The reverse pass itself (run as a Python loop here), on steps recorded by hand: each
-    saved time's cotangent reaches the boundary or stages it was computed from."""
+    """The reverse pass itself (run as a Python loop here) on steps recorded by hand, for two
+    problems with their own steps (one fewer for the second): each saved time's cotangent
+    reaches the boundary or the stages it was computed from, NaN-padded times none."""
     torch.manual_seed(0)
     solver = odeflux.Tsit5()
     co = solver.coefficients(torch.float64, torch.device("cpu"))
     W = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
 
-    def fn(t, y, w):
-        return torch.tanh(y @ w) * (1 + t)
+    def fn(t, y, w):  # (B,) times, (B, 3) states
+        return torch.tanh(y @ w) * (1 + t.unsqueeze(-1))
 
-    y0 = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    starts, dts, ys, Ks = [0.0, 0.2, 0.5], [0.2, 0.3, 0.25], [], []
-    y = y0
-    for t, h in zip(starts, dts):
-        tt = torch.tensor(t, dtype=torch.float64)
-        ys.append(y)
-        y, _, K, _ = solver.step(lambda s, z: fn(s, z, W), tt, y, torch.tensor(h, dtype=torch.float64), fn(tt, y, W), co)
-        Ks.append(K)
-    dense = odeflux.solution.DenseOutput(solver, starts, dts, [v.detach() for v in ys], [K.detach() for K in Ks])
-    ts = [0.0, 0.1, 0.2, 0.6, 0.75]
-    saved = torch.stack([ys[0], _interp(solver, co, ys[0], 0.2, Ks[0], 0.5), ys[1],
-                         _interp(solver, co, ys[2], 0.25, Ks[2], 0.4), y])  # fmt: skip
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    starts, dts = [[0.0, 0.2, 0.5], [0.0, 0.3, 0.0]], [[0.2, 0.3, 0.25], [0.3, 0.4, 0.0]]
+    n = torch.tensor([3, 2])
+    saved, ys = [], []
+    for b in range(2):
+        y, kept, out = y0[b : b + 1], [], {}
+        for i in range(int(n[b])):
+            t, h = torch.tensor([starts[b][i]], dtype=torch.float64), torch.tensor([dts[b][i]], dtype=torch.float64)
+            kept.append(y)
+            y1, _, K, _ = solver.step(lambda s, z: fn(s, z, W), t, y, h, fn(t, y, W), co)
+            out[i] = (y, K)
+            y = y1
+        ys.append(kept)
+        mid0 = _interp(solver, co, out[0][0], dts[b][0], out[0][1], 0.5)
+        mid1 = _interp(solver, co, out[1][0], dts[b][1], out[1][1], 0.25)
+        saved.append(torch.stack([kept[0][0], mid0.reshape(3), kept[1][0], mid1.reshape(3), y[0], y[0] * 0]))
+    saved = torch.stack(saved)  # (2, 6, 3): at t0, inside step 0, on its end, inside step 1, at the end, a pad
+    taus = torch.tensor([[0.0, 0.1, 0.2, 0.275, 0.75, math.nan], [0.0, 0.15, 0.3, 0.4, 0.7, math.nan]], dtype=torch.float64)
     g = torch.randn(saved.shape, dtype=torch.float64)
-    want = torch.autograd.grad((g * saved).sum(), (y0, W))
+    want = torch.autograd.grad((g[:, :5] * saved[:, :5]).sum(), (y0, W))
     C = capacity(3)
-    ybar_b, kbar = cotangents(dense, 0.0, 0.75, ts, g, C, (3,))
-    pad = lambda x, rows: torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])  # noqa: E731
-    got = run_reverse(
-        solver, fn, torch.tensor(3), pad(torch.tensor(starts, dtype=torch.float64), C), pad(torch.tensor(dts, dtype=torch.float64), C),
-        pad(torch.stack([v.detach() for v in ys]), C), ybar_b, kbar, (W.detach(),), traced=False,
-    )  # fmt: skip
+    pad = lambda rows: torch.cat([rows, rows.new_zeros((rows.shape[0], C - rows.shape[1]) + rows.shape[2:])], 1)  # noqa: E731
+    ts, hs = pad(torch.tensor(starts, dtype=torch.float64)), pad(torch.tensor(dts, dtype=torch.float64))
+    ys_t = pad(torch.stack([torch.cat([v.detach() for v in ys[0]]), torch.cat([v.detach() for v in ys[1]] + [ys[1][0].detach() * 0])]))
+    ybar_b, kbar = cotangents(solver, ts, hs, n, torch.tensor([0.75, 0.7], dtype=torch.float64), taus, g)
+    got = run_reverse(solver, fn, n, ts, hs, ys_t, ybar_b, kbar, (W.detach(),), traced=False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-14)
 

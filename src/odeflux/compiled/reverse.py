@@ -16,7 +16,6 @@ Why not differentiate the loop itself: torch 2.13 differentiates ``torch.while_l
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -26,7 +25,6 @@ from .program import _REFUSED, STEP_REFUSED, _program, _reason, code_key, warn_e
 
 if TYPE_CHECKING:
     from ..problem import Problem
-    from ..solution import DenseOutput
     from ..solvers.tableau import Solver
 
 def capacity(n: int) -> int:
@@ -43,24 +41,34 @@ def run_reverse(
     ys: torch.Tensor, ybar_b: torch.Tensor, kbar: torch.Tensor, params: tuple[torch.Tensor, ...],
     traced: bool = True,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Cotangents of ``y0`` and of ``params`` from those of the solve's saved states.
+    """Cotangents of ``y0`` and of ``params`` from those of the saved states, for ``B``
+    independent problems (a joint solve is ``B = 1``), each walking back over its own steps.
 
-    ``n``: the number of steps (0-d int64); ``ts``, ``hs``: each step's start and signed size
-    (float64, ``(C,)``, ``C >= n``); ``ys``: each step's start state ``(C, ...)``; ``ybar_b``:
-    the cotangent given to each step boundary's state ``(C + 1, ...)``; ``kbar``: to each step's
-    stages ``(C, stages, ...)``. ``fn(t, y, *params)``: ``f`` with the parameters substituted.
-    ``traced``: carried by ``torch.while_loop`` (compiled); otherwise a Python loop.
+    ``n``: each problem's number of steps ``(B,)`` int64; ``ts``, ``hs``: each step's start and
+    signed size (float64, ``(B, C)``, ``C >= n``); ``ys``: each step's start state ``(B, C, ...)``;
+    ``ybar_b``: the cotangent given to each step boundary's state ``(B, C + 1, ...)``; ``kbar``: to
+    each step's stages ``(B, C, stages, ...)`` (:func:`cotangents`). ``fn(t, y, *params)``: ``f``
+    of the ``(B,)`` times and ``(B, ...)`` states with the parameters substituted, each sample's
+    derivative depending on its own state only. ``traced``: carried by ``torch.while_loop``
+    (compiled); otherwise a Python loop. The parameters' cotangents are summed over the problems.
     """
     dtype = ys.dtype
     co = solver.coefficients(dtype, ys.device)
-    row = lambda x, j: x.index_select(0, j).squeeze(0)  # noqa: E731
+    col = lambda x, like: x.reshape(x.shape + (1,) * (like.dim() - x.dim()))  # noqa: E731
+
+    def row(buf: torch.Tensor, j: torch.Tensor) -> torch.Tensor:  # each problem's entry j[b] of buf[b]
+        idx = j.reshape((-1, 1) + (1,) * (buf.dim() - 2)).expand((buf.shape[0], 1) + tuple(buf.shape[2:]))
+        return buf.gather(1, idx).squeeze(1)
 
     def cond(i, a, *g):
-        return i >= 0
+        return (i >= 0).any()
 
     def body(i, a, *g):
-        j = i.clamp(min=0).reshape(1)
-        t, h, y = row(ts, j).to(dtype), row(hs, j).to(dtype), row(ys, j)
+        live = i >= 0
+        j = i.clamp(min=0)
+        t = row(ts, j).to(dtype)
+        h = torch.where(live, row(hs, j), 0.0).to(dtype)  # (a problem done stands still: a step of 0)
+        y = row(ys, j)
 
         def step(y_: torch.Tensor, *p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f = lambda tt, yy: fn(tt, yy, *p)  # noqa: E731
@@ -68,10 +76,12 @@ def run_reverse(
             return y1, K
 
         _, pull = torch.func.vjp(step, y, *params)
-        dy, *dp = pull((a + row(ybar_b, j + 1), row(kbar, j)))
-        return (i - 1, dy, *(gi + di for gi, di in zip(g, dp)))
+        a_in = torch.where(col(live, a), a + row(ybar_b, j + 1), 0.0)
+        k_in = torch.where(col(live, y).unsqueeze(0), row(kbar, j).movedim(1, 0), 0.0)
+        dy, *dp = pull((a_in, k_in))
+        return (i - 1, torch.where(col(live, a), dy, a), *(gi + di for gi, di in zip(g, dp)))
 
-    carry = (n - 1, torch.zeros_like(ys[0]), *(torch.zeros_like(p) for p in params))
+    carry = (n - 1, torch.zeros_like(ys[:, 0]), *(torch.zeros_like(p) for p in params))
     if traced:
         from torch._higher_order_ops.while_loop import while_loop
 
@@ -79,90 +89,75 @@ def run_reverse(
     else:
         while bool(cond(*carry)):
             carry = body(*carry)
-    return (carry[1] + ybar_b[0], *carry[2:])
+    return (carry[1] + ybar_b[:, 0], *carry[2:])
 
 
-def cotangents(dense: DenseOutput | None, t0: float, t_end: float, ts: list[float], grads: torch.Tensor, C: int,
-               shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The saved states' cotangents ``grads`` (one per time in ``ts``) given to the step
-    boundaries (``(C + 1, ...)``) and to the stages of the steps they were interpolated in
-    (``(C, stages, ...)``): a state saved on a boundary is that boundary's; one inside step ``i``
-    is ``y_i + h_i sum_j w_j(theta) K_j``."""
-    n = 0 if dense is None else len(dense)
-    s = 1 if dense is None else dense.solver.tableau.stages
-    ybar_b = grads.new_zeros((C + 1,) + shape)
-    kbar = grads.new_zeros((C, s) + shape)
-    if not ts:
-        return ybar_b, kbar
-    if n == 0:
-        ybar_b[0] += grads.sum(0)
-        return ybar_b, kbar
-    starts, dts = dense.t_starts, dense.dts
-    ends = starts[1:] + [t_end]
-    direction = dense.direction
-    keys = [direction * e for e in ends]
-    where, inside, theta = [], [], []
-    for t in ts:
-        if t == t0:
-            where.append(0)
-            continue
-        i = min(bisect.bisect_left(keys, direction * t), n - 1)  # the step whose end is at or past t
-        if t == ends[i]:
-            where.append(i + 1)
-        else:
-            where.append(i)
-            inside.append((len(where) - 1, i))
-            theta.append((t - starts[i]) / dts[i])
-    ybar_b.index_add_(0, torch.tensor(where, device=grads.device), grads)
-    if inside:
-        rows = torch.tensor([r for r, _ in inside], device=grads.device)
-        steps = torch.tensor([i for _, i in inside], device=grads.device)
-        co = dense.solver.coefficients(grads.dtype, grads.device)
-        w = dense.solver.dense_weights(torch.tensor(theta, dtype=grads.dtype, device=grads.device), co)  # (m, stages)
-        w = w * torch.tensor([dts[i] for _, i in inside], dtype=grads.dtype, device=grads.device).unsqueeze(1)
-        g = grads.index_select(0, rows).reshape(len(inside), 1, -1)
-        kbar.view(C, s, -1).index_add_(0, steps, w.unsqueeze(2) * g)
-    return ybar_b, kbar
+def cotangents(
+    solver: Solver, ts: torch.Tensor, hs: torch.Tensor, n: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor,
+    grads: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The saved states' cotangents ``grads`` (``(B, m, ...)``, at the times ``taus``, ``(B, m)``,
+    NaN pads) given to each problem's step boundaries (``(B, C + 1, ...)``) and to the stages of
+    the steps they were interpolated in (``(B, C, stages, ...)``): a state saved on a boundary is
+    that boundary's (``t0``'s is ``y0``); one inside step ``i`` is ``y_i + h_i sum_j w_j(theta) K_j``,
+    the interpolant the loop saved it by. ``ts``, ``hs``, ``n``: the record as
+    :func:`run_reverse` takes it; ``t_end``: the time each problem reached."""
+    B, C = ts.shape
+    m = taus.shape[1]
+    dtype = grads.dtype
+    shape = tuple(grads.shape[2:])
+    s = solver.tableau.stages
+    known = ~torch.isnan(taus)
+    g = torch.where(known.reshape((B, m) + (1,) * len(shape)), grads, 0.0).reshape(B, m, -1)
+    d = torch.sign(t_end - ts[:, 0]).reshape(B, 1, 1)  # (a problem with no steps has no direction: nothing below counts)
+    valid = torch.arange(C, device=ts.device) < n.unsqueeze(1)
+    before = valid.unsqueeze(1) & (d * (ts.unsqueeze(1) - taus.unsqueeze(2)) < 0)  # (B, m, C)
+    i = before.sum(-1) - 1  # the step each time falls in; -1: on t0
+    ic = i.clamp(min=0)
+    last = ic + 1 >= n.unsqueeze(1)
+    t_next = torch.where(last, t_end.unsqueeze(1), ts.gather(1, (ic + 1).clamp(max=C - 1)))
+    at_end = (i >= 0) & (taus == t_next)
+    inside = (i >= 0) & ~at_end & known
+    boundary = torch.where(i < 0, 0, torch.where(at_end, ic + 1, ic))
+    X = g.shape[2]
+    ybar_b = grads.new_zeros(B, C + 1, X).scatter_add_(1, boundary.unsqueeze(2).expand(B, m, X), g)
+    h = hs.gather(1, ic)
+    theta = torch.where(inside, (taus - ts.gather(1, ic)) / torch.where(inside, h, 1.0), 0.0)
+    co = solver.coefficients(dtype, grads.device)
+    w = solver.dense_weights(theta.to(dtype), co) * torch.where(inside, h, 0.0).to(dtype).unsqueeze(2)  # (B, m, s)
+    kb = (w.unsqueeze(3) * g.unsqueeze(2)).reshape(B, m, s * X)
+    kbar = grads.new_zeros(B, C, s * X).scatter_add_(1, ic.unsqueeze(2).expand(B, m, s * X), kb)
+    return ybar_b.reshape((B, C + 1) + shape), kbar.reshape((B, C, s) + shape)
 
 
-class ReverseProgram:
-    """The compiled reverse pass of one solve's recorded steps (see the module docstring)."""
+def reverse_pass(key: tuple, code: object, solver: Solver, fn: Callable[..., torch.Tensor], n: torch.Tensor,
+                 ts: torch.Tensor, hs: torch.Tensor, ys: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor,
+                 grads: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The cotangents of ``y0`` (``(B, ...)``) and of ``params`` from those of the saved states, by
+    the compiled :func:`run_reverse` (keyed by ``key`` and the shapes); a field the compiler
+    cannot take gets the one line, and the same pass runs eagerly."""
+    ybar_b, kbar = cotangents(solver, ts, hs, n, t_end, taus, grads.detach())
+    pv = tuple(q.detach().clone() for q in params)  # (a program may not take inputs that alias its module's)
+    args = (solver, fn, n, ts, hs, ys, ybar_b, kbar, pv)
+    full = (*key, tuple(ys.shape), ys.dtype, ys.device, tuple(q.shape for q in pv))
+    if key not in _REFUSED and code not in STEP_REFUSED:
+        try:
+            return _program(full, run_reverse)(*args)
+        except Exception as exc:  # a field the compiler cannot take: said once, then the same pass eagerly
+            _REFUSED[key] = _reason(exc)
+            STEP_REFUSED.add(code)
+            warn_eager(exc, "for its reverse pass")
+    return run_reverse(*args, traced=False)
 
-    def __init__(self, problem: Problem, params: list[torch.Tensor], fn: Callable[..., torch.Tensor]):
-        self.problem, self.params, self.fn = problem, params, fn
-        self.code = code_key(problem.f)
-        self.key = ("reverse", self.code, repr(problem.solver))
 
-    def run(self, dense: DenseOutput | None, t_end: float, ts: list[float], grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        p = self.problem
-        y0 = p.y0
-        shape = tuple(y0.shape)
-        n = 0 if dense is None else len(dense)
-        if dense is not None:
-            ys, _ = dense.stacked_steps()
-            C = max(capacity(n), ys.shape[0])
-            ts_t = torch.zeros(C, dtype=torch.float64, device=y0.device)
-            hs_t = torch.zeros(C, dtype=torch.float64, device=y0.device)
-            ts_t[:n] = torch.tensor(dense.t_starts, dtype=torch.float64)
-            hs_t[:n] = torch.tensor(dense.dts, dtype=torch.float64)
-            if ys.shape[0] < C:
-                ys = torch.cat([ys, ys.new_zeros((C - ys.shape[0],) + shape)])
-        else:
-            C = capacity(0)
-            ts_t = hs_t = torch.zeros(C, dtype=torch.float64, device=y0.device)
-            ys = y0.new_zeros((C,) + shape)
-        ybar_b, kbar = cotangents(dense, p.t0, t_end, ts, grads.detach(), C, shape)
-        params = tuple(q.detach().clone() for q in self.params)  # (a program may not take inputs that alias its module's)
-        args = (p.solver, self.fn, torch.tensor(n, dtype=torch.int64, device=y0.device), ts_t, hs_t, ys, ybar_b, kbar, params)
-        key = (*self.key, C, shape, y0.dtype, y0.device, tuple(q.shape for q in params))
-        if self.key not in _REFUSED and self.code not in STEP_REFUSED:
-            try:
-                return _program(key, run_reverse)(*args)
-            except Exception as exc:  # a field the compiler cannot take: said once, then the same pass eagerly
-                _REFUSED[self.key] = _reason(exc)
-                STEP_REFUSED.add(self.code)
-                warn_eager(exc, "for its reverse pass")
-        return run_reverse(*args, traced=False)
+class _OneProblem:
+    """A joint solve's ``fn(t, y, *params)`` as the reverse pass's field of ``B = 1`` problem."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor, *p: torch.Tensor) -> torch.Tensor:
+        return self.fn(t.reshape(()), y.squeeze(0), *p).unsqueeze(0)
 
 
 class CompiledReverseRun:
@@ -170,9 +165,9 @@ class CompiledReverseRun:
     recorded), the compiled reverse pass backward (:class:`~odeflux.sensitivity.base._AdjointFunction`'s run)."""
 
     def __init__(self, problem: Problem, params: list[torch.Tensor], fn: Callable[..., torch.Tensor]):
-        self.problem, self.params = problem, params
+        self.problem, self.params, self.fn = problem, params, _OneProblem(fn)
         self.module_state = problem.module_state
-        self.program = ReverseProgram(problem, params, fn)
+        self.code = code_key(problem.f)
         self.bstats = BackwardStats()
         self.result = None
 
@@ -194,9 +189,30 @@ class CompiledReverseRun:
         res = self.result
         if res.status != Status.SUCCESS:
             raise SolveError(f"cannot differentiate a solve that failed ({res.status.name}): {res.message}", res.status)
+        p, dense = self.problem, res.dense
+        y0 = p.y0
+        f64 = dict(dtype=torch.float64, device=y0.device)
+        n = 0 if dense is None else len(dense)
+        if dense is not None:
+            ys, _ = dense.stacked_steps()
+            C = max(capacity(n), ys.shape[0])  # (a compiled loop's record has its capacity's rows already)
+            if ys.shape[0] < C:
+                ys = torch.cat([ys, ys.new_zeros((C - ys.shape[0],) + tuple(ys.shape[1:]))])
+            ts, hs = torch.zeros(C, **f64), torch.zeros(C, **f64)  # (apart: a program's inputs may not alias)
+            ts[:n] = torch.tensor(dense.t_starts, **f64)
+            hs[:n] = torch.tensor(dense.dts, **f64)
+        else:
+            C = capacity(0)
+            ts, hs = torch.zeros(C, **f64), torch.zeros(C, **f64)
+            ys = y0.new_zeros((C,) + tuple(y0.shape))
+        taus = torch.tensor([res.ts], **f64)
         with torch.no_grad():
-            gy0, *gp = self.program.run(res.dense, res.t, res.ts, grad_ys)
-        n = 0 if res.dense is None else len(res.dense)
+            gy0, *gp = reverse_pass(
+                ("reverse", self.code, repr(p.solver)), self.code, p.solver, self.fn,
+                torch.tensor([n], device=y0.device), ts.unsqueeze(0), hs.unsqueeze(0), ys.unsqueeze(0),
+                torch.tensor([res.t], **f64), taus, grad_ys.unsqueeze(0), self.params,
+            )  # fmt: skip
+        gy0 = gy0.squeeze(0)
         self.bstats.n_vjp_evals += n * self.problem.solver.tableau.stages
         return gy0, list(gp)
 
