@@ -12,8 +12,8 @@ norm), Tsit5 in both libraries:
    [0, 10]: one gradient of the sum of squares of the final states (w.r.t. s and y0).
 
 Configurations: odeflux per-sample (``solve(..., batch_axis=0)``) under each sensitivity algorithm
-of ``SENSEALGS`` (or ``--sensealg NAME``, repeatable; an algorithm the per-sample solve refuses is
-reported as such), odeflux joint (the batch as one ODE, DirectAdjoint) for reference, and
+of ``SENSEALGS`` (or ``--sensealg NAME``, repeatable; ``NAME+compile`` with ``compile=True``; an
+algorithm the per-sample solve refuses is reported as such), odeflux joint (the batch as one ODE, DirectAdjoint) for reference, and
 torchode per-sample (one problem per sample: its native batching) with ``AutoDiffAdjoint`` and
 ``BacksolveAdjoint``. Accuracy: each configuration's final state against a tight reference and
 its gradient against a tight reference gradient (both float64). Goal (issue 16): odeflux
@@ -48,7 +48,7 @@ PACKAGES = ("torchode", "scipy")
 
 #: odeflux's sensitivity algorithms timed per sample (names in ``odeflux``); add continuous adjoints
 #: here (or pass ``--sensealg InterpolatingAdjoint``) once per-sample solves take them.
-SENSEALGS: list[str] = ["DirectAdjoint"]
+SENSEALGS: list[str] = ["DirectAdjoint+compile", "DirectAdjoint"]
 #: A configuration whose first call takes longer than this is timed by that call alone (not in the rounds).
 SLOW_S = 5.0
 GOAL = 0.5
@@ -80,10 +80,18 @@ class Result:
 
 
 def make_sensealg(name: str) -> Any:
-    cls = getattr(odeflux, name, None)
+    """The algorithm of ``name`` (``"DirectAdjoint"``, or ``"DirectAdjoint+compile"`` for the same with
+    ``compile=True``: see :func:`compiled`)."""
+    base = name.split("+")[0]
+    cls = getattr(odeflux, base, None)
     if cls is None:
         raise SystemExit(f"--sensealg {name}: odeflux has no such sensitivity algorithm")
     return cls()
+
+
+def compiled(name: str) -> bool:
+    """Whether the configuration ``name`` solves with ``compile=True`` (a ``+compile`` suffix)."""
+    return name.endswith("+compile")
 
 
 def per_sample_variants(sensealgs: list[str], looser: tuple[float, ...]) -> list[tuple[str, float]]:
@@ -113,16 +121,18 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 class OdefluxLayer(nn.Module):
     """``x -> y(1)`` by ``odeflux.solve``: per sample (``batch_axis=0``) or joint (``None``)."""
 
-    def __init__(self, f: nn.Module, batch_axis: int | None, sensealg: Any, rtol: float, atol: float, solver=None):
+    def __init__(self, f: nn.Module, batch_axis: int | None, sensealg: Any, rtol: float, atol: float, solver=None,
+                 compile: bool = False):  # fmt: skip
         super().__init__()
         self.f, self.batch_axis, self.sensealg, self.tol, self.solver = f, batch_axis, sensealg, (rtol, atol), solver
+        self.compile = compile
         self.last = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rtol, atol = self.tol
         kw = {} if self.batch_axis is None else {"batch_axis": self.batch_axis}
         sol = odeflux.solve(self.f, x, (0.0, 1.0), solver=self.solver, rtol=rtol, atol=atol, save_start=False,
-                            sensealg=self.sensealg, **kw)  # fmt: skip
+                            sensealg=self.sensealg, compile=self.compile, **kw)  # fmt: skip
         self.last = sol
         return sol.ys[:, -1] if self.batch_axis is not None else sol.ys[-1]
 
@@ -213,7 +223,7 @@ def tutorial_workload(args, sensealgs: list[str]) -> tuple[str, list[Result], di
     configs: list[tuple[Result, Callable[[nn.Module], nn.Module]]] = []
     for s, k in per_sample_variants(sensealgs, LOOSER["tutorial"]):
         configs.append((variant_result(s, k, f"rtol = atol = {k * tol:g}"),
-                        lambda f, s=s, k=k: OdefluxLayer(f, 0, make_sensealg(s), k * tol, k * tol)))  # fmt: skip
+                        lambda f, s=s, k=k: OdefluxLayer(f, 0, make_sensealg(s), k * tol, k * tol, compile=compiled(s))))  # fmt: skip
     for a in ("AutoDiffAdjoint", "BacksolveAdjoint"):
         configs.append((Result(f"torchode per sample, {a}", "torchode per sample"),
                         lambda f, a=a: TorchodeLayer(f, a, tol, tol)))  # fmt: skip
@@ -297,11 +307,12 @@ def vdp_workload(args, sensealgs: list[str]) -> tuple[str, list[Result], dict]:
     mu0 = torch.logspace(-1, 1, B, dtype=torch.float64)
     y00 = torch.tensor([[2.0, 0.0]] * B, dtype=torch.float64)
 
-    def odeflux_grad(batch_axis, sensealg, solver=None, rt=rtol, at=atol):
+    def odeflux_grad(batch_axis, sensealg, solver=None, rt=rtol, at=atol, compile=False):
         f = VdP()
         y0 = y00.clone().requires_grad_(True)
         kw = {} if batch_axis is None else {"batch_axis": batch_axis}
-        sol = odeflux.solve(f, y0, (0.0, t1), args=mu0, solver=solver, rtol=rt, atol=at, sensealg=sensealg, **kw)
+        sol = odeflux.solve(f, y0, (0.0, t1), args=mu0, solver=solver, rtol=rt, atol=at, sensealg=sensealg,
+                            compile=compile, **kw)  # fmt: skip
         yT = sol.ys[:, -1] if batch_axis is not None else sol.ys[-1]
         yT.pow(2).sum().backward()
         return yT.detach(), torch.cat([f.log_scale.grad.reshape(1), y0.grad.reshape(-1)]), sol
@@ -336,7 +347,7 @@ def vdp_workload(args, sensealgs: list[str]) -> tuple[str, list[Result], dict]:
     configs: list[tuple[Result, Callable[[], Any]]] = []
     for s, k in per_sample_variants(sensealgs, LOOSER["vdp"]):
         configs.append((variant_result(s, k, f"rtol {k * rtol:g}, atol {k * atol:g}"),
-                        lambda s=s, k=k: odeflux_grad(0, make_sensealg(s), None, k * rtol, k * atol)))  # fmt: skip
+                        lambda s=s, k=k: odeflux_grad(0, make_sensealg(s), None, k * rtol, k * atol, compiled(s))))  # fmt: skip
     for a in ("AutoDiffAdjoint", "BacksolveAdjoint"):
         configs.append((Result(f"torchode per sample, {a}", "torchode per sample"), lambda a=a: torchode_grad(a)))
     configs.append((Result("odeflux joint, DirectAdjoint", "odeflux joint"),
@@ -498,7 +509,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torchode's `BacksolveAdjoint` solves "
         "the adjoint backwards per sample (VJPs by `vmap`), its backward steps in their own column; "
         "`AutoDiffAdjoint` and odeflux's DirectAdjoint backpropagate through the forward loop. Both libraries run "
-        "eagerly (torchode without `torch.compile`; odeflux's `compile=True` compiles only the no-grad loop). "
+        "eagerly (torchode without `torch.compile`), except odeflux's `+compile` rows: `compile=True`, where "
+        "DirectAdjoint's per-sample forward loop (its steps recorded) and its reverse pass over the recorded steps "
+        "are each one compiled program (their compile time is in the first call, not in the timings). "
         "odeflux per sample also runs at looser tolerances (`LOOSER`), for the comparison at matched accuracy."
     ]
     goal: list[list[str]] = []

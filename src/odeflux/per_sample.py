@@ -25,6 +25,7 @@ from torch import nn
 
 from .compiled.loop import LoopSpec, run_loop
 from .compiled.program import PerSampleProgram
+from .compiled.reverse import per_sample_reverse_run
 from .control import DEFAULT_PI, TENSOR, Parts, ConstantStepSize, IController, PIController, StepSizeController, initial_step
 from .problem import BoundArgs, bind_args, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
@@ -75,11 +76,11 @@ class Batch:
 
     def run(
         self, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor | None = None,
-        *, compile: bool = False, on_step: Callable | None = None,
+        *, compile: bool = False, on_step: Callable | None = None, record: int = 0,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
         """The loop's final carry (see :func:`~odeflux.compiled.loop.run_loop`) and the
         evaluations its start took (``k0`` given), per problem. A problem with ``t0 == t1``
-        stands still."""
+        stands still. ``record``: the capacity of the loop's record of accepted steps (0: none)."""
         f, dtype, dev = self.f, y0.dtype, y0.device
         B = y0.shape[0]
         direction = torch.sign(t1 - t0)
@@ -112,7 +113,7 @@ class Batch:
             torch.tensor(float(self.atol), **f64), dtmin_t, dtmax_t, 64 * eps64 * tscale,
             torch.tensor(self.max_steps, dtype=torch.int64, device=dev), torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
-        spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts)
+        spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts, record)
         if compile and on_step is None:
             return PerSampleProgram(f, spec).run(inputs), n_f
         return run_loop(spec, *inputs, traced=False, on_step=on_step), n_f
@@ -187,11 +188,13 @@ def solve_per_sample(
         max_steps=max_steps,
     )  # fmt: skip
     run = None
-    if adjoint and torch.is_grad_enabled():
+    if torch.is_grad_enabled() and (adjoint or compile):
         f_params, module_state = module_tensors(f if not isinstance(f, BoundArgs) else f.f)
         params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
-        if y0.requires_grad or params:
+        if adjoint and (y0.requires_grad or params):
             run = PerSampleAdjointRun(sensealg, batch, y0, t0, t1, taus, params, module_state)
+        elif y0.requires_grad or params:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
+            run = per_sample_reverse_run(batch, y0, t0, t1, taus, params, module_state)
     if run is not None:
         ys = _AdjointFunction.apply(run, y0, *params)
         out, n_f = run.out, run.n_f
@@ -200,7 +203,7 @@ def solve_per_sample(
         grad = torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)
         out, n_f = batch.run(y0, k0, t0, t1, taus, compile=compile and not grad)
         ys = out[9]
-    t, _h, y, _k, _ctrl, n_steps, n_acc, n_rej, n_ev, _ys, status, _err, _grid = out
+    t, _h, y, _k, _ctrl, n_steps, n_acc, n_rej, n_ev, _ys, status, _err, _grid = out[:13]
     status = torch.where((status == 0) & (direction * (t1 - t) > 0), int(Status.MAX_STEPS), status)
     # States at saved times a sample never reached: NaN (as its padding).
     unreached = torch.isnan(taus) | (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)

@@ -231,7 +231,8 @@ class PerSampleProgram:
 
     def run(self, inputs: tuple) -> tuple:
         y0 = inputs[1]
-        out = _run(self.key, (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device), (self.spec, *inputs, module_params(self.f)))
+        shapes = (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device, self.spec.record, self.spec.parts)
+        out = _run(self.key, shapes, (self.spec, *inputs, module_params(self.f)))
         return run_loop(self.spec, *inputs, traced=False) if out is None else out
 
 

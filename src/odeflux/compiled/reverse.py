@@ -16,12 +16,14 @@ Why not differentiate the loop itself: torch 2.13 differentiates ``torch.while_l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
-from .program import _REFUSED, STEP_REFUSED, _program, _reason, code_key, warn_eager
+from ..sensitivity.base import _buffers_kept, _restored
+from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _program, _reason, code_key, warn_eager
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -240,3 +242,108 @@ def solve_compiled_reverse(problem: Problem) -> Solution | None:
         ts=times_tensor(res.ts, problem.y0), ys=ys, stats=res.stats, status=res.status, message=res.message,
         backward_stats=run.bstats, t_final=res.t,
     )  # fmt: skip
+
+
+#: A per-sample solve's record starts with at most this many entries (its capacity the largest
+#: power of 4 within it, at least 4): a batch's record is copied once a step in the compiled loop.
+PER_SAMPLE_RECORD = 1 << 18
+
+
+class PerSampleReverseRun:
+    """DirectAdjoint of a per-sample solve (:mod:`odeflux.per_sample`) with ``compile=True``: the
+    compiled loop of the ``B`` problems forward, each problem's steps recorded, and the compiled
+    reverse pass of ``B`` problems backward (:class:`~odeflux.sensitivity.base._AdjointFunction`'s run)."""
+
+    def __init__(self, batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor,
+                 params: list[torch.Tensor], module_state: list, fn: Callable[..., torch.Tensor]):  # fmt: skip
+        self.batch, self.params, self.module_state, self.fn = batch, params, module_state, fn
+        self.y, self.t0, self.t1, self.taus = y0.detach(), t0, t1, taus
+        self.direction = torch.sign(t1 - t0)
+        self.code = code_key(batch.f)
+        self.bstats = BackwardStats()
+
+    def _first_capacity(self) -> int:
+        per_step = self.y.numel() * (self.batch.solver.tableau.stages + 1)
+        c = 4
+        while c * 4 * per_step <= PER_SAMPLE_RECORD and c < 64:
+            c *= 4
+        return max(c, _RECORD.get(("per-sample", self.code, tuple(self.y.shape)), 0))
+
+    def forward(self) -> torch.Tensor:
+        y, b = self.y, self.batch
+        C = self._first_capacity()
+        with torch.no_grad():
+            k0 = b.f(self.t0.to(y.dtype), y)
+            while True:
+                out, n_f = b.run(y, k0, self.t0, self.t1, self.taus, compile=True, record=C)
+                t, n_acc, status = out[0], out[6], out[10]
+                full = (n_acc == C) & (status == 0) & (self.direction * (self.t1 - t) > 0)
+                if not bool(full.any()):
+                    break
+                C *= 4  # a record filled before its problem's t1: again with four times the room
+                _RECORD[("per-sample", self.code, tuple(y.shape))] = C
+                if C * y.numel() * (b.solver.tableau.stages + 1) > RECORD_LIMIT or C > 4 * b.max_steps:
+                    raise SolveError(
+                        f"compile=True: a per-sample gradient would keep more than {C // 4} steps per sample "
+                        f"({C * y.numel() * (b.solver.tableau.stages + 1):,} numbers): pass compile=False", Status.MAX_STEPS,
+                    )  # fmt: skip
+        self.out, self.n_f = out, n_f
+        self.status = torch.where((status == 0) & (self.direction * (self.t1 - t) > 0), int(Status.MAX_STEPS), status)
+        # States at saved times a sample never reached: NaN (a failed sample's, refused if differentiated).
+        unreached = torch.isnan(self.taus) | (self.direction.unsqueeze(1) * (self.taus - t.unsqueeze(1)) > 0)
+        return torch.where(unreached.reshape(unreached.shape + (1,) * (y.dim() - 1)), math.nan, out[9])
+
+    def recorded(self, y0: torch.Tensor) -> torch.Tensor:
+        """The saved states again, recorded in a graph from ``y0`` (``create_graph=True``)."""
+        k0 = self.batch.f(self.t0.to(y0.dtype), y0)
+        return self.batch.run(y0, k0, self.t0, self.t1, self.taus)[0][9]
+
+    def backward(self, grad_ys: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        bad = (self.status != Status.SUCCESS) & (grad_ys.reshape(grad_ys.shape[0], -1) != 0).any(1)
+        if bool(bad.any()):
+            which = bad.nonzero().flatten().tolist()
+            raise SolveError(
+                f"cannot differentiate samples that failed (samples {which[:8]}): leave them out of the loss "
+                "(sol.statuses says which succeeded)", Status(int(self.status[which[0]])),
+            )  # fmt: skip
+        out = self.out
+        t_end, n_acc = out[0], out[6]
+        rec_t, rec_h, rec_y, _ = out[13:]
+        g = torch.nan_to_num(grad_ys.detach())  # (NaN-padded saved times: no cotangent)
+        with _restored(self.module_state), _buffers_kept(self.module_state), torch.no_grad():
+            gy0, *gp = reverse_pass(
+                ("reverse-per-sample", self.code, repr(self.batch.solver)), self.code, self.batch.solver, self.fn,
+                n_acc, rec_t, rec_h, rec_y, t_end, self.taus, g, self.params,
+            )  # fmt: skip
+        self.bstats.n_vjp_evals += int(n_acc.sum()) * self.batch.solver.tableau.stages
+        return gy0, list(gp)
+
+
+class _Fields:
+    """What :class:`~odeflux.sensitivity.vjp.FunctionalF` reads of a problem, for a per-sample ``f``."""
+
+    def __init__(self, f: Any):
+        from ..problem import BoundArgs
+
+        self.user_f, self.args = (f.f, f.args) if isinstance(f, BoundArgs) else (f, None)
+
+
+def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor,
+                           params: list[torch.Tensor], module_state: list) -> PerSampleReverseRun | None:  # fmt: skip
+    """The compiled reverse pass for a per-sample DirectAdjoint solve, or ``None`` where the
+    parameters cannot be substituted into ``f`` (captured from its closure): the loop is then
+    recorded as a graph."""
+    from ..sensitivity.base import _outside_leaves
+    from ..sensitivity.vjp import FunctionalF
+
+    try:
+        fn = FunctionalF(_Fields(batch.f), params, "compile")
+    except ValueError:
+        return None
+    with torch.enable_grad(), _buffers_kept(module_state):
+        out = batch.f(t0.to(y0.dtype), y0.detach())
+    hidden = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
+    del out
+    if any(ref() is not None for ref, _ in hidden):
+        return None
+    return PerSampleReverseRun(batch, y0, t0, t1, taus, params, module_state, fn)
