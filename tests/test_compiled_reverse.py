@@ -221,3 +221,16 @@ def test_per_sample_gradients_compiled_match_the_recorded_loop():
     assert compiled.backward_stats.n_vjp_evals == int(compiled.sample_stats["n_accepted"].sum()) * 7
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_program_inputs_that_share_memory_are_copied_apart():
+    """A compiled loop may not take inputs that alias (torch.while_loop refuses them): a per-sample
+    solve's end times and its default saved times (``t1.unsqueeze(1)``) were such a pair."""
+    from odeflux.compiled.program import _apart
+
+    t1 = torch.tensor([1.0, 2.0])
+    taus = t1.unsqueeze(1)
+    a, b, c = _apart((t1, taus, torch.zeros(2)))
+    assert a is t1 and b.untyped_storage().data_ptr() != t1.untyped_storage().data_ptr()
+    torch.testing.assert_close(b, taus)
+    assert c is not None

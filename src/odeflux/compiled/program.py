@@ -242,12 +242,27 @@ def _run(key: tuple, shapes: tuple, args: tuple) -> tuple | None:
     if key in _REFUSED:
         return None
     try:
-        return _program((*key, *shapes))(*args)
+        return _program((*key, *shapes))(*_apart(args))
     except Exception as exc:  # a field the compiler cannot take: said once, then eager
         _REFUSED[key] = _reason(exc)
         STEP_REFUSED.add(key[1] if key[0] == "per-sample" else key[0])  # (its compiled step would fail alike)
         warn_eager(exc, "as one program")
         return None
+
+
+def _apart(args: tuple) -> tuple:
+    """``args`` with each tensor that shares memory with an earlier one copied: a compiled loop
+    may not take inputs that alias (a view such as ``t1.unsqueeze(1)`` beside ``t1``)."""
+    seen: set[int] = set()
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            ptr = a.untyped_storage().data_ptr()
+            if ptr in seen and a.numel():
+                a = a.clone()
+            seen.add(ptr)
+        out.append(a)
+    return tuple(out)
 
 
 def warn_eager(exc: BaseException, what: str) -> None:

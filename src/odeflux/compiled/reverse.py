@@ -23,7 +23,7 @@ import torch
 
 from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
 from ..sensitivity.base import _buffers_kept, _restored
-from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _program, _reason, code_key, warn_eager
+from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _apart, _program, _reason, code_key, warn_eager
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -144,7 +144,7 @@ def reverse_pass(key: tuple, code: object, solver: Solver, fn: Callable[..., tor
     full = (*key, tuple(ys.shape), ys.dtype, ys.device, tuple(q.shape for q in pv))
     if key not in _REFUSED and code not in STEP_REFUSED:
         try:
-            return _program(full, run_reverse)(*args)
+            return _program(full, run_reverse)(*_apart(args))
         except Exception as exc:  # a field the compiler cannot take: said once, then the same pass eagerly
             _REFUSED[key] = _reason(exc)
             STEP_REFUSED.add(code)
