@@ -358,33 +358,71 @@ def test_compiled_vjp_matches_autograd(method):
 
 
 _MEMORY_PROBE = r"""
-import sys, torch, odeflux
-method, n_steps = sys.argv[1], int(sys.argv[2])
+import os, sys, torch, odeflux
 torch.set_num_threads(1)
-torch.manual_seed(0)
-W = (torch.randn(64, 64, dtype=torch.float64) / 8).requires_grad_()
-y0 = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)  # 32 KiB of state
 limit = 2**20  # 1 MiB of forward steps kept or re-solved at once (4 steps here)
-sensealg = {"direct": odeflux.DirectAdjoint(), "interpolating": odeflux.InterpolatingAdjoint(store_limit=limit),
-            "backsolve": odeflux.BacksolveAdjoint(), "quadrature": odeflux.QuadratureAdjoint(store_limit=limit),
-            "gauss": odeflux.GaussAdjoint(store_limit=limit)}[method]
+SENSEALGS = {"direct": lambda: odeflux.DirectAdjoint(), "interpolating": lambda: odeflux.InterpolatingAdjoint(store_limit=limit),
+             "backsolve": lambda: odeflux.BacksolveAdjoint(), "quadrature": lambda: odeflux.QuadratureAdjoint(store_limit=limit),
+             "gauss": lambda: odeflux.GaussAdjoint(store_limit=limit)}
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 def peak_rss():  # VmHWM: the resident high-water mark since it was last reset
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-def run(steps):
-    return odeflux.solve(lambda t, y, w: torch.tanh(y @ w), y0, (0.0, 1.0), args=W, solver=odeflux.Tsit5(),
-                         controller=odeflux.ConstantStepSize(), dt0=1.0 / steps, save_start=False, sensealg=sensealg)
-run(2).ys[-1].sum().backward()  # torch's one-off set-up, on a tiny solve
-before = rss()
-with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
-    f.write("5")
-sol = run(n_steps)
-kept = rss() - before
-sol.ys[-1].sum().backward()
-print(kept, peak_rss() - before)
+def setup(method):
+    torch.manual_seed(0)
+    W = (torch.randn(64, 64, dtype=torch.float64) / 8).requires_grad_()
+    y0 = torch.randn(64, 64, dtype=torch.float64, requires_grad=True)  # 32 KiB of state
+    sensealg = SENSEALGS[method]()
+    def run(steps):
+        return odeflux.solve(lambda t, y, w: torch.tanh(y @ w), y0, (0.0, 1.0), args=W, solver=odeflux.Tsit5(),
+                             controller=odeflux.ConstantStepSize(), dt0=1.0 / steps, save_start=False, sensealg=sensealg)
+    run(2).ys[-1].sum().backward()  # torch's one-off set-up, on a tiny solve
+    return run
+def measure(method, n_steps):
+    run = setup(method)  # (again in the forked process: it faults in the code it runs, as a fresh process does)
+    before = rss()
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
+    sol = run(n_steps)
+    kept = rss() - before
+    sol.ys[-1].sum().backward()
+    return kept, peak_rss() - before
+# One start-up of torch and odeflux for every measurement: each runs in a process forked from this
+# one once it has run every method on a tiny solve, so that each starts from the same memory, and
+# the processes run side by side, one per core. Prints "<method> <steps> <kept> <peak>" lines.
+cases = [(m, int(n)) for m, n in (a.split(":") for a in sys.argv[1:])]
+for m in dict(cases):
+    setup(m)
+cores = len(os.sched_getaffinity(0))
+running, results = {}, {}
+for i, (method, n_steps) in enumerate(cases):
+    if len(running) >= cores:
+        pid, status = os.wait()
+        running.pop(pid)
+        assert status == 0, status
+    r, w = os.pipe()
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 1
+        try:
+            os.write(w, ("%d %d" % measure(method, n_steps)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    running[pid] = i
+    results[i] = r
+while running:
+    pid, status = os.wait()
+    running.pop(pid)
+    assert status == 0, status
+for i, (method, n_steps) in enumerate(cases):
+    with os.fdopen(results[i]) as f:
+        print(method, n_steps, f.read())
 """
 
 
@@ -405,20 +443,24 @@ def test_memory_grows_with_steps_only_for_direct():
     # glibc returns blocks of 16 KiB and more to the system when freed, so resident memory follows
     # the live tensors rather than the allocator's high-water mark.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
-
-    def measure(method: str, steps: int) -> tuple[int, int]:
-        out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, method, str(steps)], capture_output=True, text=True, check=True, env=env
-        )
-        kept, peak = out.stdout.split()[-2:]
-        return int(kept), int(peak)
+    methods = ("direct", "interpolating", "backsolve", "quadrature", "gauss")
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, *(f"{m}:{n}" for m in methods for n in (40, 320))],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = {}
+    for line in out.stdout.splitlines()[-2 * len(methods):]:
+        method, steps, kept, peak = line.split()
+        got[method, int(steps)] = int(kept), int(peak)
+    assert len(got) == 2 * len(methods), out.stdout
 
     mib = 2**20
-    (k40, p40), (k320, p320) = measure("direct", 40), measure("direct", 320)
+    (k40, p40), (k320, p320) = got["direct", 40], got["direct", 320]
     assert k320 - k40 > 40 * mib  # 280 more steps x ~0.3 MiB of saved stages and activations
     assert p320 - p40 > 40 * mib
-    for method in ("interpolating", "backsolve", "quadrature", "gauss"):
-        (k40, p40), (k320, p320) = measure(method, 40), measure(method, 320)
+    for method in methods[1:]:
+        (k40, p40), (k320, p320) = got[method, 40], got[method, 320]
         assert k320 - k40 < 2 * mib, (method, k40, k320)
         assert p320 - p40 < 4 * mib, (method, p40, p320)  # 280 more steps: 70 more checkpoints of 32 KiB
 

@@ -296,9 +296,11 @@ def test_backsolve_adjoint_on_a_moderately_stiff_problem():
 
 @pytest.mark.slow
 def test_backsolve_adjoint_fails_on_robertson_with_a_status():
+    # Integrated backwards, the fast decay explodes within 0.01 of the end at any tolerance: the
+    # step size collapses to dtmin (about 3000 steps at rtol 1e-6, 20 s; 400 at rtol 1e-4, 3 s).
     k = torch.tensor(ROBER_K, dtype=F64, requires_grad=True)
     with pytest.raises(odeflux.SolveError, match="adjoint solve of BacksolveAdjoint failed"):
-        torch.autograd.grad(_rober_loss(k, sensealg=odeflux.BacksolveAdjoint(), rtol=1e-6), k)
+        torch.autograd.grad(_rober_loss(k, sensealg=odeflux.BacksolveAdjoint(), rtol=1e-4), k)
 
 
 # -- Jacobians, counters, failures ---------------------------------------------------------------

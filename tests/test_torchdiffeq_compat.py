@@ -3,8 +3,8 @@ results as torchdiffeq itself (installed as a test-only dependency) on its API."
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -17,12 +17,16 @@ import torchdiffeq as real
 from odeflux.compat import torchdiffeq as compat
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = ROOT.parent / "shared" / "reference" / "torchdiffeq-tests"
+SUITE = Path(os.environ.get("ODEFLUX_TORCHDIFFEQ_TESTS", ROOT.parent / "shared" / "reference" / "torchdiffeq-tests"))
 MODULES = ["api_tests", "event_tests", "gradient_tests", "norm_tests", "odeint_tests"]
-# Runs one of the suite's files with unittest, counting every subTest case (unittest reports only
-# failing ones) and printing "<cases> <failures>".
+# A worker of the suite's run: takes the next module not yet claimed by another worker (an exclusive
+# create of <out>/<module>.claim, in the order given: longest first), runs it with unittest in this
+# one process (one torch import for all its modules, as the suite's run_all.py does), counting every
+# subTest case (unittest reports only failing ones), and writes <out>/<module>.json: cases and the
+# failures' names and tracebacks.
 RUNNER = """
-import sys, unittest
+import json, os, sys, unittest
+out, modules = sys.argv[1], sys.argv[2:]
 class Counting(unittest.TextTestResult):
     cases = 0
     def addSubTest(self, test, subtest, err):
@@ -31,11 +35,20 @@ class Counting(unittest.TextTestResult):
     def addSuccess(self, test):
         Counting.cases += 1
         super().addSuccess(test)
-suite = unittest.defaultTestLoader.loadTestsFromName(sys.argv[1])
-result = unittest.TextTestRunner(resultclass=Counting, verbosity=0).run(suite)
-print()
-print(Counting.cases, len(result.failures) + len(result.errors))
+for module in modules:
+    try:
+        os.close(os.open(os.path.join(out, module + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        continue
+    Counting.cases = 0
+    suite = unittest.defaultTestLoader.loadTestsFromName(module)
+    result = unittest.TextTestRunner(resultclass=Counting, verbosity=0).run(suite)
+    failed = [(str(t), tb) for t, tb in result.failures + result.errors]
+    with open(os.path.join(out, module + ".json"), "w") as f:
+        json.dump({"cases": Counting.cases, "tests": result.testsRun, "failed": failed}, f)
 """
+# The modules' rough cost (seconds on one core), for the longest-first order of the workers' queue.
+COST = {"odeint_tests": 48, "event_tests": 24, "gradient_tests": 18, "norm_tests": 14, "api_tests": 2}
 D = torch.float64
 
 
@@ -50,20 +63,51 @@ def shim(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def suite_results(request, shim, tmp_path_factory):
+    """torchdiffeq's suite, every module of it this session selected, run once by a worker process
+    per core (two on the 2-core CI machine): the modules are independent, and each runs whole in a
+    fresh process or after others in one, as in the suite's run_all.py. -> {module: result}."""
+    wanted = {
+        item.callspec.params["module"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_torchdiffeqs_own_suite_passes"
+    }
+    modules = sorted(wanted, key=lambda m: -COST.get(m, 0))
+    out = tmp_path_factory.mktemp("torchdiffeq-suite")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT / "src")]), OMP_NUM_THREADS="1")
+    n = max(1, min(len(modules), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    logs = [out / f"worker{i}.log" for i in range(n)]
+    procs = []
+    try:
+        for log in logs:
+            with open(log, "w") as f:  # (scipy's LSODA prints its complaints to stdout: kept out of pytest's)
+                procs.append(subprocess.Popen([sys.executable, "-c", RUNNER, str(out), *modules], cwd=SUITE, env=env,
+                                              stdout=f, stderr=subprocess.STDOUT))  # fmt: skip
+        for proc in procs:
+            proc.wait(timeout=900)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    tails = "\n".join(f"-- {log.name} (exit {p.returncode}):\n" + log.read_text()[-3000:] for log, p in zip(logs, procs))
+    results = {}
+    for module in modules:
+        f = out / f"{module}.json"
+        results[module] = json.loads(f.read_text()) if f.exists() else {"cases": 0, "tests": 0, "failed": [], "log": tails}
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (SUITE / "run_all.py").exists(), reason="torchdiffeq's test suite is not beside the checkout")
 @pytest.mark.parametrize("module", MODULES)
-def test_torchdiffeqs_own_suite_passes(module, shim):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), str(ROOT / "src")]), OMP_NUM_THREADS="1")
-    run = subprocess.run(
-        [sys.executable, "-c", RUNNER, module], cwd=SUITE, env=env, capture_output=True, text=True, timeout=900
-    )
-    failed = re.findall(r"^(?:FAIL|ERROR): (.*)$", run.stderr, re.M)
-    lines = run.stdout.strip().splitlines()  # (scipy's LSODA prints its complaints to stdout too)
-    counts = lines[-1].split() if lines else []
-    print(f"{module}: {counts[0] if counts else '?'} cases (each subTest), {len(failed)} failing")
-    assert run.returncode == 0 and counts and counts[1] == "0" and not failed, "\n".join(failed[:20]) + "\n" + run.stderr[-3000:]
-    assert int(counts[0]) > 0
+def test_torchdiffeqs_own_suite_passes(module, suite_results):
+    r = suite_results[module]
+    print(f"{module}: {r['tests']} tests, {r['cases']} cases (each subTest), {len(r['failed'])} failing")
+    assert "log" not in r, f"{module} did not run to the end:\n{r.get('log')}"
+    assert not r["failed"], "\n".join(f"FAIL: {name}\n{tb}" for name, tb in r["failed"][:5])
+    assert r["tests"] > 0 and r["cases"] > 0
 
 
 # -- the same results as torchdiffeq ----------------------------------------------------------
