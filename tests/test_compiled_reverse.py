@@ -221,6 +221,14 @@ def test_per_sample_gradients_compiled_match_the_recorded_loop():
     assert compiled.backward_stats.n_vjp_evals == int(compiled.sample_stats["n_accepted"].sum()) * 7
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # Again with a new field instance (and a new default solver): no program is traced again.
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    y = y0.clone().requires_grad_(True)
+    sol = odeflux.solve(_VanDerPol([0.5, 2.0, 5.0]), y, t_span, saveat=saveat, batch_axis=0, rtol=1e-8, atol=1e-10, compile=True)
+    torch.autograd.grad(torch.nan_to_num(sol.ys).sum(), y)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_program_inputs_that_share_memory_are_copied_apart():

@@ -181,6 +181,7 @@ class LoopProgram:
             torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
             module_params(joint),
         )  # fmt: skip
+        self.spec.solver.coefficients(y0.dtype, y0.device)  # (made before tracing: see PerSampleProgram.run)
         return _run(self.key, (tuple(y0.shape), y0.dtype, y0.device, self.spec.record), args)
 
     def _finish(self, it: _Integration, out: tuple) -> Any:
@@ -231,6 +232,9 @@ class PerSampleProgram:
 
     def run(self, inputs: tuple) -> tuple:
         y0 = inputs[1]
+        # (The solver's coefficients made before tracing: a cache it fills while traced would be
+        # guarded as empty, and each new solver instance would compile the loop again.)
+        self.spec.solver.coefficients(y0.dtype, y0.device)
         shapes = (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device, self.spec.record, self.spec.parts)
         out = _run(self.key, shapes, (self.spec, *inputs, module_params(self.f)))
         return run_loop(self.spec, *inputs, traced=False) if out is None else out

@@ -138,7 +138,7 @@ def reverse_pass(key: tuple, code: object, solver: Solver, fn: Callable[..., tor
     """The cotangents of ``y0`` (``(B, ...)``) and of ``params`` from those of the saved states, by
     the compiled :func:`run_reverse` (keyed by ``key`` and the shapes); a field the compiler
     cannot take gets the one line, and the same pass runs eagerly."""
-    ybar_b, kbar = cotangents(solver, ts, hs, n, t_end, taus, grads.detach())
+    ybar_b, kbar = cotangents(solver, ts, hs, n, t_end, taus, grads.detach())  # (fills the solver's coefficients before tracing)
     pv = tuple(q.detach().clone() for q in params)  # (a program may not take inputs that alias its module's)
     args = (solver, fn, n, ts, hs, ys, ybar_b, kbar, pv)
     full = (*key, tuple(ys.shape), ys.dtype, ys.device, tuple(q.shape for q in pv))
