@@ -18,6 +18,20 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 
 
+class LotkaVolterraRates(torch.nn.Module):
+    """Lotka-Volterra with its four rates one learnable vector (unbound inside ``forward``): shared by
+    the compiled-loop tests, so that they share their compiled programs (keyed by this class)."""
+
+    def __init__(self, rates=(1.5, 1.0, 1.0, 3.0)):
+        super().__init__()
+        self.rates = torch.nn.Parameter(torch.tensor(rates, dtype=torch.float64))
+
+    def forward(self, t, y):
+        a, b, d, g = self.rates
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([a * x - b * x * v, d * x * v - g * v], -1)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """``odeflux`` with ``argv`` in-process: (exit code, stdout, stderr)."""
     from odeflux.cli import main

@@ -14,22 +14,14 @@ import torch
 from torch import nn
 
 import odeflux
+from conftest import LotkaVolterraRates
 from odeflux.compiled import program
 from odeflux.compiled.reverse import capacity, cotangents, run_reverse
 
 
-class _LotkaVolterra(nn.Module):
-    def __init__(self, rates=(1.5, 1.0, 1.0, 3.0)):
-        super().__init__()
-        self.rates = nn.Parameter(torch.tensor(rates, dtype=torch.float64))
+_LotkaVolterra = LotkaVolterraRates
 
-    def forward(self, t, y):
-        a, b, d, g = self.rates
-        x, v = y[..., 0], y[..., 1]
-        return torch.stack([a * x - b * x * v, d * x * v - g * v], -1)
-
-
-SAVE = 12  # saved times in every case here (a shape of the programs)
+SAVE = 40  # saved times in every case here (a shape of the programs; as in tests/test_compiled_loop.py)
 
 
 def _grads(f, y0, span, saveat, compile, **kw):
@@ -171,20 +163,13 @@ def _interp(solver, co, y, h, K, theta):
     return solver.interpolate(y, h, K, w).squeeze(0)
 
 
-def test_neural_ode_with_compile_defaults_to_auto_which_takes_the_compiled_reverse_pass():
-    torch.manual_seed(0)
-    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    x = torch.randn(3, 2, dtype=torch.float64)
-    grads = []
-    for compile in (False, True):
-        kw = {"compile": True} if compile else {"sensealg": odeflux.DirectAdjoint()}
-        node = odeflux.NeuralODE(field, tspan=(0.0, 1.0), rtol=1e-8, atol=1e-10, return_solution=True, **kw)
-        sol = node(x)
-        assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
-        grads.append(torch.autograd.grad(sol.y_final.square().sum(), list(field.parameters())))
-    for a, b in zip(grads[1], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert isinstance(odeflux.NeuralODE(field).sensealg, odeflux.InterpolatingAdjoint)  # without compile=True
+def test_neural_ode_with_compile_defaults_to_auto():
+    """NeuralODE's default adjoint with compile=True is "auto" (which takes the compiled reverse pass
+    for a small state: test_compiled_loop.py's auto test); without it, InterpolatingAdjoint."""
+    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+    assert odeflux.NeuralODE(field, compile=True).sensealg == "auto"
+    assert isinstance(odeflux.NeuralODE(field).sensealg, odeflux.InterpolatingAdjoint)
+    assert isinstance(odeflux.NeuralODE(field, compile=True, batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
 
 
 class _VanDerPol(nn.Module):

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..problem import Problem
     from ..solvers.tableau import Solver
 
+
 def capacity(n: int) -> int:
     """The reverse program's step buffers for ``n`` steps: the next power of 4 from 64 (as the
     compiled loop's record grows), so that a solve with a few more or fewer steps reuses it."""
@@ -208,7 +209,8 @@ class CompiledReverseRun:
             ts, hs = torch.zeros(C, **f64), torch.zeros(C, **f64)
             ys = y0.new_zeros((C,) + tuple(y0.shape))
         taus = torch.tensor([res.ts], **f64)
-        with torch.no_grad():
+        # (The module's own tensors as in the forward pass, and its buffers left as they were.)
+        with _restored(self.module_state), _buffers_kept(self.module_state), torch.no_grad():
             gy0, *gp = reverse_pass(
                 ("reverse", self.code, repr(p.solver)), self.code, p.solver, self.fn,
                 torch.tensor([n], device=y0.device), ts.unsqueeze(0), hs.unsqueeze(0), ys.unsqueeze(0),
