@@ -227,3 +227,17 @@ def test_program_inputs_that_share_memory_are_copied_apart():
     assert a is t1 and b.untyped_storage().data_ptr() != t1.untyped_storage().data_ptr()
     torch.testing.assert_close(b, taus)
     assert c is not None
+
+
+def test_parameters_that_view_one_tensor_enter_a_program_apart():
+    """A model whose parameters are views of one flat vector (the MNIST app's flat parameters):
+    the loop's parameter inputs must not alias, so all but the first view are copied."""
+    from odeflux.compiled.loop import module_params
+
+    flat = torch.zeros(6)
+    m = nn.Module()
+    m.a, m.b = nn.Parameter(flat[:3]), nn.Parameter(flat[3:])
+    p = module_params(m)
+    assert p["a"].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert p["b"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    torch.testing.assert_close(p["b"], flat[3:])

@@ -222,7 +222,13 @@ def module_params(f: Any) -> dict[str, torch.Tensor] | None:
     """The module ``f``'s parameters by name, detached (:func:`run_loop`'s ``params``), or ``None``."""
     if not isinstance(f, torch.nn.Module):
         return None
-    named = {name: p.detach() for name, p in f.named_parameters(remove_duplicate=False)}
+    named, seen = {}, set()
+    for name, p in f.named_parameters(remove_duplicate=False):
+        ptr = p.untyped_storage().data_ptr()
+        # (Parameters that are views of one tensor, a flat parameter vector's, are copied apart:
+        # a compiled loop may not take inputs that alias.)
+        named[name] = p.detach().clone() if ptr in seen else p.detach()
+        seen.add(ptr)
     return named or None
 
 
