@@ -231,6 +231,8 @@ def solve_compiled_reverse(problem: Problem) -> Solution | None:
 
     if not problem.solver.tableau_steps or problem.dense or problem.perturb or problem.jump_times:
         return None
+    if code_key(problem.f) in STEP_REFUSED:  # (a field the compiler refused: its graph is recorded)
+        return None
     params = [q for q in problem.params if q.requires_grad]
     try:
         check_hidden_params(problem, params)
@@ -338,6 +340,8 @@ def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: t
     from ..sensitivity.base import _outside_leaves
     from ..sensitivity.vjp import FunctionalF
 
+    if code_key(batch.f) in STEP_REFUSED:  # (a field the compiler refused: the loop is recorded)
+        return None
     try:
         fn = FunctionalF(_Fields(batch.f), params, "compile")
     except ValueError:
