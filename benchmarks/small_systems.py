@@ -248,34 +248,14 @@ def run_probe(workload: str, key: str, cache_dir: str, timeout: float = 600.0) -
 # -- diffrax ----------------------------------------------------------------------------------
 
 
-class DiffraxSmallServer(diffrax_client.DiffraxServer):
-    """A ``diffrax_small serve`` process: ``compile()``, ``time(what)``, ``grad(what, path)``."""
+class DiffraxSmallServer(diffrax_client.DiffraxFieldServer):
+    """A ``diffrax_small serve`` process: ``compile()`` besides ``time(what)`` and ``grad(what, path)``."""
 
     def __init__(self, workload: str, data: Path, rtol: float, atol: float, threads: int = 1, timeout: float = 600.0):
-        cmd = [sys.executable, "-m", "benchmarks.peers.diffrax_small", "serve", "--workload", workload, "--data",
-               str(data), "--rtol", repr(rtol), "--atol", repr(atol), "--threads", str(threads)]  # fmt: skip
-        self._start(cmd, None, timeout)
-        self.reported: dict[str, list[float]] = {}
-
-    def _command(self, cmd: str) -> list[str]:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        words = self._read().split()
-        if words[:1] != ["done"]:
-            raise RuntimeError(f"diffrax server answered {' '.join(words)!r} to {cmd!r}")
-        return words[1:]
+        super().__init__(workload, data, rtol, atol, threads, timeout=timeout, module="benchmarks.peers.diffrax_small")
 
     def compile(self) -> dict[str, float]:
         return dict(zip(("forward", "checkpoint", "backsolve"), (float(s) for s in self._command("compile"))))
-
-    def time(self, what: str) -> float:
-        seconds = float(self._command(f"time {what}")[0])
-        self.reported.setdefault(what, []).append(seconds)
-        return seconds
-
-    def grad(self, what: str, path: Path) -> tuple[float, int, int, int]:
-        seconds, *stats = self._command(f"grad {what} {path}")
-        return (float(seconds), *(int(s) for s in stats))
 
 
 # -- one workload -----------------------------------------------------------------------------

@@ -130,7 +130,8 @@ class DiffraxServer:
 
 
 class DiffraxFieldServer(DiffraxServer):
-    """A ``diffrax_general serve`` process for one workload of :mod:`benchmarks.general`.
+    """A ``diffrax_general serve`` process for one workload of :mod:`benchmarks.general` (or, with
+    ``module``, another server of the same commands: :mod:`.diffrax_small`).
 
     ``time(adj)`` runs one gradient and returns the seconds it reports; ``grad(adj, path)`` also
     saves the gradient and returns ``(seconds, steps, accepted, rejected)``; ``count(adj)``
@@ -138,8 +139,8 @@ class DiffraxFieldServer(DiffraxServer):
     """
 
     def __init__(self, workload: str, data: Path, rtol: float, atol: float, threads: int = 0,
-                 env: dict | None = None, timeout: float = 600.0):  # fmt: skip
-        cmd = [sys.executable, "-m", "benchmarks.peers.diffrax_general", "serve", "--workload", workload,
+                 env: dict | None = None, timeout: float = 600.0, module: str = "benchmarks.peers.diffrax_general"):  # fmt: skip
+        cmd = [sys.executable, "-m", module, "serve", "--workload", workload,
                "--data", str(data), "--rtol", repr(rtol), "--atol", repr(atol), "--threads", str(threads)]  # fmt: skip
         self._start(cmd, env, timeout)
         self.reported: dict[str, list[float]] = {}

@@ -36,12 +36,11 @@ gradient's totals less it.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
+
+from . import jax_serve
 
 ADJOINTS = ("checkpoint", "backsolve")
 
@@ -191,31 +190,11 @@ class Problem:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.diffrax_general", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("serve",))
-    p.add_argument("--workload", choices=("mlp", "conv", "lv"), required=True)
-    p.add_argument("--data", required=True, help=".npz with y0, p:<name> parameters, t1 and optionally saveat")
-    p.add_argument("--rtol", type=float, required=True)
-    p.add_argument("--atol", type=float, required=True)
-    p.add_argument("--threads", type=int, default=0, help="1: pin to one CPU core; 0: JAX's default (all usable cores)")
-    args = p.parse_args(argv)
-    if args.threads == 1:  # before JAX starts: XLA sizes its thread pools from the usable cores
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    with np.load(args.data) as z:
-        data = {k: z[k] for k in z.files}
-    if data["y0"].dtype == np.float64:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
+    args, data = jax_serve.start("python -m benchmarks.peers.diffrax_general", __doc__.split("\n\n")[0], ("mlp", "conv", "lv"),
+                                 ".npz with y0, p:<name> parameters, t1 and optionally saveat", argv)  # fmt: skip
     problem = Problem(args.workload, data, args.rtol, args.atol)
     print(f"ready {problem.compile():.6f}", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "quit":
-            break
+    for cmd in jax_serve.commands():
         if cmd[0] == "time":
             seconds, _ = problem.gradient(cmd[1])
             print(f"done {seconds:.6f}", flush=True)

@@ -27,12 +27,13 @@ float64 arrays switch on JAX's x64 mode. ``serve`` prints ``ready``, then answer
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import numpy as np
+
+from . import jax_serve
+
+from .diffrax_general import lv_field
 
 FUNCTIONS = ("forward", "checkpoint", "backsolve")
 
@@ -41,14 +42,6 @@ def spiral_field(jnp):
     def f(t, y, p):
         h = jnp.tanh((y**3) @ p["l1.weight"].T + p["l1.bias"])
         return h @ p["l2.weight"].T + p["l2.bias"]
-
-    return f
-
-
-def lv_field(jnp):
-    def f(t, y, p):
-        x, v = y[..., 0], y[..., 1]
-        return jnp.stack([p["alpha"] * x - p["beta"] * x * v, p["delta"] * x * v - p["gamma"] * v], -1)
 
     return f
 
@@ -89,31 +82,11 @@ class Problem:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peers.diffrax_small", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("serve",))
-    p.add_argument("--workload", choices=("spiral", "lv"), required=True)
-    p.add_argument("--data", required=True, help=".npz with y0, ts, optionally data, and p:<name> parameters")
-    p.add_argument("--rtol", type=float, required=True)
-    p.add_argument("--atol", type=float, required=True)
-    p.add_argument("--threads", type=int, default=0, help="1: pin to one CPU core; 0: JAX's default (all usable cores)")
-    args = p.parse_args(argv)
-    if args.threads == 1:  # before JAX starts: XLA sizes its thread pools from the usable cores
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    with np.load(args.data) as z:
-        data = {k: z[k] for k in z.files}
-    if data["y0"].dtype == np.float64:
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
+    args, data = jax_serve.start("python -m benchmarks.peers.diffrax_small", __doc__.split("\n\n")[0], ("spiral", "lv"),
+                                 ".npz with y0, ts, optionally data, and p:<name> parameters", argv)  # fmt: skip
     problem = Problem(args.workload, data, args.rtol, args.atol)
     print("ready 0", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "quit":
-            break
+    for cmd in jax_serve.commands():
         if cmd[0] == "compile":
             print("done " + " ".join(f"{problem.call(w)[0]:.6f}" for w in FUNCTIONS), flush=True)
         elif cmd[0] == "time":

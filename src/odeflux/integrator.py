@@ -211,7 +211,7 @@ class _DenseRecorder:
         self.dt: list[float] = []
         self.y: list[torch.Tensor] = []
         self.K: list[torch.Tensor] = []
-        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (a compiled loop's record)
+        self.record: tuple[torch.Tensor, ...] | None = None  # (a compiled loop's: DenseOutput.record)
 
     def accepted(self, t: float, h: float, y: torch.Tensor, K: torch.Tensor) -> None:
         if not self.on:
@@ -227,7 +227,7 @@ class _DenseRecorder:
     def output(self, solver: Solver, on_arrays: bool) -> DenseOutput | None:
         if not (self.on and self.dt):
             return None
-        return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays, stacked=self.stacked)
+        return DenseOutput(solver, self.t, self.dt, self.y, self.K, on_arrays, record=self.record)
 
 
 class _Integration:

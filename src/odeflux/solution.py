@@ -85,12 +85,12 @@ class DenseOutput:
 
     def __init__(
         self, solver: Solver, t_starts: list[float], dts: list[float], y0s: list[torch.Tensor],
-        Ks: list[torch.Tensor], on_arrays: bool = False, stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+        Ks: list[torch.Tensor], on_arrays: bool = False, record: tuple[torch.Tensor, ...] | None = None,
     ):  # fmt: skip
         self.solver = solver
-        #: The steps' starts and stages as two stacked tensors, where they were made so (a compiled
-        #: loop's record); :meth:`stacked_steps` stacks them otherwise.
-        self._stacked = stacked
+        #: Where a compiled loop made these steps: its record of them, the starts, signed sizes and
+        #: start states as tensors (``(C,)``, ``(C,)``, ``(C, ...)``; rows past ``len(self)`` unused).
+        self.record = record
         self.t_starts = t_starts
         self.dts = dts
         self.y0s = y0s
@@ -109,12 +109,6 @@ class DenseOutput:
 
     def __len__(self) -> int:
         return len(self.dts)
-
-    def stacked_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every step's start state ``(n, ...)`` and stages ``(n, stages, ...)``, stacked."""
-        if self._stacked is None:
-            self._stacked = (torch.stack(self.y0s), torch.stack(self.Ks))
-        return self._stacked
 
     @property
     def t0(self) -> float:

@@ -13,7 +13,7 @@ device until the solve is done.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -68,11 +68,16 @@ def run_loop(
     """
     if on_step is not None and traced:
         raise ValueError("run_loop: on_step= takes the host loop (traced=False)")
-    if params is not None:
-        module = f
-        # (Copies made inside the loop's body: views of a tensor from outside it would be lifted
-        # into the body as inputs of their own, which alias.)
-        f = lambda tt, yy: torch.func.functional_call(module, {k: v.clone() for k, v in params.items()}, (tt, yy))  # noqa: E731
+    module = f
+
+    def field() -> VectorField:
+        """``f`` for one iteration: with ``params`` substituted, copied once inside the loop's body
+        (views of a tensor from outside it would be lifted into the body as inputs of their own,
+        which alias)."""
+        if params is None:
+            return module
+        values = {k: v.clone() for k, v in params.items()}
+        return lambda tt, yy: torch.func.functional_call(module, values, (tt, yy))
     solver, rule, adaptive = spec.solver, spec.controller.rule, spec.adaptive
     order, fsal = solver.error_order, solver.fsal
     dtype, device = y0.dtype, y0.device
@@ -97,6 +102,7 @@ def run_loop(
         lands = h >= remaining - land_tol
         hm = torch.where(going, torch.where(lands, remaining, h), 0.0)  # (a problem that is done stands still)
         hs = direction * hm
+        f = field()
         y1, e_vec, K, _ = solver.step(f, t.to(dtype), y, hs.to(dtype), k, co)
         if adaptive:
             # Step-size decisions are constants to autograd, as in the eager loop.
@@ -178,6 +184,39 @@ def run_loop(
     return carry
 
 
+class Located(NamedTuple):
+    """Where each saved time falls in a record of accepted steps (:func:`locate`), ``(B, n)`` each."""
+
+    i: torch.Tensor  # the step it falls in; -1: on or before the start
+    ic: torch.Tensor  # ``i`` clamped to a valid slot
+    last: torch.Tensor  # that step is the problem's last recorded one
+    t_next: torch.Tensor  # that step's end
+    ok: torch.Tensor  # inside that step or on its end (not at the start, not past the end, not NaN)
+    weights: torch.Tensor  # ``(B, n, stages)``: the interpolant's stage weights times the step, 0 where not ok
+
+
+def locate(
+    solver: Solver, co: Any, rec_t: torch.Tensor, rec_h: torch.Tensor, n_acc: torch.Tensor, t_end: torch.Tensor,
+    taus: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype,
+) -> Located:  # fmt: skip
+    """Each saved time ``taus`` (``(B, n)``) among each problem's recorded steps (starts ``rec_t``,
+    signed sizes ``rec_h``, ``(B, C)``; ``n_acc`` of them; ``t_end`` reached): what the states saved
+    from the record (:func:`run_loop`) and their cotangents (:mod:`.reverse`) are computed from."""
+    B, C = rec_t.shape
+    d = direction.reshape(B, 1)
+    valid = torch.arange(C, device=taus.device) < n_acc.unsqueeze(1)  # (B, C)
+    before = valid.unsqueeze(1) & (d.unsqueeze(2) * (rec_t.unsqueeze(1) - taus.unsqueeze(2)) < 0)  # (B, n, C)
+    i = before.sum(-1) - 1
+    ic = i.clamp(min=0)
+    last = ic + 1 >= n_acc.unsqueeze(1)
+    t_next = torch.where(last, t_end.unsqueeze(1), rec_t.gather(1, (ic + 1).clamp(max=C - 1)))
+    ok = (i >= 0) & (d * (taus - t_next) <= 0)
+    h = rec_h.gather(1, ic)
+    theta = torch.where(ok, (taus - rec_t.gather(1, ic)) / torch.where(ok, h, 1.0), 0.0)
+    weights = solver.dense_weights(theta.to(dtype), co) * torch.where(ok, h, 0.0).to(dtype).unsqueeze(2)
+    return Located(i, ic, last, t_next, ok, weights)
+
+
 def _saved_from_record(solver: Solver, co: Any, taus: torch.Tensor, carry: tuple, direction: torch.Tensor) -> torch.Tensor:
     """The states at the saveat times from the record of the accepted steps, after the loop (the
     same interpolant as in the loop, once per time rather than every time at every step)."""
@@ -186,26 +225,14 @@ def _saved_from_record(solver: Solver, co: Any, taus: torch.Tensor, carry: tuple
     B, C = rec_t.shape
     n = taus.shape[1]
     col = lambda x: x.reshape(x.shape + (1,) * (ys0.dim() - x.dim()))  # noqa: E731
-    valid = torch.arange(C, device=taus.device) < n_acc.unsqueeze(1)  # (B, C)
-    d = direction.reshape(B, 1, 1)
-    before = valid.unsqueeze(1) & (d * (rec_t.unsqueeze(1) - taus.unsqueeze(2)) < 0)  # (B, n, C)
-    i = before.sum(-1) - 1  # the step each time falls in (-1: at t0)
-    ic = i.clamp(min=0)
-    nxt = (ic + 1).clamp(max=C - 1)
+    at = locate(solver, co, rec_t, rec_h, n_acc, t_end, taus, direction, ys0.dtype)
     gather = lambda buf, idx: buf.gather(1, idx.reshape(idx.shape + (1,) * (buf.dim() - 2)).expand(idx.shape + buf.shape[2:]))  # noqa: E731
-    t_i, h_i = gather(rec_t, ic), gather(rec_h, ic)
-    last = ic + 1 >= n_acc.unsqueeze(1)
-    t_next = torch.where(last, t_end.unsqueeze(1), gather(rec_t, nxt))
-    reached = (i >= 0) & (d.squeeze(2) * (taus - t_next) <= 0)
-    theta = torch.where(reached, (taus - t_i) / torch.where(reached, h_i, 1.0), 0.0)
-    dtype = ys0.dtype
-    weights = solver.dense_weights(theta.to(dtype), co) * h_i.to(dtype).unsqueeze(2)  # (B, n, stages)
-    K = gather(rec_K, ic)  # (B, n, stages, ...)
+    K = gather(rec_K, at.ic)  # (B, n, stages, ...)
     s = K.shape[2]
-    interp = gather(rec_y, ic).reshape(B, n, -1) + torch.einsum("bns,bnsx->bnx", weights, K.reshape(B, n, s, -1))
-    y_next = torch.where(col(last), y_end.unsqueeze(1), gather(rec_y, nxt))
-    new = torch.where(col(taus == t_next), y_next, interp.reshape(ys0.shape))
-    return torch.where(col(reached), new, ys0)
+    interp = gather(rec_y, at.ic).reshape(B, n, -1) + torch.einsum("bns,bnsx->bnx", at.weights, K.reshape(B, n, s, -1))
+    y_next = torch.where(col(at.last), y_end.unsqueeze(1), gather(rec_y, (at.ic + 1).clamp(max=C - 1)))
+    new = torch.where(col(taus == at.t_next), y_next, interp.reshape(ys0.shape))
+    return torch.where(col(at.ok), new, ys0)
 
 
 def _write(record: tuple, slot: torch.Tensor, values: tuple) -> tuple:

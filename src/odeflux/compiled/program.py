@@ -201,10 +201,11 @@ class LoopProgram:
         it.t, it.y, it.k = t_f, y, k
         if self.spec.record:
             n = int(n_acc)
-            rec_t, rec_h, rec_y, rec_K = (x[0, :n] for x in out[13:])
+            rec_t, rec_h, rec_y, rec_K = (x[0] for x in out[13:])
             d = it.dense
-            d.t, d.dt, d.y, d.K = rec_t.tolist(), rec_h.tolist(), list(rec_y.unbind(0)), list(rec_K.unbind(0))
-            d.stacked = (rec_y, rec_K)
+            d.t, d.dt = rec_t[:n].tolist(), rec_h[:n].tolist()
+            d.y, d.K = list(rec_y[:n].unbind(0)), list(rec_K[:n].unbind(0))
+            d.record = (rec_t, rec_h, rec_y)
         status = Status(int(status))
         if saveat is not None:
             reached = sum(1 for s in saveat if it.direction * (s - t_f) <= 0)

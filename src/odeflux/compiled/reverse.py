@@ -23,6 +23,7 @@ import torch
 
 from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
 from ..sensitivity.base import _buffers_kept, _restored
+from .loop import locate
 from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _apart, _program, _reason, code_key, warn_eager
 
 if TYPE_CHECKING:
@@ -112,24 +113,16 @@ def cotangents(
     s = solver.tableau.stages
     known = ~torch.isnan(taus)
     g = torch.where(known.reshape((B, m) + (1,) * len(shape)), grads, 0.0).reshape(B, m, -1)
-    d = torch.sign(t_end - ts[:, 0]).reshape(B, 1, 1)  # (a problem with no steps has no direction: nothing below counts)
-    valid = torch.arange(C, device=ts.device) < n.unsqueeze(1)
-    before = valid.unsqueeze(1) & (d * (ts.unsqueeze(1) - taus.unsqueeze(2)) < 0)  # (B, m, C)
-    i = before.sum(-1) - 1  # the step each time falls in; -1: on t0
-    ic = i.clamp(min=0)
-    last = ic + 1 >= n.unsqueeze(1)
-    t_next = torch.where(last, t_end.unsqueeze(1), ts.gather(1, (ic + 1).clamp(max=C - 1)))
-    at_end = (i >= 0) & (taus == t_next)
-    inside = (i >= 0) & ~at_end & known
-    boundary = torch.where(i < 0, 0, torch.where(at_end, ic + 1, ic))
+    d = torch.sign(t_end - ts[:, 0])  # (a problem with no steps has no direction: nothing below counts)
+    at = locate(solver, solver.coefficients(dtype, grads.device), ts, hs, n, t_end, taus, d, dtype)
+    at_end = at.ok & (taus == at.t_next)
+    inside = at.ok & ~at_end
+    boundary = torch.where(at.i < 0, 0, torch.where(at_end, at.ic + 1, at.ic))
     X = g.shape[2]
     ybar_b = grads.new_zeros(B, C + 1, X).scatter_add_(1, boundary.unsqueeze(2).expand(B, m, X), g)
-    h = hs.gather(1, ic)
-    theta = torch.where(inside, (taus - ts.gather(1, ic)) / torch.where(inside, h, 1.0), 0.0)
-    co = solver.coefficients(dtype, grads.device)
-    w = solver.dense_weights(theta.to(dtype), co) * torch.where(inside, h, 0.0).to(dtype).unsqueeze(2)  # (B, m, s)
+    w = torch.where(inside.unsqueeze(2), at.weights, 0.0)  # (B, m, s)
     kb = (w.unsqueeze(3) * g.unsqueeze(2)).reshape(B, m, s * X)
-    kbar = grads.new_zeros(B, C, s * X).scatter_add_(1, ic.unsqueeze(2).expand(B, m, s * X), kb)
+    kbar = grads.new_zeros(B, C, s * X).scatter_add_(1, at.ic.unsqueeze(2).expand(B, m, s * X), kb)
     return ybar_b.reshape((B, C + 1) + shape), kbar.reshape((B, C, s) + shape)
 
 
@@ -196,18 +189,16 @@ class CompiledReverseRun:
         y0 = p.y0
         f64 = dict(dtype=torch.float64, device=y0.device)
         n = 0 if dense is None else len(dense)
-        if dense is not None:
-            ys, _ = dense.stacked_steps()
-            C = max(capacity(n), ys.shape[0])  # (a compiled loop's record has its capacity's rows already)
-            if ys.shape[0] < C:
-                ys = torch.cat([ys, ys.new_zeros((C - ys.shape[0],) + tuple(ys.shape[1:]))])
+        if dense is not None and dense.record is not None:  # the compiled loop's record, as it is
+            ts, hs, ys = dense.record
+        else:  # steps taken on the host: padded to the program's capacity
+            C = capacity(n)
             ts, hs = torch.zeros(C, **f64), torch.zeros(C, **f64)  # (apart: a program's inputs may not alias)
-            ts[:n] = torch.tensor(dense.t_starts, **f64)
-            hs[:n] = torch.tensor(dense.dts, **f64)
-        else:
-            C = capacity(0)
-            ts, hs = torch.zeros(C, **f64), torch.zeros(C, **f64)
             ys = y0.new_zeros((C,) + tuple(y0.shape))
+            if n:
+                ts[:n] = torch.tensor(dense.t_starts, **f64)
+                hs[:n] = torch.tensor(dense.dts, **f64)
+                ys[:n] = torch.stack(dense.y0s)
         taus = torch.tensor([res.ts], **f64)
         # (The module's own tensors as in the forward pass, and its buffers left as they were.)
         with _restored(self.module_state), _buffers_kept(self.module_state), torch.no_grad():
@@ -337,7 +328,8 @@ def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: t
     """The compiled reverse pass for a per-sample DirectAdjoint solve, or ``None`` where the
     parameters cannot be substituted into ``f`` (captured from its closure): the loop is then
     recorded as a graph."""
-    from ..sensitivity.base import _outside_leaves
+    from ..sensitivity.base import hidden_param
+    from ..sensitivity.per_sample_adjoint import _user_f
     from ..sensitivity.vjp import FunctionalF
 
     if code_key(batch.f) in STEP_REFUSED:  # (a field the compiler refused: the loop is recorded)
@@ -346,10 +338,7 @@ def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: t
         fn = FunctionalF(_Fields(batch.f), params, "compile")
     except ValueError:
         return None
-    with torch.enable_grad(), _buffers_kept(module_state):
-        out = batch.f(t0.to(y0.dtype), y0.detach())
-    hidden = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
-    del out
-    if any(ref() is not None for ref, _ in hidden):
+    y = y0.detach()
+    if hidden_param(_user_f(batch.f), lambda: batch.f(t0.to(y.dtype), y), params, module_state) is not None:
         return None
     return PerSampleReverseRun(batch, y0, t0, t1, taus, params, module_state, fn)

@@ -179,31 +179,43 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     ``torch.autograd.grad`` inside ``f``) is no parameter: it is freed with the evaluation's graph,
     where a captured tensor lives on, and that is how the two are told apart.
     """
-    f = problem.user_f
+    y = problem.y0.detach()
+    # perturb: f is never evaluated on a step's ends, so neither is it here.
+    t0 = nudge(problem.t0, 1.0 if problem.t1 > problem.t0 else -1.0, y.dtype) if problem.perturb else problem.t0
+    shape = hidden_param(
+        problem.user_f, lambda: problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y), params,
+        problem.module_state,
+    )  # fmt: skip
+    if shape is not None:
+        raise ValueError(
+            f"f depends on a tensor of shape {shape} that requires grad but is not among the "
+            "parameters the adjoint differentiates: make f an nn.Module that owns it, pass it inside "
+            "args=, list it in params=, or use sensealg=DirectAdjoint()"
+        )
+
+
+def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor], module_state: list) -> tuple[int, ...] | None:
+    """The shape of a tensor requiring grad that ``f`` depends on but that is not among ``params``
+    (see :func:`check_hidden_params`), or ``None``: one evaluation (``evaluate()``) walked, and
+    ``f`` remembered (weakly) once found clean, so that later calls cost nothing."""
     # solve() wraps a module of y, or of a structured state, afresh per call: remember what it wraps.
     while isinstance(f, (VectorField, TreeField)):
         f = f.module if isinstance(f, VectorField) else f.inner
     try:
         if _CHECKED.get(f) == len(params):
-            return
+            return None
     except TypeError:
         f = None
-    y = problem.y0.detach()
-    # perturb: f is never evaluated on a step's ends, so neither is it here.
-    t0 = nudge(problem.t0, 1.0 if problem.t1 > problem.t0 else -1.0, y.dtype) if problem.perturb else problem.t0
-    with torch.enable_grad(), _buffers_kept(problem.module_state):
-        out = problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y)
+    with torch.enable_grad(), _buffers_kept(module_state):
+        out = evaluate()
     outside = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
     del out  # frees the evaluation's graph, and with it the leaves f made during the call
     for ref, shape in outside:
         if ref() is not None:
-            raise ValueError(
-                f"f depends on a tensor of shape {shape} that requires grad but is not among the "
-                "parameters the adjoint differentiates: make f an nn.Module that owns it, pass it inside "
-                "args=, list it in params=, or use sensealg=DirectAdjoint()"
-            )
+            return shape
     if f is not None:
         _CHECKED[f] = len(params)
+    return None
 
 
 def _outside_leaves(out: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[weakref.ref, tuple[int, ...]]]:

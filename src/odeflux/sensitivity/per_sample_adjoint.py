@@ -48,7 +48,7 @@ import torch
 from ..control import DEFAULT_PI, ConstantStepSize
 from ..solution import BackwardStats, SolveError, Status
 from .backsolve import BacksolveAdjoint
-from .base import ContinuousAdjoint, _buffers_kept, _outside_leaves, _restored, adjoint_parts, split_like
+from .base import ContinuousAdjoint, _buffers_kept, _restored, adjoint_parts, hidden_param, split_like
 from .gauss import GaussAdjoint
 from .interpolating import InterpolatingAdjoint
 from .quadrature import QuadratureAdjoint, kronrod_rule
@@ -240,6 +240,13 @@ class ForwardSteps:
         return y.reshape(self.shape)
 
 
+def _user_f(f: Any) -> Any:
+    """The user's field behind a per-sample ``f`` (its ``args`` bound: they are parameters, not hidden)."""
+    from ..problem import BoundArgs
+
+    return f.f if isinstance(f, BoundArgs) else f
+
+
 class PerSampleAdjointRun:
     """The state a per-sample solve shares between its forward and backward passes (the run
     :class:`~odeflux.sensitivity.base._AdjointFunction` connects to autograd)."""
@@ -275,17 +282,15 @@ class PerSampleAdjointRun:
     def _check_hidden_params(self) -> None:
         """As :func:`~odeflux.sensitivity.base.check_hidden_params`: a tensor requiring grad that
         ``f`` captures, not among the parameters, would get no gradient: refused."""
-        with torch.enable_grad(), _buffers_kept(self.module_state):
-            out = self.batch.f(self.t0.to(self.y.dtype), self.y)
-        outside = _outside_leaves(out, self.params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
-        del out
-        for ref, shape in outside:
-            if ref() is not None:
-                raise ValueError(
-                    f"f depends on a tensor of shape {shape} that requires grad but is not among the parameters "
-                    f"{type(self.method).__name__} differentiates: make f an nn.Module that owns it, pass it inside "
-                    "args=, or use sensealg=DirectAdjoint()"
-                )
+        shape = hidden_param(
+            _user_f(self.batch.f), lambda: self.batch.f(self.t0.to(self.y.dtype), self.y), self.params, self.module_state,
+        )  # fmt: skip
+        if shape is not None:
+            raise ValueError(
+                f"f depends on a tensor of shape {shape} that requires grad but is not among the parameters "
+                f"{type(self.method).__name__} differentiates: make f an nn.Module that owns it, pass it inside "
+                "args=, or use sensealg=DirectAdjoint()"
+            )
 
     # forward ---------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
