@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 
 import numpy as np
+
+from . import jax_serve
 
 from .data import epoch_order, tutorial_split
 
@@ -166,12 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"\t Test Accuracy: {100 * te:.2f}%", flush=True)  # fmt: skip
         return
     print(f"ready {compile_s:.6f}", flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd:
-            continue
-        if cmd[0] == "quit":
-            break
+    for cmd in jax_serve.commands():
         seconds = trainer.train_batches(int(cmd[1]) if cmd[0] == "batches" else None)
         print(f"done {seconds:.6f} {trainer.last_steps}", flush=True)
 
