@@ -43,7 +43,8 @@ LINE = re.compile(r"^\[(\d+)/(\d+)\] \t Time \d+\.\d\ds \t Training Accuracy: \d
         (["train", "--model", "odenet", "--width", "0"], ["--width", "positive integer"]),
         (["train", "--width", "16"], ["--width", "--model odenet"]),
         (["train", "--pooled-head"], ["--pooled-head", "--model odenet"]),
-        (["train", "--per-sample"], ["--per-sample", "--sensealg direct"]),
+        (["train", "--per-sample", "--model", "odenet"], ["--per-sample", "--model odenet"]),
+        (["train", "--per-sample", "--vjp", "compile"], ["--per-sample", "--vjp func"]),
         (["train", "--resume", "somewhere", "--run-dir", "elsewhere"], ["--resume", "drop --run-dir"]),
         (["evaluate"], ["CHECKPOINT"]),
         (["evaluate", "ckpt", "--split", "validation"], ["--split", "invalid choice"]),
@@ -133,10 +134,9 @@ def test_short_train_prints_the_epoch_lines(capsys):
 
 
 def test_per_sample_training_prints_the_epoch_lines(capsys):
-    """`--per-sample`: each image's ODE its own problem (issue 16)."""
-    code, out, err = run_cli(
-        ["train", "--sensealg", "direct", "--per-sample", "--epochs", "1", "--n-samples", "200"], capsys
-    )
+    """`--per-sample`: each image's ODE its own problem (issue 16), with the default adjoint (the
+    interpolating adjoint, its first step a try at each whole interval)."""
+    code, out, err = run_cli(["train", "--per-sample", "--epochs", "1", "--n-samples", "200"], capsys)
     assert code == 0, err
     assert [LINE.match(l).group(1, 2) for l in out.strip().splitlines()] == [("1", "1")]
 

@@ -154,3 +154,29 @@ def test_neural_ode_per_sample():
             torch.testing.assert_close(out[b], ref, rtol=0, atol=1e-7)
     out.sum().backward()
     assert field[0].weight.grad is not None
+
+
+def test_the_traced_loop_takes_a_batch_of_one_broadcast_from_numbers():
+    """A batch of one whose times were broadcast from numbers (stride 0, as ``t_span=(0.0, 1.0)``
+    gives them) is carried by ``torch.while_loop`` as the body returns it: it refused the
+    carried inputs' strides once (the MNIST app's ``--per-sample --compile`` fell back to eager).
+    Traced with torch.while_loop's eager backend here (no compiler): same result as the host loop."""
+    from odeflux.compiled.loop import LoopSpec
+    from odeflux.compiled.start import start_and_run
+    from odeflux.per_sample import Batch
+
+    f = VdP([2.0])
+    b = Batch(f, odeflux.Tsit5(), odeflux.PIController(), True, saving=True, rtol=1e-6, atol=1e-6, dt0=None,
+              dtmin=None, dtmax=None, max_steps=100)  # fmt: skip
+    t0, t1 = (torch.tensor(v, dtype=D).expand(1).clone() for v in (0.0, 1.0))
+    assert t0.stride() == (0,)
+    y0 = torch.tensor([[2.0, 0.0]], dtype=D)
+    with torch.no_grad():
+        k0 = f(t0, y0)
+        host, _ = b.run(y0, k0, t0, t1)
+        nan = torch.tensor(math.nan, dtype=D)
+        inputs = (f, y0, k0, t0, t1, t1.unsqueeze(1).clone(), torch.tensor(1e-6, dtype=D), torch.tensor(1e-6, dtype=D),
+                  nan, nan, nan, torch.tensor(100), torch.full_like(t0, b.controller.init_state()))  # fmt: skip
+        traced = start_and_run(LoopSpec(b.solver, b.controller, True, True), b.start, *inputs, traced=True)
+    assert int(traced[5]) == int(host[5]) > 3
+    torch.testing.assert_close(traced[9], host[9], rtol=1e-12, atol=1e-12)

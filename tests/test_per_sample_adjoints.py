@@ -183,11 +183,38 @@ def test_refusals_name_the_methods_and_options():
         solve(odeflux.InterpolatingAdjoint(vjp="func"), lambda t, y: -y)
     with pytest.raises(ValueError, match="take GaussAdjoint without checkpointing=True"):
         solve(odeflux.GaussAdjoint(checkpointing=True))
-    with pytest.raises(ValueError, match="without first_step='interval'"):
-        solve(odeflux.BacksolveAdjoint(first_step="interval"))
     hidden = nn.Parameter(torch.tensor(1.0, dtype=D))
     with pytest.raises(ValueError, match=r"f depends on a tensor of shape \(\) that requires grad"):
         solve(odeflux.InterpolatingAdjoint(), lambda t, y: -hidden * y)
+
+
+@pytest.mark.parametrize("method", [odeflux.InterpolatingAdjoint(first_step="interval"), odeflux.GaussAdjoint(first_step="interval")],
+                         ids=["interpolating", "gauss"])  # fmt: skip
+def test_a_first_step_over_the_whole_interval_as_each_sample_alone_takes_it(method):
+    # Each adjoint interval's first step tries the whole interval, and goes on from Hairer's
+    # estimate where that try is rejected (the MNIST tutorial's setting): per sample, the same
+    # steps, rejections and gradients as each sample's own joint solve under the same method.
+    f = Shared()
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.5]], dtype=D)
+    t1 = [1.0, 2.5, 0.7]
+    taus = torch.tensor([[0.02, 0.5, 1.0], [0.5, 2.5, nan], [0.1, 0.7, nan]], dtype=D)
+    kw = dict(rtol=1e-5, atol=1e-5, sensealg=method)
+    sol = odeflux.solve(f, y0, (0.0, torch.tensor(t1, dtype=D)), saveat=taus, batch_axis=0, **kw)
+    grads = torch.autograd.grad((torch.nan_to_num(sol.ys) ** 2).sum(), [f.A, f.b])
+    total, steps, rejected = [torch.zeros_like(f.A), torch.zeros_like(f.b)], 0, 0
+    for b in range(3):
+        times = taus[b][~torch.isnan(taus[b])].tolist()
+        s = odeflux.solve(f, y0[b], (0.0, t1[b]), saveat=times, **kw)
+        for acc, g in zip(total, torch.autograd.grad((s.ys**2).sum(), [f.A, f.b])):
+            acc += g
+        steps, rejected = steps + s.backward_stats.n_steps, rejected + s.backward_stats.n_rejected
+    for g, t in zip(grads, total):
+        torch.testing.assert_close(g, t, rtol=1e-9, atol=1e-12)
+    assert (sol.backward_stats.n_steps, sol.backward_stats.n_rejected) == (steps, rejected)
+    # Not Hairer's start under another name: some tries were rejected, and the steps differ.
+    hairer = odeflux.solve(f, y0, (0.0, torch.tensor(t1, dtype=D)), saveat=taus, batch_axis=0, **{**kw, "sensealg": type(method)()})
+    torch.autograd.grad((torch.nan_to_num(hairer.ys) ** 2).sum(), [f.A, f.b])
+    assert rejected > 0 and hairer.backward_stats.n_steps != steps
 
 
 def test_args_tensors_and_second_derivatives():

@@ -154,7 +154,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="the continuous adjoints' first step: interval tries the whole span as one step (falling back to "
         "Hairer's estimate if rejected); hairer starts from Hairer's estimate, as SciMLSensitivity")
     add("--per-sample", action="store_true",
-        help="solve each image's ODE as its own problem (its own steps; solve(..., batch_axis=0)); needs --sensealg direct")
+        help="solve each image's ODE as its own problem (its own steps; solve(..., batch_axis=0)); its continuous adjoints take --vjp autograd or func")
     add("--dataset", choices=DATASETS, default="mnist", help="MNIST, or Fashion-MNIST in the same format")
     add("--data-dir", default=None,
         help="directory holding the IDX files; otherwise $ODEFLUX_DATA_DIR, the cache, the bundled 1500 images, a download")
@@ -211,8 +211,10 @@ def _check_train_args(args: argparse.Namespace) -> str | None:
     for flag, given in (("--width", args.width is not None), ("--pooled-head", args.pooled_head)):
         if given and args.model != "odenet":
             return f"{flag} shapes the ODE-Net, not the {args.model} model: add --model odenet, or drop {flag}"
-    if args.per_sample and (args.sensealg != "direct" or args.model != "tutorial"):
-        return "--per-sample backpropagates through each image's own solve: add --sensealg direct (tutorial model)"
+    if args.per_sample and args.model != "tutorial":
+        return "--per-sample solves the tutorial model's ODE per image: drop --model odenet, or --per-sample"
+    if args.per_sample and args.sensealg != "direct" and args.vjp not in ("autograd", "func"):
+        return f"--per-sample's adjoints take --vjp autograd or func, not {args.vjp}: pass --vjp func (or --sensealg direct)"
     if args.n_samples != "all":
         n_train = round(args.train_split * args.n_samples)
         if n_train in (0, args.n_samples):

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .compiled.loop import LoopSpec, run_loop
+from .compiled.loop import LoopSpec
 from .compiled.program import PerSampleProgram
 from .compiled.reverse import per_sample_reverse_run
-from .control import DEFAULT_PI, TENSOR, Parts, ConstantStepSize, IController, PIController, StepSizeController, initial_step
+from .compiled.start import Start, start_and_run
+from .control import DEFAULT_PI, Parts, ConstantStepSize, IController, PIController, StepSizeController
 from .problem import BoundArgs, bind_args, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
 from .sensitivity.base import _AdjointFunction
@@ -38,27 +39,6 @@ from .vector_field import VectorField, takes_time
 __all__ = ["solve_per_sample"]
 
 
-class _Norms:
-    """Hairer's norms of each problem (:class:`odeflux.control.HairerNorms` with ``(B,)`` values);
-    with ``parts``, the largest of the blocks' RMS norms, as the error norm takes them."""
-
-    def __init__(self, f: Callable, y0: torch.Tensor, f0: torch.Tensor, rtol: float, atol: float, parts: Parts | None = None):
-        self.f, self.y0, self.f0, self.parts = f, y0, f0, parts
-        self.scale = y0.abs() * rtol + atol
-        self.d0, self.d1 = self._rms(y0), self._rms(f0)
-
-    def _rms(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x / self.scale).reshape(x.shape[0], -1)
-        blocks = [(0, z.shape[1])] if self.parts is None else self.parts
-        norms = [torch.linalg.vector_norm(z[:, a:b], dim=1) / math.sqrt(b - a) for a, b in blocks]
-        return torch.stack(norms).amax(0).to(torch.float64)
-
-    def change(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        hy = h.to(self.y0.dtype).reshape(h.shape + (1,) * (self.y0.dim() - 1))
-        f1 = self.f(t.to(self.y0.dtype), self.y0 + hy * self.f0)
-        return self._rms(f1 - self.f0)
-
-
 class Batch:
     """How the ``B`` problems of a per-sample solve are stepped (solver, controller, tolerances and
     step limits): :meth:`run` integrates ``f`` from ``(t0, y0)`` to ``t1`` with the compiled loop's
@@ -68,11 +48,13 @@ class Batch:
     def __init__(
         self, f: Callable, solver: Solver, controller: StepSizeController, adaptive: bool, *, saving: bool,
         rtol: float, atol: float, dt0: float | None, dtmin: float | None, dtmax: float | None, max_steps: int,
-        parts: Parts | None = None,
+        parts: Parts | None = None, first_step: str = "hairer",
     ):  # fmt: skip
         self.f, self.solver, self.controller, self.adaptive, self.saving = f, solver, controller, adaptive, saving
         self.rtol, self.atol, self.dt0, self.dtmin, self.dtmax, self.max_steps = rtol, atol, dt0, dtmin, dtmax, max_steps
         self.parts = parts
+        #: How each problem's first step is chosen (see :mod:`odeflux.compiled.start`).
+        self.start = Start("dt0" if dt0 is not None else first_step, dtmin is not None, dtmax is not None)
 
     def run(
         self, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor | None = None,
@@ -80,43 +62,23 @@ class Batch:
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
         """The loop's final carry (see :func:`~odeflux.compiled.loop.run_loop`) and the
         evaluations its start took (``k0`` given), per problem. A problem with ``t0 == t1``
-        stands still. ``record``: the capacity of the loop's record of accepted steps (0: none)."""
-        f, dtype, dev = self.f, y0.dtype, y0.device
-        B = y0.shape[0]
-        direction = torch.sign(t1 - t0)
-        span = (t1 - t0).abs()
-        tscale = torch.maximum(torch.maximum(t0.abs(), t1.abs()), torch.ones_like(t0))
-        eps64 = 2.0**-52
-        dtmin_t = (
-            torch.full_like(t0, float(self.dtmin)) if self.dtmin is not None
-            else torch.maximum(16 * eps64 * tscale, 16 * torch.finfo(dtype).eps * span) if self.adaptive
-            else torch.zeros_like(t0)
-        )  # fmt: skip
-        dtmax_t = span if self.dtmax is None else torch.minimum(span, torch.full_like(span, float(self.dtmax)))
-        n_f = torch.ones(B, dtype=torch.int64, device=dev)
-        if self.dt0 is not None:
-            h0 = torch.full_like(t0, abs(float(self.dt0)))
-        else:
-            with torch.no_grad():
-                norms = _Norms(f, y0.detach(), k0.detach(), self.rtol, self.atol, self.parts)
-                h0, extra = initial_step(norms, t0, direction, self.solver.error_order, dtmax_t, TENSOR)
-            h0 = torch.maximum(h0, dtmin_t)
-            n_f = n_f + extra
-        h0 = torch.minimum(h0, dtmax_t)
-        if taus is None:
-            taus = t1.unsqueeze(1)
-        ys0 = y0.unsqueeze(1).expand((B, taus.shape[1]) + tuple(y0.shape[1:])).clone()
-        ctrl0 = self.controller.init_state()
+        stands still. ``record``: the capacity of the loop's record of accepted steps (0: none).
+        With ``compile`` (and no ``on_step``) the start and the loop are one compiled program."""
+        dev = y0.device
         f64 = dict(dtype=torch.float64, device=dev)
+        scalar = lambda v: torch.tensor(math.nan if v is None else float(v), **f64)  # noqa: E731
+        ctrl0 = self.controller.init_state()
         inputs = (
-            f, y0, k0, t0, t1, h0, taus, ys0, torch.tensor(float(self.rtol), **f64),
-            torch.tensor(float(self.atol), **f64), dtmin_t, dtmax_t, 64 * eps64 * tscale,
-            torch.tensor(self.max_steps, dtype=torch.int64, device=dev), torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
+            self.f, y0, k0, t0, t1, t1.unsqueeze(1) if taus is None else taus, scalar(self.rtol), scalar(self.atol),
+            scalar(self.dt0), scalar(self.dtmin), scalar(self.dtmax), torch.tensor(self.max_steps, dtype=torch.int64, device=dev),
+            torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
         spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts, record)
         if compile and on_step is None:
-            return PerSampleProgram(f, spec).run(inputs), n_f
-        return run_loop(spec, *inputs, traced=False, on_step=on_step), n_f
+            out = PerSampleProgram(self.f, spec, self.start).run(inputs)
+        else:
+            out = start_and_run(spec, self.start, *inputs, traced=False, on_step=on_step)
+        return out[:-1], out[-1]
 
 
 def _per_sample_times(name: str, v: Any, B: int, device: torch.device) -> torch.Tensor:
@@ -176,8 +138,11 @@ def solve_per_sample(
             raise ValueError("a saveat time is outside its sample's t_span")
     else:
         taus = torch.stack([t0, t1], 1) if save_start else t1.unsqueeze(1)
-    with torch.no_grad() if adjoint else contextlib.nullcontext():
-        k0 = f(t0.to(dtype), y0)  # (recorded where autograd is on, as the eager loop's first evaluation)
+    # (Recorded where autograd differentiates the host loop, as its first evaluation; not where an
+    # adjoint run or the compiled reverse pass differentiates: they take it as a value.)
+    graph = torch.is_grad_enabled() and not adjoint and not compile
+    with contextlib.nullcontext() if graph else torch.no_grad():
+        k0 = f(t0.to(dtype), y0)
     if not isinstance(k0, torch.Tensor) or k0.shape != y0.shape:
         raise ValueError(
             f"f(t, y) must return the batch's shape {tuple(y0.shape)} (t has shape ({B},), one time per sample), "
@@ -192,14 +157,16 @@ def solve_per_sample(
         f_params, module_state = module_tensors(f if not isinstance(f, BoundArgs) else f.f)
         params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
         if adjoint and (y0.requires_grad or params):
-            run = PerSampleAdjointRun(sensealg, batch, y0, t0, t1, taus, params, module_state)
+            run = PerSampleAdjointRun(sensealg, batch, y0, k0, t0, t1, taus, params, module_state)
         elif y0.requires_grad or params:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
-            run = per_sample_reverse_run(batch, y0, t0, t1, taus, params, module_state)
+            run = per_sample_reverse_run(batch, y0, k0, t0, t1, taus, params, module_state)
     if run is not None:
         ys = _AdjointFunction.apply(run, y0, *params)
         out, n_f = run.out, run.n_f
         grad = True
     else:
+        if torch.is_grad_enabled() and compile and not adjoint:  # (the loop is recorded after all: so is its first evaluation)
+            k0 = f(t0.to(dtype), y0)
         grad = torch.is_grad_enabled() and (y0.requires_grad or k0.requires_grad)
         out, n_f = batch.run(y0, k0, t0, t1, taus, compile=compile and not grad)
         ys = out[9]

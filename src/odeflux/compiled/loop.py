@@ -43,7 +43,7 @@ def run_loop(
     h0: torch.Tensor, taus: torch.Tensor, ys0: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor,
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
     ctrl0: torch.Tensor, params: dict[str, torch.Tensor] | None = None, traced: bool = True,
-    on_step: Callable[..., None] | None = None,
+    on_step: Callable[..., None] | None = None, h_retry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
     ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
@@ -65,6 +65,9 @@ def run_loop(
     ``on_step(t, hs, y, K, accept)`` (host loop only) hears of every step: its start times, signed
     sizes, start states, stages and which problems accepted it (the per-sample adjoints keep the
     forward's steps, and sum their quadratures, with it).
+    ``h_retry`` (``(B,)``): ``h0`` is a try at the whole span (``first_step="interval"``); a
+    problem whose try is rejected goes on from at most ``h_retry``, Hairer's estimate, whose
+    evaluation is counted then, as the eager loop spends it then.
     """
     if on_step is not None and traced:
         raise ValueError("run_loop: on_step= takes the host loop (traced=False)")
@@ -147,10 +150,17 @@ def run_loop(
         ctrl_next = torch.where(accept, ctrl_new, ctrl)
         # A step cut short to land on t1 must not shrink the next one.
         h_new = torch.where(accept & lands & (h_new < h), h, h_new)
+        if h_retry is not None:  # a rejected try at the whole span: on from Hairer's estimate
+            retry = going & ~accept & (n_steps == 0)
+            h_new = torch.where(retry, torch.minimum(h_new, h_retry), h_new)
+            n_eval = n_eval + retry.to(torch.int64)
         h_next = torch.where(going, torch.minimum(h_new, dtmax), h)
         unfinished = direction * (t1 - t_next) > 0
         too_small = going & unfinished & (h_next < dtmin)
         failed = torch.where(torch.isfinite(e), int(Status.DT_MIN), int(Status.NONFINITE))
+        if h_retry is not None:  # (no step size will do where the start itself is not finite)
+            failed = torch.where(retry & ~torch.isfinite(h_retry), int(Status.NONFINITE), failed)
+            too_small = too_small | (retry & ~torch.isfinite(h_retry))
         status_next = torch.where(too_small, failed, status)
         if C:
             # Each attempt is written at the problem's next free slot; a rejected one is
@@ -175,7 +185,9 @@ def run_loop(
         # a process without compile=True should not pay.)
         from torch._higher_order_ops.while_loop import while_loop
 
-        carry = tuple(while_loop(cond, body, carry))
+        # (Carried inputs in the layout the body returns: an expanded or transposed one, such as
+        # a batch of one's times broadcast from a number, would differ from it in strides.)
+        carry = tuple(while_loop(cond, body, tuple(c.clone(memory_format=torch.contiguous_format) for c in carry)))
     else:
         while bool(cond(*carry)):  # the one read per step
             carry = body(*carry)

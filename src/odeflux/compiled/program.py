@@ -30,6 +30,7 @@ import torch
 
 from ..solution import Status
 from .loop import JointField, LoopSpec, module_params, run_loop
+from .start import Start, start_and_run
 
 if TYPE_CHECKING:
     from ..integrator import IntegrateOptions, _Integration
@@ -224,30 +225,31 @@ class LoopProgram:
 
 
 class PerSampleProgram:
-    """A per-sample solve's loop (:mod:`odeflux.per_sample`) as one compiled program; a field
-    the compiler cannot take gets the one line, and the loop runs on the host."""
+    """A per-sample solve's start and loop (:mod:`odeflux.per_sample`,
+    :func:`.start.start_and_run`) as one compiled program; a field the compiler cannot take gets
+    the one line, and the loop runs on the host."""
 
-    def __init__(self, f: Any, spec: LoopSpec):
-        self.f, self.spec = f, spec
-        self.key = ("per-sample", code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving))
+    def __init__(self, f: Any, spec: LoopSpec, start: Start):
+        self.f, self.spec, self.start = f, spec, start
+        self.key = ("per-sample", code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving, start))
 
     def run(self, inputs: tuple) -> tuple:
         y0 = inputs[1]
         # (The solver's coefficients made before tracing: a cache it fills while traced would be
         # guarded as empty, and each new solver instance would compile the loop again.)
         self.spec.solver.coefficients(y0.dtype, y0.device)
-        shapes = (tuple(y0.shape), inputs[6].shape, y0.dtype, y0.device, self.spec.record, self.spec.parts)
-        out = _run(self.key, shapes, (self.spec, *inputs, module_params(self.f)))
-        return run_loop(self.spec, *inputs, traced=False) if out is None else out
+        shapes = (tuple(y0.shape), inputs[5].shape, y0.dtype, y0.device, self.spec.record, self.spec.parts)
+        out = _run(self.key, shapes, (self.spec, self.start, *inputs, module_params(self.f)), start_and_run)
+        return start_and_run(self.spec, self.start, *inputs, traced=False) if out is None else out
 
 
-def _run(key: tuple, shapes: tuple, args: tuple) -> tuple | None:
+def _run(key: tuple, shapes: tuple, args: tuple, source: Callable = run_loop) -> tuple | None:
     """The compiled program for ``key`` (and these shapes) on ``args``; ``None`` where the field's
     code was refused, now (said in one line) or before."""
     if key in _REFUSED:
         return None
     try:
-        return _program((*key, *shapes))(*_apart(args))
+        return _program((*key, *shapes), source)(*_apart(args))
     except Exception as exc:  # a field the compiler cannot take: said once, then eager
         _REFUSED[key] = _reason(exc)
         STEP_REFUSED.add(key[1] if key[0] == "per-sample" else key[0])  # (its compiled step would fail alike)

@@ -126,24 +126,35 @@ def cotangents(
     return ybar_b.reshape((B, C + 1) + shape), kbar.reshape((B, C, s) + shape)
 
 
+def reverse_from_saved(
+    solver: Solver, fn: Callable[..., torch.Tensor], n: torch.Tensor, ts: torch.Tensor, hs: torch.Tensor,
+    ys: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor, grads: torch.Tensor, params: tuple[torch.Tensor, ...],
+    traced: bool = True,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """:func:`run_reverse` from the saved states' cotangents ``grads`` (:func:`cotangents`): the
+    whole reverse pass, what one compiled program runs."""
+    ybar_b, kbar = cotangents(solver, ts, hs, n, t_end, taus, grads)
+    return run_reverse(solver, fn, n, ts, hs, ys, ybar_b, kbar, params, traced=traced)
+
+
 def reverse_pass(key: tuple, code: object, solver: Solver, fn: Callable[..., torch.Tensor], n: torch.Tensor,
                  ts: torch.Tensor, hs: torch.Tensor, ys: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor,
                  grads: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The cotangents of ``y0`` (``(B, ...)``) and of ``params`` from those of the saved states, by
-    the compiled :func:`run_reverse` (keyed by ``key`` and the shapes); a field the compiler
-    cannot take gets the one line, and the same pass runs eagerly."""
-    ybar_b, kbar = cotangents(solver, ts, hs, n, t_end, taus, grads.detach())  # (fills the solver's coefficients before tracing)
+    the compiled :func:`reverse_from_saved` (keyed by ``key`` and the shapes); a field the
+    compiler cannot take gets the one line, and the same pass runs eagerly."""
+    solver.coefficients(ys.dtype, ys.device)  # (made before tracing: see PerSampleProgram.run)
     pv = tuple(q.detach().clone() for q in params)  # (a program may not take inputs that alias its module's)
-    args = (solver, fn, n, ts, hs, ys, ybar_b, kbar, pv)
-    full = (*key, tuple(ys.shape), ys.dtype, ys.device, tuple(q.shape for q in pv))
+    args = (solver, fn, n, ts, hs, ys, t_end, taus, grads.detach(), pv)
+    full = (*key, tuple(ys.shape), taus.shape, ys.dtype, ys.device, tuple(q.shape for q in pv))
     if key not in _REFUSED and code not in STEP_REFUSED:
         try:
-            return _program(full, run_reverse)(*_apart(args))
+            return _program(full, reverse_from_saved)(*_apart(args))
         except Exception as exc:  # a field the compiler cannot take: said once, then the same pass eagerly
             _REFUSED[key] = _reason(exc)
             STEP_REFUSED.add(code)
             warn_eager(exc, "for its reverse pass")
-    return run_reverse(*args, traced=False)
+    return reverse_from_saved(*args, traced=False)
 
 
 class _OneProblem:
@@ -249,10 +260,10 @@ class PerSampleReverseRun:
     compiled loop of the ``B`` problems forward, each problem's steps recorded, and the compiled
     reverse pass of ``B`` problems backward (:class:`~odeflux.sensitivity.base._AdjointFunction`'s run)."""
 
-    def __init__(self, batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor,
-                 params: list[torch.Tensor], module_state: list, fn: Callable[..., torch.Tensor]):  # fmt: skip
+    def __init__(self, batch: Any, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
+                 taus: torch.Tensor, params: list[torch.Tensor], module_state: list, fn: Callable[..., torch.Tensor]):  # fmt: skip
         self.batch, self.params, self.module_state, self.fn = batch, params, module_state, fn
-        self.y, self.t0, self.t1, self.taus = y0.detach(), t0, t1, taus
+        self.y, self.k0, self.t0, self.t1, self.taus = y0.detach(), k0.detach(), t0, t1, taus
         self.direction = torch.sign(t1 - t0)
         self.code = code_key(batch.f)
         self.bstats = BackwardStats()
@@ -267,8 +278,8 @@ class PerSampleReverseRun:
     def forward(self) -> torch.Tensor:
         y, b = self.y, self.batch
         C = self._first_capacity()
+        k0 = self.k0
         with torch.no_grad():
-            k0 = b.f(self.t0.to(y.dtype), y)
             while True:
                 out, n_f = b.run(y, k0, self.t0, self.t1, self.taus, compile=True, record=C)
                 t, n_acc, status = out[0], out[6], out[10]
@@ -323,9 +334,9 @@ class _Fields:
         self.user_f, self.args = (f.f, f.args) if isinstance(f, BoundArgs) else (f, None)
 
 
-def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor,
-                           params: list[torch.Tensor], module_state: list) -> PerSampleReverseRun | None:  # fmt: skip
-    """The compiled reverse pass for a per-sample DirectAdjoint solve, or ``None`` where the
+def per_sample_reverse_run(batch: Any, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
+                           taus: torch.Tensor, params: list[torch.Tensor], module_state: list) -> PerSampleReverseRun | None:  # fmt: skip
+    """The compiled reverse pass for a per-sample DirectAdjoint solve (``k0 = f(t0, y0)``), or ``None`` where the
     parameters cannot be substituted into ``f`` (captured from its closure): the loop is then
     recorded as a graph."""
     from ..sensitivity.base import hidden_param
@@ -341,4 +352,4 @@ def per_sample_reverse_run(batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: t
     y = y0.detach()
     if hidden_param(_user_f(batch.f), lambda: batch.f(t0.to(y.dtype), y), params, module_state) is not None:
         return None
-    return PerSampleReverseRun(batch, y0, t0, t1, taus, params, module_state, fn)
+    return PerSampleReverseRun(batch, y0, k0, t0, t1, taus, params, module_state, fn)

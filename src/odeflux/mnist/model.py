@@ -284,7 +284,7 @@ def create_model(
     VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine.
     ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``"interval"`` or
     SciMLSensitivity's ``"hairer"``). ``per_sample=True`` solves each image's ODE as its own
-    problem (``NeuralODE(batch_axis=0)``: its own steps), with ``sensealg="direct"``. Float32, as
+    problem (``NeuralODE(batch_axis=0)``: its own steps). Float32, as
     in the tutorial.
     """
     if arch not in ARCHS:
@@ -302,11 +302,8 @@ def create_model(
         raise ValueError(f"unknown params {params!r}: choose one of {', '.join(PARAM_STRUCTURES)}")
     if solver not in ADAPTIVE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of the adaptive {', '.join(ADAPTIVE_SOLVERS)}")
-    if per_sample and (arch != "tutorial" or sensealg != "direct"):
-        raise ValueError(
-            "per_sample solves take the tutorial's model with sensealg='direct' (backpropagation through the "
-            "per-sample loop): pass arch='tutorial' and sensealg='direct'"
-        )
+    if per_sample and arch != "tutorial":
+        raise ValueError("per_sample solves take the tutorial's model: pass arch='tutorial', or drop per_sample")
     alg = make_sensealg(sensealg, vjp, adjoint_first_step) if isinstance(sensealg, str) else sensealg
     gen = torch.Generator().manual_seed(seed)
     if arch == "odenet":

@@ -69,7 +69,6 @@ def check_method(method: Any) -> None:
         f"vjp={method.vjp!r} (they take vjp='autograd' or 'func')": method.vjp not in ("autograd", "func"),
         "a callable norm": callable(method.norm),
         "callbacks": method.callbacks is not None,
-        f"first_step={method.first_step!r}": method.first_step != "hairer",
         "store_limit (the forward's steps are always kept)": method.store_limit is not None,
         "checkpointing=True": method.uses_forward_interpolant and bool(getattr(method, "checkpointing", False)),
         f"solver={type(method.solver).__name__}() (they take explicit Runge-Kutta methods)": (
@@ -252,11 +251,11 @@ class PerSampleAdjointRun:
     :class:`~odeflux.sensitivity.base._AdjointFunction` connects to autograd)."""
 
     def __init__(
-        self, method: ContinuousAdjoint, batch: Any, y0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor,
-        taus: torch.Tensor, params: list[torch.Tensor], module_state: list,
+        self, method: ContinuousAdjoint, batch: Any, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor,
+        t1: torch.Tensor, taus: torch.Tensor, params: list[torch.Tensor], module_state: list,
     ):  # fmt: skip
         self.method, self.batch, self.params, self.module_state = method, batch, params, module_state
-        self.y, self.t0, self.t1, self.taus = y0.detach(), t0, t1, taus
+        self.y, self.k0, self.t0, self.t1, self.taus = y0.detach(), k0.detach(), t0, t1, taus
         self.direction = torch.sign(t1 - t0)
         self.bstats = BackwardStats()
         self.n = math.prod(y0.shape[1:])
@@ -273,7 +272,7 @@ class PerSampleAdjointRun:
             rtol=method.rtol if method.rtol is not None else batch.rtol,
             atol=method.atol if method.atol is not None else batch.atol,
             dt0=None if adaptive else batch.dt0, dtmin=batch.dtmin, dtmax=None,
-            max_steps=method.max_steps or batch.max_steps,
+            max_steps=method.max_steps or batch.max_steps, first_step=method.first_step,
         )  # fmt: skip
         self.vjp = BatchVJP(batch.f, params, self.bstats, method.vjp)
         self.steps: ForwardSteps | None = None
@@ -296,10 +295,9 @@ class PerSampleAdjointRun:
     def forward(self) -> torch.Tensor:
         y = self.y
         with torch.no_grad():
-            k0 = self.batch.f(self.t0.to(y.dtype), y)
             if self.method.uses_forward_interpolant:
                 self.steps = ForwardSteps(self.batch.solver)
-            self.out, self.n_f = self.batch.run(y, k0, self.t0, self.t1, self.taus, on_step=self.steps)
+            self.out, self.n_f = self.batch.run(y, self.k0, self.t0, self.t1, self.taus, on_step=self.steps)
         if self.steps is not None:
             self.steps.finish(self.direction, y.shape)
         t, status = self.out[0], self.out[10]
