@@ -45,7 +45,7 @@ class TrainConfig:
     # The continuous adjoints' first step: "interval" tries each interval whole; "hairer" is
     # SciMLSensitivity's start (see odeflux.sensitivity.base.ContinuousAdjoint).
     adjoint_first_step: str = "interval"
-    # Each image's ODE its own problem (solve(..., batch_axis=0)); with sensealg="direct".
+    # Each image's ODE its own problem (solve(..., batch_axis=0)); any sensealg (continuous adjoints: vjp autograd or func).
     per_sample: bool = False
 
     def __post_init__(self) -> None:
