@@ -156,7 +156,7 @@ def test_neural_ode_per_sample():
     assert field[0].weight.grad is not None
 
 
-def test_the_traced_loop_takes_a_batch_of_one_broadcast_from_numbers():
+def test_the_traced_loop_takes_a_batch_of_one_broadcast_from_numbers_and_records_its_steps():
     """A batch of one whose times were broadcast from numbers (stride 0, as ``t_span=(0.0, 1.0)``
     gives them) is carried by ``torch.while_loop`` as the body returns it: it refused the
     carried inputs' strides once (the MNIST app's ``--per-sample --compile`` fell back to eager).
@@ -173,10 +173,22 @@ def test_the_traced_loop_takes_a_batch_of_one_broadcast_from_numbers():
     y0 = torch.tensor([[2.0, 0.0]], dtype=D)
     with torch.no_grad():
         k0 = f(t0, y0)
-        host, _ = b.run(y0, k0, t0, t1)
+        taus = torch.tensor([[0.3, 0.65, 1.0]], dtype=D)  # (inside steps, and on the end)
+        host, _ = b.run(y0, k0, t0, t1, taus)
         nan = torch.tensor(math.nan, dtype=D)
-        inputs = (f, y0, k0, t0, t1, t1.unsqueeze(1).clone(), torch.tensor(1e-6, dtype=D), torch.tensor(1e-6, dtype=D),
+        inputs = (f, y0, k0, t0, t1, taus, torch.tensor(1e-6, dtype=D), torch.tensor(1e-6, dtype=D),
                   nan, nan, nan, torch.tensor(100), torch.full_like(t0, b.controller.init_state()))  # fmt: skip
         traced = start_and_run(LoopSpec(b.solver, b.controller, True, True), b.start, *inputs, traced=True)
+        # With a record of the accepted steps, with and without their stages (the saved states
+        # then interpolated after the loop, or inside it).
+        recorded = [
+            start_and_run(LoopSpec(b.solver, b.controller, True, True, None, 32, stages), b.start, *inputs, traced=True)
+            for stages in (True, False)
+        ]  # fmt: skip
     assert int(traced[5]) == int(host[5]) > 3
     torch.testing.assert_close(traced[9], host[9], rtol=1e-12, atol=1e-12)
+    with_stages, without = recorded
+    assert len(with_stages) == len(without) + 1  # (the stages' buffer)
+    for out in recorded:
+        torch.testing.assert_close(out[9], host[9], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out[13:16], with_stages[13:16], rtol=0, atol=0)

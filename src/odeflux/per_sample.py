@@ -58,11 +58,12 @@ class Batch:
 
     def run(
         self, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor | None = None,
-        *, compile: bool = False, on_step: Callable | None = None, record: int = 0,
+        *, compile: bool = False, on_step: Callable | None = None, record: int = 0, record_stages: bool = True,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:  # fmt: skip
         """The loop's final carry (see :func:`~odeflux.compiled.loop.run_loop`) and the
         evaluations its start took (``k0`` given), per problem. A problem with ``t0 == t1``
-        stands still. ``record``: the capacity of the loop's record of accepted steps (0: none).
+        stands still. ``record``: the capacity of the loop's record of accepted steps (0: none);
+        ``record_stages``: whether it keeps their stages (:class:`~odeflux.compiled.loop.LoopSpec`).
         With ``compile`` (and no ``on_step``) the start and the loop are one compiled program."""
         dev = y0.device
         f64 = dict(dtype=torch.float64, device=dev)
@@ -73,7 +74,7 @@ class Batch:
             scalar(self.dt0), scalar(self.dtmin), scalar(self.dtmax), torch.tensor(self.max_steps, dtype=torch.int64, device=dev),
             torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
         )  # fmt: skip
-        spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts, record)
+        spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts, record, record_stages)
         if compile and on_step is None:
             out = PerSampleProgram(self.f, spec, self.start).run(inputs)
         else:

@@ -36,6 +36,11 @@ class LoopSpec:
     #: Capacity of the accepted steps' record (dense output), 0 for none: each problem's first
     #: ``record`` accepted steps are kept, and a problem stops (unfinished) when its record is full.
     record: int = 0
+    #: The record keeps each step's stages too (what the states saved after the loop are
+    #: interpolated from, and what dense output reads); without them the saved states are
+    #: interpolated inside the loop, as without a record, and the record is four times smaller
+    #: for Tsit5 (a reverse pass recomputes the stages from each step's start).
+    record_stages: bool = True
 
 
 def run_loop(
@@ -58,7 +63,8 @@ def run_loop(
     Returns the final carry ``(t, h, y, k, ctrl, n_steps, n_accepted, n_rejected, n_f, ys, status,
     err, grid_n)``, each per problem, followed where ``spec.record`` is set by the record of the
     accepted steps: their starts ``(B, C)``, signed sizes ``(B, C)``, start states ``(B, C, ...)``
-    and stages ``(B, C, stages, ...)`` (what :class:`~odeflux.solution.DenseOutput` keeps).
+    and, with ``spec.record_stages``, stages ``(B, C, stages, ...)`` (what
+    :class:`~odeflux.solution.DenseOutput` keeps).
     ``params``: the values of the module ``f``'s parameters, substituted by name (inputs of the
     program rather than attributes it reads: torch.while_loop refuses a body whose inputs alias,
     as the views a field takes of one parameter, ``a, b = self.rates``, would).
@@ -121,7 +127,7 @@ def run_loop(
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
         if on_step is not None:
             on_step(t, hs, y, K, accept)
-        if spec.saving and not C:
+        if spec.saving and not (C and spec.record_stages):
             # States at the saveat times inside this step: the interpolant, or y1 on its end.
             inside = accept.unsqueeze(1) & (direction.unsqueeze(1) * (taus - t.unsqueeze(1)) > 0)
             inside = inside & (direction.unsqueeze(1) * (taus - t_new.unsqueeze(1)) <= 0)
@@ -165,7 +171,8 @@ def run_loop(
         if C:
             # Each attempt is written at the problem's next free slot; a rejected one is
             # overwritten by the attempt after it, so the slots below n_accepted are the accepted steps.
-            record = _write(record, torch.clamp(n_acc, max=C - 1), (t, hs, y, K.movedim(0, 1)))
+            kept = (t, hs, y, K.movedim(0, 1)) if spec.record_stages else (t, hs, y)
+            record = _write(record, torch.clamp(n_acc, max=C - 1), kept)
         return (
             t_next, h_next, y_next, k_next, ctrl_next, n_steps + going.to(torch.int64),
             n_acc + accept.to(torch.int64), n_rej + (going & ~accept).to(torch.int64), n_f + n_eval, ys,
@@ -176,10 +183,9 @@ def run_loop(
     carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, count(), torch.zeros_like(t0), count())
     if C:
         B, s = y0.shape[0], len(co.c)
-        carry += (
-            t0.new_zeros(B, C), t0.new_zeros(B, C), y0.new_zeros((B, C) + tuple(y0.shape[1:])),
-            y0.new_zeros((B, C, s) + tuple(y0.shape[1:])),
-        )  # fmt: skip
+        carry += (t0.new_zeros(B, C), t0.new_zeros(B, C), y0.new_zeros((B, C) + tuple(y0.shape[1:])))
+        if spec.record_stages:
+            carry += (y0.new_zeros((B, C, s) + tuple(y0.shape[1:])),)
     if traced:
         # (Imported here: torch's higher-order ops import torch._dynamo, seconds of start-up that
         # a process without compile=True should not pay.)
@@ -191,7 +197,7 @@ def run_loop(
     else:
         while bool(cond(*carry)):  # the one read per step
             carry = body(*carry)
-    if spec.saving and C:
+    if spec.saving and C and spec.record_stages:
         carry = carry[:9] + (_saved_from_record(solver, co, taus, carry, direction),) + carry[10:]
     return carry
 

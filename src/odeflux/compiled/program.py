@@ -244,7 +244,7 @@ class PerSampleProgram:
         # (The solver's coefficients made before tracing: a cache it fills while traced would be
         # guarded as empty, and each new solver instance would compile the loop again.)
         self.spec.solver.coefficients(y0.dtype, y0.device)
-        shapes = (tuple(y0.shape), inputs[5].shape, y0.dtype, y0.device, self.spec.record, self.spec.parts)
+        shapes = (tuple(y0.shape), inputs[5].shape, y0.dtype, y0.device, self.spec.record, self.spec.record_stages, self.spec.parts)
         out = _run(self.key, shapes, (self.spec, self.start, *inputs, module_params(self.f)), start_and_run)
         return start_and_run(self.spec, self.start, *inputs, traced=False) if out is None else out
 

@@ -250,6 +250,11 @@ def solve_compiled_reverse(problem: Problem) -> Solution | None:
     )  # fmt: skip
 
 
+#: A per-sample gradient with at most this many saved times per sample interpolates them inside
+#: its compiled loop, which then records no stages (the reverse pass recomputes them): each step
+#: copies a record a quarter the size (Tsit5's). With more, the saved states come from the record.
+SAVED_IN_LOOP = 4
+
 #: A per-sample solve's record starts with at most this many entries (its capacity the largest
 #: power of 4 within it, at least 4): a batch's record is copied once a step in the compiled loop.
 PER_SAMPLE_RECORD = 1 << 18
@@ -281,7 +286,8 @@ class PerSampleReverseRun:
         k0 = self.k0
         with torch.no_grad():
             while True:
-                out, n_f = b.run(y, k0, self.t0, self.t1, self.taus, compile=True, record=C)
+                out, n_f = b.run(y, k0, self.t0, self.t1, self.taus, compile=True, record=C,
+                                 record_stages=self.taus.shape[1] > SAVED_IN_LOOP)  # fmt: skip
                 t, n_acc, status = out[0], out[6], out[10]
                 full = (n_acc == C) & (status == 0) & (self.direction * (self.t1 - t) > 0)
                 if not bool(full.any()):
@@ -314,7 +320,7 @@ class PerSampleReverseRun:
             )  # fmt: skip
         out = self.out
         t_end, n_acc = out[0], out[6]
-        rec_t, rec_h, rec_y, _ = out[13:]
+        rec_t, rec_h, rec_y = out[13:16]
         g = torch.nan_to_num(grad_ys.detach())  # (NaN-padded saved times: no cotangent)
         with _restored(self.module_state), _buffers_kept(self.module_state), torch.no_grad():
             gy0, *gp = reverse_pass(
