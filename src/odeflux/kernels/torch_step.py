@@ -21,8 +21,13 @@ def rk_step_with_error(
     """One step of ``solver`` (an explicit Runge-Kutta solver, or an integration's
     :class:`~odeflux.solvers.tableau.Stepper`) and its scaled error norm (``None`` if fixed-step).
 
-    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
+    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces. A
+    stepper with its own ``step_with_error`` (a Rosenbrock stepper: its compiled step computes the
+    norm in the same graph) gives all three.
     """
+    fused = getattr(solver, "step_with_error", None)
+    if fused is not None:
+        return fused(f, t, y, dt, k, co, rtol, atol, parts, norm)
     y1, err, K, _ = solver.step(f, t, y, dt, k, co)
     if err is None:
         return y1, K, None
@@ -88,17 +93,20 @@ class TorchStepKernel:
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
         self.norm, self.perturb = norm, perturb
-        if compiled and not solver.tableau_steps:
+        own = compiled and not solver.tableau_steps  # a stepper that compiles its own steps (Rosenbrock)
+        if own and not solver.compiled_steps:
             raise ValueError(
                 f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes others: drop compile=True"
             )
         self.stepper = solver.stepper(rtol, atol)
-        self._step = compiled_step() if compiled else rk_step_with_error
+        self._step = compiled_step() if compiled and not own else rk_step_with_error
         if compiled:
             from ..compiled.program import STEP_REFUSED, code_key
 
             if code_key(f) in STEP_REFUSED:  # (said when it was refused)
                 self.eager()
+            elif own:
+                self.stepper.compile(f, code_key(f))
 
     def running(self) -> contextlib.nullcontext:
         return contextlib.nullcontext()
