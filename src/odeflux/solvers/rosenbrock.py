@@ -251,7 +251,6 @@ class RosenbrockStepper:
 
     def __init__(self, solver: Rosenbrock, rtol: float | None = None, atol: float | None = None):
         self.solver, self.rtol, self.atol = solver, rtol, atol
-        self._tols: tuple[torch.Tensor, torch.Tensor] | None = None  # rtol, atol as tensors (the compiled step's)
         self.counters = {"n_jacobians": 0, "n_factorizations": 0, "n_linear_solves": 0}
         self._evals = 0
         self._J: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -374,14 +373,10 @@ class RosenbrockStepper:
     ) -> tuple[torch.Tensor, ...] | None:  # fmt: skip
         """:func:`compiled_fresh_step`, or ``None`` where ``f`` cannot be compiled (said once, then
         every step eagerly)."""
-        dtt = torch.full((), dt, dtype=y.dtype, device=y.device)
-        tol = None
-        if parts is not False:  # the error norm's tolerances as tensors (no recompilation per tolerance)
-            if self._tols is None:
-                self._tols = tuple(torch.tensor(v, dtype=y.dtype, device=y.device) for v in (self.rtol, self.atol))
-            tol = (*self._tols, parts)
+        # dt, rtol and atol as one tensor: no recompilation as they change, and one input to guard
+        scalars = torch.tensor((dt, self.rtol, self.atol), dtype=y.dtype, device=y.device)
         try:
-            return compiled_fresh_step()(f, t, y, dtt, k1, co, self.solver.tableau.gamma, tol)
+            return compiled_fresh_step()(f, t, y, scalars, k1, co, self.solver.tableau.gamma, parts)
         except Exception as exc:  # f cannot be compiled
             from ..compiled.program import STEP_REFUSED, warn_eager
 
@@ -550,11 +545,14 @@ def rosenbrock_stages(
     host = not isinstance(dt, torch.Tensor)  # (addmv's alpha takes a host number only)
     Ch = co.C_full if host else co.C_full / dt
     yf = y.reshape(n)
+    # Eagerly the rows made once (no indexing op per stage); compiled, indexing is free and one
+    # tensor is one guard on each call, not s.
+    a_rows = co.a_full if torch.compiler.is_compiling() else co.a_full_rows
     for i in range(s):
         if i == 0:
             rhs = k1.reshape(n)
         else:
-            Yi = torch.addmv(yf, UT, co.a_full_rows[i])
+            Yi = torch.addmv(yf, UT, a_rows[i])
             F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(n)
             rhs = torch.addmv(F, UT, Ch[i], alpha=1.0 / dt) if host else torch.addmv(F, UT, Ch[i])
         if T is not None and co.d[i] != 0.0:
@@ -575,18 +573,19 @@ def _func_derivatives(f: VectorField, t: torch.Tensor, y: torch.Tensor) -> tuple
 
 
 def fresh_step(
-    f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients, gamma: float,
-    tol: tuple[torch.Tensor, torch.Tensor, Any] | None = None,
+    f: VectorField, t: torch.Tensor, y: torch.Tensor, scalars: torch.Tensor, k1: torch.Tensor, co: _Coefficients,
+    gamma: float, parts: Any = False,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
-    """A step with a fresh Jacobian, no autograd: ``(y1, err, K, flags, J, T, e)``
-    (:func:`rosenbrock_stages` after :func:`_func_derivatives`; ``e`` the error norm
-    :func:`odeflux.control.error_ratio` with ``tol = (rtol, atol, parts)``, else ``None``). What
-    ``compile=True`` compiles."""
+    """A step with a fresh Jacobian, no autograd, ``scalars = (dt, rtol, atol)`` a tensor:
+    ``(y1, err, K, flags, J, T, e)`` (:func:`rosenbrock_stages` after :func:`_func_derivatives`;
+    ``e`` the error norm :func:`odeflux.control.error_ratio` over ``parts``, ``None`` where
+    ``parts`` is ``False``). What ``compile=True`` compiles."""
     from ..control import error_ratio
 
+    dt, rtol, atol = scalars.unbind()
     J, T = _func_derivatives(f, t, y)
     y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, gamma, J, T)
-    e = None if tol is None else error_ratio(err, y, y1, tol[0], tol[1], tol[2])
+    e = None if parts is False else error_ratio(err, y, y1, rtol, atol, parts)
     return y1, err, K, flags, J, T, e
 
 
