@@ -100,6 +100,8 @@ class TorchStepKernel:
             )
         self.stepper = solver.stepper(rtol, atol)
         self._step = compiled_step() if compiled and not own else rk_step_with_error
+        self._step_end: float | None = None
+        self._end_derivatives = own and not float_time and not perturb and y0.dtype == torch.float64
         if compiled:
             from ..compiled.program import STEP_REFUSED, code_key
 
@@ -115,12 +117,19 @@ class TorchStepKernel:
         return t if self.float_time else torch.full((), t, dtype=self.dtype, device=self.device)
 
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        if t == self._step_end:  # the end of the last step: a compiled Rosenbrock step evaluated f there
+            k = self.stepper.end_derivative(y)
+            if k is not None:
+                return k
         return self.f(self.time(t), y)
 
     def step(
         self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
         f = self._inside(t, t + h) if self.perturb or inside_end else self.f
+        # Where the stepper evaluates f at the step's end in its compiled graph (float64: the graph's
+        # t + h is the host's), evaluate() takes that value at exactly that time.
+        self._step_end = t + h if self._end_derivatives and not inside_end else None
         args = (self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
         if self._step is rk_step_with_error:
             return rk_step_with_error(*args)

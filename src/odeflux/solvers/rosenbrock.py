@@ -260,6 +260,7 @@ class RosenbrockStepper:
         self._last_start: torch.Tensor | None = None  # the state the last step started from
         self._eye: torch.Tensor | None = None
         self._compile_f: VectorField | None = None  # the field whose steps are compiled (compile())
+        self._k_end: torch.Tensor | None = None  # f(t + h, y1) of the last compiled step (end_derivative)
         self._refuse_key: Any = None
 
     def evaluations(self, K: torch.Tensor) -> int:
@@ -350,11 +351,12 @@ class RosenbrockStepper:
         # A retry from the point the Jacobian was computed at keeps it (it is that point's); a retry
         # with an older one, or one past its age, gets a fresh one.
         fresh = self._J is None or (self._J_at is not y and (retry or self._age >= solver.max_jacobian_age))
+        self._k_end = None
         s, n = len(co.c), y.numel()
         if fresh and self._compile_f is not None and self._compilable(f, t):
             out = self._compiled_step(f, t, y, dt, k1, co, parts)
             if out is not None:
-                y1, err, K, flags, J, T, e = out
+                y1, err, K, flags, J, T, e, self._k_end = out
                 self.counters["n_jacobians"] += 1
                 self._J, self._J_at, self._age = (J, T), y, 0
                 self._evals += s  # the Jacobian's forward pass and the stages after the first
@@ -367,6 +369,13 @@ class RosenbrockStepper:
             self._evals += s - 1
             return self._finish(t, dt, flags, y1, err, K, s), None
         return self._graph_step(f, t, y, dt, k1, co, J, T), None
+
+    def end_derivative(self, y1: torch.Tensor) -> torch.Tensor | None:
+        """``f(t + h, y1)`` where ``y1`` is the state the last step returned and a compiled step
+        computed it in its graph (the next step's ``k1``, for
+        :meth:`odeflux.kernels.torch_step.TorchStepKernel.evaluate`, which checks the time), else ``None``."""
+        k = self._k_end
+        return k if k is not None and y1 is self._last_y else None
 
     def _compiled_step(
         self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients, parts: Any
@@ -577,16 +586,17 @@ def fresh_step(
     gamma: float, parts: Any = False,
 ) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
     """A step with a fresh Jacobian, no autograd, ``scalars = (dt, rtol, atol)`` a tensor:
-    ``(y1, err, K, flags, J, T, e)`` (:func:`rosenbrock_stages` after :func:`_func_derivatives`;
-    ``e`` the error norm :func:`odeflux.control.error_ratio` over ``parts``, ``None`` where
-    ``parts`` is ``False``). What ``compile=True`` compiles."""
+    ``(y1, err, K, flags, J, T, e, k_end)`` (:func:`rosenbrock_stages` after
+    :func:`_func_derivatives`; ``e`` the error norm :func:`odeflux.control.error_ratio` over
+    ``parts``, ``None`` where ``parts`` is ``False``; ``k_end = f(t + dt, y1)``, the next step's
+    ``k1`` if this one is accepted, in the same graph). What ``compile=True`` compiles."""
     from ..control import error_ratio
 
     dt, rtol, atol = scalars.unbind()
     J, T = _func_derivatives(f, t, y)
     y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, gamma, J, T)
     e = None if parts is False else error_ratio(err, y, y1, rtol, atol, parts)
-    return y1, err, K, flags, J, T, e
+    return y1, err, K, flags, J, T, e, f(t + dt, y1)
 
 
 _COMPILED_FRESH: Callable | None = None
