@@ -143,8 +143,9 @@ def rel_err(ys: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(ys) - ref) / np.abs(ref)))
 
 
-ODEFLUX = {"odeflux Rodas5P": odeflux.Rodas5P, "odeflux Kvaerno5": odeflux.Kvaerno5,
-           "odeflux Rosenbrock23": odeflux.Rosenbrock23}  # fmt: skip
+ODEFLUX = {"odeflux Rodas5P": odeflux.Rodas5P, "odeflux Rodas5P compile": odeflux.Rodas5P,
+           "odeflux Kvaerno5": odeflux.Kvaerno5, "odeflux Rosenbrock23": odeflux.Rosenbrock23}  # fmt: skip
+COMPILED = {"odeflux Rodas5P compile"}  # solved with compile=True (the compiled Rosenbrock step)
 SCIPY = {"scipy Radau": "Radau", "scipy BDF": "BDF"}
 DIFFRAX = "diffrax Kvaerno5"
 KEYS = (*ODEFLUX, *SCIPY, DIFFRAX)
@@ -161,7 +162,8 @@ def run_odeflux(prob: Problem, key: str, rtol: float, ref: np.ndarray, repeats: 
     @torch.no_grad()
     def solve():
         return odeflux.solve(prob.f, y0, prob.span, solver=solver(), rtol=rtol, atol=ATOL_FACTOR * rtol,
-                             saveat=list(prob.saveat), max_steps=MAX_STEPS, throw=False)  # fmt: skip
+                             saveat=list(prob.saveat), max_steps=MAX_STEPS, throw=False,
+                             compile=key in COMPILED)  # fmt: skip
 
     sol = solve()  # the measured solve, and the timing's warm-up
     s = sol.stats
@@ -283,9 +285,10 @@ class ProblemResult:
     curves: dict[str, list[Point]] = field(default_factory=dict)
     ref_check: float = math.nan
     seconds: float = 0.0
+    compile_s: dict[str, float] = field(default_factory=dict)  # the untimed first solve of a compiled configuration
 
 
-def run_problem(prob: Problem, tols: Sequence[float], ref: np.ndarray, repeats: int) -> ProblemResult:
+def run_problem(prob: Problem, tols: Sequence[float], ref: np.ndarray, repeats: int, compiled: bool = True) -> ProblemResult:
     start = time.perf_counter()
     out = ProblemResult(prob)
     from scipy.integrate import solve_ivp
@@ -293,11 +296,15 @@ def run_problem(prob: Problem, tols: Sequence[float], ref: np.ndarray, repeats: 
     loose = solve_ivp(prob.f_np, prob.span, list(prob.y0), method="Radau", rtol=10 * REF_RTOL, atol=10 * REF_ATOL,
                       t_eval=list(prob.saveat))  # fmt: skip
     out.ref_check = rel_err(loose.y.T, ref)  # what one decade of reference tolerance changes
-    for key in ODEFLUX:  # one untimed loose solve first: torch's first-call costs stay out of the curves
+    keys = [k for k in ODEFLUX if compiled or k not in COMPILED]
+    for key in keys:  # one untimed loose solve first: torch's first-call costs (and compilation) stay out of the curves
+        first = time.perf_counter()
         with torch.no_grad():
             odeflux.solve(prob.f, torch.tensor(prob.y0, dtype=F64), prob.span, solver=ODEFLUX[key](), rtol=1e-3,
-                          atol=ATOL_FACTOR * 1e-3, max_steps=MAX_STEPS, throw=False)  # fmt: skip
-    for key in ODEFLUX:
+                          atol=ATOL_FACTOR * 1e-3, max_steps=MAX_STEPS, throw=False, compile=key in COMPILED)  # fmt: skip
+        if key in COMPILED:
+            out.compile_s[key] = time.perf_counter() - first
+    for key in keys:
         out.curves[key] = [run_odeflux(prob, key, r, ref, repeats) for r in tols if applies(key, r)]
         print(f"  {prob.name} {key}: {time.perf_counter() - start:.0f} s", flush=True)
     for key in SCIPY:
@@ -328,7 +335,9 @@ def problem_section(r: ProblemResult, diffrax_note: str) -> str:
     return (
         f"## {p.title}\n\nOn [{p.span[0]:g}, {p.span[1]:g}], saved at t = {', '.join(f'{t:g}' for t in p.saveat)}. "
         f"Radau at rtol {10 * REF_RTOL:g}, atol {10 * REF_ATOL:g} differs from the reference by {r.ref_check:.1e} "
-        f"(max relative). torch and scipy configurations: {r.seconds:.0f} s. {diffrax_note}\n\n{table}"
+        f"(max relative). torch and scipy configurations: {r.seconds:.0f} s"
+        + "".join(f" (the first, untimed solve of {k}, its compilation included: {v:.1f} s)" for k, v in r.compile_s.items())
+        + f". {diffrax_note}\n\n{table}"
     )
 
 
@@ -349,7 +358,7 @@ def summary_section(results: Sequence[ProblemResult]) -> str:
             v = compare(r.curves[ob], r.curves[pb])
             rows.append([r.prob.name, ob, group, pb, "–" if v is None else f"{v[0]:.2f}",
                          "–" if v is None else f"{v[1]:.1f}"])  # fmt: skip
-        for k in ODEFLUX_KEYS:
+        for k in (k for k in ODEFLUX_KEYS if k in r.curves):
             v = {pk: compare(r.curves[k], r.curves[pk]) for pk in (*SCIPY, DIFFRAX) if pk in r.curves}
             cells = ", ".join(f"{pk} {x[0]:.2f} ({x[1]:.1f} dec.)" for pk, x in v.items() if x is not None)
             lines.append(f"- {r.prob.name}, {k}: {cells or 'no overlap with any peer'}")
@@ -378,7 +387,7 @@ def summary_section(results: Sequence[ProblemResult]) -> str:
 
 
 STYLE = {
-    "odeflux Rodas5P": ("C0", "o", "-"), "odeflux Kvaerno5": ("C1", "s", "-"), "odeflux Rosenbrock23": ("C2", "^", "-"),
+    "odeflux Rodas5P": ("C0", "o", "-"), "odeflux Rodas5P compile": ("C4", "o", "-."), "odeflux Kvaerno5": ("C1", "s", "-"), "odeflux Rosenbrock23": ("C2", "^", "-"),
     "scipy Radau": ("0.35", "x", "--"), "scipy BDF": ("0.55", "+", "--"), DIFFRAX: ("C3", "D", ":"),
 }  # fmt: skip
 
@@ -430,7 +439,9 @@ def method_section(repeats: int, diffrax_line: str) -> str:
         "**Jacobians**: nobody is given one. odeflux builds it by autograd through the torch field; scipy by "
         "finite differences (`jac=None`); diffrax by JAX's autodiff (its default). odeflux's solvers run with "
         f"`max_steps = {MAX_STEPS}` and `throw=False`: a solve that needs more is reported as failed, not timed.",
-        "**Configurations**: odeflux Rodas5P (Rosenbrock, order 5(4)), odeflux Kvaerno5 (ESDIRK, order 5(4), "
+        "**Configurations**: odeflux Rodas5P (Rosenbrock, order 5(4)), odeflux Rodas5P compile (the same with "
+        "`compile=True`: each step with its Jacobian one compiled graph, the loop on the host; the compilation "
+        "happens in an untimed first solve), odeflux Kvaerno5 (ESDIRK, order 5(4), "
         f"Newton), odeflux Rosenbrock23 (order 2(3), only at rtol ≥ {LOOSE:g}), scipy `solve_ivp` Radau "
         "(order 5) and BDF (orders 1–5), all through `odeflux.solve(f, y0, span, solver=..., rtol, atol, "
         "saveat)` / `scipy.integrate.solve_ivp(..., t_eval=saveat)`. " + diffrax_line,
@@ -446,7 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", action="append", choices=list(PROBLEMS), help="run just these problems (repeatable)")
     p.add_argument("--repeats", type=int, default=3, help="timed solves per point (median; default 3)")
     p.add_argument("--no-diffrax", action="store_true", help="leave diffrax out")
-    p.add_argument("--quick", action="store_true", help=f"rtol {QUICK_TOLS}, one repeat, diffrax on ROBER only; prints only")
+    p.add_argument("--no-compile", action="store_true", help="leave the compile=True configuration out")
+    p.add_argument("--quick", action="store_true",
+                   help=f"rtol {QUICK_TOLS}, one repeat, diffrax on ROBER only, no compile=True; prints only")
     p.add_argument("--out", type=Path, default=RESULT, help="results file (markdown); the PNG goes beside it")
     p.add_argument("--no-write", action="store_true", help="print only (no markdown, no PNG)")
     args = p.parse_args(argv)
@@ -462,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
     refs = {pr.name: reference(pr) for pr in probs}
     results = []
     for pr in probs:
-        r = run_problem(pr, tols, refs[pr.name], repeats)
+        r = run_problem(pr, tols, refs[pr.name], repeats, compiled=not (args.no_compile or args.quick))
         print(f"{pr.name}: {r.seconds:.1f} s", flush=True)
         results.append(r)
 

@@ -5,6 +5,7 @@ differences, dense output, counters and failure statuses."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -77,8 +78,7 @@ def test_registered_and_declined_where_they_do_not_apply():
     s = Rodas5P()
     assert (s.order, s.error_order, s.adaptive, s.fsal, s.tableau_steps) == (5, 5, True, False, False)
     assert (Rosenbrock23().order, Rosenbrock23().error_order) == (2, 3)
-    with pytest.raises(ValueError, match="compile=True"):
-        odeflux.solve(lambda t, y: -y, torch.ones(2), (0.0, 1.0), solver=s, compile=True)
+    assert s.compiled_steps  # compile=True compiles its steps (test_compiled_steps_match_eager)
     with pytest.raises(ValueError, match="time_derivative"):
         Rodas5P(time_derivative="symbolic")
 
@@ -387,3 +387,50 @@ def test_float32_batched_state_devices_and_events(solver, device):
     ev = odeflux.solve(lambda t, y: -y, torch.ones(1, dtype=F64), (0.0, 5.0), solver=solver(), rtol=1e-8, atol=1e-10,
                        event=odeflux.Event(lambda t, y: y[0] - 0.5, terminal=True))  # fmt: skip
     assert abs(float(ev.ts[-1]) - math.log(2)) < (1e-6 if solver is Rodas5P else 1e-4)
+
+
+def _forced(t, y):
+    """A stiff mode forced in time (so that df/dt enters the step) driving a slow one."""
+    return torch.stack([-50.0 * (y[0] - torch.cos(t)), y[0] - y[1]])
+
+
+class _Breaks(torch.nn.Module):
+    """A field torch.compile cannot trace as one graph (it reads a value on the host)."""
+
+    def forward(self, t, y):
+        return -y * float(y.abs().sum() > -1.0)
+
+
+def test_compiled_steps_match_eager(monkeypatch):
+    """``compile=True``: each step with a fresh Jacobian is one compiled graph (the Jacobian by
+    ``torch.func.jacrev``, ``W``'s inverse unrolled); the same steps, counts and results as eager.
+    Compiled here with the ``eager`` backend: dynamo traces the whole step (fullgraph) without
+    Inductor's seconds of C++ code generation (the benchmark runs Inductor)."""
+    from odeflux.solvers import rosenbrock
+
+    monkeypatch.setattr(rosenbrock, "_COMPILED_FRESH", torch.compile(rosenbrock.fresh_step, fullgraph=True, backend="eager"))
+    y0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    kw = dict(solver=Rosenbrock23(), rtol=1e-4, atol=1e-7, saveat=[1.0, 2.0])
+    with torch.no_grad():
+        eager = odeflux.solve(_forced, y0, (0.0, 2.0), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compiled = odeflux.solve(_forced, y0, (0.0, 2.0), compile=True, **kw)
+    assert compiled.stats == eager.stats and compiled.stats.n_rejected == eager.stats.n_rejected
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_steps_fall_back_eagerly_once():
+    """A field that cannot be compiled: one warning line, the eager steps' results, no second try."""
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    kw = dict(solver=Rodas5P(), rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        eager = odeflux.solve(_Breaks(), y0, (0.0, 1.0), **kw)
+        with pytest.warns(RuntimeWarning, match=r"compile=True: the field could not be compiled in one step") as rec:
+            compiled = odeflux.solve(_Breaks(), y0, (0.0, 1.0), compile=True, **kw)
+        assert len([w for w in rec if "compile=True" in str(w.message)]) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = odeflux.solve(_Breaks(), y0, (0.0, 1.0), compile=True, **kw)
+    assert compiled.stats == eager.stats == again.stats
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=0, atol=0)

@@ -225,10 +225,10 @@ def make_problem(
         raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
-    if compile and not solver.tableau_steps:
+    if compile and not (solver.tableau_steps or solver.compiled_steps):
         raise ValueError(
-            f"compile=True compiles the explicit Runge-Kutta step; {type(solver).__name__} takes other steps (implicit "
-            "or multistep, checked on the host): pass compile=False"
+            f"compile=True compiles the explicit Runge-Kutta and Rosenbrock steps; {type(solver).__name__} takes other "
+            "steps (implicit or multistep, checked on the host): pass compile=False"
         )
     if controller is None:
         controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()

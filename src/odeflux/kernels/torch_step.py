@@ -21,8 +21,13 @@ def rk_step_with_error(
     """One step of ``solver`` (an explicit Runge-Kutta solver, or an integration's
     :class:`~odeflux.solvers.tableau.Stepper`) and its scaled error norm (``None`` if fixed-step).
 
-    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
+    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces. A
+    stepper with its own ``step_with_error`` (a Rosenbrock stepper: its compiled step computes the
+    norm in the same graph) gives all three.
     """
+    fused = getattr(solver, "step_with_error", None)
+    if fused is not None:
+        return fused(f, t, y, dt, k, co, rtol, atol, parts, norm)
     y1, err, K, _ = solver.step(f, t, y, dt, k, co)
     if err is None:
         return y1, K, None
@@ -88,17 +93,22 @@ class TorchStepKernel:
         self.co = solver.coefficients(y0.dtype, y0.device)
         self.float_time = float_time
         self.norm, self.perturb = norm, perturb
-        if compiled and not solver.tableau_steps:
+        own = compiled and not solver.tableau_steps  # a stepper that compiles its own steps (Rosenbrock)
+        if own and not solver.compiled_steps:
             raise ValueError(
                 f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes others: drop compile=True"
             )
         self.stepper = solver.stepper(rtol, atol)
-        self._step = compiled_step() if compiled else rk_step_with_error
+        self._step = compiled_step() if compiled and not own else rk_step_with_error
+        self._step_end: float | None = None
+        self._end_derivatives = own and not float_time and not perturb and y0.dtype == torch.float64
         if compiled:
             from ..compiled.program import STEP_REFUSED, code_key
 
             if code_key(f) in STEP_REFUSED:  # (said when it was refused)
                 self.eager()
+            elif own:
+                self.stepper.compile(f, code_key(f))
 
     def running(self) -> contextlib.nullcontext:
         return contextlib.nullcontext()
@@ -107,12 +117,19 @@ class TorchStepKernel:
         return t if self.float_time else torch.full((), t, dtype=self.dtype, device=self.device)
 
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        if t == self._step_end:  # the end of the last step: a compiled Rosenbrock step evaluated f there
+            k = self.stepper.end_derivative(y)
+            if k is not None:
+                return k
         return self.f(self.time(t), y)
 
     def step(
         self, t: float, y: torch.Tensor, h: float, k: torch.Tensor, inside_end: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
         f = self._inside(t, t + h) if self.perturb or inside_end else self.f
+        # Where the stepper evaluates f at the step's end in its compiled graph (float64: the graph's
+        # t + h is the host's), evaluate() takes that value at exactly that time.
+        self._step_end = t + h if self._end_derivatives and not inside_end else None
         args = (self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
         if self._step is rk_step_with_error:
             return rk_step_with_error(*args)

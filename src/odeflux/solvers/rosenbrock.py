@@ -179,6 +179,7 @@ class _Coefficients(NamedTuple):
     interp: torch.Tensor  # (s, deg)
     a_full: torch.Tensor  # (s, s): a, strictly lower triangular
     C_full: torch.Tensor  # (s, s): C, strictly lower triangular
+    a_full_rows: tuple[torch.Tensor, ...]  # a_full's rows, (s,) each (made once, not indexed per stage)
 
 
 @dataclass(eq=False)
@@ -199,7 +200,8 @@ class Rosenbrock(Solver):
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     stepwise: ClassVar[bool] = True
-    tableau_steps: ClassVar[bool] = False  # its steps are not explicit RK steps: no NumPy kernel, reverse pass or compile
+    tableau_steps: ClassVar[bool] = False  # its steps are not explicit RK steps: no NumPy kernel or reverse pass
+    compiled_steps: ClassVar[bool] = True  # compile=True: its stepper compiles the steps with a fresh Jacobian
     adaptive: ClassVar[bool] = True
     fsal: ClassVar[bool] = False
 
@@ -234,11 +236,12 @@ class Rosenbrock(Solver):
             m_row=mk([list(tab.m)]), e_row=mk([list(tab.m_err)]), c=tab.c, d=tab.d,
             interp=mk([list(r) for r in tab.interp]),
             a_full=mk(_lower(tab.a, tab.stages).tolist()), C_full=mk(_lower(tab.C, tab.stages).tolist()),
+            a_full_rows=tuple(mk(row) for row in _lower(tab.a, tab.stages).tolist()),
         )  # fmt: skip
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
         """A fresh stepper per integration: it keeps the Jacobian it may reuse and the counters."""
-        return RosenbrockStepper(self)
+        return RosenbrockStepper(self, rtol, atol)
 
 
 class RosenbrockStepper:
@@ -246,8 +249,8 @@ class RosenbrockStepper:
     linear-algebra counters, which :class:`~odeflux.kernels.torch_step.TorchStepKernel` hands the
     integrator's :class:`~odeflux.solution.Stats`."""
 
-    def __init__(self, solver: Rosenbrock):
-        self.solver = solver
+    def __init__(self, solver: Rosenbrock, rtol: float | None = None, atol: float | None = None):
+        self.solver, self.rtol, self.atol = solver, rtol, atol
         self.counters = {"n_jacobians": 0, "n_factorizations": 0, "n_linear_solves": 0}
         self._evals = 0
         self._J: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -256,6 +259,9 @@ class RosenbrockStepper:
         self._last_y: torch.Tensor | None = None  # the state the last step returned
         self._last_start: torch.Tensor | None = None  # the state the last step started from
         self._eye: torch.Tensor | None = None
+        self._compile_f: VectorField | None = None  # the field whose steps are compiled (compile())
+        self._k_end: torch.Tensor | None = None  # f(t + h, y1) of the last compiled step (end_derivative)
+        self._refuse_key: Any = None
 
     def evaluations(self, K: torch.Tensor) -> int:
         return self._evals
@@ -294,10 +300,46 @@ class RosenbrockStepper:
             return ((f(t2, y) - k1) / delta).reshape(-1)
 
     # -- one step ------------------------------------------------------------------------------
+    def compile(self, f: VectorField, refuse_key: Any) -> None:
+        """Take the compiled step (``solve(compile=True)``) for the steps of ``f`` that get a fresh
+        Jacobian outside autograd (see :func:`compiled_fresh_step`); ``refuse_key`` is what
+        :data:`odeflux.compiled.program.STEP_REFUSED` records where ``f`` cannot be compiled."""
+        self._compile_f, self._refuse_key = f, refuse_key
+
+    def _compilable(self, f: VectorField, t: Any) -> bool:
+        solver = self.solver
+        return (
+            f is self._compile_f and isinstance(t, torch.Tensor) and not torch.is_grad_enabled()
+            and solver.jac is None and solver.time_derivative == "autograd" and not isinstance(f, JacobianSource)
+        )  # fmt: skip
+
     def step(self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients | None = None) -> StepResult:
         """One Rosenbrock step of size ``dt`` from ``(t, y)`` given ``k1 = f(t, y)``: the new state,
         its error estimate and the stages ``K = U / h``. Raises :class:`LinearSolveFailure` where
         ``I / (h gamma) - J`` is singular or ``J`` not finite."""
+        return self._step(f, t, y, dt, k1, co, False)[0]
+
+    def step_with_error(
+        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients | None,
+        rtol: float, atol: float, parts: Any, norm: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """:meth:`step` and its scaled error norm (:func:`odeflux.control.error_ratio`), what
+        :func:`odeflux.kernels.torch_step.rk_step_with_error` asks of a stepper that has this: a
+        compiled step computes the norm in its graph."""
+        from ..control import error_ratio
+
+        fused = norm is None and rtol == self.rtol and atol == self.atol
+        res, e = self._step(f, t, y, dt, k1, co, parts if fused else False)
+        if e is None:
+            with torch.no_grad():
+                e = error_ratio(res.err, y, res.y1, rtol, atol, parts, norm)
+        return res.y1, res.K, e
+
+    def _step(
+        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients | None, parts: Any
+    ) -> tuple[StepResult, torch.Tensor | None]:  # fmt: skip
+        """The step, and its error norm where a compiled step computed it (``parts``: the norm's
+        blocks, ``False`` for no norm)."""
         solver = self.solver
         if co is None:
             co = solver.coefficients(y.dtype, y.device)
@@ -305,12 +347,87 @@ class RosenbrockStepper:
         retry = y is self._last_start  # the integrator rejected the last step and tries again from y
         if y is self._last_y:
             self._age += 1  # the last step was accepted
+        self._last_start = y
         # A retry from the point the Jacobian was computed at keeps it (it is that point's); a retry
         # with an older one, or one past its age, gets a fresh one.
-        if self._J is None or (self._J_at is not y and (retry or self._age >= solver.max_jacobian_age)):
+        fresh = self._J is None or (self._J_at is not y and (retry or self._age >= solver.max_jacobian_age))
+        self._k_end = None
+        s, n = len(co.c), y.numel()
+        if fresh and self._compile_f is not None and self._compilable(f, t):
+            out = self._compiled_step(f, t, y, dt, k1, co, parts)
+            if out is not None:
+                y1, err, K, flags, J, T, e, self._k_end = out
+                self.counters["n_jacobians"] += 1
+                self._J, self._J_at, self._age = (J, T), y, 0
+                self._evals += s  # the Jacobian's forward pass and the stages after the first
+                return self._finish(t, dt, flags, y1, err, K, s), e
+        if fresh:
             self._J, self._J_at, self._age = self._derivatives(f, t, y, dt, k1), y, 0
         J, T = self._J
-        self._last_start = y
+        if J.shape[0] == n and not torch.is_grad_enabled():
+            y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, solver.tableau.gamma, J, T)
+            self._evals += s - 1
+            return self._finish(t, dt, flags, y1, err, K, s), None
+        return self._graph_step(f, t, y, dt, k1, co, J, T), None
+
+    def end_derivative(self, y1: torch.Tensor) -> torch.Tensor | None:
+        """``f(t + h, y1)`` where ``y1`` is the state the last step returned and a compiled step
+        computed it in its graph (the next step's ``k1``, for
+        :meth:`odeflux.kernels.torch_step.TorchStepKernel.evaluate`, which checks the time), else ``None``."""
+        k = self._k_end
+        return k if k is not None and y1 is self._last_y else None
+
+    def _compiled_step(
+        self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients, parts: Any
+    ) -> tuple[torch.Tensor, ...] | None:  # fmt: skip
+        """:func:`compiled_fresh_step`, or ``None`` where ``f`` cannot be compiled (said once, then
+        every step eagerly)."""
+        # dt, rtol and atol as one tensor: no recompilation as they change, and one input to guard
+        scalars = torch.tensor((dt, self.rtol, self.atol), dtype=y.dtype, device=y.device)
+        try:
+            return compiled_fresh_step()(f, t, y, scalars, k1, co, self.solver.tableau.gamma, parts)
+        except Exception as exc:  # f cannot be compiled
+            from ..compiled.program import STEP_REFUSED, warn_eager
+
+            STEP_REFUSED.add(self._refuse_key)
+            warn_eager(exc, "in one step")
+            self._compile_f = None
+            return None
+
+    def _finish(
+        self, t: Any, dt: float, flags: torch.Tensor, y1: torch.Tensor, err: torch.Tensor, K: torch.Tensor, s: int
+    ) -> StepResult:  # fmt: skip
+        """The step's one host read (a singular ``W``, a Jacobian that is not finite), then its result."""
+        self.counters["n_factorizations"] += 1
+        self._raise_if(int(flags), t, dt)
+        self.counters["n_linear_solves"] += s
+        self._last_y = y1
+        return StepResult(y1, err, K, self._evals)
+
+    def _raise_if(self, flags: int, t: Any, dt: float) -> None:
+        """``flags``: 2 where ``J`` is not finite, plus 1 where ``W`` is singular."""
+        if not flags:
+            return
+        from ..solution import Status
+
+        solver, tf = self.solver, float(t)
+        if flags & 2:
+            raise LinearSolveFailure(
+                f"{type(solver).__name__}: the Jacobian of f at t={tf:.6g} has NaN or Inf entries: check f (or jac) "
+                "for overflow or division by zero there, or use float64", Status.NONFINITE,
+            )  # fmt: skip
+        raise LinearSolveFailure(
+            f"{type(solver).__name__}: the matrix I/(h gamma) - J is singular at t={tf:.6g} (dt={dt:.3g}): "
+            "J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax", Status.LINEAR_SOLVE_FAILED,
+        )  # fmt: skip
+
+    def _graph_step(
+        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients,
+        J: torch.Tensor, T: torch.Tensor | None,
+    ) -> StepResult:  # fmt: skip
+        """The step while autograd records a graph (no in-place writes), or with a JacobianSource's
+        block ``J`` smaller than the state (the tail coupled by :meth:`_tail_coupling`)."""
+        solver = self.solver
         shape, n = y.shape, y.numel()
         mj = J.shape[0]
         hg = dt * solver.tableau.gamma
@@ -320,25 +437,9 @@ class RosenbrockStepper:
         factors, info = factorize(eye / hg - J)
         self.counters["n_factorizations"] += 1
         # One host read per step: a singular W, or a Jacobian that is not finite.
-        bad, finite = (int(v) for v in torch.stack([info.to(torch.int64), torch.isfinite(J).all().to(torch.int64)]).tolist())
-        if not finite or bad:
-            from ..solution import Status
-
-            tf = float(t)
-            if not finite:
-                raise LinearSolveFailure(
-                    f"{type(solver).__name__}: the Jacobian of f at t={tf:.6g} has NaN or Inf entries: check f (or jac) "
-                    "for overflow or division by zero there, or use float64", Status.NONFINITE,
-                )  # fmt: skip
-            raise LinearSolveFailure(
-                f"{type(solver).__name__}: the matrix I/(h gamma) - J is singular at t={tf:.6g} (dt={dt:.3g}): "
-                "J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax", Status.LINEAR_SOLVE_FAILED,
-            )  # fmt: skip
-
+        self._raise_if(int(_flags(info, J)), t, dt)
         yrow = y.reshape(1, n)
         s = len(co.c)
-        if mj == n and not torch.is_grad_enabled():
-            return self._stages_in_place(f, t, y, dt, k1, co, T, factors)
         Us: list[torch.Tensor] = []
         for i in range(s):
             if i == 0:
@@ -363,38 +464,6 @@ class RosenbrockStepper:
         err = torch.mm(co.e_row, U).reshape(shape)
         self._last_y = y1
         return StepResult(y1, err, (U / dt).reshape((s,) + tuple(shape)), self._evals)
-
-    def _stages_in_place(
-        self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients,
-        T: torch.Tensor | None, factors: tuple[torch.Tensor, ...],
-    ) -> StepResult:  # fmt: skip
-        """The stages of :meth:`step` without autograd (no graph to keep): written in place into
-        one ``(s, n)`` buffer, whose rows not yet computed are zero, so that each stage's
-        combinations of the earlier ones are one ``addmv`` with a full row of ``a`` or ``C``
-        (the same sums as the graph-keeping loop, about half its ops)."""
-        shape, n, s = y.shape, y.numel(), len(co.c)
-        U = torch.zeros(s, n, dtype=y.dtype, device=y.device)
-        UT = U.T
-        yf = y.reshape(n)
-        for i in range(s):
-            if i == 0:
-                rhs = k1.reshape(n)
-            else:
-                Yi = torch.addmv(yf, UT, co.a_full[i])
-                F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(n)
-                self._evals += 1
-                rhs = torch.addmv(F, UT, co.C_full[i], alpha=1.0 / dt)
-            if T is not None and co.d[i] != 0.0:
-                rhs = torch.add(rhs, T, alpha=co.d[i] * dt)
-            if len(factors) == 1:
-                torch.mv(factors[0], rhs, out=U[i])
-            else:
-                U[i] = solve_factored(factors, rhs)
-        self.counters["n_linear_solves"] += s
-        y1 = new_state(yf.reshape(1, n), co.m_row, U, 1.0).reshape(shape)
-        err = torch.mm(co.e_row, U).reshape(shape)
-        self._last_y = y1
-        return StepResult(y1, err, U.div_(dt).reshape((s,) + tuple(shape)), self._evals)
 
     def _tail_coupling(
         self, f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, U: torch.Tensor, mj: int, hg: float
@@ -429,6 +498,117 @@ class RosenbrockStepper:
         if mj == rhs.shape[0]:
             return head
         return torch.cat([head, rhs[mj:] * hg])
+
+
+def _flags(info: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
+    """A step's failure flags as one 0-d tensor (read on the host once): 1 where ``W`` is singular
+    (``info`` nonzero), plus 2 where ``J`` has a NaN or Inf entry."""
+    return info.ne(0).to(torch.int64) + torch.isfinite(J).all().logical_not().to(torch.int64) * 2
+
+
+#: Under ``torch.compile``, ``W`` of up to this many rows is inverted by Gauss-Jordan elimination
+#: with partial pivoting written out in tensor ops (one loop iteration per row, fused by the
+#: compiler) instead of LAPACK's ``inv_ex``, which a compiled graph calls as an external kernel
+#: (measured: most of a compiled ROBER step). Both are the inverse up to rounding.
+UNROLLED_INVERSE = 16
+
+
+def _unrolled_inverse(M: torch.Tensor) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    """``((M^-1,), info)`` as :func:`factorize` gives them (``info`` nonzero where a pivot is zero:
+    ``M`` singular), by Gauss-Jordan elimination with partial pivoting on ``[M | I]``."""
+    n = M.shape[-1]
+    idx = torch.arange(n, device=M.device)
+    A = torch.cat([M, torch.eye(n, dtype=M.dtype, device=M.device)], 1)
+    zero = torch.zeros((), dtype=torch.bool, device=M.device)
+    for k in range(n):
+        p = torch.argmax(A[k:, k].abs()) + k  # the pivot's row
+        perm = torch.where(idx == k, p, torch.where(idx == p, k, idx))
+        A = A[perm]
+        pivot = A[k, k]
+        zero = zero | (pivot == 0)
+        row = A[k] / pivot
+        A = torch.where((idx == k).unsqueeze(1), row.unsqueeze(0), A - A[:, k : k + 1] * row.unsqueeze(0))
+    return (A[:, n:],), zero.to(torch.int32)
+
+
+def rosenbrock_stages(
+    f: VectorField, t: Any, y: torch.Tensor, dt: float | torch.Tensor, k1: torch.Tensor, co: _Coefficients,
+    gamma: float, J: torch.Tensor, T: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One Rosenbrock step without autograd, given the ``(n, n)`` Jacobian ``J`` and ``df/dt`` ``T``
+    (flat, or ``None``: zero): ``(y1, err, K, flags)`` (:func:`_flags`, not read here).
+
+    Pure tensor code with no host read, the same eagerly and under ``torch.compile`` (``dt`` a
+    host float or a 0-d tensor): ``W = I / (h gamma) - J`` factorised once (:func:`factorize`),
+    the stages written in place into one ``(s, n)`` buffer whose rows not yet computed are zero,
+    so that each stage's combinations of the earlier ones are one ``addmv`` with a full row of
+    ``a`` or ``C / h``."""
+    shape, n, s = y.shape, y.numel(), len(co.c)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    if n <= UNROLLED_INVERSE and torch.compiler.is_compiling():
+        factors, info = _unrolled_inverse(eye / (dt * gamma) - J)
+    else:
+        factors, info = factorize(eye / (dt * gamma) - J)
+    U = torch.zeros(s, n, dtype=y.dtype, device=y.device)
+    UT = U.T
+    host = not isinstance(dt, torch.Tensor)  # (addmv's alpha takes a host number only)
+    Ch = co.C_full if host else co.C_full / dt
+    yf = y.reshape(n)
+    # Eagerly the rows made once (no indexing op per stage); compiled, indexing is free and one
+    # tensor is one guard on each call, not s.
+    a_rows = co.a_full if torch.compiler.is_compiling() else co.a_full_rows
+    for i in range(s):
+        if i == 0:
+            rhs = k1.reshape(n)
+        else:
+            Yi = torch.addmv(yf, UT, a_rows[i])
+            F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(n)
+            rhs = torch.addmv(F, UT, Ch[i], alpha=1.0 / dt) if host else torch.addmv(F, UT, Ch[i])
+        if T is not None and co.d[i] != 0.0:
+            rhs = rhs + (co.d[i] * dt) * T
+        U[i] = solve_factored(factors, rhs)
+    y1 = new_state(yf.reshape(1, n), co.m_row, U, 1.0).reshape(shape)
+    err = torch.mm(co.e_row, U).reshape(shape)
+    return y1, err, (U / dt).reshape((s,) + tuple(shape)), _flags(info, J)
+
+
+def _func_derivatives(f: VectorField, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(df/dy, df/dt)`` of the flattened state by ``torch.func.jacrev`` (what ``torch.compile``
+    traces; the eager steps take :func:`_autograd_derivatives`). ``df/dt`` is zero where ``f``
+    ignores ``t``."""
+    n = y.numel()
+    J, T = torch.func.jacrev(lambda tt, x: f(tt, x).reshape(n), argnums=(1, 0))(t, y)
+    return J.reshape(n, n), T.reshape(n)
+
+
+def fresh_step(
+    f: VectorField, t: torch.Tensor, y: torch.Tensor, scalars: torch.Tensor, k1: torch.Tensor, co: _Coefficients,
+    gamma: float, parts: Any = False,
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """A step with a fresh Jacobian, no autograd, ``scalars = (dt, rtol, atol)`` a tensor:
+    ``(y1, err, K, flags, J, T, e, k_end)`` (:func:`rosenbrock_stages` after
+    :func:`_func_derivatives`; ``e`` the error norm :func:`odeflux.control.error_ratio` over
+    ``parts``, ``None`` where ``parts`` is ``False``; ``k_end = f(t + dt, y1)``, the next step's
+    ``k1`` if this one is accepted, in the same graph). What ``compile=True`` compiles."""
+    from ..control import error_ratio
+
+    dt, rtol, atol = scalars.unbind()
+    J, T = _func_derivatives(f, t, y)
+    y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, gamma, J, T)
+    e = None if parts is False else error_ratio(err, y, y1, rtol, atol, parts)
+    return y1, err, K, flags, J, T, e, f(t + dt, y1)
+
+
+_COMPILED_FRESH: Callable | None = None
+
+
+def compiled_fresh_step() -> Callable:
+    """:func:`fresh_step` under ``torch.compile(fullgraph=True)``, built once per process (the
+    step size a 0-d tensor: no recompilation as it changes)."""
+    global _COMPILED_FRESH
+    if _COMPILED_FRESH is None:
+        _COMPILED_FRESH = torch.compile(fresh_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    return _COMPILED_FRESH
 
 
 def _autograd_derivatives(

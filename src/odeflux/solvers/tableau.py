@@ -180,10 +180,13 @@ class Solver:
     - ``tableau_steps``: each step is the explicit Runge-Kutta step of ``tableau`` and nothing
       else. The code that re-implements that arithmetic (the NumPy step kernel, the hand-written
       reverse pass, the compiled step) applies only where it is ``True``.
+    - ``compiled_steps``: its stepper compiles its own steps under ``compile=True`` (the
+      Rosenbrock methods: :meth:`odeflux.solvers.rosenbrock.RosenbrockStepper.compile`).
     """
 
     stepwise: ClassVar[bool] = True
     tableau_steps: ClassVar[bool] = False
+    compiled_steps: ClassVar[bool] = False
 
     order: int
     adaptive: bool
