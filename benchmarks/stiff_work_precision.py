@@ -145,7 +145,7 @@ def rel_err(ys: np.ndarray, ref: np.ndarray) -> float:
 
 ODEFLUX = {"odeflux Rodas5P": odeflux.Rodas5P, "odeflux Rodas5P compile": odeflux.Rodas5P,
            "odeflux Kvaerno5": odeflux.Kvaerno5, "odeflux Rosenbrock23": odeflux.Rosenbrock23}  # fmt: skip
-COMPILED = {"odeflux Rodas5P compile"}  # solved with compile=True (the compiled Rosenbrock step)
+COMPILED = {"odeflux Rodas5P compile"}  # solved with compile=True (the whole adaptive loop one compiled program)
 SCIPY = {"scipy Radau": "Radau", "scipy BDF": "BDF"}
 DIFFRAX = "diffrax Kvaerno5"
 KEYS = (*ODEFLUX, *SCIPY, DIFFRAX)
@@ -440,8 +440,9 @@ def method_section(repeats: int, diffrax_line: str) -> str:
         "finite differences (`jac=None`); diffrax by JAX's autodiff (its default). odeflux's solvers run with "
         f"`max_steps = {MAX_STEPS}` and `throw=False`: a solve that needs more is reported as failed, not timed.",
         "**Configurations**: odeflux Rodas5P (Rosenbrock, order 5(4)), odeflux Rodas5P compile (the same with "
-        "`compile=True`: each step with its Jacobian one compiled graph, the loop on the host; the compilation "
-        "happens in an untimed first solve), odeflux Kvaerno5 (ESDIRK, order 5(4), "
+        "`compile=True` under `torch.no_grad`: the whole adaptive loop, each step with a fresh Jacobian, one "
+        "compiled program (`torch.while_loop`, Inductor's C++ wrapper); the compilation happens in an untimed "
+        "first solve), odeflux Kvaerno5 (ESDIRK, order 5(4), "
         f"Newton), odeflux Rosenbrock23 (order 2(3), only at rtol ≥ {LOOSE:g}), scipy `solve_ivp` Radau "
         "(order 5) and BDF (orders 1–5), all through `odeflux.solve(f, y0, span, solver=..., rtol, atol, "
         "saveat)` / `scipy.integrate.solve_ivp(..., t_eval=saveat)`. " + diffrax_line,

@@ -406,9 +406,11 @@ def test_compiled_steps_match_eager(monkeypatch):
     ``torch.func.jacrev``, ``W``'s inverse unrolled); the same steps, counts and results as eager.
     Compiled here with the ``eager`` backend: dynamo traces the whole step (fullgraph) without
     Inductor's seconds of C++ code generation (the benchmark runs Inductor)."""
+    from odeflux.compiled import program
     from odeflux.solvers import rosenbrock
 
     monkeypatch.setattr(rosenbrock, "_COMPILED_FRESH", torch.compile(rosenbrock.fresh_step, fullgraph=True, backend="eager"))
+    monkeypatch.setattr(program, "loop_refusal", lambda solver, options: "the compiled step here")  # (not the whole loop)
     y0 = torch.tensor([0.0, 1.0], dtype=torch.float64)
     kw = dict(solver=Rosenbrock23(), rtol=1e-4, atol=1e-7, saveat=[1.0, 2.0])
     with torch.no_grad():
@@ -421,12 +423,13 @@ def test_compiled_steps_match_eager(monkeypatch):
 
 
 def test_compiled_steps_fall_back_eagerly_once():
-    """A field that cannot be compiled: one warning line, the eager steps' results, no second try."""
+    """A field that cannot be compiled (as the whole loop, which ``compile=True`` takes under
+    ``no_grad``): one warning line, the eager steps' results, no second try (nor of its steps)."""
     y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
     kw = dict(solver=Rodas5P(), rtol=1e-6, atol=1e-9)
     with torch.no_grad():
         eager = odeflux.solve(_Breaks(), y0, (0.0, 1.0), **kw)
-        with pytest.warns(RuntimeWarning, match=r"compile=True: the field could not be compiled in one step") as rec:
+        with pytest.warns(RuntimeWarning, match=r"compile=True: the field could not be compiled as one program") as rec:
             compiled = odeflux.solve(_Breaks(), y0, (0.0, 1.0), compile=True, **kw)
         assert len([w for w in rec if "compile=True" in str(w.message)]) == 1
         with warnings.catch_warnings():
@@ -434,3 +437,57 @@ def test_compiled_steps_fall_back_eagerly_once():
             again = odeflux.solve(_Breaks(), y0, (0.0, 1.0), compile=True, **kw)
     assert compiled.stats == eager.stats == again.stats
     torch.testing.assert_close(compiled.ys, eager.ys, rtol=0, atol=0)
+
+
+def _eager_backend_programs(monkeypatch) -> None:
+    """Compiled loops on torch.compile's ``eager`` backend: dynamo traces the whole loop
+    (``torch.while_loop``, fullgraph) in seconds, without Inductor's code generation."""
+    from odeflux.compiled import program
+
+    def compiled(key, source=program.run_loop):
+        fn = program._PROGRAMS.get(key)
+        if fn is None:
+            fn = program._PROGRAMS[key] = torch.compile(source, fullgraph=True, dynamic=False, backend="eager")
+        return fn
+
+    monkeypatch.setattr(program, "_PROGRAMS", {})
+    monkeypatch.setattr(program, "_program", compiled)
+
+
+def test_compiled_loop_matches_eager_on_robertson(monkeypatch):
+    """``compile=True`` under ``no_grad``: the whole loop one program, every attempted step with a
+    fresh Jacobian (``Rodas5P.loop_step``), the states saved by the method's dense output: the
+    eager solve's accepted and rejected steps, its saved states to 1e-10. Its counts of what it
+    computes differ where eager keeps the Jacobian for a retried step: the loop takes it again."""
+    _eager_backend_programs(monkeypatch)
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    kw = dict(solver=Rodas5P(), rtol=1e-6, atol=1e-10, saveat=[1e-3, 0.5, 1.0, 100.0, 1e4, 1e5])
+    with torch.no_grad():
+        eager = odeflux.solve(rober, y0, (0.0, 1e5), **kw)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="compile=True", category=RuntimeWarning)  # (no eager fallback)
+            loop = odeflux.solve(rober, y0, (0.0, 1e5), compile=True, **kw)
+    e, c = eager.stats, loop.stats
+    assert (c.n_steps, c.n_accepted, c.n_rejected) == (e.n_steps, e.n_accepted, e.n_rejected) and e.n_rejected > 0
+    assert c.n_jacobians == c.n_factorizations == e.n_factorizations == e.n_jacobians + e.n_rejected
+    assert c.n_f_evals == e.n_f_evals + e.n_rejected  # (each retry's Jacobian forward pass)
+    assert loop.status == Status.SUCCESS
+    torch.testing.assert_close(loop.ys, eager.ys, rtol=1e-10, atol=0)
+    # A singular W ends the loop's solve with the eager one's status.
+    h = 0.1
+    args = (lambda t, y: y / (h * RODAS5P.gamma), torch.ones(2, dtype=F64), (0.0, 1.0))
+    with torch.no_grad():
+        sol = odeflux.solve(*args, solver=Rodas5P(), dt0=h, controller=ConstantStepSize(), throw=False, compile=True)
+    assert sol.status == Status.LINEAR_SOLVE_FAILED and "singular" in sol.message and sol.stats.n_steps == 0
+
+
+def test_compiled_loop_refuses_what_it_cannot_match():
+    """Options whose steps the loop's fresh autograd Jacobian would change take the compiled step."""
+    from odeflux.compiled.program import loop_refusal
+    from odeflux.integrator import IntegrateOptions
+
+    opts = IntegrateOptions(rtol=1e-6, atol=1e-9, controller=odeflux.PIController())
+    assert loop_refusal(Rodas5P(), opts) is None and loop_refusal(Rosenbrock23(), opts) is None
+    for solver in (Rosenbrock23(max_jacobian_age=3), Rodas5P(jac=lambda t, y: -torch.eye(3, dtype=F64)),
+                   Rodas5P(time_derivative="finite_difference")):  # fmt: skip
+        assert "does not take" in loop_refusal(solver, opts)

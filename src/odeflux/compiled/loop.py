@@ -93,6 +93,9 @@ def run_loop(
     co = solver.coefficients(dtype, device)
     direction = torch.sign(t1 - t0)
     extra_evals = len(co.c) - 1  # per step, k1 being given (an explicit tableau)
+    own = solver.loop_steps  # steps by solver.loop_step (a Rosenbrock method: one problem, B = 1)
+    if own:
+        extra_evals = solver.loop_evaluations()
     # A (B,) value against (B, ...) states, or a (B, n) one against (B, n, ...) saved states.
     col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731
 
@@ -112,7 +115,11 @@ def run_loop(
         hm = torch.where(going, torch.where(lands, remaining, h), 0.0)  # (a problem that is done stands still)
         hs = direction * hm
         f = field()
-        y1, e_vec, K, _ = solver.step(f, t.to(dtype), y, hs.to(dtype), k, co)
+        if own:
+            y1, e_vec, K, k_end, flags = solver.loop_step(f, t.to(dtype), y, hs.to(dtype), k, co)
+        else:
+            y1, e_vec, K, _ = solver.step(f, t.to(dtype), y, hs.to(dtype), k, co)
+            flags = None
         if adaptive:
             # Step-size decisions are constants to autograd, as in the eager loop.
             e = error_ratio(e_vec.detach(), y.detach(), y1.detach(), rtol, atol, spec.parts, per_sample=True)
@@ -125,6 +132,12 @@ def run_loop(
             accept, h_new, ctrl_new = going, h, ctrl
             # Fixed steps: t0 + n h, so round-off does not pile up into a sliver of a last step.
             t_new = torch.where(lands, t1, t0 + (grid_n + 1) * hs)
+        stepped = going  # the attempts counted as steps
+        if flags is not None:
+            # A singular W or a Jacobian that is not finite ends the solve uncounted, as the eager
+            # stepper's LinearSolveFailure does (status: NONFINITE where J is not finite).
+            failed_ls = going & (flags != 0)
+            accept, stepped = accept & ~failed_ls, going & ~failed_ls
         if on_step is not None:
             on_step(t, hs, y, K, accept)
         if spec.saving and not (C and spec.record_stages):
@@ -143,12 +156,15 @@ def run_loop(
             ys = ys.clone()
         if fsal:
             k_new = K[-1]
-            n_eval = going.to(torch.int64) * extra_evals
+            n_eval = stepped.to(torch.int64) * extra_evals
         else:
             # (Evaluated for every problem; counted as the eager loop counts: after accepted
             # steps that do not end the solve.)
-            k_new = f(t_new.to(dtype), y1)
-            n_eval = going.to(torch.int64) * extra_evals + (accept & ~lands).to(torch.int64)
+            # (A loop step's f at its end where t + hs is t_new exactly: float64, not landing.)
+            # (A loop step's own f at its end, at t + hs: t_new but where it lands on t1, where it is
+            # only the solve's last derivative. Not in float32, whose t + hs is not the host's time.)
+            k_new = k_end if own and dtype == torch.float64 else f(t_new.to(dtype), y1)
+            n_eval = stepped.to(torch.int64) * extra_evals + (accept & ~lands).to(torch.int64)
         y_next = torch.where(col(accept), y1, y)
         k_next = torch.where(col(accept), k_new, k)
         t_next = torch.where(accept, t_new, t)
@@ -168,14 +184,18 @@ def run_loop(
             failed = torch.where(retry & ~torch.isfinite(h_retry), int(Status.NONFINITE), failed)
             too_small = too_small | (retry & ~torch.isfinite(h_retry))
         status_next = torch.where(too_small, failed, status)
+        if flags is not None:
+            code = torch.where(flags >= 2, int(Status.NONFINITE), int(Status.LINEAR_SOLVE_FAILED))
+            status_next = torch.where(failed_ls, code, status_next)
+            h_next = torch.where(failed_ls, h, h_next)  # (the message's dt: the one tried, as eager)
         if C:
             # Each attempt is written at the problem's next free slot; a rejected one is
             # overwritten by the attempt after it, so the slots below n_accepted are the accepted steps.
             kept = (t, hs, y, K.movedim(0, 1)) if spec.record_stages else (t, hs, y)
             record = _write(record, torch.clamp(n_acc, max=C - 1), kept)
         return (
-            t_next, h_next, y_next, k_next, ctrl_next, n_steps + going.to(torch.int64),
-            n_acc + accept.to(torch.int64), n_rej + (going & ~accept).to(torch.int64), n_f + n_eval, ys,
+            t_next, h_next, y_next, k_next, ctrl_next, n_steps + stepped.to(torch.int64),
+            n_acc + accept.to(torch.int64), n_rej + (stepped & ~accept).to(torch.int64), n_f + n_eval, ys,
             status_next, torch.where(going, e, err), grid_n + accept.to(torch.int64), *record,
         )  # fmt: skip
 

@@ -65,7 +65,11 @@ def loop_refusal(solver: Solver, options: IntegrateOptions) -> str | None:
     """Why the compiled loop cannot run these options (``None`` if it can)."""
     from ..control import ConstantStepSize, IController, PIController
 
-    if not solver.tableau_steps:
+    if solver.loop_steps:  # steps by its loop_step (the Rosenbrock methods)
+        own = solver.loop_refusal()
+        if own is not None:
+            return f"the compiled loop does not take {type(solver).__name__} with {own}"
+    elif not solver.tableau_steps:
         return f"{type(solver).__name__} is not an explicit Runge-Kutta method"
     if not isinstance(options.controller, (PIController, IController, ConstantStepSize)):
         return f"the controller {type(options.controller).__name__} has no tensor rule"
@@ -205,6 +209,9 @@ class LoopProgram:
         stats.n_accepted += int(n_acc)
         stats.n_rejected += int(n_rej)
         stats.n_f_evals += int(n_f)
+        if self.spec.solver.loop_steps:  # (its linear algebra, added to the stats by it.result)
+            for name, v in self.spec.solver.loop_counters(int(n_steps)).items():
+                setattr(stats, name, getattr(stats, name) + v)
         it.t, it.y, it.k = t_f, y, k
         if self.spec.record:
             n = int(n_acc)
@@ -223,6 +230,9 @@ class LoopProgram:
             return it.result(Status.MAX_STEPS, it.max_steps_message(h_f), h_f)
         if status == Status.DT_MIN:
             return it.result(status, it.dt_min_message(h_f), h_f)
+        if status == Status.LINEAR_SOLVE_FAILED:
+            return it.result(status, f"{type(self.spec.solver).__name__}: the matrix I/(h gamma) - J is singular at t={t_f:.6g} "
+                             f"(dt={h_f:.3g}): J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax", h_f)  # fmt: skip
         if status == Status.NONFINITE or not math.isfinite(err_f) and status != Status.SUCCESS:
             return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f), h_f)
         if not it.adaptive and not bool(torch.isfinite(y).all()):

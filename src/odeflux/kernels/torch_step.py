@@ -9,6 +9,7 @@ import torch
 
 from ..control import Parts, error_ratio, part_rms
 from ..solvers.implicit import JacobianSource, imex_parts
+from ..solvers.rosenbrock import RosenbrockStepper
 from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -146,6 +147,8 @@ class TorchStepKernel:
     def eager(self) -> None:
         """Step with the eager step from now on (``f`` could not be compiled)."""
         self._step = rk_step_with_error
+        if isinstance(self.stepper, RosenbrockStepper):  # (nor its own compiled steps)
+            self.stepper.compile(None, None)
 
     def _inside(self, start: float, end: float) -> VectorField:
         """``f`` with evaluations on the step's ends (a stage, an implicit step's Jacobian) moved

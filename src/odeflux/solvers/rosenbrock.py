@@ -182,6 +182,16 @@ class _Coefficients(NamedTuple):
     a_full_rows: tuple[torch.Tensor, ...]  # a_full's rows, (s,) each (made once, not indexed per stage)
 
 
+class LoopStep(NamedTuple):
+    """What :meth:`Rosenbrock.loop_step` hands the compiled loop."""
+
+    y1: torch.Tensor
+    err: torch.Tensor  # the error estimate (a vector, normed by the loop)
+    K: torch.Tensor  # the stages ``U / h``, ``(stages, *y.shape)``: the dense output's
+    k_end: torch.Tensor  # ``f(t + dt, y1)``
+    flags: torch.Tensor  # 0-d: 2 where ``J`` is not finite, plus 1 where ``W`` is singular (:func:`_flags`)
+
+
 @dataclass(eq=False)
 class Rosenbrock(Solver):
     """An adaptive Rosenbrock solver defined by its tableau (subclasses supply the data).
@@ -202,6 +212,7 @@ class Rosenbrock(Solver):
     stepwise: ClassVar[bool] = True
     tableau_steps: ClassVar[bool] = False  # its steps are not explicit RK steps: no NumPy kernel or reverse pass
     compiled_steps: ClassVar[bool] = True  # compile=True: its stepper compiles the steps with a fresh Jacobian
+    loop_steps: ClassVar[bool] = True  # compile=True without autograd: the whole loop compiled, by loop_step
     adaptive: ClassVar[bool] = True
     fsal: ClassVar[bool] = False
 
@@ -238,6 +249,36 @@ class Rosenbrock(Solver):
             a_full=mk(_lower(tab.a, tab.stages).tolist()), C_full=mk(_lower(tab.C, tab.stages).tolist()),
             a_full_rows=tuple(mk(row) for row in _lower(tab.a, tab.stages).tolist()),
         )  # fmt: skip
+
+    # -- the compiled whole loop (odeflux.compiled.loop.run_loop) ------------------------------
+    def loop_refusal(self) -> str | None:
+        """Why the compiled loop, which takes a fresh Jacobian by ``torch.func.jacrev`` every
+        attempted step, cannot run this solver's steps as the eager integrator does (``None``: it can)."""
+        if self.jac is not None:
+            return "a user jac"
+        if self.time_derivative != "autograd":
+            return f'time_derivative="{self.time_derivative}"'
+        if self.max_jacobian_age > 1:
+            return "Jacobian reuse (max_jacobian_age > 1)"
+        return None
+
+    def loop_step(self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients) -> LoopStep:
+        """One attempted step of :func:`~odeflux.compiled.loop.run_loop` (one problem, ``B = 1``:
+        ``t``, ``dt`` of shape ``(1,)``, ``y`` ``(1, ...)``): the step :func:`fresh_step` compiles,
+        with a fresh Jacobian, and ``f`` at its end."""
+        y1, err, K, flags, _J, _T, k_end = _fresh(f, t, y, dt, k1, co, self.tableau.gamma)
+        return LoopStep(y1, err, K, k_end, flags)
+
+    def loop_evaluations(self) -> int:
+        """Evaluations of ``f`` an attempted loop step costs, as the eager stepper counts them: the
+        Jacobian's forward pass and the stages after the first (``f`` at its end is counted by
+        the loop where a step is accepted, as the eager integrator counts it)."""
+        return self.tableau.stages
+
+    def loop_counters(self, n_steps: int) -> dict[str, int]:
+        """The linear-algebra counters of ``n_steps`` attempted loop steps: each one Jacobian, one
+        factorisation and a solve per stage."""
+        return {"n_jacobians": n_steps, "n_factorizations": n_steps, "n_linear_solves": n_steps * self.tableau.stages}
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
         """A fresh stepper per integration: it keeps the Jacobian it may reuse and the counters."""
@@ -593,10 +634,19 @@ def fresh_step(
     from ..control import error_ratio
 
     dt, rtol, atol = scalars.unbind()
+    y1, err, K, flags, J, T, k_end = _fresh(f, t, y, dt, k1, co, gamma)
+    e = None if parts is False else error_ratio(err, y, y1, rtol, atol, parts)
+    return y1, err, K, flags, J, T, e, k_end
+
+
+def _fresh(
+    f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients, gamma: float
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The step of :func:`fresh_step` and of :meth:`Rosenbrock.loop_step`: ``(y1, err, K, flags,
+    J, T, k_end)``, the Jacobian by :func:`_func_derivatives`, ``k_end = f(t + dt, y1)``."""
     J, T = _func_derivatives(f, t, y)
     y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, gamma, J, T)
-    e = None if parts is False else error_ratio(err, y, y1, rtol, atol, parts)
-    return y1, err, K, flags, J, T, e, f(t + dt, y1)
+    return y1, err, K, flags, J, T, f(t + dt, y1)
 
 
 _COMPILED_FRESH: Callable | None = None

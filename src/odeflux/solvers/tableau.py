@@ -182,11 +182,15 @@ class Solver:
       reverse pass, the compiled step) applies only where it is ``True``.
     - ``compiled_steps``: its stepper compiles its own steps under ``compile=True`` (the
       Rosenbrock methods: :meth:`odeflux.solvers.rosenbrock.RosenbrockStepper.compile`).
+    - ``loop_steps``: the compiled whole loop (:func:`odeflux.compiled.loop.run_loop`) takes its
+      steps through ``loop_step``, ``loop_evaluations``, ``loop_counters`` and ``loop_refusal``
+      (the Rosenbrock methods: :meth:`odeflux.solvers.rosenbrock.Rosenbrock.loop_step`).
     """
 
     stepwise: ClassVar[bool] = True
     tableau_steps: ClassVar[bool] = False
     compiled_steps: ClassVar[bool] = False
+    loop_steps: ClassVar[bool] = False
 
     order: int
     adaptive: bool
