@@ -16,6 +16,17 @@ from odeflux import BacksolveAdjoint, DirectAdjoint, GaussAdjoint, Interpolating
 
 CONTINUOUS = [InterpolatingAdjoint, BacksolveAdjoint, QuadratureAdjoint, GaussAdjoint]
 EAGER_VJPS = ["autograd", "func", "jacobian"]
+# The cases on a large state (262,144 entries), where a second torch thread has work to do, and the
+# compiled VJP's; every other case here runs tiny ops, on one thread (conftest.py: one_torch_thread).
+ALL_THREADS = {"test_a_large_states_few_steps_are_kept_by_default_rather_than_re_solved",
+               "test_the_mixed_norm_controls_a_small_parameter_block_next_to_a_large_state",
+               "test_compiled_vjp_matches_autograd"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_ops(request):
+    if request.node.originalname not in ALL_THREADS:
+        request.getfixturevalue("one_torch_thread")
 
 
 class TimeField(nn.Module):
@@ -80,7 +91,12 @@ def finite_differences(loss_name: str, f: nn.Module, y0: torch.Tensor, eps: floa
 def problem():
     f = TimeField()
     y0 = torch.tensor([[0.3, -0.5, 0.8], [1.0, 0.2, -0.4]], dtype=torch.float64, requires_grad=True)
-    fd = {name: finite_differences(name, f, y0) for name in LOSSES}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (tiny ops, as the tests': see _one_thread_for_tiny_ops)
+    try:
+        fd = {name: finite_differences(name, f, y0) for name in LOSSES}
+    finally:
+        torch.set_num_threads(threads)
     return f, y0, fd
 
 

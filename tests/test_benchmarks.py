@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,74 @@ import torch
 from benchmarks.common import Timing, interleaved, markdown_table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The smoke runs: test name -> (benchmark module, its arguments). They run one after the other in
+# one process (one start-up of Python, torch and the peers for all of them, as benchmarks.run_all
+# runs its benchmarks), in this order, each from the process's default torch thread count.
+SMOKE = {
+    "test_every_benchmark_smoke_runs": ("run_all", ["--quick", "--skip", "stiff_work_precision",
+                                                    "--skip", "gradient_work_precision"]),
+    "test_stiff_work_precision_smoke_runs": ("stiff_work_precision", ["--quick"]),
+    "test_gradient_work_precision_smoke_runs": ("gradient_work_precision", ["--quick", "--only", "tutorial_doubled",
+                                                                            "--only", "cnf_exact"]),
+    "test_per_sample_torchode_smoke_runs": ("per_sample_torchode", ["--quick"]),
+    "test_general_benchmark_smoke_runs": ("general", ["--quick", "--threads", "1"]),
+}  # fmt: skip
+# Runs each "<name> <out> <args...>" (a JSON list of them in argv[1]) as `python -m benchmarks.<name>
+# <args...>` would: its stdout and stderr (file descriptors 1 and 2: subprocesses' output too) to
+# <out>.stdout and <out>.stderr, its exit status to <out>.rc (run_all's: main's return value; the
+# others': 0 unless main raises; SystemExit's code; 1 with the traceback on stderr for an exception).
+RUNNER = """
+import importlib, json, os, sys, traceback, torch
+threads = torch.get_num_threads()
+for name, out, args in json.loads(sys.argv[1]):
+    torch.set_num_threads(threads)
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(out + ".stdout", "w") as o, open(out + ".stderr", "w") as e:
+        os.dup2(o.fileno(), 1); os.dup2(e.fileno(), 2)
+        try:
+            ret = importlib.import_module("benchmarks." + name).main(args)
+            code = (ret or 0) if name == "run_all" else 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    os.close(saved[0]); os.close(saved[1])
+    with open(out + ".rc", "w") as f:
+        f.write(str(code))
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke(request, tmp_path_factory):
+    """The smoke runs of the benchmarks whose tests this session selected, in one process (see
+    RUNNER): -> {test name: (exit status, stdout, stderr)}; a run that never finished (its process
+    died) has no exit status and the process's own output for stderr."""
+    wanted = {item.originalname for item in request.session.items if getattr(item, "module", None) is request.module}
+    names = [t for t in SMOKE if t in wanted]
+    out = tmp_path_factory.mktemp("smoke")
+    jobs = [(SMOKE[t][0], str(out / t), SMOKE[t][1]) for t in names]
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(jobs)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    results = {}
+    for t in names:
+        rc = out / f"{t}.rc"
+        if rc.exists():
+            results[t] = int(rc.read_text()), (out / f"{t}.stdout").read_text(), (out / f"{t}.stderr").read_text()
+        else:
+            results[t] = None, "", f"(exit {proc.returncode})\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return results
+
+
+def _smoke_run(smoke, test: str) -> str:
+    """The stdout of ``test``'s smoke run, which must have exited with status 0."""
+    code, stdout, stderr = smoke[test]
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def test_interleaved_rounds_time_every_configuration():
@@ -33,33 +102,24 @@ def test_markdown_table_and_atomic_write(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_benchmark_smoke_runs():
+def test_every_benchmark_smoke_runs(smoke):
     """`python -m benchmarks.run_all --quick`: each benchmark end to end on tiny settings (peers
     that are not installed, diffrax here, are reported as not measured). The two with smoke tests
     of their own below are left out here, so each runs once in the suite."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--skip", "stiff_work_precision",
-         "--skip", "gradient_work_precision"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "Failed:" not in out.stdout
+    stdout = _smoke_run(smoke, "test_every_benchmark_smoke_runs")
+    assert "Failed:" not in stdout
 
 
 @pytest.mark.slow
-def test_general_benchmark_smoke_runs():
+def test_general_benchmark_smoke_runs(smoke):
     """`python -m benchmarks.general --quick`: every workload and configuration on tiny sizes, end to
     end (diffrax on the Lotka-Volterra workload only, when it is installed); nothing is written. One
     torch thread: at the default two, the tiny ops of the smoke sizes mostly wait for the second
     thread on a loaded 2-core machine (the mlp and conv workloads took 30 s each instead of 1)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.general", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stdout = _smoke_run(smoke, "test_general_benchmark_smoke_runs")
     for workload in ("mlp", "conv", "lv", "lv-batch"):
-        assert f"## {workload}:" in out.stdout
-    assert "written to" not in out.stdout
+        assert f"## {workload}:" in stdout
+    assert "written to" not in stdout
 
 
 def test_work_precision_compares_curves_at_equal_error():
@@ -106,17 +166,13 @@ def test_stiff_work_precision_compares_time_at_equal_error():
 
 
 @pytest.mark.slow
-def test_stiff_work_precision_smoke_runs():
+def test_stiff_work_precision_smoke_runs(smoke):
     """`python -m benchmarks.stiff_work_precision --quick` (about 15 s: rtol 1e-4, one repeat, diffrax
     on ROBER when installed); nothing is written."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.stiff_work_precision", "--quick"], cwd=ROOT, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stdout = _smoke_run(smoke, "test_stiff_work_precision_smoke_runs")
     for title in ("## ROBER", "## HIRES", "## Summary"):
-        assert title in out.stdout
-    assert "written to" not in out.stdout
+        assert title in stdout
+    assert "written to" not in stdout
 
 
 def test_gradient_work_precision_weights_and_errors():
@@ -128,19 +184,14 @@ def test_gradient_work_precision_weights_and_errors():
     assert rel_err(torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 2.0, 2.5])) == pytest.approx(0.5 / 11.25**0.5)
 
 
-def test_gradient_work_precision_smoke_runs():
+def test_gradient_work_precision_smoke_runs(smoke):
     """`python -m benchmarks.gradient_work_precision --quick` on two small fields (a few seconds: two
     tolerances, every configuration, a loose reference); nothing is written."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gradient_work_precision", "--quick", "--only", "tutorial_doubled",
-         "--only", "cnf_exact"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stdout = _smoke_run(smoke, "test_gradient_work_precision_smoke_runs")
     for title in ("## Summary", "## Gradient error per tolerance", "## (a)", "## (f)"):
-        assert title in out.stdout
-    assert "failed (" not in out.stdout  # no configuration fails on these fields
-    assert "written to" not in out.stdout
+        assert title in stdout
+    assert "failed (" not in stdout  # no configuration fails on these fields
+    assert "written to" not in stdout
 
 
 def test_small_systems_targets_come_from_the_numbers():
@@ -186,14 +237,10 @@ def test_per_sample_torchode_goal_counts_only_comparable_gradients():
     assert "BacksolveAdjoint" in rows[0][7]
 
 
-def test_per_sample_torchode_smoke_runs():
+def test_per_sample_torchode_smoke_runs(smoke):
     """`python -m benchmarks.per_sample_torchode --quick` (a few seconds: 8 random images, 4 oscillators
     over [0, 0.2], one round); nothing is written."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.per_sample_torchode", "--quick"], cwd=ROOT, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stdout = _smoke_run(smoke, "test_per_sample_torchode_smoke_runs")
     for title in ("## tutorial:", "## vdp:", "## Goal (issue 16)"):
-        assert title in out.stdout
-    assert "| failed:" not in out.stdout and "written to" not in out.stdout
+        assert title in stdout
+    assert "| failed:" not in stdout and "written to" not in stdout

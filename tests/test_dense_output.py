@@ -14,6 +14,8 @@ import odeflux
 from odeflux import ConstantStepSize
 from odeflux.solvers import SOLVERS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 ALL = sorted(name for name, cls in SOLVERS.items() if cls().stepwise)  # (ScipySolver has tests of its own)
 FIXED_KW = {"euler": {"dt0": 0.01}, "midpoint": {"dt0": 0.02}, "rk4": {"dt0": 0.05},
             "heun2": {"dt0": 0.02}, "heun3": {"dt0": 0.05}, "rk38": {"dt0": 0.05},

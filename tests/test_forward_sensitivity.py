@@ -12,6 +12,8 @@ from torch import nn
 import odeflux
 from odeflux.sensitivity import SMALL_LIMIT, ForwardSensitivity
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 D = torch.float64
 TS = torch.linspace(0.0, 3.0, 13, dtype=D)
 W = torch.linspace(0.5, 1.5, 13 * 2, dtype=D).reshape(13, 2)  # a multi-output loss's weights

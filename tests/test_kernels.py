@@ -288,7 +288,8 @@ ADJOINTS_WITH_PLANS = {
 def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, method, monkeypatch):
     """The adjoints' planned steps (lambda per stage, the field's pass and mu's parts batched; the
     Gauss and quadrature nodes batched too) give the gradients the engine's per-call products
-    give, over several saved times."""
+    give, over several saved times. (Heun, of order 2, at a looser tolerance: its 700 forward and
+    up to 2900 adjoint steps at 1e-7 check nothing 80 and 160-310 steps do not.)"""
     from odeflux.sensitivity import rhs
 
     steps, plans = [], []
@@ -297,13 +298,14 @@ def test_adjoint_steps_through_the_stage_plan_as_through_the_engine(solver, meth
     params_into = StagePlan.params_into
     monkeypatch.setattr(StagePlan, "params_into", lambda self, out: plans.append(1) or params_into(self, out))
     y0 = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    tol = 1e-5 if solver == "heun" else 1e-7
     out = []
     for rule in (True, False):
         m = _plan_mlp("tanh", True, torch.float64)
         m.use_vjp_rule = rule
         y = y0.clone().requires_grad_()
         sol = odeflux.solve(odeflux.VectorField(m), y, (0.0, 1.0), solver=SOLVERS[solver](), saveat=[0.2, 0.6, 1.0],
-                            sensealg=ADJOINTS_WITH_PLANS[method](), rtol=1e-7, atol=1e-7)  # fmt: skip
+                            sensealg=ADJOINTS_WITH_PLANS[method](), rtol=tol, atol=tol)  # fmt: skip
         (sol.ys**3).sum().backward()
         out.append(torch.cat([y.grad.reshape(-1)] + [p.grad.reshape(-1) for p in m.parameters()]))
         if rule:  # every adjoint step was planned, and mu's parts came from plans

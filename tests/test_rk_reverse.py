@@ -14,6 +14,8 @@ from odeflux.sensitivity.rk_reverse import reverse_pass_rule
 from odeflux.problem import make_problem
 from odeflux.solvers import SOLVERS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 
 def mlp(activation: str = "tanh", bias: bool = True) -> odeflux.MLP:
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,8 @@ from conftest import HAS_CUDA
 import odeflux
 from odeflux import RK4, ConstantStepSize, Euler, PIController, Tsit5
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 
 def decay(t, y):
     return -y

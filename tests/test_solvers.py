@@ -33,6 +33,8 @@ from odeflux.control import initial_step as hairer_step
 from odeflux.integrator import IntegrateOptions, integrate
 from odeflux.kernels import TorchStepKernel
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 ADAPTIVE = {"tsit5": Tsit5, "dopri5": Dopri5, "dopri8": Dopri8, "bs3": BS3, "heun": Heun, "fehlberg2": Fehlberg2}
 ALL = {**ADAPTIVE, "euler": Euler, "midpoint": Midpoint, "heun2": Heun2, "heun3": Heun3, "rk4": RK4, "rk38": RK38}
 

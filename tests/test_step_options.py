@@ -10,6 +10,8 @@ import torch
 
 import odeflux
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 D = torch.float64
 
 

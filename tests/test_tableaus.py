@@ -16,6 +16,8 @@ import pytest
 
 from odeflux.solvers import RK_SOLVERS as SOLVERS  # the tableaus of the explicit Runge-Kutta solvers
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 ALL = sorted(SOLVERS)
 ADAPTIVE = [n for n in ALL if SOLVERS[n]().adaptive]
 EXPECTED = {  # name: (order, error_order, interp_order, adaptive, fsal), from the methods' papers

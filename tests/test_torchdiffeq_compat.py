@@ -16,6 +16,8 @@ import torch
 import torchdiffeq as real
 from odeflux.compat import torchdiffeq as compat
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = Path(os.environ.get("ODEFLUX_TORCHDIFFEQ_TESTS", ROOT.parent / "shared" / "reference" / "torchdiffeq-tests"))
 MODULES = ["api_tests", "event_tests", "gradient_tests", "norm_tests", "odeint_tests"]

@@ -11,6 +11,8 @@ from torch import nn
 
 import odeflux
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
+
 D = torch.float64
 
 ADJOINTS = [
