@@ -22,6 +22,7 @@ from odeflux.compiled.reverse import capacity, cotangents, run_reverse
 _LotkaVolterra = LotkaVolterraRates
 
 SAVE = 40  # saved times in every case here (a shape of the programs; as in tests/test_compiled_loop.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops; the compiler's own workers are not torch threads)
 
 
 def _grads(f, y0, span, saveat, compile, **kw):

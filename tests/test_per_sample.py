@@ -11,6 +11,7 @@ import odeflux
 from odeflux.solution import Status
 
 D = torch.float64
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
 
 
 class VdP(nn.Module):

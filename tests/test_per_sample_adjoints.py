@@ -11,6 +11,7 @@ from torch import nn
 import odeflux
 
 D = torch.float64
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (conftest.py: tiny ops)
 nan = math.nan
 METHODS = [
     odeflux.BacksolveAdjoint(),
