@@ -37,7 +37,7 @@ import odeflux
 
 from .common import Timing, closing_line, fmt_seconds, machine_info, markdown_table, publish, set_threads
 from .provenance import code_state
-from .stiff_work_precision import Point, best_of, compare, diffrax_missing, frontier
+from .stiff_work_precision import Point, best_of, compare, diffrax_missing
 
 RESULTS = Path(__file__).parent / "results"
 RESULT = RESULTS / "stiff_gradient.md"
@@ -104,7 +104,7 @@ def _jac_sens(t: float, z: np.ndarray) -> np.ndarray:
         out[np.ix_(idx, idx)] = J
     # d(J S + dfdp)/dy: second derivatives of f (f is quadratic) and dfdp's y-dependence
     for j in range(3):
-        s1, s2, s3 = S[0, j], S[1, j], S[2, j]
+        s2, s3 = S[1, j], S[2, j]
         # d/dy of (J s): J's entries depend on y2, y3
         d = np.zeros((3, 3))
         d[0, 1] += k3 * s3
