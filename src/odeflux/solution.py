@@ -43,7 +43,10 @@ class Stats:
     The linear algebra of (linearly) implicit steps: ``n_jacobians`` (Jacobians of ``f``
     computed), ``n_factorizations`` (LU factorisations), ``n_linear_solves`` (solves with them:
     Rosenbrock stages, Newton updates, error-estimate smoothing) and ``n_newton_iterations``;
-    zero for explicit solvers."""
+    zero for explicit solvers. A matrix-free implicit solve (``linear_solver="gmres"``) forms and
+    factorises nothing: each Newton update is one linear solve of ``n_krylov_iterations`` GMRES
+    steps, and ``n_jvps`` counts its Jacobian-vector products (one per GMRES step, plus one per
+    restart and per error smoothing), none of them in ``n_f_evals``."""
 
     n_f_evals: int = 0
     n_steps: int = 0
@@ -53,6 +56,8 @@ class Stats:
     n_factorizations: int = 0
     n_linear_solves: int = 0
     n_newton_iterations: int = 0
+    n_krylov_iterations: int = 0
+    n_jvps: int = 0
 
     def add(self, other: Stats) -> None:
         for fl in fields(other):

@@ -37,11 +37,13 @@ VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
-    "factorize", "jacobian", "solve_factored",
+    "factorize", "gmres", "jacobian", "solve_factored",
 ]  # fmt: skip
 
 #: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
-COUNTERS = ("n_jacobians", "n_factorizations", "n_linear_solves", "n_newton_iterations")
+COUNTERS = (
+    "n_jacobians", "n_factorizations", "n_linear_solves", "n_newton_iterations", "n_krylov_iterations", "n_jvps",
+)  # fmt: skip
 
 
 class NewtonFailure(RuntimeError):
@@ -124,6 +126,85 @@ def solve_factored(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor) -> torc
     if len(factors) == 1:
         return torch.mv(factors[0], rhs)
     return torch.linalg.lu_solve(factors[0], factors[1], rhs.unsqueeze(-1)).squeeze(-1)
+
+
+class GMRESResult(NamedTuple):
+    x: torch.Tensor
+    converged: bool
+    iterations: int  # Arnoldi steps (one operator product each), over all restarts
+    residual: float  # the final residual's 2-norm (estimated by the Givens rotations)
+
+
+def gmres(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, rtol: float = 1e-8, atol: float = 0.0,
+    restart: int = 30, max_iters: int = 300, x0: torch.Tensor | None = None,
+) -> GMRESResult:  # fmt: skip
+    """Restarted GMRES for ``A x = b``, ``A`` given by ``matvec`` on flat vectors (any dtype and
+    device; the Krylov basis lives on ``b``'s device, the small Hessenberg least-squares problem on
+    the host, Givens rotations updated one column at a time). Stops once ``||b - A x||_2 <=
+    max(rtol ||b||_2, atol)`` or after ``max_iters`` products; ``converged`` says which (a cycle
+    that does not reduce the true residual also stops it). Orthogonalisation by classical
+    Gram-Schmidt applied twice: one host read per product."""
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    bnorm = float(torch.linalg.vector_norm(b))
+    target = max(rtol * bnorm, atol)
+    r = b if x0 is None else b - matvec(x)
+    beta = float(torch.linalg.vector_norm(r))
+    its = 0
+    if not math.isfinite(beta):
+        return GMRESResult(x, False, its, beta)
+    while beta > target and its < max_iters:
+        V = torch.empty(restart + 1, b.numel(), dtype=b.dtype, device=b.device)  # the Krylov basis, row by row
+        V[0] = r / beta
+        H: list[list[float]] = []  # columns of the Hessenberg matrix, rotated
+        cs: list[float] = []
+        sn: list[float] = []
+        g = [beta]
+        k = 0
+        while k < restart and its < max_iters:
+            w = matvec(V[k])
+            its += 1
+            # Classical Gram-Schmidt twice (CGS2: as stable as modified Gram-Schmidt, in two
+            # matrix-vector products and one host read instead of k of each).
+            h1 = V[: k + 1] @ w
+            w = w - h1 @ V[: k + 1]
+            h2 = V[: k + 1] @ w
+            w = w - h2 @ V[: k + 1]
+            hv = torch.cat([h1 + h2, torch.linalg.vector_norm(w).reshape(1)]).tolist()
+            col, hnext = hv[:-1], hv[-1]
+            for i in range(k):  # earlier rotations
+                a, c = col[i], col[i + 1]
+                col[i], col[i + 1] = cs[i] * a + sn[i] * c, -sn[i] * a + cs[i] * c
+            d = math.hypot(col[k], hnext)
+            if not math.isfinite(d):
+                return GMRESResult(x, False, its, math.inf)
+            c_, s_ = (1.0, 0.0) if d == 0 else (col[k] / d, hnext / d)
+            cs.append(c_), sn.append(s_)
+            col[k] = d
+            g.append(-s_ * g[k])
+            g[k] = c_ * g[k]
+            H.append(col)
+            k += 1
+            if abs(g[k]) <= target or hnext <= 1e-300:
+                break
+            V[k] = w / hnext
+        # Back substitution for the k coefficients, then the update along the basis.
+        yk = [0.0] * k
+        for i in range(k - 1, -1, -1):
+            acc = g[i] - sum(H[j][i] * yk[j] for j in range(i + 1, k))
+            yk[i] = acc / H[i][i] if H[i][i] != 0 else 0.0
+        x = x + torch.tensor(yk, dtype=b.dtype, device=b.device) @ V[:k]
+        est = abs(g[k])
+        if est <= target or its >= max_iters:  # converged by the rotations' estimate, or out of products
+            beta = est
+            break
+        r = b - matvec(x)  # restart from the true residual
+        rnorm = float(torch.linalg.vector_norm(r))
+        stalled = not math.isfinite(rnorm) or rnorm >= beta
+        beta = rnorm
+        if stalled:  # no progress over a whole cycle (or a NaN)
+            break
+    return GMRESResult(x, beta <= target, its, beta)
 
 
 def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
@@ -268,12 +349,28 @@ class ImplicitRK(RungeKutta):
     :class:`ImplicitStepper`; the iteration stops once its update (with the rest of its geometric
     series) is below ``newton_kappa`` times the error tolerance ``atol + rtol |y|``, and a failure
     is a rejected step. ``max_iters`` caps the iterations of a step (or of a stage, stage by stage).
+
+    ``linear_solver="gmres"`` makes the iteration matrix-free (Newton-Krylov, for large states):
+    no Jacobian is formed or factorised; each Newton update solves ``(I - h a_ii J) d = r`` (the
+    coupled ``I - h A (x) J`` for a full tableau) by restarted GMRES (:func:`gmres`, ``krylov_restart``
+    products a cycle, at most ``krylov_max_iters`` in all) with ``J v`` by autograd (the double-VJP
+    trick, :meth:`_NewtonStep.linearize`: one graph of ``f`` per update) at the current Newton iterate (full, not simplified, Newton), to a fixed fraction
+    ``krylov_rtol`` of the residual in the Newton test's norm (weighted by ``atol + rtol |y|`` when
+    adaptive). A GMRES that does not get there is a Newton failure (a rejected step when adaptive).
+    Gradients (DirectAdjoint) go through each stage's converged value by the implicit function
+    theorem (a transposed GMRES solve with VJPs in the backward pass), not through the iterations.
+    A field that gives its own Jacobian (:class:`JacobianSource`: the continuous adjoints' backward
+    systems) is refused.
     """
 
     tableau: ImplicitTableau = field(repr=False)
     max_iters: int = 30
     newton_tol: float | None = None
     newton_kappa: float = 0.01
+    linear_solver: str = "lu"
+    krylov_rtol: float = 1e-6
+    krylov_restart: int = 30
+    krylov_max_iters: int = 120
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     explicit: ClassVar[bool] = False
@@ -285,9 +382,21 @@ class ImplicitRK(RungeKutta):
             raise ValueError(f"{type(self).__name__}: newton_tol must lie in (0, 1), got {self.newton_tol!r}")
         if not (0 < self.newton_kappa < 1):
             raise ValueError(f"{type(self).__name__}: newton_kappa must lie in (0, 1), got {self.newton_kappa!r}")
+        if self.linear_solver not in ("lu", "gmres"):
+            raise ValueError(f"{type(self).__name__}: linear_solver must be 'lu' or 'gmres', got {self.linear_solver!r}")
+        if not (0 < self.krylov_rtol < 1):
+            raise ValueError(f"{type(self).__name__}: krylov_rtol must lie in (0, 1), got {self.krylov_rtol!r}")
+        for name in ("krylov_restart", "krylov_max_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {v!r}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}()" if self.linear_solver == "lu" else f"{type(self).__name__}(linear_solver='gmres')"
+
+    @property
+    def krylov(self) -> bool:
+        return self.linear_solver == "gmres"
 
     def make_coefficients(self, mk: Callable[[Any], torch.Tensor]) -> _Coefficients:
         tab = self.tableau
@@ -336,6 +445,7 @@ class ImplicitStepper:
     def __init__(self, solver: ImplicitRK, rtol: float | None, atol: float | None):
         self.solver, self.rtol, self.atol = solver, rtol, atol
         self.reuse = solver.tableau.adaptive and rtol is not None
+        self.krylov = solver.krylov
         self.J: torch.Tensor | None = None
         self.J_at: tuple[float, torch.Tensor] | None = None  # where the kept J was computed
         self.lus: dict = {}
@@ -366,8 +476,18 @@ class ImplicitStepper:
         parts = imex_parts(f) if solver.tableau.a_explicit is not None else None
         f_impl = f if parts is None else parts[1]
         evals = 0
-        fresh = self.J_at is not None and self.J_at[0] == float(t) and self.J_at[1] is y
-        if not self.reuse or self.J is None or (self.refresh and not fresh):
+        if self.krylov:
+            if isinstance(f_impl, JacobianSource):
+                raise ValueError(
+                    f"{type(solver).__name__}(linear_solver='gmres') needs JVPs of f, which a JacobianSource field "
+                    f"(a continuous adjoint's backward system) does not give: use {type(solver).__name__}() for it"
+                )
+            fresh = True
+        else:
+            fresh = self.J_at is not None and self.J_at[0] == float(t) and self.J_at[1] is y
+        if self.krylov:
+            pass
+        elif not self.reuse or self.J is None or (self.refresh and not fresh):
             evals += self._new_jacobian(f_impl, t, y)
             fresh = True
         while True:
@@ -386,7 +506,7 @@ class ImplicitStepper:
                 run.count()
             break
         self.last_evals = evals + run.n_evals
-        if self.reuse:
+        if self.reuse and not self.krylov:
             self.refresh = run.worst_rate > SLOW_RATE
         return result
 
@@ -405,8 +525,9 @@ class _NewtonStep:
         self.shape, self.n = y.shape, y.numel()
         self.y, self.k1 = y.reshape(-1), k1.reshape(-1)
         self.J, self.lus = stepper.J, stepper.lus
-        self.m = self.J.shape[0]
-        self.n_evals = self.iters = self.solves = self.factors = 0
+        self.krylov = stepper.krylov
+        self.m = self.n if self.krylov else self.J.shape[0]
+        self.n_evals = self.iters = self.solves = self.factors = self.krylov_iters = self.jvps = 0
         self.worst_rate = 0.0
         eps = torch.finfo(y.dtype).eps
         if stepper.reuse:
@@ -437,6 +558,8 @@ class _NewtonStep:
         c["n_factorizations"] += self.factors
         c["n_linear_solves"] += self.solves
         c["n_newton_iterations"] += self.iters
+        c["n_krylov_iterations"] += self.krylov_iters
+        c["n_jvps"] += self.jvps
 
     def solve(self) -> StepResult:
         co, dt, n = self.co, self.dt, self.n
@@ -447,9 +570,12 @@ class _NewtonStep:
             with torch.no_grad():
                 err = torch.mm(co.e_row, K.reshape(K.shape[0], n).detach()).mul_(dt)
                 gamma = self.solver.tableau.gamma
-                lu = None if gamma is None or self.solver.tableau.embedded_stage else self.lus.get((dt, gamma))
+                smooth = gamma is not None and not self.solver.tableau.embedded_stage
+                lu = None if not smooth or self.krylov else self.lus.get((dt, gamma))
                 if lu is not None:  # smoothed by the Newton matrix (ImplicitStepper's doc)
                     err = self.newton_update(lu, err)
+                elif smooth and self.krylov:  # the same, by GMRES with J at (t, y)
+                    err = self.krylov_update([self.t], self.y.unsqueeze(0), err, dt * gamma, "the error estimate", strict=False)
             err = err.reshape(self.shape)
         return StepResult(y1, err, K, self.n_evals)
 
@@ -483,6 +609,119 @@ class _NewtonStep:
         rows = R.shape[0]
         head = solve_factored(lu, R[:, :m].reshape(rows * m)).reshape(rows, m)
         return head if m == self.n else torch.cat([head, R[:, m:]], dim=1)
+
+    # -- matrix-free Newton-Krylov (linear_solver="gmres") -------------------------------------
+    def flat_field(self, t: Any, f: VectorField | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> f(t, x)`` on flat vectors (the implicit part for an IMEX pair)."""
+        g = self.f_impl if f is None else f
+        if len(self.shape) == 1:
+            return lambda x: g(t, x)
+        return lambda x: g(t, x.reshape(self.shape)).reshape(-1)
+
+    def linearize(self, g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v -> J v`` for ``J`` the Jacobian of ``g`` at ``x``, never formed: the double-VJP
+        trick, ``J v = d(J^T u)/du . v``, on one graph of ``g(x)`` and ``J^T u`` built here (one
+        evaluation of ``g``), each product then one backward pass through it (on a CPU 5-10x
+        cheaper than a ``torch.func.jvp`` per product, which re-runs ``g`` under a transform).
+        Zero where ``g`` does not reach ``x`` through autograd."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = g(xg)
+            if not out.requires_grad:
+                return lambda v: torch.zeros_like(v)
+            u = torch.zeros_like(out, requires_grad=True)
+            (vjp,) = torch.autograd.grad(out, xg, u, create_graph=True, allow_unused=True)
+        if vjp is None or not vjp.requires_grad:  # g is constant in x (or affine with J^T u not built)
+            return lambda v: torch.zeros_like(v)
+
+        def product(v: torch.Tensor) -> torch.Tensor:
+            self.jvps += 1
+            (jv,) = torch.autograd.grad(vjp, u, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if jv is None else jv
+
+        return product
+
+    def krylov_update(
+        self, ts: list, Y: torch.Tensor, R: torch.Tensor, hA: Any, what: str, strict: bool = True
+    ) -> torch.Tensor:
+        """``M^-1 R`` by GMRES for residuals ``R`` of shape ``(rows, n)`` (or ``(n,)``), ``M = I -
+        hA (x) J`` with ``J`` at ``(ts[j], Y[j])`` for row ``j`` (``hA`` a number for one stage,
+        the ``(rows, rows)`` matrix ``h A`` for coupled stages). The residual is measured in the
+        Newton test's weights; ``strict``: a GMRES that misses ``krylov_rtol`` is a Newton failure."""
+        solver = self.solver
+        self.solves += 1
+        shape = R.shape
+        R2 = R.detach().reshape(-1, self.n)
+        rows = R2.shape[0]
+        Yd = Y.detach().reshape(rows, self.n)
+        lins = [self.linearize(self.flat_field(ts[j]), Yd[j]) for j in range(rows)]
+        w = self.weights if self.weights is not None else None
+
+        def apply(V: torch.Tensor) -> torch.Tensor:
+            JV = torch.stack([lins[j](V[j]) for j in range(rows)])
+            if rows == 1:
+                return V - hA * JV
+            return V - hA @ JV
+
+        def matvec(x: torch.Tensor) -> torch.Tensor:  # the system in the weighted unknowns D d
+            V = x.reshape(rows, self.n)
+            if w is not None:
+                V = V / w
+            out = apply(V)
+            return (out if w is None else out * w).reshape(-1)
+
+        b = (R2 if w is None else R2 * w).reshape(-1)
+        with torch.no_grad():
+            res = gmres(matvec, b, rtol=solver.krylov_rtol, restart=solver.krylov_restart, max_iters=solver.krylov_max_iters)
+        self.krylov_iters += res.iterations
+        if strict and not res.converged:
+            raise NewtonFailure(
+                f"{type(solver).__name__}: GMRES for {what} at t={float(self.t):.6g} (dt={self.dt:.3g}) did not reach "
+                f"krylov_rtol={solver.krylov_rtol:g} in {res.iterations} products (residual {res.residual:.3g} of "
+                f"{float(torch.linalg.vector_norm(b)):.3g}): raise krylov_max_iters or krylov_restart, or use linear_solver='lu'"
+            )
+        d = res.x.reshape(rows, self.n)
+        if w is not None:
+            d = d / w
+        return d.reshape(shape)
+
+    def implicit_grad(self, Z: torch.Tensor, G: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``Z`` (a converged fixed point of ``Z = G(Z)``, detached) with the gradient of the
+        implicit function theorem: the value is ``Z``, the backward pass sends a cotangent ``g``
+        through ``G``'s other inputs (earlier stages, the state, the parameters) as ``(I -
+        dG/dZ)^-T g``, solved by GMRES with VJPs of ``G`` at ``Z`` (one evaluation of ``f`` here)."""
+        if not torch.is_grad_enabled():
+            return Z
+        solver = self.solver
+        z0 = Z.detach().requires_grad_(True)
+        out = G(z0)
+        if not out.requires_grad:
+            return Z.detach()
+
+        inside = [False]  # the VJPs below run through out's own graph, and this hook: pass them
+
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            if inside[0]:
+                return None
+
+            def matvec(u: torch.Tensor) -> torch.Tensor:
+                u = u.reshape(grad.shape)
+                (vjp,) = torch.autograd.grad(out, z0, u, retain_graph=True, allow_unused=True)
+                return (u if vjp is None else u - vjp).reshape(-1)
+
+            inside[0] = True
+            try:
+                with torch.no_grad():
+                    rtol = min(solver.krylov_rtol, 1e-10)
+                    res = gmres(matvec, grad.detach().reshape(-1), rtol=rtol, restart=solver.krylov_restart,
+                                max_iters=10 * solver.krylov_max_iters)  # fmt: skip
+            finally:
+                inside[0] = False
+            return res.x.reshape(grad.shape)
+
+        with torch.enable_grad():
+            out.register_hook(hook)
+            return Z.detach() + (out - out.detach())
 
     def measure(self, dZ: torch.Tensor, Z: Callable[[], torch.Tensor], prev: list) -> tuple[float, float | None, float | None]:
         """The update's size, its contraction rate and the ratio of its size to the last one's
@@ -553,6 +792,8 @@ class _NewtonStep:
         co, dt, m = self.co, self.dt, self.m
         s = len(co.c)
         A = co.A
+        if self.krylov:
+            return self.coupled_krylov()
         lu = self.lus.get(("coupled", dt))
         if lu is None:
             M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
@@ -570,6 +811,47 @@ class _NewtonStep:
                 break
         Y = self.y.unsqueeze(0) + Z
         return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
+
+    def coupled_krylov(self) -> torch.Tensor:
+        """:meth:`coupled` by Newton-Krylov: each update by GMRES on ``I - h A (x) J`` with each
+        stage's ``J`` at its current iterate; the converged stages carry the implicit function
+        theorem's gradient."""
+        co, dt = self.co, self.dt
+        s = len(co.c)
+        A = co.A
+        y = self.y
+        with torch.no_grad():
+            yd = y.detach()
+            Z = (co.c_col * dt) * self.k1.detach().unsqueeze(0)
+            prev: list = []
+            self.growing = False
+            for it in range(self.solver.max_iters):
+                Y = yd.unsqueeze(0) + Z
+                F = torch.stack([self.evaluate(i, Y[i]) for i in range(s)])
+                R = Z - dt * (A @ F)
+                dZ = self.krylov_update([self.stage_t[i] for i in range(s)], Y, R, dt * A, "the stages")
+                Z = Z - dZ
+                if self.converged(it, dZ, lambda: Z, prev, "the stages"):
+                    break
+        Z = self.implicit_grad(Z, lambda z: dt * (A @ torch.stack([self.evaluate(i, y + z[i]) for i in range(s)])))
+        Y = y.unsqueeze(0) + Z
+        return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
+
+    def stage_krylov(self, i: int, E: torch.Tensor, Y: torch.Tensor, hg: float, f_imp: VectorField) -> torch.Tensor:
+        """Stage ``i`` of :meth:`stages_by_one` by Newton-Krylov from the guess ``Y``: GMRES on
+        ``I - h a_ii J`` with ``J`` at the current iterate; the converged value carries the implicit
+        function theorem's gradient."""
+        with torch.no_grad():
+            Ed, Y = E.detach(), Y.detach()
+            prev: list = []
+            self.growing = False
+            for it in range(self.solver.max_iters):
+                R = torch.sub(Y, Ed).sub_(self.evaluate(i, Y, f_imp), alpha=hg)
+                dY = self.krylov_update([self.stage_t[i]], Y, R, hg, f"stage {i + 1}")
+                Y = Y - dY
+                if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
+                    break
+        return self.implicit_grad(Y, lambda z: E + hg * self.evaluate(i, z, f_imp))
 
     def stages_by_one(self) -> torch.Tensor:
         """A diagonally implicit tableau: stage ``i`` solves ``Y_i = E_i + h a_ii f(Y_i)`` with
@@ -607,8 +889,8 @@ class _NewtonStep:
                     Ks.append(self.k1 if first else self.evaluate(i, E))
                 continue
             key = (dt, g)
-            lu = self.lus.get(key)
-            if lu is None:
+            lu = None if self.krylov else self.lus.get(key)
+            if lu is None and not self.krylov:
                 M = torch.eye(m, dtype=A.dtype, device=A.device) - (dt * g) * self.J
                 lu = self.factor(key, M, f"stage {i + 1}")
             if self.weights is None:
@@ -619,12 +901,14 @@ class _NewtonStep:
                 Y = Y_prev
             prev: list = []
             self.growing = False
-            for it in range(self.solver.max_iters):
+            for it in range(0 if self.krylov else self.solver.max_iters):
                 R = torch.sub(Y, E).sub_(self.evaluate(i, Y, f_imp), alpha=dt * g)
                 dY = self.newton_update(lu, R)
                 Y = Y - dY
                 if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
                     break
+            if self.krylov:
+                Y = self.stage_krylov(i, E, Y, dt * g, f_imp)
             Y_prev = Y
             if self.weights is not None:
                 # Adaptive: the stage's implicit derivative from its equation, (Y - E) / (h a_ii),
