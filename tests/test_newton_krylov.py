@@ -144,3 +144,22 @@ def test_options_checked():
         odeflux.Kvaerno5(linear_solver="cg")
     with pytest.raises(ValueError, match="krylov_rtol"):
         odeflux.Kvaerno5(linear_solver="gmres", krylov_rtol=0.0)
+
+
+def test_a_gradient_solve_short_of_its_tolerance_is_said(monkeypatch):
+    """The backward pass's transposed GMRES (the implicit function theorem's solve) that stops
+    short of its tolerance warns in one line rather than returning a coarse gradient silently."""
+    from odeflux.solvers import implicit
+
+    real = implicit.gmres
+
+    def short(matvec, b, rtol=1e-8, **kw):  # the backward's solve (rtol <= 1e-10) stops at once
+        res = real(matvec, b, rtol=rtol, **kw)
+        return res._replace(converged=False) if rtol <= 1e-10 else res
+
+    monkeypatch.setattr(implicit, "gmres", short)
+    model = Decay()
+    kw = dict(solver=odeflux.solvers.SOLVERS["sdirk2"](linear_solver="gmres", krylov_rtol=1e-6), dt0=0.1)
+    sol = odeflux.solve(model, torch.tensor([0.0, 1.0], dtype=F64), (0.0, 0.2), sensealg=odeflux.DirectAdjoint(), **kw)
+    with pytest.warns(RuntimeWarning, match=r"the gradient's GMRES solve stopped at residual .*use linear_solver='lu'"):
+        torch.autograd.grad(sol.ys[-1].sum(), [model.k])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
@@ -717,6 +718,12 @@ class _NewtonStep:
                                 max_iters=10 * solver.krylov_max_iters)  # fmt: skip
             finally:
                 inside[0] = False
+            if not res.converged:  # (a gradient less accurate than asked: said, not hidden)
+                warnings.warn(
+                    f"{type(solver).__name__}(linear_solver='gmres'): the gradient's GMRES solve stopped at residual "
+                    f"{res.residual:.3g} after {res.iterations} products, short of {rtol:g} relative: raise "
+                    "krylov_max_iters or krylov_restart, or use linear_solver='lu'", RuntimeWarning, stacklevel=2,
+                )  # fmt: skip
             return res.x.reshape(grad.shape)
 
         with torch.enable_grad():
