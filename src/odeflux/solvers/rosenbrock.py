@@ -661,6 +661,16 @@ def compiled_fresh_step() -> Callable:
     return _COMPILED_FRESH
 
 
+def _jacrev_derivatives(f: VectorField, t: Any, y: torch.Tensor, time_tensor: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_autograd_derivatives` while a graph is recorded through ``y``, by ``torch.func.jacrev``."""
+    n = y.numel()
+    if time_tensor:
+        tt = t.detach()  # (the time is not differentiated, as below)
+        J, T = torch.func.jacrev(lambda yy, s: f(s, yy), argnums=(0, 1))(y, tt)
+        return J.reshape(n, n), T.reshape(n)
+    return torch.func.jacrev(lambda yy: f(t, yy))(y).reshape(n, n), None
+
+
 def _autograd_derivatives(
     f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, with_time: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -671,6 +681,15 @@ def _autograd_derivatives(
     n = y.numel()
     graph = torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad)
     time_tensor = with_time and isinstance(t, torch.Tensor)
+    if graph and y.requires_grad:
+        # (torch.autograd.grad walks the whole graph behind its outputs before it runs: from a y
+        # that carries the solve's history each step would cost as much as all the steps before
+        # it. torch.func.jacrev differentiates f at a level of its own, its Jacobian still
+        # recorded in y's and the parameters' graph.)
+        try:
+            return _jacrev_derivatives(f, t, y, time_tensor)
+        except Exception:  # (a field torch.func cannot take, such as an autograd.Function without vmap: as below)
+            pass
     with torch.enable_grad():
         x = y if (graph and y.requires_grad) else y.detach().requires_grad_(True)
         tt = t.detach().requires_grad_(True) if time_tensor else t
