@@ -23,7 +23,9 @@ SMOKE = {
     "test_stiff_work_precision_smoke_runs": ("stiff_work_precision", ["--quick"]),
     "test_gradient_work_precision_smoke_runs": ("gradient_work_precision", ["--quick", "--only", "tutorial_doubled",
                                                                             "--only", "cnf_exact"]),
-    "test_per_sample_torchode_smoke_runs": ("per_sample_torchode", ["--quick"]),
+    # (Its eager configurations only: the compiled per-sample gradient's programs take a minute to
+    # build cold, and tests/test_compiled_reverse.py checks them against the recorded loop.)
+    "test_per_sample_torchode_smoke_runs": ("per_sample_torchode", ["--quick", "--sensealg", "DirectAdjoint"]),
     "test_general_benchmark_smoke_runs": ("general", ["--quick", "--threads", "1"]),
 }  # fmt: skip
 # Runs each "<name> <out> <args...>" (a JSON list of them in argv[1]) as `python -m benchmarks.<name>
@@ -238,8 +240,8 @@ def test_per_sample_torchode_goal_counts_only_comparable_gradients():
 
 
 def test_per_sample_torchode_smoke_runs(smoke):
-    """`python -m benchmarks.per_sample_torchode --quick` (a few seconds: 8 random images, 4 oscillators
-    over [0, 0.2], one round); nothing is written."""
+    """`python -m benchmarks.per_sample_torchode --quick --sensealg DirectAdjoint` (a few seconds: 8
+    random images, 4 oscillators over [0, 0.2], one round, odeflux eagerly); nothing is written."""
     stdout = _smoke_run(smoke, "test_per_sample_torchode_smoke_runs")
     for title in ("## tutorial:", "## vdp:", "## Goal (issue 16)"):
         assert title in stdout
