@@ -92,10 +92,9 @@ def run_loop(
     dtype, device = y0.dtype, y0.device
     co = solver.coefficients(dtype, device)
     direction = torch.sign(t1 - t0)
-    extra_evals = len(co.c) - 1  # per step, k1 being given (an explicit tableau)
     own = solver.loop_steps  # steps by solver.loop_step (a Rosenbrock method: one problem, B = 1)
-    if own:
-        extra_evals = solver.loop_evaluations()
+    # Evaluations per step, k1 being given (an explicit tableau: its stages but the first).
+    extra_evals = solver.loop_evaluations() if own else len(co.c) - 1
     # A (B,) value against (B, ...) states, or a (B, n) one against (B, n, ...) saved states.
     col = lambda x: x.reshape(x.shape + (1,) * (y0.dim() - 1))  # noqa: E731
 
@@ -159,10 +158,9 @@ def run_loop(
             n_eval = stepped.to(torch.int64) * extra_evals
         else:
             # (Evaluated for every problem; counted as the eager loop counts: after accepted
-            # steps that do not end the solve.)
-            # (A loop step's f at its end where t + hs is t_new exactly: float64, not landing.)
-            # (A loop step's own f at its end, at t + hs: t_new but where it lands on t1, where it is
-            # only the solve's last derivative. Not in float32, whose t + hs is not the host's time.)
+            # steps that do not end the solve. A loop step's own f at its end, at t + hs: t_new
+            # but where it lands on t1, where it is only the solve's last derivative; not in
+            # float32, whose t + hs is not the host's time.)
             k_new = k_end if own and dtype == torch.float64 else f(t_new.to(dtype), y1)
             n_eval = stepped.to(torch.int64) * extra_evals + (accept & ~lands).to(torch.int64)
         y_next = torch.where(col(accept), y1, y)
@@ -181,8 +179,9 @@ def run_loop(
         too_small = going & unfinished & (h_next < dtmin)
         failed = torch.where(torch.isfinite(e), int(Status.DT_MIN), int(Status.NONFINITE))
         if h_retry is not None:  # (no step size will do where the start itself is not finite)
-            failed = torch.where(retry & ~torch.isfinite(h_retry), int(Status.NONFINITE), failed)
-            too_small = too_small | (retry & ~torch.isfinite(h_retry))
+            no_start = retry & ~torch.isfinite(h_retry)
+            failed = torch.where(no_start, int(Status.NONFINITE), failed)
+            too_small = too_small | no_start
         status_next = torch.where(too_small, failed, status)
         if flags is not None:
             code = torch.where(flags >= 2, int(Status.NONFINITE), int(Status.LINEAR_SOLVE_FAILED))

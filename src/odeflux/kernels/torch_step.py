@@ -22,13 +22,8 @@ def rk_step_with_error(
     """One step of ``solver`` (an explicit Runge-Kutta solver, or an integration's
     :class:`~odeflux.solvers.tableau.Stepper`) and its scaled error norm (``None`` if fixed-step).
 
-    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces. A
-    stepper with its own ``step_with_error`` (a Rosenbrock stepper: its compiled step computes the
-    norm in the same graph) gives all three.
+    Pure tensor code with no host synchronisation: this is what ``torch.compile`` traces.
     """
-    fused = getattr(solver, "step_with_error", None)
-    if fused is not None:
-        return fused(f, t, y, dt, k, co, rtol, atol, parts, norm)
     y1, err, K, _ = solver.step(f, t, y, dt, k, co)
     if err is None:
         return y1, K, None
@@ -38,6 +33,15 @@ def rk_step_with_error(
     else:
         e = error_ratio(err, y, y1, rtol, atol, parts, norm)
     return y1, K, e
+
+
+def own_step_with_error(
+    solver: Any, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: float, k: torch.Tensor, co: Any,
+    rtol: float, atol: float, parts: Parts | None, norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """:func:`rk_step_with_error` for a stepper that computes its step and norm itself (a
+    Rosenbrock stepper, ``Solver.compiled_steps``: its compiled step takes the norm in its graph)."""
+    return solver.step_with_error(f, t, y, dt, k, co, rtol, atol, parts, norm)
 
 
 _COMPILED_STEP: Callable | None = None
@@ -100,7 +104,9 @@ class TorchStepKernel:
                 f"compile=True compiles the Runge-Kutta step; {type(solver).__name__} takes others: drop compile=True"
             )
         self.stepper = solver.stepper(rtol, atol)
-        self._step = compiled_step() if compiled and not own else rk_step_with_error
+        #: The eager step, chosen once: the generic one, or the stepper's own (Rosenbrock).
+        self._eager_step = own_step_with_error if solver.compiled_steps else rk_step_with_error
+        self._step = compiled_step() if compiled and not own else self._eager_step
         self._step_end: float | None = None
         self._end_derivatives = own and not float_time and not perturb and y0.dtype == torch.float64
         if compiled:
@@ -132,8 +138,8 @@ class TorchStepKernel:
         # t + h is the host's), evaluate() takes that value at exactly that time.
         self._step_end = t + h if self._end_derivatives and not inside_end else None
         args = (self.stepper, f, self.time(t), y, h, k, self.co, self.rtol, self.atol, self.parts, self.norm)
-        if self._step is rk_step_with_error:
-            return rk_step_with_error(*args)
+        if self._step is self._eager_step:
+            return self._eager_step(*args)
         try:
             return self._step(*args)
         except Exception as exc:  # f cannot be compiled: said once, then every step eagerly
@@ -142,11 +148,11 @@ class TorchStepKernel:
             STEP_REFUSED.add(code_key(self.f))
             warn_eager(exc, "in one step")
             self.eager()
-            return rk_step_with_error(*args)
+            return self._eager_step(*args)
 
     def eager(self) -> None:
         """Step with the eager step from now on (``f`` could not be compiled)."""
-        self._step = rk_step_with_error
+        self._step = self._eager_step
         if isinstance(self.stepper, RosenbrockStepper):  # (nor its own compiled steps)
             self.stepper.compile(None, None)
 

@@ -23,6 +23,7 @@ treats the field's ``explicit`` part with ``a_explicit`` and only the ``implicit
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import math
 import warnings
@@ -795,70 +796,60 @@ class _NewtonStep:
         )
 
     def coupled(self) -> torch.Tensor:
-        """All stages at once: ``stages * m`` unknowns, one LU factorisation per step."""
+        """All stages at once: ``stages * m`` unknowns, one LU factorisation per step; with
+        ``linear_solver="gmres"`` each update by GMRES on ``I - h A (x) J`` with each stage's ``J``
+        at its current iterate, the iterations detached and the converged stages carrying the
+        implicit function theorem's gradient."""
         co, dt, m = self.co, self.dt, self.m
         s = len(co.c)
         A = co.A
-        if self.krylov:
-            return self.coupled_krylov()
-        lu = self.lus.get(("coupled", dt))
-        if lu is None:
-            M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
-            lu = self.factor(("coupled", dt), M, "the stages")
-        Z = (co.c_col * dt) * self.k1.unsqueeze(0)  # explicit Euler to each node
-        prev: list = []
-        self.growing = False
-        for it in range(self.solver.max_iters):
-            Y = self.y.unsqueeze(0) + Z
-            F = torch.stack([self.evaluate(i, Y[i]) for i in range(s)])
-            R = Z - dt * (A @ F)
-            dZ = self.newton_update(lu, R)
-            Z = Z - dZ
-            if self.converged(it, dZ, lambda: Z, prev, "the stages"):
-                break
-        Y = self.y.unsqueeze(0) + Z
-        return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
-
-    def coupled_krylov(self) -> torch.Tensor:
-        """:meth:`coupled` by Newton-Krylov: each update by GMRES on ``I - h A (x) J`` with each
-        stage's ``J`` at its current iterate; the converged stages carry the implicit function
-        theorem's gradient."""
-        co, dt = self.co, self.dt
-        s = len(co.c)
-        A = co.A
-        y = self.y
-        with torch.no_grad():
-            yd = y.detach()
-            Z = (co.c_col * dt) * self.k1.detach().unsqueeze(0)
+        krylov = self.krylov
+        if krylov:
+            # (Each stage's time as its evaluation above made it.)
+            solve = lambda Y, R: self.krylov_update([self.stage_t[i] for i in range(s)], Y, R, dt * A, "the stages")  # noqa: E731
+        else:
+            lu = self.lus.get(("coupled", dt))
+            if lu is None:
+                M = torch.eye(s * m, dtype=A.dtype, device=A.device) - dt * torch.kron(A, self.J)
+                lu = self.factor(("coupled", dt), M, "the stages")
+            solve = lambda Y, R: self.newton_update(lu, R)  # noqa: E731
+        y, k1 = (self.y.detach(), self.k1.detach()) if krylov else (self.y, self.k1)
+        with torch.no_grad() if krylov else contextlib.nullcontext():
+            Z = (co.c_col * dt) * k1.unsqueeze(0)  # explicit Euler to each node
             prev: list = []
             self.growing = False
             for it in range(self.solver.max_iters):
-                Y = yd.unsqueeze(0) + Z
+                Y = y.unsqueeze(0) + Z
                 F = torch.stack([self.evaluate(i, Y[i]) for i in range(s)])
                 R = Z - dt * (A @ F)
-                dZ = self.krylov_update([self.stage_t[i] for i in range(s)], Y, R, dt * A, "the stages")
+                dZ = solve(Y, R)
                 Z = Z - dZ
                 if self.converged(it, dZ, lambda: Z, prev, "the stages"):
                     break
-        Z = self.implicit_grad(Z, lambda z: dt * (A @ torch.stack([self.evaluate(i, y + z[i]) for i in range(s)])))
-        Y = y.unsqueeze(0) + Z
+        if krylov:
+            Z = self.implicit_grad(Z, lambda z: dt * (A @ torch.stack([self.evaluate(i, self.y + z[i]) for i in range(s)])))
+        Y = self.y.unsqueeze(0) + Z
         return torch.stack([self.evaluate(i, Y[i]) for i in range(s)]).reshape((s,) + tuple(self.shape))
 
-    def stage_krylov(self, i: int, E: torch.Tensor, Y: torch.Tensor, hg: float, f_imp: VectorField) -> torch.Tensor:
-        """Stage ``i`` of :meth:`stages_by_one` by Newton-Krylov from the guess ``Y``: GMRES on
-        ``I - h a_ii J`` with ``J`` at the current iterate; the converged value carries the implicit
+    def stage_newton(
+        self, i: int, E: torch.Tensor, Y: torch.Tensor, hg: float, f_imp: VectorField, lu: tuple[torch.Tensor, ...] | None
+    ) -> torch.Tensor:  # fmt: skip
+        """Stage ``i`` of :meth:`stages_by_one` by Newton from the guess ``Y``: each update by the
+        LU ``lu`` of ``I - h a_ii J``, or with ``linear_solver="gmres"`` by GMRES with ``J`` at the
+        current iterate, the iterations detached and the converged value carrying the implicit
         function theorem's gradient."""
-        with torch.no_grad():
-            Ed, Y = E.detach(), Y.detach()
+        krylov, name = self.krylov, f"stage {i + 1}"
+        with torch.no_grad() if krylov else contextlib.nullcontext():
+            Ei, Y = (E.detach(), Y.detach()) if krylov else (E, Y)
             prev: list = []
             self.growing = False
             for it in range(self.solver.max_iters):
-                R = torch.sub(Y, Ed).sub_(self.evaluate(i, Y, f_imp), alpha=hg)
-                dY = self.krylov_update([self.stage_t[i]], Y, R, hg, f"stage {i + 1}")
+                R = torch.sub(Y, Ei).sub_(self.evaluate(i, Y, f_imp), alpha=hg)
+                dY = self.krylov_update([self.stage_t[i]], Y, R, hg, name) if krylov else self.newton_update(lu, R)
                 Y = Y - dY
-                if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
+                if self.converged(it, dY, lambda: Y - self.y, prev, name):
                     break
-        return self.implicit_grad(Y, lambda z: E + hg * self.evaluate(i, z, f_imp))
+        return self.implicit_grad(Y, lambda z: E + hg * self.evaluate(i, z, f_imp)) if krylov else Y
 
     def stages_by_one(self) -> torch.Tensor:
         """A diagonally implicit tableau: stage ``i`` solves ``Y_i = E_i + h a_ii f(Y_i)`` with
@@ -906,16 +897,7 @@ class _NewtonStep:
                 # Adaptive: from the previous stage's value. An extrapolation along a derivative
                 # (explicit Euler) overshoots far on a stiff step and Newton then diverges.
                 Y = Y_prev
-            prev: list = []
-            self.growing = False
-            for it in range(0 if self.krylov else self.solver.max_iters):
-                R = torch.sub(Y, E).sub_(self.evaluate(i, Y, f_imp), alpha=dt * g)
-                dY = self.newton_update(lu, R)
-                Y = Y - dY
-                if self.converged(it, dY, lambda: Y - self.y, prev, f"stage {i + 1}"):
-                    break
-            if self.krylov:
-                Y = self.stage_krylov(i, E, Y, dt * g, f_imp)
+            Y = self.stage_newton(i, E, Y, dt * g, f_imp, lu)
             Y_prev = Y
             if self.weights is not None:
                 # Adaptive: the stage's implicit derivative from its equation, (Y - E) / (h a_ii),

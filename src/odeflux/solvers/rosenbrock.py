@@ -365,7 +365,7 @@ class RosenbrockStepper:
         rtol: float, atol: float, parts: Any, norm: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """:meth:`step` and its scaled error norm (:func:`odeflux.control.error_ratio`), what
-        :func:`odeflux.kernels.torch_step.rk_step_with_error` asks of a stepper that has this: a
+        :func:`odeflux.kernels.torch_step.own_step_with_error` takes (``compiled_steps``): a
         compiled step computes the norm in its graph."""
         from ..control import error_ratio
 
@@ -613,13 +613,16 @@ def rosenbrock_stages(
     return y1, err, (U / dt).reshape((s,) + tuple(shape)), _flags(info, J)
 
 
-def _func_derivatives(f: VectorField, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(df/dy, df/dt)`` of the flattened state by ``torch.func.jacrev`` (what ``torch.compile``
-    traces; the eager steps take :func:`_autograd_derivatives`). ``df/dt`` is zero where ``f``
-    ignores ``t``."""
+def _func_derivatives(f: VectorField, t: Any, y: torch.Tensor, with_time: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(df/dy, df/dt)`` of the flattened state by ``torch.func.jacrev``: what ``torch.compile``
+    traces, and what a step recording a graph through ``y`` takes (see
+    :func:`_autograd_derivatives`). ``df/dt`` is zero where ``f`` ignores ``t``, ``None`` without
+    ``with_time`` or a tensor ``t`` (the time is not differentiated)."""
     n = y.numel()
-    J, T = torch.func.jacrev(lambda tt, x: f(tt, x).reshape(n), argnums=(1, 0))(t, y)
-    return J.reshape(n, n), T.reshape(n)
+    if with_time and isinstance(t, torch.Tensor):
+        J, T = torch.func.jacrev(lambda tt, x: f(tt, x).reshape(n), argnums=(1, 0))(t.detach(), y)
+        return J.reshape(n, n), T.reshape(n)
+    return torch.func.jacrev(lambda x: f(t, x).reshape(n))(y).reshape(n, n), None
 
 
 def fresh_step(
@@ -661,16 +664,6 @@ def compiled_fresh_step() -> Callable:
     return _COMPILED_FRESH
 
 
-def _jacrev_derivatives(f: VectorField, t: Any, y: torch.Tensor, time_tensor: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`_autograd_derivatives` while a graph is recorded through ``y``, by ``torch.func.jacrev``."""
-    n = y.numel()
-    if time_tensor:
-        tt = t.detach()  # (the time is not differentiated, as below)
-        J, T = torch.func.jacrev(lambda yy, s: f(s, yy), argnums=(0, 1))(y, tt)
-        return J.reshape(n, n), T.reshape(n)
-    return torch.func.jacrev(lambda yy: f(t, yy))(y).reshape(n, n), None
-
-
 def _autograd_derivatives(
     f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, with_time: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -687,7 +680,7 @@ def _autograd_derivatives(
         # it. torch.func.jacrev differentiates f at a level of its own, its Jacobian still
         # recorded in y's and the parameters' graph.)
         try:
-            return _jacrev_derivatives(f, t, y, time_tensor)
+            return _func_derivatives(f, t, y, time_tensor)
         except Exception:  # (a field torch.func cannot take, such as an autograd.Function without vmap: as below)
             pass
     with torch.enable_grad():
