@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "stiff_work_precision": [],
     "gradient_work_precision": [],
     "per_sample": [],
+    "stiff_batch": [],
     "small_systems": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.

@@ -105,11 +105,17 @@ def solve_per_sample(
     if y0.dim() < 1 or y0.shape[0] == 0:
         raise ValueError(f"batch_axis=0 needs a batch of at least one sample, got y0 of shape {tuple(y0.shape)}")
     adjoint = sensealg is not None and not isinstance(sensealg, DirectAdjoint)
-    if adjoint:
-        check_method(sensealg)  # (refuses what a per-sample solve cannot differentiate with, in one line)
     solver = Tsit5() if solver is None else solver
-    if not getattr(solver, "tableau_steps", False):
-        raise ValueError(f"per-sample solves take explicit Runge-Kutta methods; {type(solver).__name__} is not one")
+    if adjoint:
+        check_method(sensealg, solver)  # (refuses what a per-sample solve cannot differentiate with, in one line)
+    name = type(solver).__name__
+    if not (solver.tableau_steps or solver.loop_steps):
+        raise ValueError(
+            f"per-sample solves take explicit Runge-Kutta methods and the Rosenbrock methods (Rodas5P, Rosenbrock23); "
+            f"{name} is not one"
+        )
+    if solver.loop_steps and solver.loop_refusal() is not None:  # (each step a fresh Jacobian, by jacrev)
+        raise ValueError(f"per-sample solves take {name} without {solver.loop_refusal()}: pass {name}()")
     controller = controller if controller is not None else (DEFAULT_PI if solver.adaptive else ConstantStepSize())
     if not isinstance(controller, (PIController, IController, ConstantStepSize)):
         raise ValueError(f"per-sample solves take PIController, IController or ConstantStepSize, not {type(controller).__name__}")
@@ -159,7 +165,7 @@ def solve_per_sample(
         params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
         if adjoint and (y0.requires_grad or params):
             run = PerSampleAdjointRun(sensealg, batch, y0, k0, t0, t1, taus, params, module_state)
-        elif y0.requires_grad or params:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
+        elif (y0.requires_grad or params) and solver.tableau_steps:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
             run = per_sample_reverse_run(batch, y0, k0, t0, t1, taus, params, module_state)
     if run is not None:
         ys = _AdjointFunction.apply(run, y0, *params)
@@ -181,6 +187,9 @@ def solve_per_sample(
         ys = torch.cat([y0.unsqueeze(1), ys[:, 1:]], 1)  # (y0 itself at t0: its gradient reaches it)
     counts = torch.stack([n_steps, n_acc, n_rej, n_ev + n_f]).tolist()
     stats = Stats(n_f_evals=sum(counts[3]), n_steps=sum(counts[0]), n_accepted=sum(counts[1]), n_rejected=sum(counts[2]))
+    if solver.loop_steps:  # (a Rosenbrock method's linear algebra: each sample's own)
+        for key, v in solver.loop_counters(stats.n_steps).items():
+            setattr(stats, key, v)
     codes = status.tolist()
     failed = [b for b, c in enumerate(codes) if c != Status.SUCCESS]
     worst = Status(max(codes))

@@ -115,7 +115,11 @@ def run_loop(
         hs = direction * hm
         f = field()
         if own:
-            y1, e_vec, K, k_end, flags = solver.loop_step(f, t.to(dtype), y, hs.to(dtype), k, co)
+            # (A problem standing still steps by its last size, not 0, its result unused: a linearly
+            # implicit step divides by the step, and autograd would carry 0 * inf = NaN back
+            # through the unselected branch of the torch.where below into the others' gradients.)
+            h_own = torch.where(going, hs, direction * h)
+            y1, e_vec, K, k_end, flags = solver.loop_step(f, t.to(dtype), y, h_own.to(dtype), k, co)
         else:
             y1, e_vec, K, _ = solver.step(f, t.to(dtype), y, hs.to(dtype), k, co)
             flags = None

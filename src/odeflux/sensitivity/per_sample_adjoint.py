@@ -58,8 +58,8 @@ PER_SAMPLE_METHODS = (BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint, Quad
 WORKING = "DirectAdjoint, BacksolveAdjoint, InterpolatingAdjoint, GaussAdjoint or QuadratureAdjoint"
 
 
-def check_method(method: Any) -> None:
-    """Refuse, in one line, a method or option a per-sample solve does not take."""
+def check_method(method: Any, forward_solver: Any = None) -> None:
+    """Refuse, in one line, a method or option a per-sample solve (with ``forward_solver``) does not take."""
     if not isinstance(method, PER_SAMPLE_METHODS):
         raise ValueError(
             f"per-sample solves (batch_axis=) differentiate with sensealg=None, {WORKING}(), not {method!r}"
@@ -75,6 +75,12 @@ def check_method(method: Any) -> None:
             method.solver is not None and not getattr(method.solver, "tableau_steps", False)
         ),
     }
+    if forward_solver is not None and not forward_solver.tableau_steps:
+        fwd = type(forward_solver).__name__
+        raise ValueError(
+            f"per-sample solves with {fwd} differentiate with DirectAdjoint (sensealg=None): a continuous adjoint's "
+            f"per-sample backward solve takes explicit Runge-Kutta methods; for {name} with {fwd}, solve the batch jointly (no batch_axis)"
+        )
     bad = [k for k, on in refused.items() if on]
     if bad:
         raise ValueError(f"per-sample solves (batch_axis=) take {name} without {', '.join(bad)}")

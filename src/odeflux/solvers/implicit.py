@@ -124,9 +124,10 @@ def factorize(M: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
 
 
 def solve_factored(factors: tuple[torch.Tensor, ...], rhs: torch.Tensor) -> torch.Tensor:
-    """``M^-1 rhs`` for a vector ``rhs`` given :func:`factorize`'s factors of ``M``."""
+    """``M^-1 rhs`` for a vector ``rhs`` given :func:`factorize`'s factors of ``M`` (or for
+    ``(B, n)`` vectors given those of a ``(B, n, n)`` batch)."""
     if len(factors) == 1:
-        return torch.mv(factors[0], rhs)
+        return torch.mv(factors[0], rhs) if rhs.dim() == 1 else (factors[0] @ rhs.unsqueeze(-1)).squeeze(-1)
     return torch.linalg.lu_solve(factors[0], factors[1], rhs.unsqueeze(-1)).squeeze(-1)
 
 

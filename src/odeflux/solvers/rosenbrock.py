@@ -263,10 +263,11 @@ class Rosenbrock(Solver):
         return None
 
     def loop_step(self, f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients) -> LoopStep:
-        """One attempted step of :func:`~odeflux.compiled.loop.run_loop` (one problem, ``B = 1``:
-        ``t``, ``dt`` of shape ``(1,)``, ``y`` ``(1, ...)``): the step :func:`fresh_step` compiles,
-        with a fresh Jacobian, and ``f`` at its end."""
-        y1, err, K, flags, _J, _T, k_end = _fresh(f, t, y, dt, k1, co, self.tableau.gamma)
+        """One attempted step of :func:`~odeflux.compiled.loop.run_loop` for its ``B`` problems
+        (``t``, ``dt`` of shape ``(B,)``, ``y`` ``(B, ...)``; a joint solve is ``B = 1``): the step
+        :func:`fresh_step` compiles, with a fresh Jacobian for each problem (``(B, n, n)``, each
+        ``W`` factorised apart), and ``f`` at its end; ``flags`` per problem."""
+        y1, err, K, flags, _J, _T, k_end = _fresh(f, t, y, dt, k1, co, self.tableau.gamma, batch=True)
         return LoopStep(y1, err, K, k_end, flags)
 
     def loop_evaluations(self) -> int:
@@ -542,9 +543,9 @@ class RosenbrockStepper:
 
 
 def _flags(info: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
-    """A step's failure flags as one 0-d tensor (read on the host once): 1 where ``W`` is singular
-    (``info`` nonzero), plus 2 where ``J`` has a NaN or Inf entry."""
-    return info.ne(0).to(torch.int64) + torch.isfinite(J).all().logical_not().to(torch.int64) * 2
+    """A step's failure flags, 0-d (``(B,)`` for a batch's ``(B, n, n)`` Jacobians; read on the host
+    once): 1 where ``W`` is singular (``info`` nonzero), plus 2 where ``J`` has a NaN or Inf entry."""
+    return info.ne(0).to(torch.int64) + torch.isfinite(J).flatten(-2).all(-1).logical_not().to(torch.int64) * 2
 
 
 #: Under ``torch.compile``, ``W`` of up to this many rows is inverted by Gauss-Jordan elimination
@@ -556,20 +557,21 @@ UNROLLED_INVERSE = 16
 
 def _unrolled_inverse(M: torch.Tensor) -> tuple[tuple[torch.Tensor], torch.Tensor]:
     """``((M^-1,), info)`` as :func:`factorize` gives them (``info`` nonzero where a pivot is zero:
-    ``M`` singular), by Gauss-Jordan elimination with partial pivoting on ``[M | I]``."""
-    n = M.shape[-1]
+    ``M`` singular), by Gauss-Jordan elimination with partial pivoting on ``[M | I]``; ``M`` is
+    ``(n, n)`` or a batch ``(B, n, n)``, each inverted with its own pivots."""
+    n, batch = M.shape[-1], M.shape[:-2]
     idx = torch.arange(n, device=M.device)
-    A = torch.cat([M, torch.eye(n, dtype=M.dtype, device=M.device)], 1)
-    zero = torch.zeros((), dtype=torch.bool, device=M.device)
+    A = torch.cat([M, torch.eye(n, dtype=M.dtype, device=M.device).expand(batch + (n, n))], -1)
+    zero = torch.zeros(batch, dtype=torch.bool, device=M.device)
     for k in range(n):
-        p = torch.argmax(A[k:, k].abs()) + k  # the pivot's row
+        p = (torch.argmax(A[..., k:, k].abs(), dim=-1) + k).unsqueeze(-1)  # the pivot's row
         perm = torch.where(idx == k, p, torch.where(idx == p, k, idx))
-        A = A[perm]
-        pivot = A[k, k]
+        A = A.gather(-2, perm.unsqueeze(-1).expand(A.shape))
+        pivot = A[..., k, k]
         zero = zero | (pivot == 0)
-        row = A[k] / pivot
-        A = torch.where((idx == k).unsqueeze(1), row.unsqueeze(0), A - A[:, k : k + 1] * row.unsqueeze(0))
-    return (A[:, n:],), zero.to(torch.int32)
+        row = A[..., k, :] / pivot.unsqueeze(-1)
+        A = torch.where((idx == k).unsqueeze(-1), row.unsqueeze(-2), A - A[..., :, k : k + 1] * row.unsqueeze(-2))
+    return (A[..., n:],), zero.to(torch.int32)
 
 
 def rosenbrock_stages(
@@ -579,50 +581,74 @@ def rosenbrock_stages(
     """One Rosenbrock step without autograd, given the ``(n, n)`` Jacobian ``J`` and ``df/dt`` ``T``
     (flat, or ``None``: zero): ``(y1, err, K, flags)`` (:func:`_flags`, not read here).
 
+    A batch of ``B`` independent systems (a per-sample solve's problems) gives ``J`` as ``(B, n,
+    n)``, ``T`` as ``(B, n)``, ``y`` as ``(B, ...)`` and ``dt`` as ``(B,)``: each problem's ``W``
+    factorised apart, the stages' combinations (the same coefficients for all) over the whole batch.
+
     Pure tensor code with no host read, the same eagerly and under ``torch.compile`` (``dt`` a
-    host float or a 0-d tensor): ``W = I / (h gamma) - J`` factorised once (:func:`factorize`),
-    the stages written in place into one ``(s, n)`` buffer whose rows not yet computed are zero,
+    host float or a tensor): ``W = I / (h gamma) - J`` factorised once (:func:`factorize`),
+    the stages written in place into one ``(s, B n)`` buffer whose rows not yet computed are zero,
     so that each stage's combinations of the earlier ones are one ``addmv`` with a full row of
-    ``a`` or ``C / h``."""
-    shape, n, s = y.shape, y.numel(), len(co.c)
-    eye = torch.eye(n, dtype=y.dtype, device=y.device)
-    if n <= UNROLLED_INVERSE and torch.compiler.is_compiling():
-        factors, info = _unrolled_inverse(eye / (dt * gamma) - J)
-    else:
-        factors, info = factorize(eye / (dt * gamma) - J)
-    U = torch.zeros(s, n, dtype=y.dtype, device=y.device)
-    UT = U.T
+    ``a`` or ``C``."""
+    shape, N, s = y.shape, y.numel(), len(co.c)
+    n = J.shape[-1]
+    B = N // n
     host = not isinstance(dt, torch.Tensor)  # (addmv's alpha takes a host number only)
-    Ch = co.C_full if host else co.C_full / dt
-    yf = y.reshape(n)
+    eye = torch.eye(n, dtype=y.dtype, device=y.device)
+    W = eye / (dt * gamma) - J if host or J.dim() == 2 else eye / (dt * gamma).reshape(B, 1, 1) - J
+    if n <= UNROLLED_INVERSE and torch.compiler.is_compiling():
+        factors, info = _unrolled_inverse(W)
+    else:
+        factors, info = factorize(W)
+    U = torch.zeros(s, N, dtype=y.dtype, device=y.device)
+    UT = U.T
+    per = None if host else dt.reshape(-1, 1)  # each problem's step, against its (n,) block
+    yf = y.reshape(N)
     # Eagerly the rows made once (no indexing op per stage); compiled, indexing is free and one
     # tensor is one guard on each call, not s.
     a_rows = co.a_full if torch.compiler.is_compiling() else co.a_full_rows
     for i in range(s):
         if i == 0:
-            rhs = k1.reshape(n)
+            rhs = k1.reshape(N)
         else:
             Yi = torch.addmv(yf, UT, a_rows[i])
-            F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(n)
-            rhs = torch.addmv(F, UT, Ch[i], alpha=1.0 / dt) if host else torch.addmv(F, UT, Ch[i])
+            F = f(t + co.c[i] * dt, Yi.reshape(shape)).reshape(N)
+            if host:
+                rhs = torch.addmv(F, UT, co.C_full[i], alpha=1.0 / dt)
+            else:
+                rhs = F + (torch.mv(UT, co.C_full[i]).reshape(-1, n) / per).reshape(N)
         if T is not None and co.d[i] != 0.0:
-            rhs = rhs + (co.d[i] * dt) * T
-        U[i] = solve_factored(factors, rhs)
-    y1 = new_state(yf.reshape(1, n), co.m_row, U, 1.0).reshape(shape)
+            rhs = rhs + (co.d[i] * (dt if host else per) * T.reshape(-1, n)).reshape(N)
+        U[i] = solve_factored(factors, rhs if J.dim() == 2 else rhs.reshape(B, n)).reshape(N)
+    y1 = new_state(yf.reshape(1, N), co.m_row, U, 1.0).reshape(shape)
     err = torch.mm(co.e_row, U).reshape(shape)
-    return y1, err, (U / dt).reshape((s,) + tuple(shape)), _flags(info, J)
+    K = U / dt if host else (U.reshape(s, -1, n) / per.unsqueeze(0)).reshape(s, N)
+    return y1, err, K.reshape((s,) + tuple(shape)), _flags(info, J)
 
 
-def _func_derivatives(f: VectorField, t: Any, y: torch.Tensor, with_time: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _func_derivatives(
+    f: VectorField, t: Any, y: torch.Tensor, with_time: bool = True, batch: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """``(df/dy, df/dt)`` of the flattened state by ``torch.func.jacrev``: what ``torch.compile``
     traces, and what a step recording a graph through ``y`` takes (see
     :func:`_autograd_derivatives`). ``df/dt`` is zero where ``f`` ignores ``t``, ``None`` without
-    ``with_time`` or a tensor ``t`` (the time is not differentiated)."""
-    n = y.numel()
+    ``with_time`` or a tensor ``t`` (the time is not differentiated).
+
+    ``batch``: ``y`` is ``(B, ...)``, ``B`` independent systems at their own times ``t`` (``(B,)``),
+    and the result each one's ``(B, n, n)`` and ``(B, n)``. Since no problem's derivative depends
+    on another's state, the Jacobian of the batch's sum ``sum_b f_b`` holds them all: ``n``
+    backward passes whatever ``B``, not ``B n``."""
+    B = y.shape[0] if batch else 1
+    n = y.numel() // B
+    out = (lambda v: v.reshape(B, n).sum(0)) if batch else (lambda v: v.reshape(n))  # noqa: E731
     if with_time and isinstance(t, torch.Tensor):
-        J, T = torch.func.jacrev(lambda tt, x: f(tt, x).reshape(n), argnums=(1, 0))(t.detach(), y)
-        return J.reshape(n, n), T.reshape(n)
-    return torch.func.jacrev(lambda x: f(t, x).reshape(n))(y).reshape(n, n), None
+        J, T = torch.func.jacrev(lambda tt, x: out(f(tt, x)), argnums=(1, 0))(t.detach(), y)
+    else:
+        J, T = torch.func.jacrev(lambda x: out(f(t, x)))(y), None
+    if not batch:
+        return J.reshape(n, n), None if T is None else T.reshape(n)
+    # (row i of every problem's Jacobian, (n, B, n), and d f_i / d t_b, (n, B))
+    return J.reshape(n, B, n).transpose(0, 1), None if T is None else T.reshape(n, B).T
 
 
 def fresh_step(
@@ -643,11 +669,16 @@ def fresh_step(
 
 
 def _fresh(
-    f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients, gamma: float
+    f: VectorField, t: torch.Tensor, y: torch.Tensor, dt: torch.Tensor, k1: torch.Tensor, co: _Coefficients, gamma: float,
+    batch: bool = False,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The step of :func:`fresh_step` and of :meth:`Rosenbrock.loop_step`: ``(y1, err, K, flags,
-    J, T, k_end)``, the Jacobian by :func:`_func_derivatives`, ``k_end = f(t + dt, y1)``."""
-    J, T = _func_derivatives(f, t, y)
+    J, T, k_end)``, the Jacobian (each problem's, with ``batch``) by :func:`_func_derivatives`
+    where compiled, else by :func:`_autograd_derivatives`; ``k_end = f(t + dt, y1)``."""
+    if torch.compiler.is_compiling():
+        J, T = _func_derivatives(f, t, y, batch=batch)
+    else:  # (a per-sample solve's host loop: one forward and one batched backward pass, faster than jacrev eagerly)
+        J, T = _autograd_derivatives(f, t, y, k1, True, batch)
     y1, err, K, flags = rosenbrock_stages(f, t, y, dt, k1, co, gamma, J, T)
     return y1, err, K, flags, J, T, f(t + dt, y1)
 
@@ -665,13 +696,15 @@ def compiled_fresh_step() -> Callable:
 
 
 def _autograd_derivatives(
-    f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, with_time: bool
+    f: VectorField, t: Any, y: torch.Tensor, k1: torch.Tensor, with_time: bool, batch: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(df/dy, df/dt)`` of the flattened state by autograd: one forward pass, the ``n`` backward
     passes batched (row by row where ``f``'s backward cannot be batched). While a graph is being
     recorded (grad mode on, and ``k1 = f(t, y)`` or ``y`` part of it) they are built with ``create_graph=True`` and stay differentiable in
-    ``y`` and the field's parameters; otherwise detached."""
-    n = y.numel()
+    ``y`` and the field's parameters; otherwise detached. ``batch``: each of ``B`` independent
+    systems' ``(B, n, n)`` and ``(B, n)``, as :func:`_func_derivatives` gives them."""
+    B = y.shape[0] if batch else 1
+    n = y.numel() // B
     graph = torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad)
     time_tensor = with_time and isinstance(t, torch.Tensor)
     if graph and y.requires_grad:
@@ -680,7 +713,7 @@ def _autograd_derivatives(
         # it. torch.func.jacrev differentiates f at a level of its own, its Jacobian still
         # recorded in y's and the parameters' graph.)
         try:
-            return _func_derivatives(f, t, y, time_tensor)
+            return _func_derivatives(f, t, y, time_tensor, batch)
         except Exception:  # (a field torch.func cannot take, such as an autograd.Function without vmap: as below)
             pass
     with torch.enable_grad():
@@ -689,16 +722,21 @@ def _autograd_derivatives(
         out = f(tt, x)
         inputs = (x, tt) if time_tensor else (x,)
         if not out.requires_grad:
-            return torch.zeros(n, n, dtype=y.dtype, device=y.device), None
-        eye = torch.eye(n, dtype=out.dtype, device=out.device).reshape((n,) + tuple(out.shape))
+            return torch.zeros((B, n, n) if batch else (n, n), dtype=y.dtype, device=y.device), None
+        # (row i of every system at once: e_i in each system's block, as its derivative reaches no other)
+        eye = torch.eye(n, dtype=out.dtype, device=out.device).unsqueeze(1).expand(n, B, n).reshape((n,) + tuple(out.shape))
         try:
             grads = torch.autograd.grad(out, inputs, eye, is_grads_batched=True, allow_unused=True, create_graph=graph)
         except RuntimeError:  # a backward vmap cannot batch (a custom autograd.Function): row by row
             per_row = [torch.autograd.grad(out, inputs, e, retain_graph=True, allow_unused=True, create_graph=graph) for e in eye]
             grads = tuple(None if per_row[0][k] is None else torch.stack([r[k] for r in per_row]) for k in range(len(inputs)))
-    Jrows = grads[0]
-    J = torch.zeros(n, n, dtype=y.dtype, device=y.device) if Jrows is None else Jrows.reshape(n, n)
-    T = grads[1].reshape(n) if time_tensor and grads[1] is not None else None
+    Jrows, Trows = grads[0], grads[1] if time_tensor else None
+    if batch:
+        J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device) if Jrows is None else Jrows.reshape(n, B, n).transpose(0, 1)
+        T = Trows.reshape(n, B).T if Trows is not None else None
+    else:
+        J = torch.zeros(n, n, dtype=y.dtype, device=y.device) if Jrows is None else Jrows.reshape(n, n)
+        T = Trows.reshape(n) if Trows is not None else None
     if not graph:
         J = J.detach()
         T = None if T is None else T.detach()
