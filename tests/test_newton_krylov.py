@@ -268,11 +268,94 @@ def test_rober_rate_constants_matrix_free(adjoint, monkeypatch):
     np.testing.assert_allclose(g.numpy(), rober_fd(), rtol=1e-5)
 
 
+def laplacian_preconditioner(n: int, calls: list | None = None):
+    """``(I - h_gamma D2)^-1`` exactly (D2 the heat equation's tridiagonal Laplacian), by one LU a call."""
+    dx = 1.0 / (n + 1)
+    D2 = (torch.diag(torch.full((n,), -2.0, dtype=F64)) + torch.diag(torch.ones(n - 1, dtype=F64), 1)
+          + torch.diag(torch.ones(n - 1, dtype=F64), -1)) / dx**2  # fmt: skip
+
+    def preconditioner(t, y, h_gamma):
+        if calls is not None:
+            calls.append(h_gamma)
+        LU, pivots = torch.linalg.lu_factor(torch.eye(n, dtype=F64) - h_gamma * D2)
+        return lambda v: torch.linalg.lu_solve(LU, pivots, v.unsqueeze(-1)).squeeze(-1)
+
+    return preconditioner
+
+
+def test_preconditioner_cuts_krylov_iterations(one_torch_thread):
+    """The 200-point heat equation with Kvaerno5: an exact tridiagonal preconditioner (right
+    preconditioning: the same residuals and Newton tests) takes the same steps and Newton updates
+    and the same solution (measured: 25 steps, 296 updates; the solutions 8e-14 apart) in one
+    GMRES step per update instead of 17 (296 instead of 4988; 0.3 s instead of 1.3 s)."""
+    n = 200
+    f, exact = heat(n)
+    calls: list = []
+    with torch.no_grad():
+        kw = dict(rtol=1e-5, atol=1e-9)
+        plain = odeflux.solve(f, exact(0.0), (0.0, 0.05), solver=odeflux.Kvaerno5(linear_solver="gmres"), **kw)
+        solver = odeflux.Kvaerno5(linear_solver="gmres", preconditioner=laplacian_preconditioner(n, calls))
+        pre = odeflux.solve(f, exact(0.0), (0.0, 0.05), solver=solver, **kw)
+    a, b = plain.stats, pre.stats
+    assert b.n_krylov_iterations * 5 <= a.n_krylov_iterations, (a.n_krylov_iterations, b.n_krylov_iterations)
+    assert b.n_steps == a.n_steps and b.n_newton_iterations == a.n_newton_iterations
+    assert len(calls) == b.n_linear_solves  # one preconditioner a Newton update
+    torch.testing.assert_close(pre.ys[-1], plain.ys[-1], rtol=0, atol=1e-5 * 1e-3)
+    assert float((pre.ys[-1] - exact(0.05)).abs().max()) < 1e-5
+
+
+def test_preconditioner_blockwise_on_a_full_tableau(one_torch_thread):
+    """RadauIIA5 (the coupled I - h A (x) J): the preconditioner block by block, stage i's
+    (I - h a_ii D2)^-1, 14x fewer GMRES steps (measured 347 against 4962, which needs
+    krylov_max_iters raised), the dense LU's solution (3e-14 apart)."""
+    n = 200
+    f, exact = heat(n)
+    calls: list = []
+    tab = odeflux.RadauIIA5().tableau
+    with torch.no_grad():
+        lu = odeflux.solve(f, exact(0.0), (0.0, 0.05), solver=odeflux.RadauIIA5(), dt0=0.0025)
+        plain = odeflux.solve(f, exact(0.0), (0.0, 0.05), dt0=0.0025,
+                              solver=odeflux.RadauIIA5(linear_solver="gmres", krylov_max_iters=3000, krylov_restart=100))  # fmt: skip
+        solver = odeflux.RadauIIA5(linear_solver="gmres", preconditioner=laplacian_preconditioner(n, calls))
+        pre = odeflux.solve(f, exact(0.0), (0.0, 0.05), solver=solver, dt0=0.0025)
+    assert pre.stats.n_krylov_iterations * 5 <= plain.stats.n_krylov_iterations
+    assert sorted(set(round(c / 0.0025, 12) for c in calls)) == sorted(round(tab.a[i][i], 12) for i in range(3))
+    torch.testing.assert_close(pre.ys[-1], lu.ys[-1], rtol=0, atol=1e-10)
+
+
+def test_preconditioner_leaves_the_adjoint_systems_alone():
+    """A continuous adjoint taking the forward's preconditioned solver: the preconditioner (of
+    I - h_gamma df/dy) serves the forward solve only; the backward system, whose Jacobian is not
+    f's, runs unpreconditioned, and the gradient is the unpreconditioned one's."""
+    calls: list = []
+
+    def exact_inverse(t, y, h_gamma):
+        calls.append(t)
+        M = torch.eye(2, dtype=F64) - h_gamma * odeflux.solvers.implicit.jacobian(Damped(), t, y)
+        return lambda v: torch.linalg.solve(M, v)
+
+    plain, _ = damped_gradient(odeflux.GaussAdjoint, odeflux.Kvaerno5(linear_solver="gmres"), rtol=1e-8, atol=1e-11)
+    model = Damped()
+    solver = odeflux.Kvaerno5(linear_solver="gmres", preconditioner=exact_inverse)
+    sol = odeflux.solve(model, torch.tensor(DAMPED_Y0, dtype=F64), (0.0, DAMPED_T[-1]), saveat=list(DAMPED_T), solver=solver,
+                        rtol=1e-8, atol=1e-11, sensealg=odeflux.GaussAdjoint())  # fmt: skip
+    assert len(calls) == sol.stats.n_linear_solves > 0
+    # The exact inverse: each forward update's GMRES converges in one step.
+    assert sol.stats.n_krylov_iterations == sol.stats.n_linear_solves
+    (g,) = torch.autograd.grad((sol.ys * torch.tensor(DAMPED_W, dtype=F64)).sum(), [model.k])
+    assert len(calls) == sol.stats.n_linear_solves and sol.backward_stats.n_krylov_iterations > 0
+    torch.testing.assert_close(g, plain, rtol=1e-6, atol=0)
+
+
 def test_options_checked():
     with pytest.raises(ValueError, match="linear_solver"):
         odeflux.Kvaerno5(linear_solver="cg")
     with pytest.raises(ValueError, match="krylov_rtol"):
         odeflux.Kvaerno5(linear_solver="gmres", krylov_rtol=0.0)
+    with pytest.raises(TypeError, match=r"preconditioner must be a callable \(t, y, h_gamma\) -> apply, got ndarray"):
+        odeflux.Kvaerno5(linear_solver="gmres", preconditioner=np.eye(3))
+    with pytest.raises(ValueError, match="give linear_solver='gmres' with it"):
+        odeflux.Kvaerno5(preconditioner=lambda t, y, hg: lambda v: v)
 
 
 def test_a_gradient_solve_short_of_its_tolerance_is_said(monkeypatch):

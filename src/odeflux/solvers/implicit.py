@@ -36,6 +36,8 @@ import torch
 from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
+#: ``preconditioner(t, y, h_gamma) -> apply``, ``apply(v)`` about ``(I - h_gamma J)^-1 v`` (flat ``v``).
+Preconditioner = Callable[[Any, torch.Tensor, float], Callable[[torch.Tensor], torch.Tensor]]
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
@@ -402,6 +404,17 @@ class ImplicitRK(RungeKutta):
     adaptive). A GMRES that does not get there is a Newton failure (a rejected step when adaptive).
     Gradients (DirectAdjoint) go through each stage's converged value by the implicit function
     theorem (a transposed GMRES solve with VJPs in the backward pass), not through the iterations.
+
+    ``preconditioner`` (with ``linear_solver="gmres"``): a callable ``preconditioner(t, y,
+    h_gamma) -> apply``, called once per Newton update at the stage's time and current iterate
+    (``y`` in the state's shape), where ``apply(v)`` approximates ``(I - h_gamma J)^-1 v`` on flat
+    vectors of the state's size (``J`` the Jacobian of ``f``, of its implicit part for an IMEX
+    pair); e.g. a banded or multigrid solve of the stiff operator. It is applied on the right,
+    so GMRES's residual, its stopping test and the Newton test are those of the unpreconditioned
+    system: a poor ``apply`` costs iterations, never accuracy. A full tableau (Radau IIA,
+    Gauss-Legendre) applies it block by block, stage ``i`` with ``h_gamma = h a_ii`` (the
+    coupled ``I - h A (x) J`` less ``A``'s off-diagonal). The continuous adjoints' backward
+    systems (:class:`JacobianSource` fields: their Jacobian is not ``f``'s) run unpreconditioned.
     A field that gives its own Jacobian (:class:`JacobianSource`: the continuous adjoints' backward
     systems) gives its products instead (:meth:`JacobianSource.jacobian_product`: for an adjoint,
     VJPs of the forward field), so the continuous adjoints run matrix-free too.
@@ -415,6 +428,7 @@ class ImplicitRK(RungeKutta):
     krylov_rtol: float = 1e-6
     krylov_restart: int = 30
     krylov_max_iters: int = 120
+    preconditioner: Preconditioner | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     explicit: ClassVar[bool] = False
@@ -434,6 +448,14 @@ class ImplicitRK(RungeKutta):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {v!r}")
+        if self.preconditioner is not None:
+            if not callable(self.preconditioner):
+                raise TypeError(
+                    f"{type(self).__name__}: preconditioner must be a callable (t, y, h_gamma) -> apply, "
+                    f"got {type(self.preconditioner).__name__}"
+                )
+            if not self.krylov:
+                raise ValueError(f"{type(self).__name__}: preconditioner= preconditions GMRES: give linear_solver='gmres' with it")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()" if self.linear_solver == "lu" else f"{type(self).__name__}(linear_solver='gmres')"
@@ -684,6 +706,19 @@ class _NewtonStep:
         tail = R2[:, m:]
         R2 = R2[:, :m]
         w = self.weights[:m] if self.weights is not None else None
+        pre = None
+        if solver.preconditioner is not None and not isinstance(self.f_impl, JacobianSource):
+            # Block by block: stage j's I - h a_jj J (a full tableau's A less its off-diagonal).
+            hgs = [hA] if rows == 1 else torch.diagonal(hA).tolist()
+            pre = [solver.preconditioner(ts[j], Yd[j].view(self.shape), float(hgs[j])) for j in range(rows)]
+
+        def precondition(x: torch.Tensor) -> torch.Tensor:  # weighted GMRES unknowns -> the update d
+            V = x.reshape(rows, m)
+            if w is not None:
+                V = V / w
+            if pre is not None:
+                V = torch.stack([pre[j](V[j]).reshape(m) for j in range(rows)])
+            return V
 
         def apply(V: torch.Tensor) -> torch.Tensor:
             JV = torch.stack([lins[j](V[j]) for j in range(rows)])
@@ -691,11 +726,8 @@ class _NewtonStep:
                 return V - hA * JV
             return V - hA @ JV
 
-        def matvec(x: torch.Tensor) -> torch.Tensor:  # the system in the weighted unknowns D d
-            V = x.reshape(rows, m)
-            if w is not None:
-                V = V / w
-            out = apply(V)
+        def matvec(x: torch.Tensor) -> torch.Tensor:  # the system in the weighted unknowns D d, right-preconditioned
+            out = apply(precondition(x))
             return (out if w is None else out * w).reshape(-1)
 
         b = (R2 if w is None else R2 * w).reshape(-1)
@@ -708,9 +740,7 @@ class _NewtonStep:
                 f"krylov_rtol={solver.krylov_rtol:g} in {res.iterations} products (residual {res.residual:.3g} of "
                 f"{float(torch.linalg.vector_norm(b)):.3g}): raise krylov_max_iters or krylov_restart, or use linear_solver='lu'"
             )
-        d = res.x.reshape(rows, m)
-        if w is not None:
-            d = d / w
+        d = precondition(res.x)
         if m < self.n:
             d = torch.cat([d, tail], dim=1)
         return d.reshape(shape)
