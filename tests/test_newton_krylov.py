@@ -1,6 +1,7 @@
 """Matrix-free Newton-Krylov implicit steps (``linear_solver="gmres"``): GMRES alone, against the
-dense-LU Newton on a stiff system, on a large-state heat equation with its exact solution, and a
-gradient through it against central differences."""
+dense-LU Newton on a stiff system, on a large-state heat equation with its exact solution, a
+gradient through it against central differences, the continuous adjoints' backward systems
+solved matrix-free (against the dense LU and central differences), and preconditioning."""
 
 from __future__ import annotations
 

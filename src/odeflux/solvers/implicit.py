@@ -41,7 +41,7 @@ Preconditioner = Callable[[Any, torch.Tensor, float], Callable[[torch.Tensor], t
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
-    "factorize", "gmres", "jacobian", "solve_factored",
+    "factorize", "gmres", "jacobian", "linearization", "solve_factored",
 ]  # fmt: skip
 
 #: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
