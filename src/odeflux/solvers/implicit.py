@@ -404,6 +404,9 @@ class ImplicitRK(RungeKutta):
     adaptive). A GMRES that does not get there is a Newton failure (a rejected step when adaptive).
     Gradients (DirectAdjoint) go through each stage's converged value by the implicit function
     theorem (a transposed GMRES solve with VJPs in the backward pass), not through the iterations.
+    A field that gives its own Jacobian (:class:`JacobianSource`: the continuous adjoints' backward
+    systems) gives its products instead (:meth:`JacobianSource.jacobian_product`: for an adjoint,
+    VJPs of the forward field), so the continuous adjoints run matrix-free too.
 
     ``preconditioner`` (with ``linear_solver="gmres"``): a callable ``preconditioner(t, y,
     h_gamma) -> apply``, called once per Newton update at the stage's time and current iterate
@@ -415,9 +418,6 @@ class ImplicitRK(RungeKutta):
     Gauss-Legendre) applies it block by block, stage ``i`` with ``h_gamma = h a_ii`` (the
     coupled ``I - h A (x) J`` less ``A``'s off-diagonal). The continuous adjoints' backward
     systems (:class:`JacobianSource` fields: their Jacobian is not ``f``'s) run unpreconditioned.
-    A field that gives its own Jacobian (:class:`JacobianSource`: the continuous adjoints' backward
-    systems) gives its products instead (:meth:`JacobianSource.jacobian_product`: for an adjoint,
-    VJPs of the forward field), so the continuous adjoints run matrix-free too.
     """
 
     tableau: ImplicitTableau = field(repr=False)
