@@ -211,6 +211,9 @@ class _InsideWithJacobian(_Inside, JacobianSource):
     def jacobian(self, t: Any, y: torch.Tensor) -> torch.Tensor:
         return self.f.jacobian(self.inside(t), y)
 
+    def jacobian_product(self, t: Any, y: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+        return self.f.jacobian_product(self.inside(t), y)
+
 
 class ImplicitStepKernel(TorchStepKernel):
     """Steps of an implicit solver (:class:`odeflux.solvers.ImplicitRK`: Newton iterations whose

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..solvers.implicit import JacobianSource, jacobian
+from ..solvers.implicit import JacobianSource, jacobian, linearization
 from .base import AdjointRun, ContinuousAdjoint
 from .vjp import VJPBackend
 
@@ -56,3 +57,10 @@ class BacksolveRHS(JacobianSource):
         out[:n, :n] = J
         out[n:, n:] = -J.T
         return out
+
+    def jacobian_product(self, t: float, z: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """For a matrix-free adjoint solve: the products of :meth:`jacobian`'s block, ``(J v_y,
+        -J^T v_lambda)``: a JVP (the double-VJP trick) and a VJP of ``f`` on one graph at ``y``."""
+        n = self.n
+        jv, vjp = linearization(self.vjp.problem.f, self.vjp.time(t), z[:n].view(self.shape))
+        return 2 * n, lambda v: torch.cat([jv(v[:n]), vjp(v[n:]).neg_()])

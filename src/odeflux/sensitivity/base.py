@@ -266,11 +266,6 @@ class AdjointRun:
         self.n = self.y.numel()
         self.n_params = sum(p.numel() for p in params)
         self.solver = method.solver or problem.solver
-        if getattr(self.solver, "linear_solver", "lu") != "lu":
-            raise ValueError(
-                f"{type(method).__name__}'s adjoint solve would use {self.solver!r}, whose JVPs cannot differentiate the "
-                f"adjoint system: give it a dense-LU solver ({type(method).__name__}(solver={type(self.solver).__name__}()))"
-            )
         if not self.solver.adaptive and problem.dt0 is None:
             raise ValueError(
                 f"{type(method).__name__}'s adjoint solve uses {type(self.solver).__name__}, which takes fixed steps, "

@@ -11,14 +11,14 @@ its step (``plan_step(t, h)``): ``y`` at all its new stage times at once, the fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from ..kernels import StepPlan, StepPlanner, arrays
 from ..kernels.dense_layers import StagePlan
-from ..solvers.implicit import JacobianSource, jacobian
+from ..solvers.implicit import JacobianSource, jacobian, linearization
 from .vjp import VJPBackend
 
 if TYPE_CHECKING:
@@ -65,6 +65,13 @@ class _PlannedRHS(StepPlanner, JacobianSource):
         is part of the state, depends on ``lambda`` alone: the tail)."""
         y = self.y_known if t == self.t_known else self.dense.at(t)
         return jacobian(self.vjp.problem.f, self.vjp.time(t), y).T.neg()
+
+    def jacobian_product(self, t: float, z: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """For a matrix-free adjoint solve: ``v -> -J_f(t, y(t))^T v`` on ``lambda``'s block, a VJP
+        of ``f`` (one graph of ``f`` here, a backward pass per product; ``mu`` is the tail)."""
+        y = self.y_known if t == self.t_known else self.dense.at(t)
+        _, vjp = linearization(self.vjp.problem.f, self.vjp.time(t), y, want_jvp=False)
+        return self.n, lambda v: vjp(v).neg_()
 
     def plan_step(self, t: float, h: float) -> _PlannedStep | None:
         if not self.batched or not len(self.c):  # (a one-stage method has no new stages to plan)

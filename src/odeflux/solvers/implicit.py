@@ -36,10 +36,12 @@ import torch
 from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
+#: ``preconditioner(t, y, h_gamma) -> apply``, ``apply(v)`` about ``(I - h_gamma J)^-1 v`` (flat ``v``).
+Preconditioner = Callable[[Any, torch.Tensor, float], Callable[[torch.Tensor], torch.Tensor]]
 
 __all__ = [
     "IMEX", "ImplicitRK", "ImplicitStepper", "ImplicitTableau", "JacobianSource", "NewtonFailure", "collocation",
-    "factorize", "gmres", "jacobian", "solve_factored",
+    "factorize", "gmres", "jacobian", "linearization", "solve_factored",
 ]  # fmt: skip
 
 #: The work counters of implicit steps, as :class:`odeflux.solution.Stats` names them.
@@ -69,6 +71,14 @@ class JacobianSource(abc.ABC):
 
     @abc.abstractmethod
     def jacobian(self, t: Any, y: torch.Tensor) -> torch.Tensor: ...
+
+    def jacobian_product(self, t: Any, y: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """``(m, v -> J v)``: the block :meth:`jacobian` gives, as products on flat vectors of ``m``
+        entries, for the matrix-free Newton-Krylov iteration (``linear_solver="gmres"``). This
+        default forms ``jacobian(t, y)`` once; a field whose block is too large to form overrides
+        it (the continuous adjoints' systems do: their products are VJPs of the forward field)."""
+        J = self.jacobian(t, y).detach()
+        return J.shape[0], lambda v: J @ v
 
 
 class IMEX(torch.nn.Module):
@@ -208,6 +218,39 @@ def gmres(
         if stalled:  # no progress over a whole cycle (or a NaN)
             break
     return GMRESResult(x, beta <= target, its, beta)
+
+
+def linearization(
+    f: VectorField, t: Any, y: torch.Tensor, want_jvp: bool = True
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """``(v -> J v, w -> J^T w)`` for ``J = d f(t, y) / d y`` on flat vectors, never formed: one
+    graph of ``f(t, y)`` (and, if ``want_jvp``, of ``J^T u``) built here, each product then one
+    backward pass through it. ``J v`` by the double-VJP trick, ``J v = d(J^T u)/du . v`` (on a CPU
+    5-10x cheaper than a ``torch.func.jvp`` per product, which re-runs ``f`` under a transform).
+    Zero where ``f`` does not reach ``y`` through autograd; works under ``torch.no_grad()``."""
+    zero = lambda v: torch.zeros_like(v)  # noqa: E731
+    if isinstance(t, torch.Tensor):
+        t = t.detach()
+    with torch.enable_grad():
+        x = y.detach().requires_grad_(True)
+        out = f(t, x)
+        if not out.requires_grad:
+            return zero, zero
+        u = torch.zeros_like(out, requires_grad=True) if want_jvp else None
+        vjp = torch.autograd.grad(out, x, u, create_graph=True, allow_unused=True)[0] if want_jvp else None
+
+    def transposed(w: torch.Tensor) -> torch.Tensor:
+        (g,) = torch.autograd.grad(out, x, w.view(out.shape), retain_graph=True, allow_unused=True)
+        return torch.zeros_like(w) if g is None else g.reshape(-1)
+
+    if vjp is None or not vjp.requires_grad:  # (not asked, or f affine in y with J^T u not built)
+        return zero, transposed
+
+    def product(v: torch.Tensor) -> torch.Tensor:
+        (jv,) = torch.autograd.grad(vjp, u, v.view(vjp.shape), retain_graph=True, allow_unused=True)
+        return torch.zeros_like(v) if jv is None else jv.reshape(-1)
+
+    return product, transposed
 
 
 def jacobian(f: VectorField, t: Any, y: torch.Tensor) -> torch.Tensor:
@@ -363,7 +406,19 @@ class ImplicitRK(RungeKutta):
     Gradients (DirectAdjoint) go through each stage's converged value by the implicit function
     theorem (a transposed GMRES solve with VJPs in the backward pass), not through the iterations.
     A field that gives its own Jacobian (:class:`JacobianSource`: the continuous adjoints' backward
-    systems) is refused.
+    systems) gives its products instead (:meth:`JacobianSource.jacobian_product`: for an adjoint,
+    VJPs of the forward field), so the continuous adjoints run matrix-free too.
+
+    ``preconditioner`` (with ``linear_solver="gmres"``): a callable ``preconditioner(t, y,
+    h_gamma) -> apply``, called once per Newton update at the stage's time and current iterate
+    (``y`` in the state's shape), where ``apply(v)`` approximates ``(I - h_gamma J)^-1 v`` on flat
+    vectors of the state's size (``J`` the Jacobian of ``f``, of its implicit part for an IMEX
+    pair); e.g. a banded or multigrid solve of the stiff operator. It is applied on the right,
+    so GMRES's residual, its stopping test and the Newton test are those of the unpreconditioned
+    system: a poor ``apply`` costs iterations, never accuracy. A full tableau (Radau IIA,
+    Gauss-Legendre) applies it block by block, stage ``i`` with ``h_gamma = h a_ii`` (the
+    coupled ``I - h A (x) J`` less ``A``'s off-diagonal). The continuous adjoints' backward
+    systems (:class:`JacobianSource` fields: their Jacobian is not ``f``'s) run unpreconditioned.
     """
 
     tableau: ImplicitTableau = field(repr=False)
@@ -374,6 +429,7 @@ class ImplicitRK(RungeKutta):
     krylov_rtol: float = 1e-6
     krylov_restart: int = 30
     krylov_max_iters: int = 120
+    preconditioner: Preconditioner | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     explicit: ClassVar[bool] = False
@@ -393,6 +449,14 @@ class ImplicitRK(RungeKutta):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {v!r}")
+        if self.preconditioner is not None:
+            if not callable(self.preconditioner):
+                raise TypeError(
+                    f"{type(self).__name__}: preconditioner must be a callable (t, y, h_gamma) -> apply, "
+                    f"got {type(self.preconditioner).__name__}"
+                )
+            if not self.krylov:
+                raise ValueError(f"{type(self).__name__}: preconditioner= preconditions GMRES: give linear_solver='gmres' with it")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()" if self.linear_solver == "lu" else f"{type(self).__name__}(linear_solver='gmres')"
@@ -479,18 +543,9 @@ class ImplicitStepper:
         parts = imex_parts(f) if solver.tableau.a_explicit is not None else None
         f_impl = f if parts is None else parts[1]
         evals = 0
-        if self.krylov:
-            if isinstance(f_impl, JacobianSource):
-                raise ValueError(
-                    f"{type(solver).__name__}(linear_solver='gmres') needs JVPs of f, which a JacobianSource field "
-                    f"(a continuous adjoint's backward system) does not give: use {type(solver).__name__}() for it"
-                )
-            fresh = True
-        else:
-            fresh = self.J_at is not None and self.J_at[0] == float(t) and self.J_at[1] is y
-        if self.krylov:
-            pass
-        elif not self.reuse or self.J is None or (self.refresh and not fresh):
+        # (Newton-Krylov linearises at each iterate: it keeps no Jacobian to go stale.)
+        fresh = self.krylov or (self.J_at is not None and self.J_at[0] == float(t) and self.J_at[1] is y)
+        if not self.krylov and (not self.reuse or self.J is None or (self.refresh and not fresh)):
             evals += self._new_jacobian(f_impl, t, y)
             fresh = True
         while True:
@@ -614,35 +669,22 @@ class _NewtonStep:
         return head if m == self.n else torch.cat([head, R[:, m:]], dim=1)
 
     # -- matrix-free Newton-Krylov (linear_solver="gmres") -------------------------------------
-    def flat_field(self, t: Any, f: VectorField | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``x -> f(t, x)`` on flat vectors (the implicit part for an IMEX pair)."""
-        g = self.f_impl if f is None else f
-        if len(self.shape) == 1:
-            return lambda x: g(t, x)
-        return lambda x: g(t, x.reshape(self.shape)).reshape(-1)
-
-    def linearize(self, g: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``v -> J v`` for ``J`` the Jacobian of ``g`` at ``x``, never formed: the double-VJP
-        trick, ``J v = d(J^T u)/du . v``, on one graph of ``g(x)`` and ``J^T u`` built here (one
-        evaluation of ``g``), each product then one backward pass through it (on a CPU 5-10x
-        cheaper than a ``torch.func.jvp`` per product, which re-runs ``g`` under a transform).
-        Zero where ``g`` does not reach ``x`` through autograd."""
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            out = g(xg)
-            if not out.requires_grad:
-                return lambda v: torch.zeros_like(v)
-            u = torch.zeros_like(out, requires_grad=True)
-            (vjp,) = torch.autograd.grad(out, xg, u, create_graph=True, allow_unused=True)
-        if vjp is None or not vjp.requires_grad:  # g is constant in x (or affine with J^T u not built)
-            return lambda v: torch.zeros_like(v)
+    def linearize(self, t: Any, x: torch.Tensor) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+        """``(m, v -> J v)`` for ``J`` the Jacobian of the implicit field at ``(t, x)`` (``x``
+        flat), never formed: a :class:`JacobianSource`'s own products of its ``(m, m)`` block (the
+        tail past ``m`` has none, as in :meth:`newton_update`), else the double-VJP trick
+        (:func:`linearization`: one graph of ``f`` per call, a backward pass per product)."""
+        f = self.f_impl
+        if isinstance(f, JacobianSource):
+            m, jv = f.jacobian_product(t, x.view(self.shape))
+        else:
+            m, jv = self.n, linearization(f, t, x.view(self.shape))[0]
 
         def product(v: torch.Tensor) -> torch.Tensor:
             self.jvps += 1
-            (jv,) = torch.autograd.grad(vjp, u, v, retain_graph=True, allow_unused=True)
-            return torch.zeros_like(v) if jv is None else jv
+            return jv(v)
 
-        return product
+        return m, product
 
     def krylov_update(
         self, ts: list, Y: torch.Tensor, R: torch.Tensor, hA: Any, what: str, strict: bool = True
@@ -657,8 +699,27 @@ class _NewtonStep:
         R2 = R.detach().reshape(-1, self.n)
         rows = R2.shape[0]
         Yd = Y.detach().reshape(rows, self.n)
-        lins = [self.linearize(self.flat_field(ts[j]), Yd[j]) for j in range(rows)]
-        w = self.weights if self.weights is not None else None
+        lins = [self.linearize(ts[j], Yd[j]) for j in range(rows)]
+        m = lins[0][0]
+        lins = [jv for _, jv in lins]
+        # A JacobianSource's tail (m < n) has no Jacobian: its rows of M are the identity, the
+        # update there the residual itself, and GMRES runs on the head alone.
+        tail = R2[:, m:]
+        R2 = R2[:, :m]
+        w = self.weights[:m] if self.weights is not None else None
+        pre = None
+        if solver.preconditioner is not None and not isinstance(self.f_impl, JacobianSource):
+            # Block by block: stage j's I - h a_jj J (a full tableau's A less its off-diagonal).
+            hgs = [hA] if rows == 1 else torch.diagonal(hA).tolist()
+            pre = [solver.preconditioner(ts[j], Yd[j].view(self.shape), float(hgs[j])) for j in range(rows)]
+
+        def precondition(x: torch.Tensor) -> torch.Tensor:  # weighted GMRES unknowns -> the update d
+            V = x.reshape(rows, m)
+            if w is not None:
+                V = V / w
+            if pre is not None:
+                V = torch.stack([pre[j](V[j]).reshape(m) for j in range(rows)])
+            return V
 
         def apply(V: torch.Tensor) -> torch.Tensor:
             JV = torch.stack([lins[j](V[j]) for j in range(rows)])
@@ -666,11 +727,8 @@ class _NewtonStep:
                 return V - hA * JV
             return V - hA @ JV
 
-        def matvec(x: torch.Tensor) -> torch.Tensor:  # the system in the weighted unknowns D d
-            V = x.reshape(rows, self.n)
-            if w is not None:
-                V = V / w
-            out = apply(V)
+        def matvec(x: torch.Tensor) -> torch.Tensor:  # the system in the weighted unknowns D d, right-preconditioned
+            out = apply(precondition(x))
             return (out if w is None else out * w).reshape(-1)
 
         b = (R2 if w is None else R2 * w).reshape(-1)
@@ -683,9 +741,9 @@ class _NewtonStep:
                 f"krylov_rtol={solver.krylov_rtol:g} in {res.iterations} products (residual {res.residual:.3g} of "
                 f"{float(torch.linalg.vector_norm(b)):.3g}): raise krylov_max_iters or krylov_restart, or use linear_solver='lu'"
             )
-        d = res.x.reshape(rows, self.n)
-        if w is not None:
-            d = d / w
+        d = precondition(res.x)
+        if m < self.n:
+            d = torch.cat([d, tail], dim=1)
         return d.reshape(shape)
 
     def implicit_grad(self, Z: torch.Tensor, G: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
