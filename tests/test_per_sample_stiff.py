@@ -88,11 +88,13 @@ def test_the_traced_stiff_loop_matches_the_host_loop():
         nan = torch.tensor(math.nan, dtype=D)
         inputs = (f, y0, k0, t0, t1, taus, torch.tensor(1e-6, dtype=D), torch.tensor(1e-10, dtype=D),
                   nan, nan, nan, torch.tensor(500), torch.full_like(t0, b.controller.init_state()))  # fmt: skip
+        # (dynamo's cache of the loop's body is shared by every traced call of run_loop in this
+        # process: traced after another solver's body, a trace fails on aliased coefficients. The
+        # programs compile=True builds each have a copy of the code of their own.)
+        torch._dynamo.reset()
         try:
             traced = start_and_run(LoopSpec(b.solver, b.controller, True, True), b.start, *inputs, traced=True)
         finally:
-            # (dynamo's cache of the loop's body, shared by every traced call of run_loop in this
-            # process, would otherwise make the next test's trace take its aliased coefficients for inputs)
             torch._dynamo.reset()
     assert traced[6].tolist() == host[6].tolist() and min(host[6].tolist()) > 10  # accepted steps
     assert traced[7].tolist() == host[7].tolist()  # rejected
