@@ -22,11 +22,12 @@ setup-bench:
 train: setup  ## the tutorial's run: 1500 MNIST images, 9 epochs, InterpolatingAdjoint
 	$(PY) -m odeflux train
 
+# Two workers (pytest-xdist), a file's tests on one: the 2-core machine the suite's budget is for.
 test: setup-test  ## the test suite (slow end-to-end cases included)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: setup-bench
 	$(PY) -m benchmarks.run_all
