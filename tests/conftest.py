@@ -198,6 +198,30 @@ def rober_np(t, y, k=ROBER_K):
     return [-k[0] * y1 + k[2] * y2 * y3, k[0] * y1 - k[2] * y2 * y3 - k[1] * y2 * y2, k[1] * y2 * y2]
 
 
+#: ROBER's gradient test: a short span, and a loss ``W_GRAD . y(T_GRAD)`` weighing y2 up to y1's scale.
+T_GRAD, W_GRAD = 0.02, np.array([1.0, 3e4, 2.0])
+
+
+@functools.lru_cache(maxsize=1)
+def rober_fd_gradient() -> np.ndarray:
+    """Central differences of scipy's Radau solution (rtol 1e-12) of the loss ``W_GRAD . y(T_GRAD)``
+    in each of ROBER's rate constants."""
+    from scipy.integrate import solve_ivp
+
+    def loss(k):
+        sol = solve_ivp(lambda t, y: rober_np(t, y, k), (0.0, T_GRAD), [1.0, 0.0, 0.0], method="Radau", rtol=1e-12, atol=1e-16)
+        return W_GRAD @ sol.y[:, -1]
+
+    g = []
+    for i, ki in enumerate(ROBER_K):
+        e = 1e-4 * ki
+        kp, km = list(ROBER_K), list(ROBER_K)
+        kp[i] += e
+        km[i] -= e
+        g.append((loss(kp) - loss(km)) / (2 * e))
+    return np.array(g)
+
+
 def hires(t, y):
     y1, y2, y3, y4, y5, y6, y7, y8 = (y[i] for i in range(8))
     return torch.stack([

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROBER_K, hires, hires_np, rober, rober_np
+from conftest import ROBER_K, T_GRAD, W_GRAD, hires, hires_np, rober, rober_np, rober_fd_gradient
 from scipy.integrate import solve_ivp
 
 import odeflux
@@ -375,27 +375,6 @@ class Rober(torch.nn.Module):
         return rober(t, y, self.k)
 
 
-T_GRAD, W_GRAD = 0.02, np.array([1.0, 3e4, 2.0])  # a short span; the loss weighs y2 up to y1's scale
-
-
-@functools.lru_cache(maxsize=1)
-def fd_gradient() -> np.ndarray:
-    """Central differences of scipy's Radau solution (rtol 1e-12) in each rate constant."""
-
-    def loss(k):
-        sol = solve_ivp(lambda t, y: rober_np(t, y, k), (0.0, T_GRAD), [1.0, 0.0, 0.0], method="Radau", rtol=1e-12, atol=1e-16)
-        return W_GRAD @ sol.y[:, -1]
-
-    g = []
-    for i, ki in enumerate(ROBER_K):
-        e = 1e-4 * ki
-        kp, km = list(ROBER_K), list(ROBER_K)
-        kp[i] += e
-        km[i] -= e
-        g.append((loss(kp) - loss(km)) / (2 * e))
-    return np.array(g)
-
-
 SENSEALGS = [odeflux.DirectAdjoint, odeflux.InterpolatingAdjoint, odeflux.QuadratureAdjoint, odeflux.GaussAdjoint]
 FAST = {("kvaerno5", "DirectAdjoint"), ("kvaerno5", "InterpolatingAdjoint"), ("kencarp4", "GaussAdjoint")}
 
@@ -419,7 +398,7 @@ def test_gradients_wrt_rate_constants(name, sensealg):
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     sol = odeflux.solve(model, y0, (0.0, T_GRAD), solver=SOLVERS[name](), rtol=1e-6, atol=1e-14, sensealg=sensealg())
     (g,) = torch.autograd.grad(sol.ys[-1] @ torch.from_numpy(W_GRAD), [model.k])
-    np.testing.assert_allclose(g.numpy(), fd_gradient(), rtol=1e-5)
+    np.testing.assert_allclose(g.numpy(), rober_fd_gradient(), rtol=1e-5)
 
 
 class Relax(torch.nn.Module):

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROBER_K, rober_np
+from conftest import ROBER_K, T_GRAD, W_GRAD, rober_fd_gradient
 from conftest import rober as conftest_rober
 from scipy.integrate import solve_ivp
 
@@ -234,26 +234,6 @@ class Rober(torch.nn.Module):
         return conftest_rober(t, y, self.k)
 
 
-ROBER_T, ROBER_W = 0.02, np.array([1.0, 3e4, 2.0])
-
-
-@functools.lru_cache(maxsize=1)
-def rober_fd() -> np.ndarray:
-    """Central differences of scipy's Radau solution (rtol 1e-12) in each rate constant."""
-
-    def loss(k):
-        sol = solve_ivp(lambda t, y: rober_np(t, y, k), (0.0, ROBER_T), [1.0, 0.0, 0.0], method="Radau", rtol=1e-12, atol=1e-16)
-        return ROBER_W @ sol.y[:, -1]
-
-    g = []
-    for i, ki in enumerate(ROBER_K):
-        kp, km = list(ROBER_K), list(ROBER_K)
-        kp[i] += 1e-4 * ki
-        km[i] -= 1e-4 * ki
-        g.append((loss(kp) - loss(km)) / (2e-4 * ki))
-    return np.array(g)
-
-
 @pytest.mark.parametrize("adjoint", ADJOINTS[:3], ids=lambda a: a.__name__)
 def test_rober_rate_constants_matrix_free(adjoint, monkeypatch):
     """ROBER's rate-constant gradients with the backward solve matrix-free (the forward dense
@@ -262,11 +242,11 @@ def test_rober_rate_constants_matrix_free(adjoint, monkeypatch):
     InterpolatingAdjoint, 4e-6 the quadrature adjoints through Kvaerno5's cubic dense output)."""
     no_dense_jacobian(monkeypatch)
     model = Rober()
-    sol = odeflux.solve(model, torch.tensor([1.0, 0.0, 0.0], dtype=F64), (0.0, ROBER_T), solver=odeflux.Kvaerno5(), rtol=1e-6,
+    sol = odeflux.solve(model, torch.tensor([1.0, 0.0, 0.0], dtype=F64), (0.0, T_GRAD), solver=odeflux.Kvaerno5(), rtol=1e-6,
                         atol=1e-14, sensealg=adjoint(solver=odeflux.Kvaerno5(linear_solver="gmres")))  # fmt: skip
-    (g,) = torch.autograd.grad(sol.ys[-1] @ torch.from_numpy(ROBER_W), [model.k])
+    (g,) = torch.autograd.grad(sol.ys[-1] @ torch.from_numpy(W_GRAD), [model.k])
     assert sol.backward_stats.n_jacobians == 0 and sol.backward_stats.n_krylov_iterations > 0
-    np.testing.assert_allclose(g.numpy(), rober_fd(), rtol=1e-5)
+    np.testing.assert_allclose(g.numpy(), rober_fd_gradient(), rtol=1e-5)
 
 
 def laplacian_preconditioner(n: int, calls: list | None = None):
