@@ -178,3 +178,22 @@ def test_the_batched_gauss_jordan_inverse_matches_lapack_and_flags_each_singular
     (inv1,), info1 = _unrolled_inverse(M[0])  # (one matrix, as a joint solve's)
     assert int(info1) == 0
     torch.testing.assert_close(inv1, inv[0], rtol=0, atol=0)
+
+
+def test_neural_ode_takes_a_per_sample_stiff_solve():
+    """``NeuralODE(..., solver=Rodas5P(), batch_axis=0)``: DirectAdjoint by default (the one gradient a
+    per-sample Rosenbrock solve has); the per-sample solve's final states, and the gradient of its
+    own solve; a continuous adjoint asked for gets the one line."""
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    y0 = torch.randn(4, 3, dtype=D)
+    node = odeflux.NeuralODE(field, solver=odeflux.Rodas5P(), batch_axis=0)
+    assert isinstance(node.sensealg, odeflux.DirectAdjoint)
+    out = node(y0)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), field[0].weight)
+    sol = odeflux.solve(field, y0, (0.0, 1.0), solver=odeflux.Rodas5P(), batch_axis=0, sensealg=odeflux.DirectAdjoint())
+    torch.testing.assert_close(out, sol.ys[:, -1], rtol=1e-12, atol=1e-14)
+    (g_ref,) = torch.autograd.grad(sol.ys[:, -1].pow(2).sum(), field[0].weight)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"pass sensealg=DirectAdjoint\(\)"):
+        odeflux.NeuralODE(field, solver=odeflux.Rodas5P(), batch_axis=0, sensealg=odeflux.GaussAdjoint())(y0)

@@ -23,7 +23,8 @@ class NeuralODE(nn.Module):
     (default ``InterpolatingAdjoint()``, or ``"auto"`` with ``compile=True``; ``"auto"`` picks by
     size, see :func:`odeflux.solve`); other keywords go to :func:`odeflux.solve` (``rtol``,
     ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
-    ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``). With ``return_solution=True`` the forward returns the whole
+    ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``; with a
+    Rosenbrock solver, ``DirectAdjoint``, which is then the default). With ``return_solution=True`` the forward returns the whole
     :class:`~odeflux.Solution` instead of the final state.
     """
 
@@ -54,6 +55,10 @@ class NeuralODE(nn.Module):
             # per-sample solve has no "auto".
             compiled = solve_kwargs.get("compile") and solve_kwargs.get("batch_axis") is None
             sensealg = "auto" if compiled else InterpolatingAdjoint()
+            if solve_kwargs.get("batch_axis") is not None and solver is not None and not solver.tableau_steps:
+                from .sensitivity import DirectAdjoint
+
+                sensealg = DirectAdjoint()  # (a per-sample Rosenbrock solve's one gradient)
         self.field = VectorField(vector_field, time_dependent)
         self.solver = solver if solver is not None else Tsit5()
         self.tspan = (float(tspan[0]), float(tspan[1]))

@@ -78,8 +78,8 @@ def check_method(method: Any, forward_solver: Any = None) -> None:
     if forward_solver is not None and not forward_solver.tableau_steps:
         fwd = type(forward_solver).__name__
         raise ValueError(
-            f"per-sample solves with {fwd} differentiate with DirectAdjoint (sensealg=None): a continuous adjoint's "
-            f"per-sample backward solve takes explicit Runge-Kutta methods; for {name} with {fwd}, solve the batch jointly (no batch_axis)"
+            f"per-sample solves with {fwd} differentiate with DirectAdjoint: pass sensealg=DirectAdjoint() (a continuous "
+            f"adjoint's per-sample backward solve takes explicit Runge-Kutta methods; for {name} with {fwd}, solve the batch jointly, without batch_axis)"
         )
     bad = [k for k, on in refused.items() if on]
     if bad:
