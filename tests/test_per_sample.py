@@ -139,6 +139,8 @@ def test_refusals_name_the_option():
         odeflux.solve(f, y0, (0.0, torch.ones(3)), batch_axis=0)
     with pytest.raises(ValueError, match="per-sample solves take explicit Runge-Kutta methods and the Rosenbrock methods .*; Kvaerno5 is not one"):
         odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, solver=odeflux.Kvaerno5())
+    with pytest.raises(ValueError, match=r"f\(t, y\) returned dtype torch.float32 for a state of dtype torch.float64"):
+        odeflux.solve(lambda t, y: y.float(), y0, (0.0, 1.0), batch_axis=0)
     with pytest.raises(ValueError, match=r"f\(t, y\) must return the batch's shape"):
         odeflux.solve(lambda t, y: y.sum(-1), y0, (0.0, 1.0), batch_axis=0)
 

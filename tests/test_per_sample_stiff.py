@@ -197,3 +197,25 @@ def test_neural_ode_takes_a_per_sample_stiff_solve():
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"pass sensealg=DirectAdjoint\(\)"):
         odeflux.NeuralODE(field, solver=odeflux.Rodas5P(), batch_axis=0, sensealg=odeflux.GaussAdjoint())(y0)
+
+
+def test_stiff_states_of_any_shape_behind_the_batch_axis():
+    """(batch, 2, 2) states, each sample Prothero-Robinson's y' = -lambda (y - cos t) + (-sin t)
+    with its own stiffness (lambda 10 to 1e5): each sample's steps and end state as its own solve
+    of a (2, 2) state, and the exact solution cos t (y0 = 1)."""
+    lam = torch.tensor([10.0, 1e3, 1e5], dtype=D)
+
+    def field(rate):
+        return lambda t, y: -rate * (y - torch.cos(t)) - torch.sin(t)
+
+    def batched(t, y):
+        return field(lam.reshape(-1, 1, 1))(t.reshape(-1, 1, 1), y)
+
+    y0 = torch.ones(3, 2, 2, dtype=D)
+    with torch.no_grad():
+        sol = odeflux.solve(batched, y0, (0.0, 2.0), solver=odeflux.Rodas5P(), rtol=1e-7, atol=1e-9, batch_axis=0)
+        for b in range(3):
+            one = odeflux.solve(field(lam[b]), y0[b], (0.0, 2.0), solver=odeflux.Rodas5P(), rtol=1e-7, atol=1e-9)
+            assert int(sol.sample_stats["n_accepted"][b]) == one.stats.n_accepted
+            torch.testing.assert_close(sol.ys[b, -1], one.ys[-1], rtol=1e-9, atol=1e-12)  # (rounding: batched products)
+    torch.testing.assert_close(sol.ys[:, -1], torch.full((3, 2, 2), math.cos(2.0), dtype=D), rtol=0, atol=1e-6)

@@ -155,6 +155,11 @@ def solve_per_sample(
             f"f(t, y) must return the batch's shape {tuple(y0.shape)} (t has shape ({B},), one time per sample), "
             f"got {getattr(k0, 'shape', type(k0).__name__)}"
         )
+    if k0.dtype != dtype:
+        raise ValueError(
+            f"f(t, y) returned dtype {k0.dtype} for a state of dtype {dtype}: make f return the state's dtype "
+            "(or pass y0 in the dtype f computes in)"
+        )
     batch = Batch(
         f, solver, controller, adaptive, saving=True, rtol=rtol, atol=atol, dt0=dt0, dtmin=dtmin, dtmax=dtmax,
         max_steps=max_steps,
