@@ -108,6 +108,9 @@ class IntegrateOptions:
     jump_times: tuple[float, ...] = ()
     perturb: bool = False
     callbacks: StepCallbacks | None = field(default=None, compare=False)
+    #: The step-size controller's memory to start from (``None``: a fresh one), as a solve that
+    #: goes on from where another stopped keeps it (an adjoint's intervals, ``first_step="continue"``).
+    controller_state: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.first_step not in FIRST_STEPS:
@@ -130,6 +133,7 @@ class IntegrationResult:
     status: Status = Status.SUCCESS
     message: str = ""
     dense: DenseOutput | None = field(default=None, repr=False)
+    controller_state: Any = field(default=None, repr=False)  # the controller's memory at the end (adaptive)
 
 
 def integrate(
@@ -238,6 +242,7 @@ class _Integration:
         self.t0, self.t1 = t0, t1
         self.direction = 1.0 if t1 > t0 else -1.0
         self.stats = Stats()
+        self.ctrl_state: Any = None  # the controller's memory after the last step (IntegrationResult.controller_state)
         self.controller = opts.controller
         self.adaptive = solver.adaptive and opts.controller.adaptive
         span = abs(t1 - t0)
@@ -270,7 +275,7 @@ class _Integration:
             setattr(self.stats, name, getattr(self.stats, name) + v)
         dense = self.dense.output(self.solver, self.kernel.arrays)
         ts, ys = self.saver.finish(self.t1 if status == Status.SUCCESS else self.t, self.y)
-        return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense)
+        return IntegrationResult(ts, ys, self.t, self.y, self.k, dt_next, self.stats, status, message, dense, self.ctrl_state)
 
     def max_steps_message(self, dt: float) -> str:
         return (
@@ -347,7 +352,7 @@ class _Integration:
         """The eager loop, from the first step size ``dt``."""
         opts, kernel, stats, direction, t1 = self.opts, self.kernel, self.stats, self.direction, self.t1
         callbacks, stops = self.callbacks, self.stops
-        ctrl_state = self.controller.init_state()
+        ctrl_state = self.controller.init_state() if opts.controller_state is None else opts.controller_state
         order = self.solver.error_order
         last_err = 0.0
         si = 0  # the next stop
@@ -384,6 +389,7 @@ class _Integration:
             if self.adaptive:
                 last_err = float(err)  # the one host synchronisation per step
                 accept, dt_new, ctrl_state = self.controller.propose(abs(h), last_err, ctrl_state, order)
+                self.ctrl_state = ctrl_state
                 if speculative:
                     speculative = False
                     if not accept:

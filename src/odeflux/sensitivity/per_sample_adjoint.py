@@ -278,7 +278,10 @@ class PerSampleAdjointRun:
             rtol=method.rtol if method.rtol is not None else batch.rtol,
             atol=method.atol if method.atol is not None else batch.atol,
             dt0=None if adaptive else batch.dt0, dtmin=batch.dtmin, dtmax=None,
-            max_steps=method.max_steps or batch.max_steps, first_step=method.first_step,
+            # ("continue", the joint default, starts each sample's every interval from Hairer's
+            # estimate here: the batched loop keeps no controller memory from one interval to the next.)
+            max_steps=method.max_steps or batch.max_steps,
+            first_step="hairer" if method.first_step == "continue" else method.first_step,
         )  # fmt: skip
         self.vjp = BatchVJP(batch.f, params, self.bstats, method.vjp)
         self.steps: ForwardSteps | None = None
