@@ -109,6 +109,9 @@ class DenseOutput:
         self._interp_rev = solver.tableau.interp_reversed
         # The integrator's step kernel says whether its steps were NumPy-backed (odeflux.kernels).
         self._numpy_steps = bool(y0s) and on_arrays
+        # A small plain CPU state is read on NumPy at one time too, whatever made its steps (one
+        # array product, no tensor op's dispatch per lookup: an adjoint's VJPs each take one).
+        self._small = self._numpy_steps or (bool(y0s) and arrays.small_state(y0s[0]))
         self._np: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(dts)
         self._q: dict[int, np.ndarray] = {}  # _powers' matrices of the steps last looked up
 
@@ -130,7 +133,7 @@ class DenseOutput:
 
     def at(self, t: float) -> torch.Tensor:
         """The state at one host time ``t`` (the adjoints' hot path: one small matmul)."""
-        if self._numpy_steps and not torch.is_grad_enabled():  # on NumPy (odeflux.kernels)
+        if self._small and not torch.is_grad_enabled():  # on NumPy (odeflux.kernels)
             return torch.from_numpy(self.at_arrays([t]).reshape(self.y0s[0].shape))
         i = self.step_index(t)
         theta = (t - self.t_starts[i]) / self.dts[i]
