@@ -37,7 +37,7 @@ import odeflux
 
 from .common import Timing, closing_line, fmt_seconds, machine_info, markdown_table, publish, set_threads
 from .provenance import code_state
-from .stiff_work_precision import Point, best_of, compare, diffrax_missing
+from .stiff_work_precision import Point, add_run_options, best_of, compare, diffrax_missing, run_settings
 
 RESULTS = Path(__file__).parent / "results"
 RESULT = RESULTS / "stiff_gradient.md"
@@ -402,20 +402,10 @@ def method_section(tols: Sequence[float], rounds: int, ref_loss: float, ref: np.
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stiff_gradient", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median; default 3)")
     p.add_argument("--only", action="append", choices=list(CONFIGS), help="just these odeflux configurations")
-    p.add_argument("--no-diffrax", action="store_true", help="leave diffrax out")
-    p.add_argument("--no-compile", action="store_true", help="leave the compile=True configurations out")
-    p.add_argument("--quick", action="store_true",
-                   help=f"rtol {QUICK_TOLS}, {', '.join(QUICK_CONFIGS)} and diffrax, one round; prints only")
-    p.add_argument("--out", type=Path, default=RESULT, help="results file (markdown)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    add_run_options(p, RESULT, f"rtol {QUICK_TOLS}, {', '.join(QUICK_CONFIGS)} and diffrax, one round; prints only")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    write = not (args.no_write or args.quick)
-    repeats = 1 if args.quick else args.repeats
-    tols = QUICK_TOLS if args.quick else TOLS
+    write, repeats, tols = run_settings(p, args, TOLS, QUICK_TOLS)
     keys = list(QUICK_CONFIGS if args.quick else (args.only or CONFIGS))
     if args.no_compile:
         keys = [k for k in keys if not CONFIGS[k].compile]

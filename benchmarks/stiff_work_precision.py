@@ -453,22 +453,32 @@ def method_section(repeats: int, diffrax_line: str) -> str:
     ])  # fmt: skip
 
 
+def add_run_options(p: argparse.ArgumentParser, result: Path, quick_help: str) -> None:
+    """The options the stiff benchmarks share (this one and :mod:`benchmarks.stiff_gradient`):
+    timing rounds, diffrax or the compiled configurations left out, a smoke run, the results file."""
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per point (median; default 3)")
+    p.add_argument("--no-diffrax", action="store_true", help="leave diffrax out")
+    p.add_argument("--no-compile", action="store_true", help="leave the compile=True configurations out")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, default=result, help="results file (markdown; a PNG, if any, beside it)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+
+
+def run_settings(
+    p: argparse.ArgumentParser, args: argparse.Namespace, tols: Sequence[float], quick_tols: Sequence[float]
+) -> tuple[bool, int, Sequence[float]]:  # fmt: skip
+    """``(write, repeats, tols)`` from :func:`add_run_options`' options (a smoke run writes nothing)."""
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return not (args.no_write or args.quick), 1 if args.quick else args.repeats, quick_tols if args.quick else tols
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.stiff_work_precision", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", choices=list(PROBLEMS), help="run just these problems (repeatable)")
-    p.add_argument("--repeats", type=int, default=3, help="timed solves per point (median; default 3)")
-    p.add_argument("--no-diffrax", action="store_true", help="leave diffrax out")
-    p.add_argument("--no-compile", action="store_true", help="leave the compile=True configuration out")
-    p.add_argument("--quick", action="store_true",
-                   help=f"rtol {QUICK_TOLS}, one repeat, diffrax on ROBER only, no compile=True; prints only")
-    p.add_argument("--out", type=Path, default=RESULT, help="results file (markdown); the PNG goes beside it")
-    p.add_argument("--no-write", action="store_true", help="print only (no markdown, no PNG)")
+    add_run_options(p, RESULT, f"rtol {QUICK_TOLS}, one repeat, diffrax on ROBER only, no compile=True; prints only")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    write = not (args.no_write or args.quick)
-    repeats = 1 if args.quick else args.repeats
-    tols = QUICK_TOLS if args.quick else TOLS
+    write, repeats, tols = run_settings(p, args, TOLS, QUICK_TOLS)
     set_threads(1)
     machine = machine_info(*PACKAGES) + f"\n- {code_state()}"
     start = time.perf_counter()

@@ -114,8 +114,9 @@ def solve_per_sample(
             f"per-sample solves take explicit Runge-Kutta methods and the Rosenbrock methods (Rodas5P, Rosenbrock23); "
             f"{name} is not one"
         )
-    if solver.loop_steps and solver.loop_refusal() is not None:  # (each step a fresh Jacobian, by jacrev)
-        raise ValueError(f"per-sample solves take {name} without {solver.loop_refusal()}: pass {name}()")
+    why = solver.loop_refusal() if solver.loop_steps else None  # (each step a fresh Jacobian, by jacrev)
+    if why is not None:
+        raise ValueError(f"per-sample solves take {name} without {why}: pass {name}()")
     controller = controller if controller is not None else (DEFAULT_PI if solver.adaptive else ConstantStepSize())
     if not isinstance(controller, (PIController, IController, ConstantStepSize)):
         raise ValueError(f"per-sample solves take PIController, IController or ConstantStepSize, not {type(controller).__name__}")

@@ -92,7 +92,7 @@ def run_loop(
     dtype, device = y0.dtype, y0.device
     co = solver.coefficients(dtype, device)
     direction = torch.sign(t1 - t0)
-    own = solver.loop_steps  # steps by solver.loop_step (a Rosenbrock method: one problem, B = 1)
+    own = solver.loop_steps  # steps by solver.loop_step (a Rosenbrock method, for all B problems)
     # Evaluations per step, k1 being given (an explicit tableau: its stages but the first).
     extra_evals = solver.loop_evaluations() if own else len(co.c) - 1
     # A (B,) value against (B, ...) states, or a (B, n) one against (B, n, ...) saved states.

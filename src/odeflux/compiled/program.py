@@ -231,8 +231,9 @@ class LoopProgram:
         if status == Status.DT_MIN:
             return it.result(status, it.dt_min_message(h_f), h_f)
         if status == Status.LINEAR_SOLVE_FAILED:
-            return it.result(status, f"{type(self.spec.solver).__name__}: the matrix I/(h gamma) - J is singular at t={t_f:.6g} "
-                             f"(dt={h_f:.3g}): J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax", h_f)  # fmt: skip
+            from ..solvers.rosenbrock import singular_message
+
+            return it.result(status, singular_message(self.spec.solver, t_f, h_f), h_f)
         if status == Status.NONFINITE or not math.isfinite(err_f) and status != Status.SUCCESS:
             return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f), h_f)
         if not it.adaptive and not bool(torch.isfinite(y).all()):

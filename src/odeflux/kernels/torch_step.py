@@ -9,7 +9,6 @@ import torch
 
 from ..control import Parts, error_ratio, part_rms
 from ..solvers.implicit import JacobianSource, imex_parts
-from ..solvers.rosenbrock import RosenbrockStepper
 from ..solvers.tableau import Solver, Stepper
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -153,7 +152,7 @@ class TorchStepKernel:
     def eager(self) -> None:
         """Step with the eager step from now on (``f`` could not be compiled)."""
         self._step = self._eager_step
-        if isinstance(self.stepper, RosenbrockStepper):  # (nor its own compiled steps)
+        if self.solver.compiled_steps:  # (nor its stepper's own compiled steps)
             self.stepper.compile(None, None)
 
     def _inside(self, start: float, end: float) -> VectorField:

@@ -189,7 +189,7 @@ class LoopStep(NamedTuple):
     err: torch.Tensor  # the error estimate (a vector, normed by the loop)
     K: torch.Tensor  # the stages ``U / h``, ``(stages, *y.shape)``: the dense output's
     k_end: torch.Tensor  # ``f(t + dt, y1)``
-    flags: torch.Tensor  # 0-d: 2 where ``J`` is not finite, plus 1 where ``W`` is singular (:func:`_flags`)
+    flags: torch.Tensor  # (B,): 2 where ``J`` is not finite, plus 1 where ``W`` is singular (:func:`_flags`)
 
 
 @dataclass(eq=False)
@@ -458,10 +458,7 @@ class RosenbrockStepper:
                 f"{type(solver).__name__}: the Jacobian of f at t={tf:.6g} has NaN or Inf entries: check f (or jac) "
                 "for overflow or division by zero there, or use float64", Status.NONFINITE,
             )  # fmt: skip
-        raise LinearSolveFailure(
-            f"{type(solver).__name__}: the matrix I/(h gamma) - J is singular at t={tf:.6g} (dt={dt:.3g}): "
-            "J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax", Status.LINEAR_SOLVE_FAILED,
-        )  # fmt: skip
+        raise LinearSolveFailure(singular_message(solver, tf, dt), Status.LINEAR_SOLVE_FAILED)
 
     def _graph_step(
         self, f: VectorField, t: Any, y: torch.Tensor, dt: float, k1: torch.Tensor, co: _Coefficients,
@@ -540,6 +537,14 @@ class RosenbrockStepper:
         if mj == rhs.shape[0]:
             return head
         return torch.cat([head, rhs[mj:] * hg])
+
+
+def singular_message(solver: Solver, t: float, dt: float) -> str:
+    """What a solve says where ``W = I/(h gamma) - J`` is singular (eagerly, or in the compiled loop)."""
+    return (
+        f"{type(solver).__name__}: the matrix I/(h gamma) - J is singular at t={t:.6g} (dt={dt:.3g}): "
+        "J has the eigenvalue 1/(h gamma); pass another dt0 or dtmax"
+    )
 
 
 def _flags(info: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
@@ -645,9 +650,17 @@ def _func_derivatives(
         J, T = torch.func.jacrev(lambda tt, x: out(f(tt, x)), argnums=(1, 0))(t.detach(), y)
     else:
         J, T = torch.func.jacrev(lambda x: out(f(t, x)))(y), None
+    return _per_system(J, T, B, n, batch)
+
+
+def _per_system(
+    J: torch.Tensor, T: torch.Tensor | None, B: int, n: int, batch: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Derivative rows ``d f_i`` (``J``: ``(n, *y.shape)``; ``T``: ``(n, *t.shape)`` or ``None``) as
+    the ``(n, n)`` Jacobian and ``(n,)`` time derivative, or with ``batch`` each of the ``B``
+    systems' ``(B, n, n)`` and ``(B, n)`` (row ``i`` of every system's at once: ``(n, B, n)``)."""
     if not batch:
         return J.reshape(n, n), None if T is None else T.reshape(n)
-    # (row i of every problem's Jacobian, (n, B, n), and d f_i / d t_b, (n, B))
     return J.reshape(n, B, n).transpose(0, 1), None if T is None else T.reshape(n, B).T
 
 
@@ -730,13 +743,8 @@ def _autograd_derivatives(
         except RuntimeError:  # a backward vmap cannot batch (a custom autograd.Function): row by row
             per_row = [torch.autograd.grad(out, inputs, e, retain_graph=True, allow_unused=True, create_graph=graph) for e in eye]
             grads = tuple(None if per_row[0][k] is None else torch.stack([r[k] for r in per_row]) for k in range(len(inputs)))
-    Jrows, Trows = grads[0], grads[1] if time_tensor else None
-    if batch:
-        J = torch.zeros(B, n, n, dtype=y.dtype, device=y.device) if Jrows is None else Jrows.reshape(n, B, n).transpose(0, 1)
-        T = Trows.reshape(n, B).T if Trows is not None else None
-    else:
-        J = torch.zeros(n, n, dtype=y.dtype, device=y.device) if Jrows is None else Jrows.reshape(n, n)
-        T = Trows.reshape(n) if Trows is not None else None
+    Jrows = grads[0] if grads[0] is not None else torch.zeros((n,) + tuple(y.shape), dtype=y.dtype, device=y.device)
+    J, T = _per_system(Jrows, grads[1] if time_tensor else None, B, n, batch)
     if not graph:
         J = J.detach()
         T = None if T is None else T.detach()
