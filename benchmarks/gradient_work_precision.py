@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import odeflux
+from odeflux.control import PIController
 
 from .common import closing_line, machine_info, markdown_table, publish, set_threads
 from .general import GradCountingField, TorchodeField
@@ -214,10 +215,10 @@ def _nothing() -> str:
     return ""
 
 
-def odeflux_solve(sensealg: Any) -> Runner:
+def odeflux_solve(sensealg: Any, controller: Any = None) -> Runner:
     def run(cf: GradCountingField, gf: GradField, tol: float) -> torch.Tensor:
         sol = odeflux.solve(cf, gf.fld.y0, gf.fld.t_span, rtol=tol, atol=tol, sensealg=sensealg, save_start=False,
-                            max_steps=MAX_STEPS)  # fmt: skip
+                            max_steps=MAX_STEPS, controller=controller)  # fmt: skip
 
         def note() -> str:
             b = sol.backward_stats
@@ -278,16 +279,21 @@ class Config:
     odeflux: bool = True
 
 
+ODE_PI = PIController(qoldinit=1e-4)  # OrdinaryDiffEq's floor of the PI controller's error memory
 CONFIGS: tuple[Config, ...] = (
     Config("odeflux Interpolating [default]", odeflux_solve(odeflux.InterpolatingAdjoint()),
            "`InterpolatingAdjoint()`, the default of `odeflux.NeuralODE` (`odeflux.solve(..., sensealg=...)`): "
            "(lambda, mu) solved backwards, y(t) from the forward's stored steps; adjoint rtol/atol = the forward's, "
-           "mixed norm (the largest block RMS), first adjoint step = the whole interval"),
-    Config("odeflux Interpolating hairer", odeflux_solve(odeflux.InterpolatingAdjoint(first_step="hairer")),
-           "`InterpolatingAdjoint(first_step=\"hairer\")`, a diagnostic, not a default: the default but for the "
-           "adjoint solve's first step, Hairer's estimate instead of the whole interval (one more evaluation)"),
+           "mixed norm (the largest block RMS), the adjoint solve's first step Hairer's estimate (its default "
+           "`first_step=\"continue\"` on one interval), the default `PIController()` (error memory floored at "
+           "qoldinit = 0.1) forward and backward"),
+    Config("odeflux Interpolating qold 1e-4", odeflux_solve(odeflux.InterpolatingAdjoint(controller=ODE_PI), ODE_PI),
+           "the default but with OrdinaryDiffEq's `PIController(qoldinit=1e-4)` (odeflux's default until this "
+           "measurement) forward and backward"),
     Config("odeflux Direct", odeflux_solve(odeflux.DirectAdjoint()),
            "`DirectAdjoint()`: backpropagation through the recorded solve (odeflux.solve()'s own default)"),
+    Config("odeflux Direct qold 1e-4", odeflux_solve(odeflux.DirectAdjoint(), ODE_PI),
+           "`DirectAdjoint()` with `PIController(qoldinit=1e-4)`"),
     Config("odeflux Gauss", odeflux_solve(odeflux.GaussAdjoint()),
            "`GaussAdjoint()`: lambda backwards, the parameter integral by Gauss-Legendre quadrature per adjoint step"),
     Config("odeflux Backsolve", odeflux_solve(odeflux.BacksolveAdjoint()),
@@ -506,7 +512,7 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
     )
 
 
-_ODEFLUX_STYLE = [("C0", "o", "-"), ("C4", "o", ":"), ("C1", "s", "-"), ("C2", "^", "-"), ("C3", "v", "-")]
+_ODEFLUX_STYLE = [("C0", "o", "-"), ("C0", "o", ":"), ("C1", "s", "-"), ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
 _PEER_STYLE = [("0.3", "x", "--"), ("0.5", "+", "--"), ("0.15", "*", ":"), ("0.6", "D", ":"), ("0.4", "<", "-.")]
 STYLE = dict(zip([c.key for c in CONFIGS if c.odeflux], _ODEFLUX_STYLE)) | dict(zip(PEER_KEYS, _PEER_STYLE))
 

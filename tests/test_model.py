@@ -44,6 +44,30 @@ def test_node_is_the_tutorials_solve():
     assert node.solve_kwargs["save_start"] is False
 
 
+@pytest.mark.parametrize("sensealg", ["interpolating", "gauss", "backsolve", "quadrature"])
+@pytest.mark.parametrize("arch", ["tutorial", "odenet"])
+def test_the_recorded_runs_keep_ordinarydiffeqs_pi_controller(sensealg, arch):
+    """The tutorial's forward solves and every model's adjoint solves keep OrdinaryDiffEq's PI
+    controller (error memory floored at 1e-4), as their runs were recorded, though odeflux's
+    default for Tsit5 floors it at 0.1; on the tutorial's field the two take other steps."""
+    from odeflux.control import IController, PIController
+
+    node = create_model(sensealg=sensealg, arch=arch).node
+    forward = node.solve_kwargs["controller"]
+    if arch == "tutorial":
+        assert type(forward) is PIController and forward.qoldinit == 1e-4
+    else:  # (the ODE-Net's forward: torchdiffeq's integral controller, as Chen et al.)
+        assert type(forward) is IController
+    assert type(node.sensealg.controller) is PIController and node.sensealg.controller.qoldinit == 1e-4
+    if arch == "tutorial" and sensealg == "interpolating":
+        h = torch.tanh(torch.randn(128, 20, generator=torch.Generator().manual_seed(1)))
+        with torch.no_grad():
+            field = next(m for m in node.modules() if isinstance(m, TanhMLP))
+            pinned = odeflux.solve(field, h, (0.0, 1.0), rtol=1e-3, atol=1e-3, controller=forward)
+            default = odeflux.solve(field, h, (0.0, 1.0), rtol=1e-3, atol=1e-3)
+        assert not torch.equal(pinned.ys, default.ys)  # (other step sizes)
+
+
 def test_glorot_uniform_statistics():
     gen = torch.Generator().manual_seed(0)
     w = glorot_uniform_(torch.empty(400, 784), gen)

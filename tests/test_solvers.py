@@ -419,19 +419,54 @@ def test_rejected_steps_are_counted(name):
 
 # ------------------------------------------------------------------------------------------------
 # The PI controller: OrdinaryDiffEq's formula, computed by hand.
-# q = err^beta1 / qold^beta2 / gamma, clamped to [1/qmax, 1/qmin]; accept: dt/q, qold <- max(err, 1e-4);
+# q = err^beta1 / qold^beta2 / gamma, clamped to [1/qmax, 1/qmin]; accept: dt/q, qold <- max(err, qoldinit);
 # reject: dt / min(1/qmin, err^beta1 / gamma). Defaults beta1 = 7/(10p), beta2 = 2/(5p), gamma = 0.9,
-# qmin = 1/5, qmax = 10, qoldinit = 1e-4.
+# qmin = 1/5, qmax = 10; qoldinit 0.1 (OrdinaryDiffEq's 1e-4 as PIController(qoldinit=1e-4)).
 
 
 def test_pi_controller_defaults():
     c = PIController()
-    assert (c.safety, c.qmin, c.qmax, c.qoldinit) == (0.9, 0.2, 10.0, 1e-4)
-    assert c.init_state() == 1e-4
+    assert (c.safety, c.qmin, c.qmax, c.qoldinit) == (0.9, 0.2, 10.0, 0.1)
+    assert c.init_state() == 0.1
+    with pytest.raises(ValueError, match="qoldinit"):
+        PIController(qoldinit=0.0)
+
+
+def test_pi_controller_qoldinit_floors_the_memory():
+    # Two steps in a row of error 1e-6: the memory of the first is floored at qoldinit, so the
+    # default grows the step by 0.9 1e-6^-0.14 0.1^0.08 (= 5.18), OrdinaryDiffEq's by 2.98.
+    accept, _, memory = PIController().propose(0.01, 1e-6, PIController().init_state(), 5)
+    accept, dt_new, state = PIController().propose(0.01, 1e-6, memory, 5)
+    assert accept and state == 0.1 and dt_new == pytest.approx(0.01 * 0.9 * (1e-6) ** -0.14 * 0.1**0.08, rel=1e-12)
+    assert dt_new / 0.01 == pytest.approx(5.18, abs=0.01)
+    accept, dt_new, state = PIController(qoldinit=1e-4).propose(0.01, 1e-6, 1e-4, 5)
+    assert accept and state == 1e-4 and dt_new / 0.01 == pytest.approx(2.98, abs=0.01)
+
+
+def test_each_solver_kind_has_its_default_controller():
+    """Explicit adaptive methods take PIController() (memory floored at 0.1, measured), the implicit
+    and Rosenbrock ones OrdinaryDiffEq's (1e-4, as their benchmarks were measured), fixed-step
+    methods ConstantStepSize: the solve without a controller takes exactly that one's steps."""
+    from odeflux.control import ConstantStepSize
+
+    for solver, qoldinit in [(odeflux.Tsit5(), 0.1), (odeflux.Dopri5(), 0.1), (odeflux.Rodas5P(), 1e-4),
+                             (odeflux.Rosenbrock23(), 1e-4), (odeflux.Kvaerno5(), 1e-4)]:  # fmt: skip
+        c = solver.default_controller()
+        assert type(c) is PIController and c.qoldinit == qoldinit, solver
+    assert isinstance(odeflux.RK4().default_controller(), ConstantStepSize)
+    p = PROBLEMS["van_der_pol"]
+    for solver, rtol in [(Tsit5(), 1e-6), (odeflux.Rodas5P(), 1e-5)]:
+        plain = odeflux.solve(p.f, p.y0_tensor(), (0.0, 3.0), solver=solver, rtol=rtol, atol=rtol)
+        named = odeflux.solve(p.f, p.y0_tensor(), (0.0, 3.0), solver=solver, rtol=rtol, atol=rtol,
+                              controller=PIController(qoldinit=solver.default_controller().qoldinit))  # fmt: skip
+        other = odeflux.solve(p.f, p.y0_tensor(), (0.0, 3.0), solver=solver, rtol=rtol, atol=rtol,
+                              controller=PIController(qoldinit=1e-4 if solver.default_controller().qoldinit == 0.1 else 0.1))  # fmt: skip
+        assert plain.stats == named.stats and torch.equal(plain.ys, named.ys)
+        assert other.stats.n_steps != plain.stats.n_steps  # (the floor matters on this problem)
 
 
 def test_pi_controller_accept_hand_computed():
-    c = PIController()
+    c = PIController(qoldinit=1e-4)
     # Order 5: beta1 = 0.14, beta2 = 0.08. err = 0.5 after a first step (qold = 1e-4):
     # q = 0.5^0.14 / 1e-4^0.08 / 0.9 = 0.907519 / 0.478630 / 0.9 = 2.106751 (in range [0.1, 5]).
     accept, dt_new, state = c.propose(0.01, 0.5, 1e-4, 5)
@@ -447,7 +482,7 @@ def test_pi_controller_accept_hand_computed():
 
 
 def test_pi_controller_clamps_and_rejects():
-    c = PIController()
+    c = PIController(qoldinit=1e-4)
     # A tiny error would grow the step without bound: capped at qmax = 10.
     accept, dt_new, state = c.propose(0.01, 1e-12, 1e-4, 5)
     assert accept and dt_new == pytest.approx(0.1, rel=1e-12) and state == 1e-4  # qold floored at qoldinit
@@ -507,13 +542,13 @@ def test_solver_uses_pi_controller_with_method_order():
     p = PROBLEMS["brusselator"]
     ctrl = RecordingPI()
     odeflux.solve(p.f, p.y0_tensor(), (0.0, 5.0), solver=Tsit5(), rtol=1e-6, atol=1e-8, controller=ctrl)
-    qold = 1e-4
+    qold = floor = ctrl.qoldinit
     for dt, err, accept, dt_new in ctrl.log:
         b1, b2 = 7 / 50, 2 / 25  # order 5
         if err <= 1:
             q = min(5.0, max(0.1, err**b1 / qold**b2 / 0.9))
             assert accept and dt_new == pytest.approx(dt / q, rel=1e-12)
-            qold = max(err, 1e-4)
+            qold = max(err, floor)
         else:
             assert not accept and dt_new == pytest.approx(dt / min(5.0, err**b1 / 0.9), rel=1e-12)
 

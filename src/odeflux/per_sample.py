@@ -27,7 +27,7 @@ from .compiled.loop import LoopSpec
 from .compiled.program import PerSampleProgram
 from .compiled.reverse import per_sample_reverse_run
 from .compiled.start import Start, start_and_run
-from .control import DEFAULT_PI, Parts, ConstantStepSize, IController, PIController, StepSizeController
+from .control import Parts, ConstantStepSize, IController, PIController, StepSizeController
 from .problem import BoundArgs, bind_args, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
 from .sensitivity.base import _AdjointFunction
@@ -117,7 +117,7 @@ def solve_per_sample(
     why = solver.loop_refusal() if solver.loop_steps else None  # (each step a fresh Jacobian, by jacrev)
     if why is not None:
         raise ValueError(f"per-sample solves take {name} without {why}: pass {name}()")
-    controller = controller if controller is not None else (DEFAULT_PI if solver.adaptive else ConstantStepSize())
+    controller = controller if controller is not None else solver.default_controller()
     if not isinstance(controller, (PIController, IController, ConstantStepSize)):
         raise ValueError(f"per-sample solves take PIController, IController or ConstantStepSize, not {type(controller).__name__}")
     adaptive = solver.adaptive and controller.adaptive

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .control import DEFAULT_PI, ConstantStepSize, StepSizeController
+from .control import StepSizeController
 from .vector_field import VectorField, takes_time
 from .integrator import IntegrateOptions, IntegrationResult, StepCallbacks, integrate
 from .solution import Solution, times_tensor
@@ -231,7 +231,7 @@ def make_problem(
             "steps (implicit or multistep, checked on the host): pass compile=False"
         )
     if controller is None:
-        controller = DEFAULT_PI if solver.adaptive else ConstantStepSize()
+        controller = solver.default_controller()
     if not isinstance(controller, StepSizeController):
         raise TypeError(f"controller must be a step-size controller such as odeflux.PIController(), got {controller!r}")
     if controller.adaptive and not solver.adaptive:

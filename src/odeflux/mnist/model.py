@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..control import IController
+from ..control import IController, PIController
 from ..fields import MLP
 from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
@@ -64,6 +64,11 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
     return layer
 
 
+#: OrdinaryDiffEq's PI controller (its qold floor of 1e-4, not odeflux's default 0.1), as the
+#: tutorial's forward solves and every model's adjoint solves were recorded: the runs reproduce.
+ORDINARYDIFFEQ_PI = PIController(qoldinit=1e-4)
+
+
 def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
     """The sensitivity algorithm for a command-line name (``SENSEALGS``): a continuous adjoint, such
     as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step, norm="rms")``,
@@ -77,7 +82,9 @@ def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval"
     if first_step not in FIRST_STEPS:
         raise ValueError(f"unknown adjoint first step {first_step!r}: choose one of {', '.join(FIRST_STEPS)}")
     cls = ALGORITHMS[name]
-    return cls(vjp=vjp, first_step=first_step, norm="rms") if issubclass(cls, ContinuousAdjoint) else cls()
+    if issubclass(cls, ContinuousAdjoint):
+        return cls(vjp=vjp, first_step=first_step, norm="rms", controller=ORDINARYDIFFEQ_PI)
+    return cls()
 
 
 class TanhMLP(MLP):
@@ -319,7 +326,8 @@ def create_model(
             act=nn.Tanh(),
             node=NeuralODE(
                 vector_field(gen, vjp_rule), SOLVERS[solver](), (0.0, 1.0), alg,
-                rtol=rtol, atol=atol, save_start=False, compile=compile, **({"batch_axis": 0} if per_sample else {}),
+                rtol=rtol, atol=atol, controller=ORDINARYDIFFEQ_PI, save_start=False, compile=compile,
+                **({"batch_axis": 0} if per_sample else {}),
             ),  # fmt: skip
             dense_out=dense(HIDDEN, N_CLASSES, gen),
         )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..control import DEFAULT_PI, ConstantStepSize, Parts
+from ..control import ConstantStepSize, Parts, StepSizeController
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 
 #: An adjoint solve's first step on each interval between saved times (see :class:`ContinuousAdjoint`).
@@ -63,7 +63,9 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     (``torch.autograd.grad``), ``"func"`` (``torch.func.vjp``), ``"compile"`` (that VJP under
     ``torch.compile``) or ``"jacobian"`` (an explicit forward-mode Jacobian, for small states).
     ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's; it
-    takes the forward's ``dtmin``.
+    takes the forward's ``dtmin``. ``controller`` is the adjoint solve's step-size controller
+    (default: the adjoint solver's own, ``PIController()`` for an explicit one, whatever the
+    forward's; an adaptive adjoint solver only).
     ``norm`` says how the adjoint solve's error norm weighs the blocks of its state (``y`` for
     backsolve, ``lambda``, ``mu``): ``"mixed"`` (default) takes the largest of their RMS norms,
     as torchdiffeq's adjoint does, so that ``mu``, the parameter gradient, is controlled however
@@ -115,6 +117,7 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     first_step: str = "continue"
     norm: str | Callable[[tuple[torch.Tensor, ...]], torch.Tensor] = "mixed"
     callbacks: StepCallbacks | None = None
+    controller: StepSizeController | None = None
 
     # Whether the backward pass reads y(t) from the forward's interpolant (all but backsolve).
     uses_forward_interpolant = True
@@ -134,6 +137,15 @@ class ContinuousAdjoint(SensitivityAlgorithm):
             )
         if self.solver is not None and not isinstance(self.solver, Solver):
             raise TypeError(f"{type(self).__name__}: solver must be an odeflux solver such as Tsit5(), got {self.solver!r}")
+        if self.controller is not None and not (isinstance(self.controller, StepSizeController) and self.controller.adaptive):
+            raise TypeError(
+                f"{type(self).__name__}: controller must be an adaptive step-size controller such as "
+                f"odeflux.PIController(), got {self.controller!r} (fixed adjoint steps: pass solver= a fixed-step solver)"
+            )
+
+    def step_controller(self, solver: Solver) -> StepSizeController:
+        """The controller of an adjoint solve by ``solver`` (adaptive)."""
+        return solver.default_controller() if self.controller is None else self.controller
 
     # -- what subclasses provide ------------------------------------------------------------
     @property
@@ -329,7 +341,7 @@ class AdjointRun:
         method that integrates it, ``mu`` last), which the error norm weighs as ``norm`` says."""
         # A fixed-step method steps the adjoint back with the forward's step size (as the forward's
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
-        controller, dt0 = (DEFAULT_PI, None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
+        controller, dt0 = (self.method.step_controller(self.solver), None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         first, memory = self.method.first_step, None
         if first == "continue":  # on from the interval before, as one solve across them would go on
             first = "hairer"  # (the first interval)

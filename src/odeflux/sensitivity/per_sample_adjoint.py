@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..control import DEFAULT_PI, ConstantStepSize
+from ..control import ConstantStepSize
 from ..solution import BackwardStats, SolveError, Status
 from .backsolve import BacksolveAdjoint
 from .base import ContinuousAdjoint, _buffers_kept, _restored, adjoint_parts, hidden_param, split_like
@@ -274,7 +274,7 @@ class PerSampleAdjointRun:
                 "forward solve has no dt0 for them: pass dt0= to solve, or give the adjoint an adaptive solver (solver=Tsit5())"
             )
         self.adjoint = dict(
-            solver=solver, controller=DEFAULT_PI if adaptive else ConstantStepSize(), adaptive=adaptive, saving=False,
+            solver=solver, controller=method.step_controller(solver) if adaptive else ConstantStepSize(), adaptive=adaptive, saving=False,
             rtol=method.rtol if method.rtol is not None else batch.rtol,
             atol=method.atol if method.atol is not None else batch.atol,
             dt0=None if adaptive else batch.dt0, dtmin=batch.dtmin, dtmax=None,

@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from ..control import STIFF_PI, ConstantStepSize, StepSizeController
 from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -473,6 +474,10 @@ class ImplicitRK(RungeKutta):
             e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
             AE=None if tab.a_explicit is None else mk([list(r) for r in tab.a_explicit]),
         )
+
+    def default_controller(self) -> StepSizeController:
+        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.STIFF_PI`) where adaptive."""
+        return STIFF_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> ImplicitStepper:
         return ImplicitStepper(self, rtol, atol)

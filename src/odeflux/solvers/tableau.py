@@ -15,6 +15,8 @@ from typing import Any, Callable, ClassVar, NamedTuple, Protocol, Sequence
 import numpy as np
 import torch
 
+from ..control import DEFAULT_PI, ConstantStepSize, StepSizeController
+
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -198,6 +200,11 @@ class Solver:
     error_order: int
     tableau: ButcherTableau
     _cache: dict
+
+    def default_controller(self) -> StepSizeController:
+        """The step-size controller of a solve that names none: ``PIController()`` for an adaptive
+        method, fixed steps of ``dt0`` otherwise (stiff methods override it)."""
+        return DEFAULT_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> Stepper:
         """The stepper of one integration at tolerances ``rtol``/``atol`` (``stepwise`` solvers)."""
