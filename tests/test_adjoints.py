@@ -715,7 +715,8 @@ def test_the_backward_pass_leaves_running_statistics_alone(method):
 @pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint, GaussAdjoint, QuadratureAdjoint])
 def test_the_adjoint_solve_takes_its_own_controller(method):
     """``controller=`` steps the adjoint solve (the forward's controller does not reach it; the
-    default is the adjoint solver's own), with DirectAdjoint's gradient either way."""
+    default is OrdinaryDiffEq's PI controller, whatever the forward's), with DirectAdjoint's
+    gradient either way."""
     from odeflux.control import ConstantStepSize, IController, PIController
 
     class Counting(IController):
@@ -745,7 +746,10 @@ def test_the_adjoint_solve_takes_its_own_controller(method):
     assert sol_own.backward_stats.n_steps != sol_default.backward_stats.n_steps
     for g in (g_default, g_own):
         torch.testing.assert_close(g, exact, rtol=1e-5, atol=1e-8)
-    g_pi, _ = grad(method(controller=PIController(qoldinit=1e-4)))
+    g_odeq, sol_odeq = grad(method(controller=PIController(qoldinit=1e-4)), controller=ForwardOnly())
+    assert sol_odeq.backward_stats == sol_default.backward_stats and torch.equal(g_odeq, g_default)
+    g_pi, sol_pi = grad(method(controller=PIController()), controller=ForwardOnly())
+    assert sol_pi.backward_stats.n_steps != sol_default.backward_stats.n_steps
     torch.testing.assert_close(g_pi, exact, rtol=1e-5, atol=1e-8)
     with pytest.raises(TypeError, match="controller must be an adaptive step-size controller"):
         method(controller=ConstantStepSize())

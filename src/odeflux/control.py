@@ -204,10 +204,15 @@ class PIController(StepSizeController):
 #: A PIController with the defaults, shared by the solves with an adaptive explicit method that
 #: pick none (a controller keeps no state of its own: ``init_state()`` hands each solve its own).
 DEFAULT_PI = PIController()
-#: The implicit and Rosenbrock methods' default: OrdinaryDiffEq's PI controller as it is (their
-#: error memory floored at 1e-4). The 0.1 floor was measured on explicit methods only; on ROBER it
-#: moves KenCarp4's gradient 6e-5 from the finite differences' at rtol 1e-6, against under 1e-5 with this.
-STIFF_PI = PIController(qoldinit=1e-4)
+#: OrdinaryDiffEq's PI controller as it is (the error memory floored at 1e-4), the default of
+#: - the implicit and Rosenbrock methods: the 0.1 floor was measured on explicit methods only; on
+#:   ROBER it moves KenCarp4's gradient 6e-5 from the finite differences' at rtol 1e-6, against
+#:   under 1e-5 with this;
+#: - the continuous adjoints' backward solves: their error estimate sees neither the error of the
+#:   y(t) they read nor that of an adjoint far below atol, and with the 0.1 floor the default
+#:   adjoint's gradient was less accurate than torchdiffeq odeint_adjoint's at 10 of 33 (field,
+#:   tolerance) pairs, against 1 with this (benchmarks/results/gradient_work_precision.md).
+ORDINARYDIFFEQ_PI = PIController(qoldinit=1e-4)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..control import IController, PIController
+from ..control import ORDINARYDIFFEQ_PI, IController
 from ..fields import MLP
 from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
@@ -64,17 +64,13 @@ def dense(n_in: int, n_out: int, generator: torch.Generator) -> nn.Linear:
     return layer
 
 
-#: OrdinaryDiffEq's PI controller (its qold floor of 1e-4, not odeflux's default 0.1), as the
-#: tutorial's forward solves and every model's adjoint solves were recorded: the runs reproduce.
-ORDINARYDIFFEQ_PI = PIController(qoldinit=1e-4)
-
-
 def make_sensealg(name: str, vjp: str = "autograd", first_step: str = "interval") -> Any:
     """The sensitivity algorithm for a command-line name (``SENSEALGS``): a continuous adjoint, such
     as ``interpolating`` -> ``InterpolatingAdjoint(vjp=vjp, first_step=first_step, norm="rms")``,
-    or ``direct`` -> ``DirectAdjoint()`` (which takes neither: it runs no adjoint solve). The
+    or ``direct`` -> ``DirectAdjoint()`` (which takes none: it runs no adjoint solve). The
     continuous adjoints keep SciMLSensitivity's error norm (one RMS norm over the adjoint's whole
-    state), as the tutorial reproduces its runs."""
+    state) and OrdinaryDiffEq's PI controller (``ORDINARYDIFFEQ_PI``, the adjoints' default too),
+    as the tutorial reproduces its runs."""
     if name not in SENSEALGS:
         raise ValueError(f"unknown sensealg {name!r}: choose one of {', '.join(SENSEALGS)}")
     if vjp not in VJPS:
@@ -319,6 +315,8 @@ def create_model(
         node_kwargs = dict(solver=SOLVERS[solver](), tspan=(0.0, 1.0), sensealg=alg, rtol=rtol, atol=atol,
                            controller=IController(), save_start=False, compile=compile)  # fmt: skip
         return _finish(odenet(width, gen, pooled_head=pooled_head, **node_kwargs), params, device)
+    # OrdinaryDiffEq's PI controller forward and backward, as the runs were recorded (odeflux's
+    # default for Tsit5 floors the controller's error memory at 0.1, not 1e-4).
     model: nn.Module = nn.Sequential(
         OrderedDict(
             flatten=nn.Flatten(),

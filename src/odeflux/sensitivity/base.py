@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..control import ConstantStepSize, Parts, StepSizeController
+from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, Parts, StepSizeController
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 
 #: An adjoint solve's first step on each interval between saved times (see :class:`ContinuousAdjoint`).
@@ -64,8 +64,8 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     ``torch.compile``) or ``"jacobian"`` (an explicit forward-mode Jacobian, for small states).
     ``rtol``/``atol``/``solver``/``max_steps`` of the adjoint solve default to the forward's; it
     takes the forward's ``dtmin``. ``controller`` is the adjoint solve's step-size controller
-    (default: the adjoint solver's own, ``PIController()`` for an explicit one, whatever the
-    forward's; an adaptive adjoint solver only).
+    (an adaptive adjoint solver only; default, whatever the forward's: OrdinaryDiffEq's PI
+    controller, ``PIController(qoldinit=1e-4)``, :data:`odeflux.control.ORDINARYDIFFEQ_PI`).
     ``norm`` says how the adjoint solve's error norm weighs the blocks of its state (``y`` for
     backsolve, ``lambda``, ``mu``): ``"mixed"`` (default) takes the largest of their RMS norms,
     as torchdiffeq's adjoint does, so that ``mu``, the parameter gradient, is controlled however
@@ -145,7 +145,10 @@ class ContinuousAdjoint(SensitivityAlgorithm):
 
     def step_controller(self, solver: Solver) -> StepSizeController:
         """The controller of an adjoint solve by ``solver`` (adaptive)."""
-        return solver.default_controller() if self.controller is None else self.controller
+        if self.controller is not None:
+            return self.controller
+        # (A solver that controls its own steps, such as ScipySolver, takes its default: the only one it accepts.)
+        return ORDINARYDIFFEQ_PI if solver.stepwise else solver.default_controller()
 
     # -- what subclasses provide ------------------------------------------------------------
     @property

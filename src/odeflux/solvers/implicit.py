@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..control import STIFF_PI, ConstantStepSize, StepSizeController
+from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, StepSizeController
 from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -476,8 +476,8 @@ class ImplicitRK(RungeKutta):
         )
 
     def default_controller(self) -> StepSizeController:
-        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.STIFF_PI`) where adaptive."""
-        return STIFF_PI if self.adaptive else ConstantStepSize()
+        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.ORDINARYDIFFEQ_PI`) where adaptive."""
+        return ORDINARYDIFFEQ_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> ImplicitStepper:
         return ImplicitStepper(self, rtol, atol)

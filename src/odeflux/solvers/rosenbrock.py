@@ -47,7 +47,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..control import STIFF_PI, ConstantStepSize, StepSizeController
+from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, StepSizeController
 from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
 
@@ -283,8 +283,8 @@ class Rosenbrock(Solver):
         return {"n_jacobians": n_steps, "n_factorizations": n_steps, "n_linear_solves": n_steps * self.tableau.stages}
 
     def default_controller(self) -> StepSizeController:
-        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.STIFF_PI`) where adaptive."""
-        return STIFF_PI if self.adaptive else ConstantStepSize()
+        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.ORDINARYDIFFEQ_PI`) where adaptive."""
+        return ORDINARYDIFFEQ_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
         """A fresh stepper per integration: it keeps the Jacobian it may reuse and the counters."""
