@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> str:
         f"float32 (seed 1), t in [0, 1], `torch.no_grad`, {args.threads} torch thread(s). Timings: interleaved "
         f"rounds (each runs every configuration once, in rotated order) after {args.warmup} warm-up runs of each; "
         f"up to {args.rounds} rounds or {args.budget:g} s per tolerance.",
-        "Each library keeps its own step-size controller: odeflux the OrdinaryDiffEq PI controller, torchdiffeq "
+        "Each library keeps its own step-size controller: odeflux its default `PIController()` (OrdinaryDiffEq's PI controller, its error memory floored at 0.1), torchdiffeq "
         "its I controller, torchode `PIDController(pcoeff=0.2, icoeff=0.5)` (its `solve_ivp` default). "
         "*joint*: torchode solves the batch as one `(1, 2560)` problem (one step size and error norm for the "
         "whole batch, as odeflux and torchdiffeq do); *per-sample*: torchode's own mode, 128 problems with their "

@@ -96,14 +96,15 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     interval); ``"hairer"`` starts every interval from Hairer's estimate (one extra evaluation
     each), as SciMLSensitivity's adjoint solves do; ``"interval"`` tries each whole interval as one
     step and, if the error estimate rejects it, goes on from Hairer's estimate. Measured at equal
-    gradient error (benchmarks/results/gradient_work_precision.md, one interval per gradient, where
+    gradient error (benchmarks/results/gradient_work_precision.md as of commit 43546d3, one interval per gradient, where
     ``"continue"`` is ``"hairer"``) Hairer's start needs 0.93x the evaluations of the
     whole-interval try, and the try, accepted on an adjoint that is small next to ``atol`` (a mean
     loss), leaves coarse gradients at loose tolerances. With many saved times the carried step
     saves Hairer's restart on each interval: Lotka-Volterra with 100 saved times
     (benchmarks/general.py's ``lv``) takes 246 backward steps and 1576 VJPs against 437 and 2820
     from Hairer's start, with the same gradient; the spiral of benchmarks/small_systems.py (30
-    saved times) 37 steps and 252 VJPs against 38 and 286. The MNIST tutorial keeps ``"interval"``
+    saved times) 38 steps and 258 VJPs against 38 and 286 (benchmarks/results/adjoint_first_step.md).
+    The MNIST tutorial keeps ``"interval"``
     (``--adjoint-first-step``), as its runs were recorded.
     """
 
