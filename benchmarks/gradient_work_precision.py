@@ -294,6 +294,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("odeflux Interpolating bwd qold 0.1", odeflux_solve(odeflux.InterpolatingAdjoint(controller=PIController())),
            "the default but for the adjoint solve's controller: `PIController()` (the forward's default, its "
            "error memory floored at 0.1) in place of OrdinaryDiffEq's"),
+    Config("odeflux Interpolating forward", odeflux_solve(odeflux.InterpolatingAdjoint(first_step="forward")),
+           "the default but for the adjoint's first step: `first_step=\"forward\"`, the larger of the forward's "
+           "last two steps in place of Hairer's estimate"),
     Config("odeflux Direct", odeflux_solve(odeflux.DirectAdjoint()),
            "`DirectAdjoint()`: backpropagation through the recorded solve (odeflux.solve()'s own default)"),
     Config("odeflux Direct qold 1e-4", odeflux_solve(odeflux.DirectAdjoint(), ODE_PI),
@@ -534,8 +537,8 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
     )
 
 
-_ODEFLUX_STYLE = [("C0", "o", "-"), ("C0", "o", ":"), ("C0", "o", "--"), ("C1", "s", "-"), ("C1", "s", ":"),
-                  ("C2", "^", "-"), ("C3", "v", "-")]
+_ODEFLUX_STYLE = [("C0", "o", "-"), ("C0", "o", ":"), ("C0", "o", "--"), ("C0", "o", "-."), ("C1", "s", "-"),
+                  ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
 _PEER_STYLE = [("0.3", "x", "--"), ("0.5", "+", "--"), ("0.15", "*", ":"), ("0.6", "D", ":"), ("0.4", "<", "-.")]
 STYLE = dict(zip([c.key for c in CONFIGS if c.odeflux], _ODEFLUX_STYLE)) | dict(zip(PEER_KEYS, _PEER_STYLE))
 

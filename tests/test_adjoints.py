@@ -192,6 +192,41 @@ def test_the_carried_first_step_saves_hairers_restart_on_each_interval(method):
     assert err_c < 1e-4 and err_c < 3 * err_h
 
 
+@pytest.mark.parametrize("method", [InterpolatingAdjoint, QuadratureAdjoint, GaussAdjoint, BacksolveAdjoint])
+def test_the_forward_first_step_starts_from_the_forwards_last_steps(method):
+    """``first_step="forward"``: the adjoint's first step is the larger of the forward's last two
+    (where the forward's steps are kept; backsolve keeps none and starts from Hairer's estimate, as
+    "continue" does), then goes on as "continue"; on a mean loss far below atol that takes fewer
+    backward steps than Hairer's start, with DirectAdjoint's gradient at a tight tolerance."""
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8)).double()
+    y0 = torch.randn(256, 8, dtype=torch.float64, generator=gen)
+    forward_steps, first_tried = [], []
+
+    def grad(sensealg, tol):
+        net.zero_grad()
+        forward_steps.clear()
+        first_tried.clear()
+        cb = odeflux.StepCallbacks(accept=lambda t, y, h: forward_steps.append(abs(float(h))))
+        sol = odeflux.solve(net, y0, (0.0, 1.0), rtol=tol, atol=tol, sensealg=sensealg, callbacks=cb)
+        sol.ys[-1].square().mean().backward()
+        return torch.cat([p.grad.reshape(-1) for p in net.parameters()]), sol.backward_stats
+
+    record = odeflux.StepCallbacks(step=lambda t, y, h: first_tried.append(abs(float(h))))
+    exact, _ = grad(DirectAdjoint(), 1e-10)
+    g_fwd, st_fwd = grad(method(first_step="forward", callbacks=record), 1e-6)
+    g_cont, st_cont = grad(method(callbacks=record), 1e-6)
+    if method is BacksolveAdjoint:
+        assert st_fwd == st_cont and torch.equal(g_fwd, g_cont)
+        return
+    grad(method(first_step="forward", callbacks=record), 1e-6)
+    assert first_tried[0] == pytest.approx(max(forward_steps[-2:]), rel=1e-12)
+    assert st_fwd.n_steps < st_cont.n_steps
+    torch.testing.assert_close(g_fwd, exact, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="first_step='fwd' is not one of hairer, interval, continue, forward"):
+        method(first_step="fwd")
+
+
 @pytest.mark.parametrize("method", [InterpolatingAdjoint, BacksolveAdjoint], ids=lambda m: m.__name__)
 def test_seminorm_leaves_the_parameter_adjoint_out_of_step_control(problem, method):
     f, y0, _ = problem

@@ -25,7 +25,7 @@ from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, Parts, StepSizeContro
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 
 #: An adjoint solve's first step on each interval between saved times (see :class:`ContinuousAdjoint`).
-ADJOINT_FIRST_STEPS = FIRST_STEPS + ("continue",)
+ADJOINT_FIRST_STEPS = FIRST_STEPS + ("continue", "forward")
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import Solver
@@ -105,7 +105,13 @@ class ContinuousAdjoint(SensitivityAlgorithm):
     from Hairer's start, with the same gradient; the spiral of benchmarks/small_systems.py (30
     saved times) 38 steps and 258 VJPs against 38 and 286 (benchmarks/results/adjoint_first_step.md).
     The MNIST tutorial keeps ``"interval"``
-    (``--adjoint-first-step``), as its runs were recorded.
+    (``--adjoint-first-step``), as its runs were recorded. ``"forward"`` is ``"continue"`` whose
+    first interval starts from the larger of the forward solve's last two steps (where the forward's
+    steps are kept; Hairer's estimate otherwise): on an adjoint far below ``atol`` (a mean loss)
+    Hairer's start is small and the step grows slowly, so this takes fewer backward steps (the
+    MLP and conv fields of benchmarks/general.py: 2 and 3 against 4 and 10), fewer evaluations at
+    equal gradient error, and less accurate gradients at the same tolerance
+    (benchmarks/results/gradient_work_precision.md).
     """
 
     vjp: str = "autograd"
@@ -347,10 +353,13 @@ class AdjointRun:
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
         controller, dt0 = (self.method.step_controller(self.solver), None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         first, memory = self.method.first_step, None
-        if first == "continue":  # on from the interval before, as one solve across them would go on
-            first = "hairer"  # (the first interval)
-            if self.solver.adaptive and self._carry is not None:
-                h, memory = self._carry
+        if first in ("continue", "forward"):  # on from the interval before, as one solve across them would go on
+            carry = self._carry
+            if carry is None and first == "forward":  # (the first interval: from the forward's last steps)
+                carry = self.forward_step()
+            first = "hairer"  # (the first interval, otherwise)
+            if self.solver.adaptive and carry is not None:
+                h, memory = carry
                 if h >= 0.99 * abs(t_hi - t_lo):
                     first = "interval"  # (the whole interval exactly, not a step just short of it and a sliver after)
                 else:
@@ -376,6 +385,12 @@ class AdjointRun:
                 f"the adjoint solve of {type(self.method).__name__} failed ({res.status.name}): {res.message}", res.status
             )
         return res
+
+    def forward_step(self) -> tuple[float, None] | None:
+        """The larger of the forward solve's last two steps (``first_step="forward"``), where they are kept."""
+        steps = [] if self.dense is None else [abs(h) for h in self.dense.dts[-2:]]
+        h = max(steps, default=0.0)
+        return (h, None) if math.isfinite(h) and h > 0 else None
 
     def block_norm(self, blocks: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A user's adjoint norm (a function of the blocks) as a norm of the flat adjoint state."""

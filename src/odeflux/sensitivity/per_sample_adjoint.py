@@ -278,10 +278,10 @@ class PerSampleAdjointRun:
             rtol=method.rtol if method.rtol is not None else batch.rtol,
             atol=method.atol if method.atol is not None else batch.atol,
             dt0=None if adaptive else batch.dt0, dtmin=batch.dtmin, dtmax=None,
-            # ("continue", the joint default, starts each sample's every interval from Hairer's
+            # ("continue", the joint default, and "forward" start each sample's every interval from Hairer's
             # estimate here: the batched loop keeps no controller memory from one interval to the next.)
             max_steps=method.max_steps or batch.max_steps,
-            first_step="hairer" if method.first_step == "continue" else method.first_step,
+            first_step="hairer" if method.first_step in ("continue", "forward") else method.first_step,
         )  # fmt: skip
         self.vjp = BatchVJP(batch.f, params, self.bstats, method.vjp)
         self.steps: ForwardSteps | None = None
