@@ -73,7 +73,7 @@ def _train_choices() -> dict[str, tuple]:
 
 
 def test_train_choices_are_the_registries_keys():
-    from odeflux.integrator import FIRST_STEPS
+    from odeflux.sensitivity.base import ADJOINT_FIRST_STEPS as FIRST_STEPS
     from odeflux.mnist.devices import DEVICES
     from odeflux.mnist.model import ARCHS, PARAM_STRUCTURES
     from odeflux.mnist.schedule import LR_SCHEDULES
@@ -87,7 +87,7 @@ def test_train_choices_are_the_registries_keys():
     assert choices["solver"] == tuple(name for name, cls in SOLVERS.items() if cls().adaptive and cls.stepwise)
     assert "scipy_solver" not in choices["solver"] and "explicit_adams" not in choices["solver"]
     assert set(choices["solver"]) >= {"tsit5", "dopri5"} and "euler" not in choices["solver"]
-    assert choices["adjoint_first_step"] == tuple(FIRST_STEPS)
+    assert choices["adjoint_first_step"] == tuple(FIRST_STEPS)  # (every first step the continuous adjoints take)
     assert (choices["model"], choices["params"], choices["device"]) == (ARCHS, PARAM_STRUCTURES, DEVICES)
     assert choices["lr_schedule"] == LR_SCHEDULES
 
@@ -189,10 +189,10 @@ def test_adjoint_first_step_reaches_the_model_and_stays_with_the_run(tmp_path, c
     from odeflux.mnist.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    argv = ["train", "--device", "cpu", "--epochs", "1", "--n-samples", "200", "--adjoint-first-step", "hairer"]
+    argv = ["train", "--device", "cpu", "--epochs", "1", "--n-samples", "200", "--adjoint-first-step", "forward"]
     code, _, err = run_cli([*argv, "--run-dir", str(run)], capsys)
     assert code == 0, err
-    assert load_checkpoint(run / "last.pt").config["adjoint_first_step"] == "hairer"
+    assert load_checkpoint(run / "last.pt").config["adjoint_first_step"] == "forward"
     code, _, err = run_cli(["train", "--resume", str(run), "--epochs", "2", "--adjoint-first-step", "interval"], capsys)
     assert code == 2 and "--adjoint-first-step" in err and "keeps its configuration" in err
 

@@ -148,6 +148,8 @@ def test_make_sensealg_maps_names():
         make_sensealg("gauss", first_step="auto")
     node = next(m for m in create_model(adjoint_first_step="hairer").modules() if isinstance(m, odeflux.NeuralODE))
     assert node.sensealg.first_step == "hairer"
+    for first in ("continue", "forward"):  # (every first step the adjoints take is a choice)
+        assert make_sensealg("gauss", first_step=first).first_step == first
 
 
 def test_create_model_rejects_bad_choices():

@@ -152,7 +152,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--solver", choices=ADAPTIVE_SOLVERS, default="tsit5", help="adaptive Runge-Kutta method of the ODE layer")
     add("--adjoint-first-step", choices=FIRST_STEPS, default="interval",
         help="the continuous adjoints' first step: interval tries the whole span as one step (falling back to "
-        "Hairer's estimate if rejected); hairer starts from Hairer's estimate, as SciMLSensitivity")
+        "Hairer's estimate if rejected); hairer starts from Hairer's estimate, as SciMLSensitivity; continue "
+        "(the library's default) carries the step across saved times; forward starts from the forward's last steps")
     add("--per-sample", action="store_true",
         help="solve each image's ODE as its own problem (its own steps; solve(..., batch_axis=0)); its continuous adjoints take --vjp autograd or func")
     add("--dataset", choices=DATASETS, default="mnist", help="MNIST, or Fashion-MNIST in the same format")

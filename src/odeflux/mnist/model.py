@@ -22,10 +22,10 @@ from torch.nn import functional as F
 
 from ..control import ORDINARYDIFFEQ_PI, IController
 from ..fields import MLP
-from ..integrator import FIRST_STEPS
 from ..nn import NeuralODE
 from ..sensitivity import SENSEALGS as ALGORITHMS
 from ..sensitivity import VJP_BACKENDS, ContinuousAdjoint
+from ..sensitivity.base import ADJOINT_FIRST_STEPS as FIRST_STEPS
 from ..solvers import SOLVERS
 
 # The names the command line takes, from the registries, so that a method added there is offered here.
@@ -285,8 +285,8 @@ def create_model(
     :class:`FlatParameters`. ``compile=True`` runs the solver's per-step work through
     ``torch.compile(fullgraph=True)``. ``vjp_rule=False`` hides the tutorial field's hand-written
     VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine.
-    ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``"interval"`` or
-    SciMLSensitivity's ``"hairer"``). ``per_sample=True`` solves each image's ODE as its own
+    ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``FIRST_STEPS``:
+    ``"interval"``, SciMLSensitivity's ``"hairer"``, ``"continue"`` or ``"forward"``). ``per_sample=True`` solves each image's ODE as its own
     problem (``NeuralODE(batch_axis=0)``: its own steps). Float32, as
     in the tutorial.
     """
