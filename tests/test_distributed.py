@@ -105,17 +105,30 @@ def _worker(out_dir: Path) -> int:
     return main([*CLI_ARGS, "--run-dir", str(out_dir / "run")])  # the command line, data-parallel
 
 
+# A rank that aborts in C++ ("terminate called without an active exception", SIGABRT): seen in 2 of
+# about 8 runs of the whole suite on two loaded cores, never with this file alone; torchrun then
+# fails the launch. The fixture launches once more in a fresh folder when that is the failure, and
+# the tests check the second launch's results; any other failure, or the same one twice, fails.
+ABORT = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="module")
 def torchrun(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
     env = {k: v for k, v in os.environ.items() if k not in (TEST_KILL_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", __file__, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+    failures = []
+    for _ in range(2):
+        out = tmp_path_factory.mktemp("ddp")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", __file__, str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        if proc.returncode == 0:
+            return out, proc
+        failures.append(f"--- launch {len(failures) + 1} (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+        if ABORT not in proc.stderr:
+            break
+    raise AssertionError("\n".join(failures))
 
 
 @pytest.mark.parametrize("sensealg, params", CASES)
