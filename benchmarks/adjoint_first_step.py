@@ -37,17 +37,21 @@ def gradient(w, sensealg, rtol: float | None = None, atol: float | None = None):
     return grad_vector(w.field), sol
 
 
+def counts(name: str, first: str, sol) -> list[str]:
+    """A table row's workload, first step and step and VJP counts."""
+    b, s = sol.backward_stats, sol.stats
+    return [name, f'`"{first}"`' + (" (default)" if first == "continue" else ""), f"{s.n_accepted} ({s.n_rejected})",
+            f"{b.n_accepted} ({b.n_rejected})", str(b.n_vjp_evals)]  # fmt: skip
+
+
 def rows_for(name: str, quick: bool) -> list[list[str]]:
     w = build_workload(name, quick)
     ref, _ = gradient(w, odeflux.DirectAdjoint(), 1e-9, 1e-10)
     rows = []
     for first in FIRST_STEPS:
         g, sol = gradient(w, odeflux.InterpolatingAdjoint(first_step=first))
-        b, s = sol.backward_stats, sol.stats
         err = float(torch.linalg.vector_norm(g - ref) / torch.linalg.vector_norm(ref))
-        rows.append([name, f'`"{first}"`' + (" (default)" if first == "continue" else ""),
-                     f"{s.n_accepted} ({s.n_rejected})", f"{b.n_accepted} ({b.n_rejected})", str(b.n_vjp_evals),
-                     f"{err:.2e}"])  # fmt: skip
+        rows.append(counts(name, first, sol) + [f"{err:.2e}"])
     return rows
 
 
@@ -60,9 +64,7 @@ def neural_rows(name: str, quick: bool) -> list[list[str]]:
         sol = odeflux.solve(w.field, w.y0, (0.0, w.t1), rtol=w.rtol, atol=w.atol,
                             sensealg=odeflux.InterpolatingAdjoint(first_step=first))  # fmt: skip
         w.loss(sol.ys[-1]).backward()
-        b, s = sol.backward_stats, sol.stats
-        rows.append([name, f'`"{first}"`' + (" (default)" if first == "continue" else ""),
-                     f"{s.n_accepted} ({s.n_rejected})", f"{b.n_accepted} ({b.n_rejected})", str(b.n_vjp_evals)])
+        rows.append(counts(name, first, sol))
     return rows
 
 

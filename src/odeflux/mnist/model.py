@@ -286,9 +286,9 @@ def create_model(
     ``torch.compile(fullgraph=True)``. ``vjp_rule=False`` hides the tutorial field's hand-written
     VJP rule (:class:`odeflux.fields.MLP`), so the adjoints go through the autograd engine.
     ``adjoint_first_step`` is a named continuous adjoint's ``first_step`` (``FIRST_STEPS``:
-    ``"interval"``, SciMLSensitivity's ``"hairer"``, ``"continue"`` or ``"forward"``). ``per_sample=True`` solves each image's ODE as its own
-    problem (``NeuralODE(batch_axis=0)``: its own steps). Float32, as
-    in the tutorial.
+    ``"interval"``, SciMLSensitivity's ``"hairer"``, ``"continue"`` or ``"forward"``).
+    ``per_sample=True`` solves each image's ODE as its own problem (``NeuralODE(batch_axis=0)``: its
+    own steps). Float32, as in the tutorial.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")

@@ -23,9 +23,6 @@ from torch import nn
 
 from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, Parts, StepSizeController
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
-
-#: An adjoint solve's first step on each interval between saved times (see :class:`ContinuousAdjoint`).
-ADJOINT_FIRST_STEPS = FIRST_STEPS + ("continue", "forward")
 from ..kernels import arrays
 from ..solution import BackwardStats, DenseOutput, Solution, SolveError, Status, times_tensor
 from ..solvers import Solver
@@ -34,6 +31,11 @@ from ..tree import TreeField
 from ..vector_field import VectorField
 from .rhs import LambdaRHS
 from .vjp import VJP_BACKENDS, VJPBackend, make_vjp
+
+#: The first steps that go on from the interval before (a per-sample adjoint starts each from Hairer's).
+CARRIED_FIRST_STEPS = ("continue", "forward")
+#: An adjoint solve's first step on each interval between saved times (see :class:`ContinuousAdjoint`).
+ADJOINT_FIRST_STEPS = FIRST_STEPS + CARRIED_FIRST_STEPS
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -353,7 +355,7 @@ class AdjointRun:
         # dt carries over to the adjoint solve in SciMLSensitivity); an adaptive one controls its own.
         controller, dt0 = (self.method.step_controller(self.solver), None) if self.solver.adaptive else (ConstantStepSize(), self.problem.dt0)
         first, memory = self.method.first_step, None
-        if first in ("continue", "forward"):  # on from the interval before, as one solve across them would go on
+        if first in CARRIED_FIRST_STEPS:  # on from the interval before, as one solve across them would go on
             carry = self._carry
             if carry is None and first == "forward":  # (the first interval: from the forward's last steps)
                 carry = self.forward_step()

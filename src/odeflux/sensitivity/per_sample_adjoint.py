@@ -48,7 +48,7 @@ import torch
 from ..control import ConstantStepSize
 from ..solution import BackwardStats, SolveError, Status
 from .backsolve import BacksolveAdjoint
-from .base import ContinuousAdjoint, _buffers_kept, _restored, adjoint_parts, hidden_param, split_like
+from .base import CARRIED_FIRST_STEPS, ContinuousAdjoint, _buffers_kept, _restored, adjoint_parts, hidden_param, split_like
 from .gauss import GaussAdjoint
 from .interpolating import InterpolatingAdjoint
 from .quadrature import QuadratureAdjoint, kronrod_rule
@@ -281,7 +281,7 @@ class PerSampleAdjointRun:
             # ("continue", the joint default, and "forward" start each sample's every interval from Hairer's
             # estimate here: the batched loop keeps no controller memory from one interval to the next.)
             max_steps=method.max_steps or batch.max_steps,
-            first_step="hairer" if method.first_step in ("continue", "forward") else method.first_step,
+            first_step="hairer" if method.first_step in CARRIED_FIRST_STEPS else method.first_step,
         )  # fmt: skip
         self.vjp = BatchVJP(batch.f, params, self.bstats, method.vjp)
         self.steps: ForwardSteps | None = None

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, StepSizeController
+from ..control import ORDINARYDIFFEQ_PI, StepSizeController
 from .tableau import DenseWeights, RungeKutta, StepResult, new_state
 
 VectorField = Callable[[Any, torch.Tensor], torch.Tensor]
@@ -434,6 +434,7 @@ class ImplicitRK(RungeKutta):
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     explicit: ClassVar[bool] = False
+    adaptive_controller: ClassVar[StepSizeController] = ORDINARYDIFFEQ_PI  # (the 0.1 floor is measured on explicit methods)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iters, int) or self.max_iters < 1:
@@ -474,10 +475,6 @@ class ImplicitRK(RungeKutta):
             e_row=None if tab.b_err is None else mk([list(tab.b_err)]),
             AE=None if tab.a_explicit is None else mk([list(r) for r in tab.a_explicit]),
         )
-
-    def default_controller(self) -> StepSizeController:
-        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.ORDINARYDIFFEQ_PI`) where adaptive."""
-        return ORDINARYDIFFEQ_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> ImplicitStepper:
         return ImplicitStepper(self, rtol, atol)

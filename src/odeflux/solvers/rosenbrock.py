@@ -47,7 +47,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, StepSizeController
+from ..control import ORDINARYDIFFEQ_PI, StepSizeController
 from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
 
@@ -214,6 +214,7 @@ class Rosenbrock(Solver):
     tableau_steps: ClassVar[bool] = False  # its steps are not explicit RK steps: no NumPy kernel or reverse pass
     compiled_steps: ClassVar[bool] = True  # compile=True: its stepper compiles the steps with a fresh Jacobian
     loop_steps: ClassVar[bool] = True  # compile=True without autograd: the whole loop compiled, by loop_step
+    adaptive_controller: ClassVar[StepSizeController] = ORDINARYDIFFEQ_PI  # (the 0.1 floor is measured on explicit methods)
     adaptive: ClassVar[bool] = True
     fsal: ClassVar[bool] = False
 
@@ -281,10 +282,6 @@ class Rosenbrock(Solver):
         """The linear-algebra counters of ``n_steps`` attempted loop steps: each one Jacobian, one
         factorisation and a solve per stage."""
         return {"n_jacobians": n_steps, "n_factorizations": n_steps, "n_linear_solves": n_steps * self.tableau.stages}
-
-    def default_controller(self) -> StepSizeController:
-        """OrdinaryDiffEq's PI controller (:data:`odeflux.control.ORDINARYDIFFEQ_PI`) where adaptive."""
-        return ORDINARYDIFFEQ_PI if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> RosenbrockStepper:
         """A fresh stepper per integration: it keeps the Jacobian it may reuse and the counters."""

@@ -184,6 +184,8 @@ class Solver:
       reverse pass, the compiled step) applies only where it is ``True``.
     - ``compiled_steps``: its stepper compiles its own steps under ``compile=True`` (the
       Rosenbrock methods: :meth:`odeflux.solvers.rosenbrock.RosenbrockStepper.compile`).
+    - ``adaptive_controller``: the step-size controller of an adaptive solve that names none
+      (:meth:`default_controller`).
     - ``loop_steps``: the compiled whole loop (:func:`odeflux.compiled.loop.run_loop`) takes its
       steps through ``loop_step``, ``loop_evaluations``, ``loop_counters`` and ``loop_refusal``
       (the Rosenbrock methods: :meth:`odeflux.solvers.rosenbrock.Rosenbrock.loop_step`).
@@ -201,10 +203,13 @@ class Solver:
     tableau: ButcherTableau
     _cache: dict
 
+    #: The controller of an adaptive solve that names none (the stiff methods: OrdinaryDiffEq's).
+    adaptive_controller: ClassVar[StepSizeController] = DEFAULT_PI
+
     def default_controller(self) -> StepSizeController:
-        """The step-size controller of a solve that names none: ``PIController()`` for an adaptive
-        method, fixed steps of ``dt0`` otherwise (stiff methods override it)."""
-        return DEFAULT_PI if self.adaptive else ConstantStepSize()
+        """The step-size controller of a solve that names none: :attr:`adaptive_controller` for an
+        adaptive method, fixed steps of ``dt0`` otherwise."""
+        return self.adaptive_controller if self.adaptive else ConstantStepSize()
 
     def stepper(self, rtol: float, atol: float) -> Stepper:
         """The stepper of one integration at tolerances ``rtol``/``atol`` (``stepwise`` solvers)."""
