@@ -74,7 +74,9 @@ class IntegrateOptions:
     leaves entries out); ``compiled`` steps through the compiled step; ``float_time`` hands ``f`` host
     floats for ``t`` instead of 0-d tensors; ``on_accept`` hears of each accepted step;
     ``dense_budget`` (bytes) stops keeping dense output, and drops what was kept, once it would
-    take more than that. ``norm`` replaces the error norm: a function of the scaled error
+    take more than that. ``dense_stages=False``: the caller reads only each kept step's start, size
+    and start state (a reverse pass that recomputes the stages), so a compiled loop need not record
+    the stages (its record, copied once a step, is then ``stages + 1`` times smaller). ``norm`` replaces the error norm: a function of the scaled error
     ``err / (atol + rtol * max(|y0|, |y1|))`` (in the state's shape) returning a 0-d tensor. ``step_times``: the
     steps land on each of these times; ``jump_times`` besides discard the FSAL derivative there and
     evaluate ``f`` again just past the time (a discontinuity of ``f``). ``perturb``: ``f`` is
@@ -102,6 +104,7 @@ class IntegrateOptions:
     float_time: bool = False
     on_accept: OnAccept | None = field(default=None, compare=False)
     dense_budget: int | None = None
+    dense_stages: bool = True
     first_step: str = "hairer"
     norm: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False)
     step_times: tuple[float, ...] = ()
@@ -147,7 +150,8 @@ def integrate(
         float_time=options.float_time, compiled=options.compiled, norm=options.norm, perturb=options.perturb,
         jumps=bool(options.jump_times),
     )  # fmt: skip
-    program = compiled_loop(f, solver, options, y0) if options.compiled else None
+    # (compile=True on a field whose NumPy kernel applies takes that kernel: see choose_step_kernel.)
+    program = compiled_loop(f, solver, options, y0) if options.compiled and not kernel.arrays else None
     with kernel.running():
         return _Integration(kernel, y0, t0, t1, solver, options).run(program)
 

@@ -181,7 +181,8 @@ class CompiledReverseRun:
     def forward(self) -> torch.Tensor:
         y = self.problem.y0.detach()
         with torch.no_grad():
-            self.result = self.problem.integrate(y0=y, dense=True)
+            # (The reverse pass recomputes each step's stages from its start: the record keeps none.)
+            self.result = self.problem.integrate(y0=y, dense=True, dense_stages=False)
         ys = self.result.ys
         return torch.stack(ys) if ys else y.new_empty((0,) + tuple(y.shape))
 
