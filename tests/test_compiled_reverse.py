@@ -242,3 +242,43 @@ def test_parameters_that_view_one_tensor_enter_a_program_apart():
     assert p["a"].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     assert p["b"].untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
     torch.testing.assert_close(p["b"], flat[3:])
+
+
+def test_the_record_is_sized_by_what_it_costs_a_step():
+    """The compiled loop copies its record once a step: its first capacity keeps it within
+    FIRST_RECORD_ENTRIES numbers, and a caller that reads the steps only (DirectAdjoint's reverse
+    pass, dense_stages=False) gets no stages where the saved times are fewer than its room."""
+    layout, limit = program.record_layout, program.FIRST_RECORD_ENTRIES
+    assert layout(2, 7, 30) == (64, True)  # a small state: the most room
+    assert layout(2, 7, 30, dense_stages=False) == (64, False)
+    assert layout(2, 7, 100, dense_stages=False) == (64, True)  # more saved times than room: stages
+    cap, stages = layout(128 * 20, 7, 1, dense_stages=False)  # the tutorial's batch
+    assert not stages and cap * 128 * 20 <= limit < 4 * cap * 128 * 20
+    cap, stages = layout(128 * 20, 7, 1)
+    assert stages and cap == 4  # (never below 4, even past the budget)
+    # What DirectAdjoint's compiled forward compiled: a record without stages (40 saved times, 64 steps' room).
+    f = _LotkaVolterra()
+    _grads(f, torch.tensor([1.0, 0.7], dtype=torch.float64), (0.0, 1.0), torch.linspace(0, 1, SAVE, dtype=torch.float64), True)
+    assert any(k[0] == program.code_key(f) and k[-1] is False for k in program._PROGRAMS)
+
+
+def test_a_dense_sequential_keeps_its_eager_hand_written_reverse_pass_under_compile():
+    """compile=True with DirectAdjoint on a dense nn.Sequential on a small CPU state: its
+    hand-written reverse pass, eagerly (faster than the compiled programs at every size in
+    benchmarks/results/compiled_crossover.md): no program built, the eager gradient exactly."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    y0 = torch.randn(5, 3)
+
+    def grad(compile):
+        seq.zero_grad()
+        sol = odeflux.solve(seq, y0, (0.0, 1.0), saveat=torch.linspace(0, 1, 4), sensealg="auto", compile=compile)
+        sol.ys.square().sum().backward()
+        return sol, [p.grad.clone() for p in seq.parameters()]
+
+    before = program.program_count()
+    (eager, g_e), (compiled, g_c) = grad(False), grad(True)
+    assert isinstance(compiled.sensealg, odeflux.DirectAdjoint)
+    assert program.program_count() == before
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

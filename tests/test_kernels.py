@@ -375,7 +375,7 @@ def test_numpy_kernels_run_on_one_blas_thread_in_solves_and_backward_passes(two_
 
 def test_the_kernel_is_chosen_once_per_solve_from_typed_facts():
     """choose_step_kernel: the NumPy kernel only for a small, readable CPU state outside autograd
-    whose right-hand side has array forms; torch's for everything else."""
+    whose right-hand side has array forms (compile=True or not); torch's for everything else."""
     import torch.autograd.forward_ad as fwAD
 
     from odeflux.kernels import choose_step_kernel
@@ -390,7 +390,9 @@ def test_the_kernel_is_chosen_once_per_solve_from_typed_facts():
     with torch.no_grad():
         assert kernel(vf, y) is NumpyStepKernel
         assert kernel(field, y) is TorchStepKernel  # a plain callable: no array forms
-        assert kernel(vf, y, compiled=True) is TorchStepKernel
+        # compile=True keeps a field's array form: faster than the compiled loop on a small CPU state.
+        assert kernel(vf, y, compiled=True) is NumpyStepKernel
+        assert kernel(field, y, compiled=True) is TorchStepKernel
         assert kernel(vf, torch.randn(arrays.MAX_STATE_SIZE // 3 + 1, 3)) is TorchStepKernel  # large
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert kernel(vf, y) is TorchStepKernel
@@ -400,3 +402,20 @@ def test_the_kernel_is_chosen_once_per_solve_from_typed_facts():
         torch.func.vmap(lambda row: seen.append(kernel(vf, row.reshape(1, 3))) or row)(y)
         assert seen == [TorchStepKernel]  # a transform's wrapper has no memory for NumPy
     assert kernel(vf, y) is TorchStepKernel  # grad mode: the discrete adjoint may need the graph
+
+
+def test_compile_true_on_a_field_with_array_forms_runs_its_numpy_kernel():
+    """solve(..., compile=True) outside autograd on a dense nn.Sequential and a small CPU state:
+    the NumPy kernel (no compiled program built), the eager solve's result exactly."""
+    from odeflux.compiled import program_count
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    y0 = torch.randn(5, 3)
+    before = program_count()
+    with torch.no_grad():
+        eager = odeflux.solve(seq, y0, (0.0, 1.0), saveat=torch.linspace(0, 1, 4))
+        compiled = odeflux.solve(seq, y0, (0.0, 1.0), saveat=torch.linspace(0, 1, 4), compile=True)
+    assert program_count() == before
+    assert compiled.stats == eager.stats
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=0, atol=0)

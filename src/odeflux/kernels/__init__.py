@@ -13,8 +13,9 @@ where torch's per-op dispatch (3-6 us) costs more than the work.
 :func:`choose_step_kernel` picks one kernel per solve, once, from typed facts: the solver
 (:attr:`~odeflux.solvers.tableau.Solver.tableau_steps`: the NumPy kernel re-implements only the
 explicit Runge-Kutta step), the state (:func:`arrays.state_applies`), whether the caller asked
-for a compiled step, and whether the right-hand side implements one of the two array interfaces
-below:
+for a compiled step (a field's array form is still taken then, being the faster on a small CPU
+state; a planner is not), and whether the right-hand side implements one of the two array
+interfaces below:
 
 - :class:`ArrayKernelSource`: a field that can hand a solve its evaluation
   (:class:`ArrayField`) and VJP (:class:`ArrayVJP`) on NumPy arrays, built for that solve from
@@ -159,9 +160,12 @@ def choose_step_kernel(
                 "iterations check convergence on the host): pass compile=False"
             )
         return ImplicitStepKernel(f, solver, y0, rtol, atol, parts, float_time, False, norm, perturb)
-    if solver.tableau_steps and not compiled and norm is None and not perturb and not jumps and arrays.state_applies(y0):
+    if solver.tableau_steps and norm is None and not perturb and not jumps and arrays.state_applies(y0):
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
-        planner = f if isinstance(f, StepPlanner) else None
+        planner = f if isinstance(f, StepPlanner) and not compiled else None
+        # (A field's array form is taken with compile=True too: on a small CPU state it beats the
+        # compiled loop, 0.90 ms against 1.16 ms for a (1, 4) state, 1.05 against 1.69 for the
+        # tutorial's (128, 20); benchmarks/results/compiled_crossover.md.)
         if array_f is not None or planner is not None:
             return NumpyStepKernel(f, solver, y0, rtol, atol, parts, float_time, array_f, planner)
     return TorchStepKernel(f, solver, y0, rtol, atol, parts, float_time, compiled, norm, perturb)
