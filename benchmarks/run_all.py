@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "stiff_batch": [],
     "small_systems": [],
     "adjoint_first_step": [],
+    "compiled_crossover": [],
 }
 # solver_step has no --quick: its smoke run is a short budget without writing.
 QUICK = {"solver_step": ["--rounds", "3", "--budget", "2", "--no-write"]}
