@@ -164,8 +164,8 @@ def choose_step_kernel(
         array_f = f.array_field(y0) if isinstance(f, ArrayKernelSource) else None
         planner = f if isinstance(f, StepPlanner) and not compiled else None
         # (A field's array form is taken with compile=True too: on a small CPU state it beats the
-        # compiled loop, 0.90 ms against 1.16 ms for a (1, 4) state, 1.05 against 1.69 for the
-        # tutorial's (128, 20); benchmarks/results/compiled_crossover.md.)
+        # compiled loop, which took 1.6-2.2x its time from a (1, 4) state to the tutorial's
+        # (128, 20); benchmarks/results/compiled_crossover.md.)
         if array_f is not None or planner is not None:
             return NumpyStepKernel(f, solver, y0, rtol, atol, parts, float_time, array_f, planner)
     return TorchStepKernel(f, solver, y0, rtol, atol, parts, float_time, compiled, norm, perturb)

@@ -36,8 +36,8 @@ class DirectAdjoint(SensitivityAlgorithm):
     def solve(self, problem: "Problem") -> Solution:
         if problem.compiled and self.hand_written:
             # A field whose hand-written reverse pass applies (a dense nn.Sequential or MLP on a
-            # small CPU state) runs it eagerly: 1.5-2x faster than the two compiled programs at
-            # every size measured (benchmarks/results/compiled_crossover.md).
+            # small CPU state) runs it eagerly: the two compiled programs took 1.26-1.52x its
+            # time at every size measured (benchmarks/results/compiled_crossover.md).
             eager = dataclasses.replace(problem, compiled=False)
             vjp = reverse_pass_rule(eager)
             if vjp is not None:
