@@ -160,7 +160,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--data-dir", default=None,
         help="directory holding the IDX files; otherwise $ODEFLUX_DATA_DIR, the cache, the bundled 1500 images, a download")
     add("--threads", type=_positive_int, default=1, help="torch intra-op threads; the model's ops are too small to gain from more")
-    add("--compile", action="store_true", help="run the solver's per-step work through torch.compile(fullgraph=True)")
+    add("--compile", action="store_true",
+        help="solve with compile=True: torch.compile(fullgraph=True) where it is faster (on the CPU the tutorial's "
+        "field keeps its NumPy kernel and hand-written reverse pass)")
     add("--run-dir", nargs="?", const=AUTO_RUN_DIR, default=None, metavar="DIR",
         help="write metrics.jsonl, curves.png and checkpoints (last.pt, prev.pt) to DIR after each epoch; "
         "without DIR: runs/<start time>")
