@@ -181,7 +181,8 @@ class LoopProgram:
 
     def run(self, it: _Integration, dt: float) -> Any:
         out = self._run(it, dt)
-        while out is not None and self.spec.record and self._outgrown(it, out):
+        outcome = None if out is None else _outcome(out)  # (the one synchronisation of the solve)
+        while outcome is not None and self.spec.record and self._outgrown(it, outcome):
             # The record filled before t1: again with four times the room (a new program, said
             # nowhere: the capacity is remembered, so the next solve of this loop starts there).
             record = self.spec.record * 4
@@ -190,44 +191,43 @@ class LoopProgram:
                 return it.steps(dt, False)
             self.spec = dataclasses.replace(self.spec, record=record)
             out = self._run(it, dt)
+            outcome = None if out is None else _outcome(out)
         if out is None:  # refused: the eager loop with the eager step
             it.kernel.eager()
             return it.steps(dt, False)
-        return self._finish(it, out)
+        return self._finish(it, out, outcome)
 
-    def _outgrown(self, it: _Integration, out: tuple) -> bool:
-        t, n_acc, status = out[0], out[6], out[10]
-        return bool((n_acc == self.spec.record).all() & (status == 0).all() & (it.direction * (it.t1 - t) > 0).all())
+    def _outgrown(self, it: _Integration, outcome: list[float]) -> bool:
+        t, n_acc, status = outcome[0], outcome[3], outcome[6]
+        return n_acc == self.spec.record and status == 0 and it.direction * (it.t1 - t) > 0
 
     def _run(self, it: _Integration, dt: float) -> tuple | None:
         y0, k0, opts = it.y, it.k, it.opts
         # One problem of the loop's B = 1: every per-problem value a (1,) tensor.
         f64 = dict(dtype=torch.float64, device=y0.device)
-        one = lambda v: torch.tensor([float(v)], **f64)  # noqa: E731
+        # (torch.full: a third of torch.tensor's cost from a host number; a solve makes a dozen.)
+        one = lambda v: torch.full((1,), float(v), **f64)  # noqa: E731
         saveat = opts.saveat
         taus = torch.tensor([list(saveat) if saveat else [it.t1]], **f64)
         ys0 = y0.unsqueeze(0).unsqueeze(0).expand((1, taus.shape[1]) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
         ctrl0 = it.controller.init_state()
-        rtol, atol = (torch.tensor(float(v), **f64) for v in (opts.rtol, opts.atol))
+        rtol, atol = (torch.full((), float(v), **f64) for v in (opts.rtol, opts.atol))
         joint = JointField(self.f)
         args = (
             self.spec, joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), one(dt), taus,
             ys0, rtol, atol, one(it.dtmin), one(it.dtmax), one(it.land_tol),
-            torch.tensor(opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
+            torch.full((), opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
             module_params(joint),
         )  # fmt: skip
         self.spec.solver.coefficients(y0.dtype, y0.device)  # (made before tracing: see PerSampleProgram.run)
         return _run(self.key, (tuple(y0.shape), y0.dtype, y0.device, self.spec.record, self.spec.record_stages), args)
 
-    def _finish(self, it: _Integration, out: tuple) -> Any:
+    def _finish(self, it: _Integration, out: tuple, outcome: list[float]) -> Any:
         from ..integrator import _nonfinite_message
 
         saveat = it.opts.saveat
-        t, h, y, k, _ctrl, n_steps, n_acc, n_rej, n_f, ys, status, err, _grid = (x.squeeze(0) for x in out[:13])
-        # The one synchronisation of the solve: its outcome.
-        t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = torch.stack(
-            [t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]
-        ).tolist()
+        y, k, ys = out[2].squeeze(0), out[3].squeeze(0), out[9].squeeze(0)
+        t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = outcome
         stats = it.stats
         stats.n_steps += int(n_steps)
         stats.n_accepted += int(n_acc)
@@ -265,6 +265,13 @@ class LoopProgram:
         if not it.adaptive and not bool(torch.isfinite(y).all()):
             return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f, fixed_step=True), h_f)
         return it.result(Status.SUCCESS, "", h_f)
+
+
+def _outcome(out: tuple) -> list[float]:
+    """A joint solve's outcome from its loop's carry, read to the host at once: the time reached,
+    the last step size, the steps, accepted, rejected, evaluations, status and last error."""
+    t, h, _y, _k, _ctrl, n_steps, n_acc, n_rej, n_f, _ys, status, err = (x[0] for x in out[:12])
+    return torch.stack([t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]).tolist()
 
 
 class PerSampleProgram:

@@ -216,8 +216,8 @@ class CompiledReverseRun:
         with _restored(self.module_state), _buffers_kept(self.module_state), torch.no_grad():
             gy0, *gp = reverse_pass(
                 ("reverse", self.code, repr(p.solver)), self.code, p.solver, self.fn,
-                torch.tensor([n], device=y0.device), ts.unsqueeze(0), hs.unsqueeze(0), ys.unsqueeze(0),
-                torch.tensor([res.t], **f64), taus, grad_ys.unsqueeze(0), self.params,
+                torch.full((1,), n, dtype=torch.int64, device=y0.device), ts.unsqueeze(0), hs.unsqueeze(0),
+                ys.unsqueeze(0), torch.full((1,), res.t, **f64), taus, grad_ys.unsqueeze(0), self.params,
             )  # fmt: skip
         gy0 = gy0.squeeze(0)
         self.bstats.n_vjp_evals += n * self.problem.solver.tableau.stages
