@@ -44,9 +44,14 @@ BATCHES = (1, 8, 64, 512)
 #: hand-written reverse pass is not taken), and what compile=True with sensealg="auto" runs.
 COMPILED, AUTO = "compiled programs", "compile=True, sensealg=\"auto\""
 CONFIGS = ("eager DirectAdjoint", "eager InterpolatingAdjoint", COMPILED, AUTO)
+#: The forward solves: a dense Sequential eager, with compile=True, and in a module of (t, y) (no array forms).
+LOOP = "the compiled loop (in a module of (t, y))"
+FORWARD = ("eager", "compile=True", LOOP)
 
 
 class Field(nn.Module):
+    """``net`` of ``y`` as a module of ``(t, y)``: no array forms, so odeflux takes its generic path."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
@@ -98,17 +103,14 @@ def forward_rows(quick: bool, rounds: int) -> list[list[str]]:
 
         fns = {"eager": solve(f, False), "compile=True": solve(f, True)}
         if not quick:
-            fns["the compiled loop (in a module of (t, y))"] = solve(Field(f), True)
+            fns[LOOP] = solve(Field(f), True)
         for fn in fns.values():
             fn()
         t = interleaved(fns, rounds=2 if quick else rounds, warmup=2, budget_s=30.0, min_rounds=2)
-        loop = t.get("the compiled loop (in a module of (t, y))")
+        loop = t.get(LOOP)
         rows.append([name, *(str(t.get(c, "—")) for c in FORWARD),
                      "—" if loop is None else f"{loop.median / t['eager'].median:.2f}"])  # fmt: skip
     return rows
-
-
-FORWARD = ("eager", "compile=True", "the compiled loop (in a module of (t, y))")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,23 +34,17 @@ class DirectAdjoint(SensitivityAlgorithm):
         self.hand_written = hand_written
 
     def solve(self, problem: "Problem") -> Solution:
-        if problem.compiled and self.hand_written:
-            # A field whose hand-written reverse pass applies (a dense nn.Sequential or MLP on a
-            # small CPU state) runs it eagerly: the two compiled programs took 1.26-1.52x its
-            # time at every size measured (benchmarks/results/compiled_crossover.md).
-            eager = dataclasses.replace(problem, compiled=False)
-            vjp = reverse_pass_rule(eager)
-            if vjp is not None:
-                return solve_reverse(eager, vjp)
+        vjp = reverse_pass_rule(problem) if self.hand_written else None
+        if vjp is not None:
+            # (Eagerly under compile=True too: the two compiled programs took 1.26-1.52x its time
+            # at every size measured, benchmarks/results/compiled_crossover.md.)
+            return solve_reverse(dataclasses.replace(problem, compiled=False) if problem.compiled else problem, vjp)
         if problem.compiled:
             from ..compiled.reverse import solve_compiled_reverse
 
             sol = solve_compiled_reverse(problem)
             if sol is not None:
                 return sol
-        vjp = reverse_pass_rule(problem) if self.hand_written else None
-        if vjp is not None:
-            return solve_reverse(problem, vjp)
         return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:

@@ -34,10 +34,11 @@ if TYPE_CHECKING:
 def reverse_pass_rule(problem: "Problem") -> ArrayVJP | None:
     """The field's VJP rule on arrays for this problem when the hand-written reverse pass
     applies: an explicit Runge-Kutta solver (the pass above is its step's), a small CPU state, no
-    differentiable dense output, no compiled step, and a rule covering exactly the parameters
-    that require grad; otherwise ``None``."""
+    differentiable dense output, and a rule covering exactly the parameters that require grad;
+    otherwise ``None``. It applies under ``compile=True`` too: DirectAdjoint then runs it
+    eagerly, being the faster (benchmarks/results/compiled_crossover.md)."""
     y0 = problem.y0
-    if not problem.solver.tableau_steps or problem.dense or problem.compiled or not arrays.small_state(y0):
+    if not problem.solver.tableau_steps or problem.dense or not arrays.small_state(y0):
         return None
     params = [p for p in problem.params if p.requires_grad]
     return find_array_vjp(problem, params, y0.detach())
