@@ -447,7 +447,7 @@ _MEMORY_PROBE = r"""
 import os, sys, torch, odeflux
 torch.set_num_threads(1)
 limit = 2**20  # 1 MiB of forward steps kept or re-solved at once (4 steps here)
-SENSEALGS = {"direct": lambda: odeflux.DirectAdjoint(), "interpolating": lambda: odeflux.InterpolatingAdjoint(store_limit=limit),
+SENSEALGS = {"direct": lambda: odeflux.DirectAdjoint(), "recompute": lambda: odeflux.DirectAdjoint(recompute=True), "interpolating": lambda: odeflux.InterpolatingAdjoint(store_limit=limit),
              "backsolve": lambda: odeflux.BacksolveAdjoint(), "quadrature": lambda: odeflux.QuadratureAdjoint(store_limit=limit),
              "gauss": lambda: odeflux.GaussAdjoint(store_limit=limit)}
 def rss():
@@ -529,7 +529,7 @@ def test_memory_grows_with_steps_only_for_direct():
     # glibc returns blocks of 16 KiB and more to the system when freed, so resident memory follows
     # the live tensors rather than the allocator's high-water mark.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
-    methods = ("direct", "interpolating", "backsolve", "quadrature", "gauss")
+    methods = ("direct", "recompute", "interpolating", "backsolve", "quadrature", "gauss")
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, *(f"{m}:{n}" for m in methods for n in (40, 320))],
         capture_output=True, text=True, env=env,
@@ -545,7 +545,11 @@ def test_memory_grows_with_steps_only_for_direct():
     (k40, p40), (k320, p320) = got["direct", 40], got["direct", 320]
     assert k320 - k40 > 40 * mib  # 280 more steps x ~0.3 MiB of saved stages and activations
     assert p320 - p40 > 40 * mib
-    for method in methods[1:]:
+    # DirectAdjoint(recompute=True) keeps the steps' start states (32 KiB each), one step's graph at a time.
+    (k40, p40), (k320, p320) = got["recompute", 40], got["recompute", 320]
+    assert k320 - k40 < 280 * 32 * 1024 * 1.25, (k40, k320)
+    assert p320 - p40 < 280 * 32 * 1024 * 1.25 + 2 * mib, (p40, p320)
+    for method in methods[2:]:
         (k40, p40), (k320, p320) = got[method, 40], got[method, 320]
         assert k320 - k40 < 2 * mib, (method, k40, k320)
         assert p320 - p40 < 4 * mib, (method, p40, p320)  # 280 more steps: 70 more checkpoints of 32 KiB

@@ -38,6 +38,13 @@ def grads(hand_written: bool, solver: str = "tsit5", t_span=(0.0, 1.0), loss=lam
 ADAPTIVE = dict(rtol=1e-6, atol=1e-6)
 
 
+def same_sums(g: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal up to the round-off of summing the same products in two orders (NumPy's BLAS and
+    torch's) over every stage of every step: some 1e4 float64 ulps of the gradient's scale (the
+    BLAS kernels, and so the orders, differ between CPUs and library builds)."""
+    return torch.allclose(g, ref, rtol=1e-11, atol=1e4 * torch.finfo(ref.dtype).eps * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("solver", ["tsit5", "dopri5", "bs3", "heun"])
 @pytest.mark.parametrize(
     "saving",
@@ -48,7 +55,7 @@ def test_matches_autograd_through_the_solver(solver, saving):
     g, sol = grads(True, solver, **ADAPTIVE, **saving)
     ref, _ = grads(False, solver, **ADAPTIVE, **saving)
     assert sol.backward_stats.n_vjp_evals > 0  # the hand-written pass ran
-    assert torch.allclose(g, ref, rtol=1e-11, atol=1e-12), float((g - ref).abs().max())
+    assert same_sums(g, ref), float((g - ref).abs().max())
 
 
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "rk4", "tsit5"])
@@ -57,7 +64,7 @@ def test_fixed_steps_every_step_saved_and_backwards_in_time(solver):
     for t_span in ((0.0, 1.0), (1.0, 0.2)):
         g, _ = grads(True, solver, t_span=t_span, **kw)
         ref, _ = grads(False, solver, t_span=t_span, **kw)
-        assert torch.allclose(g, ref, rtol=1e-11, atol=1e-12)
+        assert same_sums(g, ref), float((g - ref).abs().max())
 
 
 def test_matches_finite_differences():

@@ -213,8 +213,8 @@ class _Saver:
 class _DenseRecorder:
     """The accepted steps kept for interpolation, within an optional byte budget."""
 
-    def __init__(self, on: bool, budget: int | None):
-        self.on, self.budget = on, budget
+    def __init__(self, on: bool, budget: int | None, stages: bool = True):
+        self.on, self.budget, self.stages = on, budget, stages
         self.t: list[float] = []
         self.dt: list[float] = []
         self.y: list[torch.Tensor] = []
@@ -227,8 +227,9 @@ class _DenseRecorder:
         self.t.append(t)
         self.dt.append(h)
         self.y.append(y)
-        self.K.append(K)
-        if self.budget is not None and len(self.K) * (K.numel() + y.numel()) * y.element_size() > self.budget:
+        if self.stages:  # (without them the output is the steps only: a reverse pass recomputes them)
+            self.K.append(K)
+        if self.budget is not None and len(self.y) * (K.numel() * self.stages + y.numel()) * y.element_size() > self.budget:
             self.on = False
             self.t, self.dt, self.y, self.K = [], [], [], []
 
@@ -270,7 +271,7 @@ class _Integration:
         self.jumps = {float(s) for s in opts.jump_times}
         self.callbacks = opts.callbacks or None
         self.saver = _Saver(opts, solver, t0, y0, self.direction)
-        self.dense = _DenseRecorder(opts.dense, opts.dense_budget)
+        self.dense = _DenseRecorder(opts.dense, opts.dense_budget, opts.dense_stages)
 
     # -- the outcome -------------------------------------------------------------------------
     def result(self, status: Status, message: str, dt_next: float) -> IntegrationResult:

@@ -95,8 +95,9 @@ class DenseOutput:
         self.solver = solver
         #: Where a compiled loop made these steps: its record of them, the starts, signed sizes and
         #: start states as tensors (``(C,)``, ``(C,)``, ``(C, ...)``; rows past ``len(self)`` unused).
-        #: A loop asked for the steps only (``IntegrateOptions.dense_stages=False``) keeps no
-        #: stages (``Ks`` empty): such an output is read through this record, not interpolated.
+        #: A solve asked for the steps only (``IntegrateOptions.dense_stages=False``) keeps no
+        #: stages (``Ks`` empty): a compiled loop's output is then read through this record, an
+        #: eager one's not at all (its caller takes the steps again).
         self.record = record
         self.t_starts = t_starts
         self.dts = dts

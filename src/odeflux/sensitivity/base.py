@@ -217,10 +217,14 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     y = problem.y0.detach()
     # perturb: f is never evaluated on a step's ends, so neither is it here.
     t0 = nudge(problem.t0, 1.0 if problem.t1 > problem.t0 else -1.0, y.dtype) if problem.perturb else problem.t0
-    shape = hidden_param(
-        problem.user_f, lambda: problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y), params,
-        problem.module_state,
-    )  # fmt: skip
+
+    def evaluate() -> Any:
+        # (The random generator left as it was: a field with dropout draws in the solve what it
+        # would have drawn without the check.)
+        with torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []):
+            return problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y)
+
+    shape = hidden_param(problem.user_f, evaluate, params, problem.module_state)
     if shape is not None:
         raise ValueError(
             f"f depends on a tensor of shape {shape} that requires grad but is not among the "

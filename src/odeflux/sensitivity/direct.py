@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 from ..problem import solution_from_result
 from ..solution import Solution
-from .base import SensitivityAlgorithm
+from .base import SensitivityAlgorithm, check_hidden_params
 from .rk_reverse import reverse_pass_rule, solve_reverse
+from .step_reverse import recompute_applies, solve_step_reverse
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -28,10 +29,20 @@ class DirectAdjoint(SensitivityAlgorithm):
     Runge-Kutta solver, parameters reaching ``f`` as module parameters or through ``args``) the
     forward solve is the compiled loop with its steps recorded and the reverse pass a second
     compiled program (:mod:`odeflux.compiled.reverse`): the same gradient, no graph.
+
+    ``recompute=True`` keeps no graph between the passes either, eagerly and for any field: the
+    forward keeps each accepted step's start state, and the backward pass takes each step again,
+    recorded, and differentiates it, last step first (:mod:`.step_reverse`). The same gradient,
+    with one step's graph alive at a time (the memory of the steps' start states, as the
+    continuous adjoints keep), for one more evaluation of ``f`` per stage. Where a step cannot be
+    retaken as it was (an implicit solver, ``perturb``, ``jump_times``, ``dense=True``), or ``f``
+    depends on tensors requiring grad outside ``params`` (then they would get no gradient), the
+    solve is recorded as without it.
     """
 
-    def __init__(self, hand_written: bool = True):
+    def __init__(self, hand_written: bool = True, recompute: bool = False):
         self.hand_written = hand_written
+        self.recompute = recompute
 
     def solve(self, problem: "Problem") -> Solution:
         vjp = reverse_pass_rule(problem) if self.hand_written else None
@@ -45,7 +56,15 @@ class DirectAdjoint(SensitivityAlgorithm):
             sol = solve_compiled_reverse(problem)
             if sol is not None:
                 return sol
+        if self.recompute and recompute_applies(problem):
+            try:
+                check_hidden_params(problem, [q for q in problem.params if q.requires_grad])
+            except ValueError:
+                pass
+            else:
+                return solve_step_reverse(problem)
         return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
-        return "DirectAdjoint()" if self.hand_written else "DirectAdjoint(hand_written=False)"
+        opts = ([] if self.hand_written else ["hand_written=False"]) + (["recompute=True"] if self.recompute else [])
+        return f"DirectAdjoint({', '.join(opts)})"

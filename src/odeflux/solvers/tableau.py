@@ -320,8 +320,13 @@ class ExplicitRK(RungeKutta):
         dt: float,
         k1: torch.Tensor,
         co: _Coefficients | None = None,
+        solution_only: bool = False,
     ) -> StepResult:
         """Take one step of size ``dt`` from ``(t, y)``, given ``k1 = f(t, y)``.
+
+        ``solution_only``: the new state is all the caller reads (a reverse pass taking the step
+        again), so an FSAL method's last stage, ``f`` at the new state, is not evaluated: ``K``
+        then lacks it and the error estimate is ``None``.
 
         ``t`` is a 0-d tensor, ``dt`` a Python float. Pure tensor code (no host synchronisation,
         no in-place writes), so it is differentiable and traces under
@@ -347,6 +352,8 @@ class ExplicitRK(RungeKutta):
             K = torch.stack(ks).reshape(i, n)
             if fsal and i == s - 1:  # the new state itself
                 yi = new_state(yrow, co.a_rows[i], K, dt, compiling).reshape(shape)
+                if solution_only:
+                    return StepResult(yi, None, torch.stack(ks))
             elif compiling:
                 yi = torch.addmm(yrow, co.a_rows[i] * dt, K).reshape(shape)
             else:
