@@ -2,8 +2,8 @@
 
 For each field and rtol = atol in {1e-2, ..., 1e-6} (down to 1e-8 for the float64 fields), one
 gradient of a loss of y(t1) with respect to the field's parameters, with odeflux's adjoints (the
-default InterpolatingAdjoint, DirectAdjoint, GaussAdjoint, BacksolveAdjoint; Tsit5 and the default
-PI controller) and the peers' (torchdiffeq dopri5 through ``odeint_adjoint`` and through ``odeint``;
+default ``"auto"``, InterpolatingAdjoint, DirectAdjoint, GaussAdjoint, BacksolveAdjoint; Tsit5 and
+the default PI controller) and the peers' (torchdiffeq dopri5 through ``odeint_adjoint`` and through ``odeint``;
 torchode Tsit5 by backpropagation with its I and PID controllers, and its joint backsolve adjoint).
 Counted: f evaluations in the forward solve, f evaluations in the backward pass, and VJPs (backward
 passes through f), all by one counting wrapper; the error is the gradient's relative 2-norm error
@@ -281,21 +281,26 @@ class Config:
 
 ODE_PI = PIController(qoldinit=1e-4)  # OrdinaryDiffEq's floor of the PI controller's error memory
 CONFIGS: tuple[Config, ...] = (
-    Config("odeflux Interpolating [default]", odeflux_solve(odeflux.InterpolatingAdjoint()),
-           "`InterpolatingAdjoint()`, the default of `odeflux.NeuralODE` (`odeflux.solve(..., sensealg=...)`): "
+    Config("odeflux auto [default]", odeflux_solve("auto"),
+           "`sensealg=\"auto\"`, the default of `odeflux.NeuralODE`: on these fields (a generic module, Tsit5) "
+           "`DirectAdjoint(recompute=True)` (the forward's steps retaken one at a time in the backward pass, "
+           "recorded and differentiated: DirectAdjoint's gradient) where the state and parameters have more than "
+           "100 entries, `DirectAdjoint()` on the small Lotka-Volterra and Van der Pol problems"),
+    Config("odeflux Interpolating", odeflux_solve(odeflux.InterpolatingAdjoint()),
+           "`InterpolatingAdjoint()`, `NeuralODE`'s default until this measurement: "
            "(lambda, mu) solved backwards, y(t) from the forward's stored steps; adjoint rtol/atol = the forward's, "
            "mixed norm (the largest block RMS), the adjoint solve's first step Hairer's estimate (its default "
            "`first_step=\"continue\"` on one interval); forward: the default `PIController()` (error memory "
            "floored at qoldinit = 0.1); backward: the adjoints' default, OrdinaryDiffEq's "
            "`PIController(qoldinit=1e-4)`"),
     Config("odeflux Interpolating qold 1e-4", odeflux_solve(odeflux.InterpolatingAdjoint(controller=ODE_PI), ODE_PI),
-           "the default but with OrdinaryDiffEq's `PIController(qoldinit=1e-4)` forward too (odeflux's default "
-           "forward and backward until this measurement)"),
+           "Interpolating but with OrdinaryDiffEq's `PIController(qoldinit=1e-4)` forward too (odeflux's default "
+           "forward and backward until an earlier measurement)"),
     Config("odeflux Interpolating bwd qold 0.1", odeflux_solve(odeflux.InterpolatingAdjoint(controller=PIController())),
-           "the default but for the adjoint solve's controller: `PIController()` (the forward's default, its "
+           "Interpolating but for the adjoint solve's controller: `PIController()` (the forward's default, its "
            "error memory floored at 0.1) in place of OrdinaryDiffEq's"),
     Config("odeflux Interpolating forward", odeflux_solve(odeflux.InterpolatingAdjoint(first_step="forward")),
-           "the default but for the adjoint's first step: `first_step=\"forward\"`, the larger of the forward's "
+           "Interpolating but for the adjoint's first step: `first_step=\"forward\"`, the larger of the forward's "
            "last two steps in place of Hairer's estimate"),
     Config("odeflux Direct", odeflux_solve(odeflux.DirectAdjoint()),
            "`DirectAdjoint()`: backpropagation through the recorded solve (odeflux.solve()'s own default)"),
@@ -527,7 +532,7 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
         "## Gradient error per tolerance: odeflux's default against torchdiffeq's odeint_adjoint\n\nGoal (issue 19): "
         "at each tolerance the default adjoint's gradient error (against the float64 reference) is no worse than "
         f"`odeint_adjoint`'s. The default is worse at {n_worse} of {n_all} (field, tolerance) pairs. The other "
-        "odeflux continuous adjoints, counted the same way: "
+        "odeflux adjoints, counted the same way: "
         + "; ".join(f"{c.key}: worse at {w} of {n}" for c in CONFIGS
                     if c.odeflux and c.key not in (DEFAULT, *DISCRETE) for w, n in [_n_worse(results, c.key)] if n)
         + ".\n\n"
@@ -537,8 +542,8 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
     )
 
 
-_ODEFLUX_STYLE = [("C0", "o", "-"), ("C0", "o", ":"), ("C0", "o", "--"), ("C0", "o", "-."), ("C1", "s", "-"),
-                  ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
+_ODEFLUX_STYLE = [("C4", "P", "-"), ("C0", "o", "-"), ("C0", "o", ":"), ("C0", "o", "--"), ("C0", "o", "-."),
+                  ("C1", "s", "-"), ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
 _PEER_STYLE = [("0.3", "x", "--"), ("0.5", "+", "--"), ("0.15", "*", ":"), ("0.6", "D", ":"), ("0.4", "<", "-.")]
 STYLE = dict(zip([c.key for c in CONFIGS if c.odeflux], _ODEFLUX_STYLE)) | dict(zip(PEER_KEYS, _PEER_STYLE))
 

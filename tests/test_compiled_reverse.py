@@ -165,11 +165,12 @@ def _interp(solver, co, y, h, K, theta):
 
 
 def test_neural_ode_with_compile_defaults_to_auto():
-    """NeuralODE's default adjoint with compile=True is "auto" (which takes the compiled reverse pass
-    for a small state: test_compiled_loop.py's auto test); without it, InterpolatingAdjoint."""
+    """NeuralODE's default adjoint, with compile=True or without, is "auto" (which takes the
+    compiled reverse pass for a small state under compile=True: test_compiled_loop.py's auto
+    test); a per-sample solve's, InterpolatingAdjoint."""
     field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
     assert odeflux.NeuralODE(field, compile=True).sensealg == "auto"
-    assert isinstance(odeflux.NeuralODE(field).sensealg, odeflux.InterpolatingAdjoint)
+    assert odeflux.NeuralODE(field).sensealg == "auto"
     assert isinstance(odeflux.NeuralODE(field, compile=True, batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
 
 

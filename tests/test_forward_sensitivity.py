@@ -229,8 +229,11 @@ def test_auto_picks_by_size_and_its_gradients_are_right():
     big = nn.Sequential(nn.Linear(2, 40), nn.Tanh(), nn.Linear(40, 2)).double()  # 2 + 202 > SMALL_LIMIT
     assert 2 + sum(p.numel() for p in big.parameters()) > SMALL_LIMIT
     g, sol = grads(big, y0, "auto")
+    assert isinstance(sol.sensealg, odeflux.DirectAdjoint) and sol.sensealg.recompute  # (explicit RK: steps retaken)
+    assert rel(g, grads(big, y0, odeflux.DirectAdjoint())[0]) < 1e-10
+    g, sol = grads(big, y0, "auto", solver=odeflux.KenCarp4())  # (an implicit solver: an adjoint solve)
     assert isinstance(sol.sensealg, odeflux.InterpolatingAdjoint)
-    assert rel(g, grads(big, y0, odeflux.DirectAdjoint())[0]) < 1e-6
+    assert rel(g, grads(big, y0, odeflux.DirectAdjoint(), solver=odeflux.KenCarp4())[0]) < 1e-5
 
     hidden = torch.tensor(0.5, dtype=D, requires_grad=True)  # captured, not in params=: the adjoints can't see it
     big_y0 = torch.ones(200, dtype=D, requires_grad=True)
@@ -253,7 +256,8 @@ def test_auto_picks_by_size_and_its_gradients_are_right():
 def test_defaults_unchanged():
     f, y0 = LV(), torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
     assert isinstance(odeflux.solve(f, y0, (0.0, 1.0)).sensealg, odeflux.DirectAdjoint)
-    assert isinstance(odeflux.NeuralODE(nn.Linear(2, 2)).sensealg, odeflux.InterpolatingAdjoint)
+    assert odeflux.NeuralODE(nn.Linear(2, 2)).sensealg == "auto"
+    assert isinstance(odeflux.NeuralODE(nn.Linear(2, 2), batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
 
 
 def test_refusals():

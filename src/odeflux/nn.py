@@ -20,8 +20,9 @@ class NeuralODE(nn.Module):
 
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
     is integrated as one ODE state, as in the Lux tutorial. ``sensealg`` picks the gradient method
-    (default ``InterpolatingAdjoint()``, or ``"auto"`` with ``compile=True``; ``"auto"`` picks by
-    size, see :func:`odeflux.solve`); other keywords go to :func:`odeflux.solve` (``rtol``,
+    (default ``"auto"``, which picks by the problem, see :func:`odeflux.sensitivity.choose_sensealg`:
+    ``DirectAdjoint(recompute=True)`` for a Tsit5 solve of a batch; ``InterpolatingAdjoint()`` for
+    a per-sample solve); other keywords go to :func:`odeflux.solve` (``rtol``,
     ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
     ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``; with a
     Rosenbrock solver, ``DirectAdjoint``, which is then the default). With ``return_solution=True`` the forward returns the whole
@@ -50,11 +51,8 @@ class NeuralODE(nn.Module):
         if sensealg == "default":
             from .sensitivity import InterpolatingAdjoint
 
-            # With compile=True, "auto" (a small state then takes DirectAdjoint, its solve and
-            # reverse pass two compiled programs: benchmarks/results/small_systems.md); a
-            # per-sample solve has no "auto".
-            compiled = solve_kwargs.get("compile") and solve_kwargs.get("batch_axis") is None
-            sensealg = "auto" if compiled else InterpolatingAdjoint()
+            # "auto": the method picked by the problem when it is solved (a per-sample solve has none).
+            sensealg = "auto" if solve_kwargs.get("batch_axis") is None else InterpolatingAdjoint()
             if solve_kwargs.get("batch_axis") is not None and solver is not None and not solver.tableau_steps:
                 from .sensitivity import DirectAdjoint
 

@@ -12,6 +12,7 @@ from .backsolve import BacksolveAdjoint
 from .base import SensitivityAlgorithm, check_hidden_params
 from .direct import DirectAdjoint
 from .interpolating import InterpolatingAdjoint
+from .step_reverse import recompute_applies
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -39,8 +40,15 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     whose forward solve and reverse pass are each one compiled program (measured faster than
     compiled ``ForwardSensitivity``, the earlier choice here, on the spiral and Lotka-Volterra
     benchmarks: benchmarks/results/small_systems.md).
-    Larger problems: ``InterpolatingAdjoint()`` (memory bounded whatever the number of steps;
-    faster than DirectAdjoint on large states, benchmarks/results/general.md).
+    Larger problems with an explicit Runge-Kutta solver: ``DirectAdjoint(recompute=True)``, the
+    discrete gradient with one step's graph alive at a time (memory: the steps' start states).
+    It measured faster than ``InterpolatingAdjoint()`` on every field of
+    benchmarks/results/general.md (its backward pass retakes the forward's steps, where the
+    adjoint solve chooses its own, more of them on the MLP and conv fields), and its gradient is
+    DirectAdjoint's, the most accurate at a given tolerance
+    (benchmarks/results/gradient_work_precision.md). Other stepwise solvers (implicit,
+    Rosenbrock, multistep), and a step that cannot be retaken as it was (``perturb``,
+    ``jump_times``, ``dense=True``): ``InterpolatingAdjoint()``.
     Where the field rules the continuous adjoints out, an ``f`` that depends on tensors requiring
     grad that they cannot see (captured from its closure, not in ``params=``): ``DirectAdjoint()``,
     which differentiates whatever the solve recorded. A solver that integrates whole spans itself
@@ -58,6 +66,8 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
         check_hidden_params(problem, params)
     except ValueError:
         return DirectAdjoint()
+    if recompute_applies(problem):
+        return DirectAdjoint(recompute=True)
     return InterpolatingAdjoint()
 
 

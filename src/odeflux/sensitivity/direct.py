@@ -37,7 +37,8 @@ class DirectAdjoint(SensitivityAlgorithm):
     continuous adjoints keep), for one more evaluation of ``f`` per stage. Where a step cannot be
     retaken as it was (an implicit solver, ``perturb``, ``jump_times``, ``dense=True``), or ``f``
     depends on tensors requiring grad outside ``params`` (then they would get no gradient), the
-    solve is recorded as without it.
+    solve is recorded as without it. Under ``compile=True`` its forward solve is the compiled
+    loop and its backward pass stays eager (for states past the compiled reverse program's size).
     """
 
     def __init__(self, hand_written: bool = True, recompute: bool = False):
@@ -50,7 +51,7 @@ class DirectAdjoint(SensitivityAlgorithm):
             # (Eagerly under compile=True too: the two compiled programs took 1.26-1.52x its time
             # at every size measured, benchmarks/results/compiled_crossover.md.)
             return solve_reverse(dataclasses.replace(problem, compiled=False) if problem.compiled else problem, vjp)
-        if problem.compiled:
+        if problem.compiled and not self.recompute:
             from ..compiled.reverse import solve_compiled_reverse
 
             sol = solve_compiled_reverse(problem)
