@@ -12,7 +12,7 @@ Two workloads, one torch thread, JAX pinned to one core in its own process:
 
 For each: a forward solve (``torch.no_grad``; ``jax.jit``) and one gradient with respect to the
 field's parameters (forward, loss, backward) under odeflux's ``DirectAdjoint``,
-``InterpolatingAdjoint`` (``NeuralODE``'s default), ``GaussAdjoint``, ``BacksolveAdjoint`` and
+``DirectAdjoint(recompute=True)``, ``InterpolatingAdjoint``, ``GaussAdjoint``, ``BacksolveAdjoint`` and
 ``ForwardSensitivity``, eager and with ``compile=True``, and diffrax's Tsit5 with
 ``RecursiveCheckpointAdjoint`` and ``BacksolveAdjoint``. Every configuration's loss and gradient is
 checked against odeflux eager ``DirectAdjoint``. The compile cost of ``compile=True`` is the first
@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SENSEALGS: dict[str, Callable[[], Any]] = {
     "DirectAdjoint": odeflux.DirectAdjoint,
+    "DirectAdjoint(recompute=True)": lambda: odeflux.DirectAdjoint(recompute=True),
     "InterpolatingAdjoint": odeflux.InterpolatingAdjoint,
     "GaussAdjoint": odeflux.GaussAdjoint,
     "BacksolveAdjoint": odeflux.BacksolveAdjoint,
@@ -147,6 +148,13 @@ def grad_vector(f: nn.Module) -> torch.Tensor:
 
 
 # -- odeflux configurations -------------------------------------------------------------------
+
+
+def sensealg_key(sensealg: Any) -> str:
+    """The configuration key of the method ``sensealg="auto"`` picked."""
+    if isinstance(sensealg, odeflux.DirectAdjoint) and sensealg.recompute:
+        return "DirectAdjoint(recompute=True)"
+    return type(sensealg).__name__
 
 
 def base_key(key: str) -> str:
@@ -333,9 +341,9 @@ def run_workload(w: Workload, args: argparse.Namespace, tmp: Path) -> tuple[list
                   + (f", grad rel. diff {row.grad_diff:.1e}" if row.grad_diff is not None else ""), flush=True)  # fmt: skip
             fns[name] = call
     info["warnings"] = caught
-    if True in modes:
-        # NeuralODE(compile=True)'s default is sensealg="auto": which method it picks here.
-        info["auto"] = type(w.solve("auto", compile=True).sensealg).__name__
+    # NeuralODE's default is sensealg="auto": which method it picks here, eager and compiled.
+    info["auto"] = (sensealg_key(w.solve("auto").sensealg),
+                    sensealg_key(w.solve("auto", compile=True).sensealg) if True in modes else None)
 
     server = None
     if args.dfx_missing is None:
@@ -494,7 +502,10 @@ def payback_table(rows: list[Row], tol: float) -> str:
     return markdown_table(headers, out, align="llllll")
 
 
-def targets(all_rows: dict[str, list[Row]], tols: dict[str, float], autos: dict[str, str]) -> tuple[str, list[dict]]:
+def targets(all_rows: dict[str, list[Row]], tols: dict[str, float],
+            autos: dict[str, tuple[str, str | None]]) -> tuple[str, list[dict]]:  # fmt: skip
+    """Issue 20's targets from the rows; ``autos``: per workload, the keys of the methods
+    ``sensealg="auto"`` (``NeuralODE``'s default) picks eagerly and with ``compile=True``."""
     out, data = [], []
     for wname, which, goal in TARGETS:
         rows = all_rows.get(wname)
@@ -504,11 +515,11 @@ def targets(all_rows: dict[str, list[Row]], tols: dict[str, float], autos: dict[
         ok = [r for r in rows if r.kind == "gradient" and r.name not in DFX and r.timing and not r.failure
               and r.grad_diff is not None and r.grad_diff <= tols[wname]]  # fmt: skip
         if which == "default":
-            # NeuralODE's default: InterpolatingAdjoint; with compile=True, sensealg="auto"'s pick.
-            auto = autos.get(wname)
-            ok = [r for r in ok if (not r.compiled and r.key == "InterpolatingAdjoint") or (r.compiled and r.key == auto)]
-            label = (f"{wname}: NeuralODE's default adjoint (eager: InterpolatingAdjoint; compile=True: "
-                     f"sensealg=\"auto\", which picks {auto or '—'} here) ÷ diffrax's fastest gradient")
+            # NeuralODE's default: sensealg="auto"'s pick, eager and with compile=True.
+            eager, compiled = autos.get(wname, (None, None))
+            ok = [r for r in ok if (not r.compiled and r.key == eager) or (r.compiled and r.key == compiled)]
+            label = (f"{wname}: NeuralODE's default adjoint (sensealg=\"auto\", which picks {eager or '—'} eagerly, "
+                     f"{compiled or '—'} with compile=True here) ÷ diffrax's fastest gradient")
         else:
             label = f"{wname}: odeflux's fastest gradient ÷ diffrax's fastest gradient"
         mine = min(ok, key=lambda r: r.timing.median) if ok else None
@@ -557,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = args.only or list(WORKLOADS)
     all_rows: dict[str, list[Row]] = {}
     tols: dict[str, float] = {}
-    autos: dict[str, str] = {}
+    autos: dict[str, tuple[str, str | None]] = {}
     parts_w = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
