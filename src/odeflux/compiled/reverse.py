@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
+from ..solution import BackwardStats, Solution, SolveError, Status
 from ..sensitivity.base import _buffers_kept, _restored
 from .loop import locate
 from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _apart, _program, _reason, code_key, warn_eager
@@ -229,7 +229,7 @@ def solve_compiled_reverse(problem: Problem) -> Solution | None:
     a solver other than an explicit Runge-Kutta method, a differentiable dense output, options
     that evaluate ``f`` off the steps' starts (``perturb``, ``jump_times``), or parameters that
     reach ``f`` other than as module parameters or through ``args`` (then the solve is recorded)."""
-    from ..sensitivity.base import _AdjointFunction, check_hidden_params
+    from ..sensitivity.base import check_hidden_params, run_solution
     from ..sensitivity.vjp import FunctionalF
 
     if not problem.solver.tableau_steps or problem.dense or problem.perturb or problem.jump_times:
@@ -242,13 +242,7 @@ def solve_compiled_reverse(problem: Problem) -> Solution | None:
         fn = FunctionalF(problem, params, "compile")
     except ValueError:
         return None
-    run = CompiledReverseRun(problem, params, fn)
-    ys = _AdjointFunction.apply(run, problem.y0, *params)
-    res = run.result
-    return Solution(
-        ts=times_tensor(res.ts, problem.y0), ys=ys, stats=res.stats, status=res.status, message=res.message,
-        backward_stats=run.bstats, t_final=res.t,
-    )  # fmt: skip
+    return run_solution(CompiledReverseRun(problem, params, fn), problem)
 
 
 #: A per-sample gradient with at most this many saved times per sample interpolates them inside

@@ -571,6 +571,17 @@ def _restored(state: list[tuple[nn.Module, str, str, torch.Tensor]]):
             slots[name] = old
 
 
+def run_solution(run: Any, problem: "Problem") -> Solution:
+    """The solve through a discrete reverse pass's ``run`` (its ``forward`` keeps the
+    :class:`IntegrationResult` as ``run.result``), differentiable through :class:`_AdjointFunction`."""
+    ys = _AdjointFunction.apply(run, problem.y0, *run.params)
+    res = run.result
+    return Solution(
+        ts=times_tensor(res.ts, problem.y0), ys=ys, stats=res.stats, status=res.status, message=res.message,
+        backward_stats=run.bstats, t_final=res.t,
+    )  # fmt: skip
+
+
 class DenseQuery:
     """``sol(t)`` of a continuous-adjoint solve, made differentiable: the adjoint runs from the
     queried times (sorted, duplicates merged) as it runs from saved ones."""

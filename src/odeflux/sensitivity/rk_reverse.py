@@ -23,8 +23,8 @@ import torch
 
 from ..kernels import ArrayVJP, arrays
 from ..kernels.numpy_step import coefficients
-from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
-from .base import _AdjointFunction, _stack_like, split_like
+from ..solution import BackwardStats, Solution, SolveError, Status
+from .base import _stack_like, run_solution, split_like
 from .vjp import find_array_vjp
 
 if TYPE_CHECKING:
@@ -139,14 +139,7 @@ class ReverseRun:
 
 def solve_reverse(problem: "Problem", vjp: ArrayVJP) -> Solution:
     """The solve, differentiable through :class:`ReverseRun`."""
-    params = [q for q in problem.params if q.requires_grad]
-    run = ReverseRun(problem, params, vjp)
-    ys = _AdjointFunction.apply(run, problem.y0, *params)
-    res = run.result
-    return Solution(
-        ts=times_tensor(res.ts, problem.y0),
-        ys=ys, stats=res.stats, status=res.status, message=res.message, backward_stats=run.bstats, t_final=res.t,
-    )  # fmt: skip
+    return run_solution(ReverseRun(problem, [q for q in problem.params if q.requires_grad], vjp), problem)
 
 
 __all__: list[Any] = ["ReverseRun", "reverse_pass_rule", "solve_reverse"]
