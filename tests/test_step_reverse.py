@@ -163,3 +163,77 @@ def test_repr():
     assert repr(RECOMPUTE) == "DirectAdjoint(recompute=True)"
     assert repr(DirectAdjoint(hand_written=False)) == "DirectAdjoint(hand_written=False)"
     assert repr(DirectAdjoint()) == "DirectAdjoint()"
+
+
+def _problem(f, y0, **kw):
+    from odeflux.problem import make_problem
+
+    o = dict(rtol=1e-6, atol=1e-6, max_steps=100_000) | kw
+    problem, _ = make_problem(
+        f, y0, (0.0, 1.0), odeflux.Tsit5(), None, None, o["rtol"], o["atol"], None, False, True, True,
+        None, None, None, None, o["max_steps"], None, False,
+    )  # fmt: skip
+    return problem
+
+
+def test_the_graph_a_step_keeps_is_estimated_from_what_autograd_saves():
+    """One evaluation's saved tensors, measured: a Linear-tanh-Linear field on (n, 4) saves its
+    input and the two weight matrices (for the products) and tanh's output (for tanh's and the
+    second product's backward): (n, 4) + (n, 32) + 2 (32, 4) float64s. A Tsit5 step keeps 6
+    evaluations (its 7th, at the new state, is the next step's first) and two states besides."""
+    from odeflux.sensitivity.step_reverse import graph_bytes_per_step
+
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    per_step = {}
+    for n in (64, 4096):
+        y0 = torch.randn(n, 4, dtype=torch.float64)
+        per_step[n] = graph_bytes_per_step(_problem(odeflux.VectorField(field), y0))
+        per_eval = (n * 4 + n * 32 + 2 * 32 * 4) * 8
+        assert per_step[n] == 6 * per_eval + 2 * n * 4 * 8
+    assert per_step[4096] > 50 * per_step[64]
+
+
+def test_within_its_budget_the_solve_is_recorded_whole_and_past_it_steps_are_retaken():
+    """auto's choice: the recorded graph where it fits (no step retaken: DirectAdjoint()'s
+    gradient exactly), the retaking pass past the budget (the same gradient to round-off), and a
+    solve abandoned at the budget counts nowhere: a BatchNorm's running statistics see each
+    forward evaluation once, and a dropout mask is drawn as without the abandoned try."""
+    from odeflux.sensitivity.step_reverse import graph_bytes_per_step
+
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4)).double().train()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    per_step = graph_bytes_per_step(_problem(odeflux.VectorField(field), y0))
+    results = {}
+    for name, sensealg in (("direct", DirectAdjoint()), ("fits", DirectAdjoint(recompute=True, graph_budget=2**30)),
+                           ("abandoned", DirectAdjoint(recompute=True, graph_budget=2 * per_step))):  # fmt: skip
+        field.zero_grad()
+        before = int(field[1].num_batches_tracked)
+        sol = odeflux.solve(field, y0, (0.0, 1.0), sensealg=sensealg, rtol=1e-6, atol=1e-6)
+        assert sol.stats.n_accepted > 2  # (the premise: two steps fit, the solve takes more)
+        assert int(field[1].num_batches_tracked) - before == sol.stats.n_f_evals
+        sol.ys[-1].square().sum().backward()
+        results[name] = (sol, torch.cat([p.grad.reshape(-1) for p in field.parameters()]))
+    assert results["fits"][0].backward_stats is None  # recorded: no pass of its own
+    assert torch.equal(results["fits"][1], results["direct"][1])
+    assert results["abandoned"][0].backward_stats.n_accepted == results["abandoned"][0].stats.n_accepted
+    assert torch.allclose(results["abandoned"][1], results["direct"][1], rtol=1e-10, atol=1e-12)
+
+    drop = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4)).double().train()
+    out = []
+    for sensealg in (DirectAdjoint(), DirectAdjoint(recompute=True, graph_budget=1)):
+        torch.manual_seed(3)
+        sol = odeflux.solve(drop, y0, (0.0, 1.0), sensealg=sensealg, solver=odeflux.RK4(), dt0=0.25)
+        out.append(sol.ys.detach())
+    assert torch.equal(out[1], out[0])
+
+
+def test_auto_takes_the_budgeted_pass_for_larger_problems():
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(8, 32), nn.Softplus(), nn.Linear(32, 8)).double()  # (no hand-written rule)
+    y0 = torch.randn(16, 8, dtype=torch.float64)
+    sol = odeflux.solve(field, y0, (0.0, 1.0), sensealg="auto")
+    assert isinstance(sol.sensealg, DirectAdjoint) and sol.sensealg.recompute and sol.sensealg.graph_budget == 2**29
+    with pytest.raises(ValueError, match="pass recompute=True"):
+        DirectAdjoint(graph_budget=10)

@@ -12,7 +12,7 @@ from .backsolve import BacksolveAdjoint
 from .base import SensitivityAlgorithm, check_hidden_params
 from .direct import DirectAdjoint
 from .interpolating import InterpolatingAdjoint
-from .step_reverse import recompute_applies
+from .step_reverse import GRAPH_BUDGET, recompute_applies
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -40,12 +40,13 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     whose forward solve and reverse pass are each one compiled program (measured faster than
     compiled ``ForwardSensitivity``, the earlier choice here, on the spiral and Lotka-Volterra
     benchmarks: benchmarks/results/small_systems.md).
-    Larger problems with an explicit Runge-Kutta solver: ``DirectAdjoint(recompute=True)``, the
-    discrete gradient with one step's graph alive at a time (memory: the steps' start states).
-    It measured faster than ``InterpolatingAdjoint()`` on every field of
-    benchmarks/results/general.md (its backward pass retakes the forward's steps, where the
-    adjoint solve chooses its own, more of them on the MLP and conv fields), and its gradient is
-    DirectAdjoint's, the most accurate at a given tolerance
+    Larger problems with an explicit Runge-Kutta solver:
+    ``DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)``, the discrete gradient: the
+    solve recorded whole while its graph is estimated within 512 MiB, else with one step's graph
+    alive at a time (memory: the steps' start states). Both measured faster than
+    ``InterpolatingAdjoint()`` on every field of benchmarks/results/general.md (the backward
+    pass follows the forward's steps, where the adjoint solve chooses its own, more of them on
+    the MLP and conv fields), and fewer evaluations at equal gradient error
     (benchmarks/results/gradient_work_precision.md). Other stepwise solvers (implicit,
     Rosenbrock, multistep), and a step that cannot be retaken as it was (``perturb``,
     ``jump_times``, ``dense=True``): ``InterpolatingAdjoint()``.
@@ -67,7 +68,7 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     except ValueError:
         return DirectAdjoint()
     if recompute_applies(problem):
-        return DirectAdjoint(recompute=True)
+        return DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)
     return InterpolatingAdjoint()
 
 

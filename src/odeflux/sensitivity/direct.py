@@ -9,7 +9,7 @@ from ..problem import solution_from_result
 from ..solution import Solution
 from .base import SensitivityAlgorithm, check_hidden_params
 from .rk_reverse import reverse_pass_rule, solve_reverse
-from .step_reverse import recompute_applies, solve_step_reverse
+from .step_reverse import recompute_applies, record_within, solve_step_reverse
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -39,11 +39,19 @@ class DirectAdjoint(SensitivityAlgorithm):
     depends on tensors requiring grad outside ``params`` (then they would get no gradient), the
     solve is recorded as without it. Under ``compile=True`` its forward solve is the compiled
     loop and its backward pass stays eager (for states past the compiled reverse program's size).
+    ``graph_budget`` (bytes, with ``recompute=True``): the solve is recorded whole while its
+    graph is estimated to fit, and its steps are retaken only past that (``sensealg="auto"``
+    takes 512 MiB): a solve of few steps then costs no more evaluations than ``DirectAdjoint()``.
     """
 
-    def __init__(self, hand_written: bool = True, recompute: bool = False):
+    def __init__(self, hand_written: bool = True, recompute: bool = False, graph_budget: int | None = None):
+        if graph_budget is not None and not recompute:
+            raise ValueError("DirectAdjoint(graph_budget=...) bounds what recompute=True records: pass recompute=True too")
+        if graph_budget is not None and graph_budget < 0:
+            raise ValueError(f"graph_budget must be a number of bytes >= 0, got {graph_budget}")
         self.hand_written = hand_written
         self.recompute = recompute
+        self.graph_budget = graph_budget
 
     def solve(self, problem: "Problem") -> Solution:
         vjp = reverse_pass_rule(problem) if self.hand_written else None
@@ -63,9 +71,14 @@ class DirectAdjoint(SensitivityAlgorithm):
             except ValueError:
                 pass
             else:
+                if self.graph_budget and not problem.compiled:
+                    sol = record_within(problem, self.graph_budget)
+                    if sol is not None:
+                        return sol
                 return solve_step_reverse(problem)
         return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
         opts = ([] if self.hand_written else ["hand_written=False"]) + (["recompute=True"] if self.recompute else [])
+        opts += [] if self.graph_budget is None else [f"graph_budget={self.graph_budget}"]
         return f"DirectAdjoint({', '.join(opts)})"

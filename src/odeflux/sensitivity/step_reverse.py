@@ -10,16 +10,26 @@ time instead of all of them: each stage's ``f`` is evaluated once more, and the 
 between the passes is the steps' start states (the forward's dense output), as the continuous
 adjoints keep. The same pass, as one compiled program for ``B`` problems, is
 :mod:`odeflux.compiled.reverse`; written out on arrays for dense fields, :mod:`.rk_reverse`.
+
+With a ``graph_budget`` the solve is recorded whole, as ``DirectAdjoint()`` records it (no
+evaluation retaken), while its graph stays within the budget: the bytes a step keeps are
+estimated from one evaluation of ``f`` (the tensors autograd saves, measured once per field and
+state), which bounds the steps; a solve that needs more is abandoned there, the module's buffers
+and the random generator put back, and solved again as above (:func:`record_within`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..solution import BackwardStats, Solution, SolveError, Status, times_tensor
-from .base import _AdjointFunction, _buffers_kept, _restored, _stack_like
+from ..problem import solution_from_result
+from ..solution import BackwardStats, Solution, SolveError, Status
+from ..tree import TreeField
+from ..vector_field import VectorField
+from .base import _buffers_kept, _restored, _stack_like, run_solution
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -163,16 +173,79 @@ def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
         torch.set_rng_state(state)
 
 
+#: The graph ``sensealg="auto"`` lets ``DirectAdjoint(recompute=True)`` record before it retakes
+#: steps instead: 512 MiB. benchmarks/general.py's neural fields record about 90 MB (the MLP, 3
+#: steps) and 244 MB (the conv field, 4 steps), estimated at 95 and 254 MB.
+GRAPH_BUDGET = 512 * 2**20
+
+# Bytes autograd saves in one evaluation of f, per field (weakly) and state shape.
+_PER_EVAL: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def graph_bytes_per_step(problem: "Problem") -> int:
+    """The bytes a recorded step of ``problem`` keeps for its backward pass, estimated: its
+    evaluations of ``f`` (what autograd saves in one, measured once per field and state shape;
+    an FSAL method's last is the next step's first) and two states besides (the stage sums
+    save little: their coefficients need no gradient)."""
+    y = problem.y0.detach()
+    owner = problem.user_f
+    while isinstance(owner, (VectorField, TreeField)):
+        owner = owner.module if isinstance(owner, VectorField) else owner.inner
+    key = (tuple(y.shape), y.dtype, y.device)
+    try:
+        known = _PER_EVAL.setdefault(owner, {})
+    except TypeError:  # (not weakly referenceable: measured every solve)
+        known = {}
+    if key not in known:
+        known[key] = _saved_bytes(problem, y)
+    tableau = problem.solver.tableau
+    return (tableau.stages - tableau.fsal) * known[key] + 2 * y.numel() * y.element_size()
+
+
+def _saved_bytes(problem: "Problem", y: torch.Tensor) -> int:
+    storages: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[(st.data_ptr(), t.device)] = st.nbytes()
+        return t
+
+    t0 = torch.full((), problem.t0, dtype=y.dtype, device=y.device)
+    # (The generator and the module's buffers left as they were: this evaluation is no forward pass.)
+    with torch.enable_grad(), torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []), \
+            _buffers_kept(problem.module_state), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = problem.f(t0, y.clone().requires_grad_(True))
+    del out
+    return sum(storages.values())
+
+
+def record_within(problem: "Problem", budget: int) -> Solution | None:
+    """The solve recorded whole (``DirectAdjoint()``'s graph) where its steps' estimated graph
+    fits ``budget`` bytes, or ``None`` where it does not: the solve is then abandoned once it has
+    taken the steps that fit, with the module's buffers (running statistics) and the random
+    generator put back as they were before it."""
+    fit = budget // max(graph_bytes_per_step(problem), 1)
+    if fit < 1:
+        return None
+    limit = min(fit, problem.max_steps)
+    y = problem.y0
+    generator = _generator_state(y.device)
+    buffers = [(t, t.clone()) for _, kind, _, t in problem.module_state if kind == "_buffers"]
+    res = problem.integrate(max_steps=limit)
+    if res.status == Status.MAX_STEPS and limit < problem.max_steps:
+        del res  # (its graph with it)
+        with torch.no_grad():
+            for t, value in buffers:
+                t.copy_(value)
+        _set_generator_state(y.device, generator)
+        return None
+    return solution_from_result(res, problem)
+
+
 def solve_step_reverse(problem: "Problem") -> Solution:
     """The solve, differentiable through :class:`StepReverseRun`."""
-    params = [q for q in problem.params if q.requires_grad]
-    run = StepReverseRun(problem, params)
-    ys = _AdjointFunction.apply(run, problem.y0, *params)
-    res = run.result
-    return Solution(
-        ts=times_tensor(res.ts, problem.y0), ys=ys, stats=res.stats, status=res.status, message=res.message,
-        backward_stats=run.bstats, t_final=res.t,
-    )  # fmt: skip
+    return run_solution(StepReverseRun(problem, [q for q in problem.params if q.requires_grad]), problem)
 
 
-__all__ = ["StepReverseRun", "recompute_applies", "solve_step_reverse"]
+__all__ = ["GRAPH_BUDGET", "StepReverseRun", "graph_bytes_per_step", "recompute_applies", "record_within",
+           "solve_step_reverse"]
