@@ -153,7 +153,9 @@ def grad_vector(f: nn.Module) -> torch.Tensor:
 def sensealg_key(sensealg: Any) -> str:
     """The configuration key of the method ``sensealg="auto"`` picked."""
     if isinstance(sensealg, odeflux.DirectAdjoint) and sensealg.recompute:
-        return "DirectAdjoint(recompute=True)"
+        # (Within its graph budget the solve is recorded as DirectAdjoint() records it: a small
+        # system's whole graph is far below the budget.)
+        return "DirectAdjoint" if sensealg.graph_budget else "DirectAdjoint(recompute=True)"
     return type(sensealg).__name__
 
 
