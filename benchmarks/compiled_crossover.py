@@ -36,6 +36,7 @@ import odeflux
 from odeflux.sensitivity.auto import COMPILED_DIRECT_LIMIT
 
 from .common import closing_line, interleaved, machine_info, markdown_table, publish, set_threads
+from .peers.torch_tutorial import TimeField  # (net of y as a module of (t, y): no array forms, the generic path)
 from .provenance import code_state
 
 RESULT = Path(__file__).parent / "results" / "compiled_crossover.md"
@@ -49,17 +50,6 @@ LOOP = "the compiled loop (in a module of (t, y))"
 FORWARD = ("eager", "compile=True", LOOP)
 
 
-class Field(nn.Module):
-    """``net`` of ``y`` as a module of ``(t, y)``: no array forms, so odeflux takes its generic path."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(y)
-
-
 def workloads() -> list[tuple[str, nn.Module, torch.Tensor]]:
     out = []
     for B in BATCHES:
@@ -69,7 +59,7 @@ def workloads() -> list[tuple[str, nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     seq = nn.Sequential(nn.Linear(20, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 20), nn.Tanh())
     out.append(("tutorial field, state (128, 20)", seq, torch.randn(128, 20)))
-    out.append(("tutorial field in a module of (t, y), state (128, 20)", Field(seq), torch.randn(128, 20)))
+    out.append(("tutorial field in a module of (t, y), state (128, 20)", TimeField(seq), torch.randn(128, 20)))
     return out
 
 
@@ -103,7 +93,7 @@ def forward_rows(quick: bool, rounds: int) -> list[list[str]]:
 
         fns = {"eager": solve(f, False), "compile=True": solve(f, True)}
         if not quick:
-            fns[LOOP] = solve(Field(f), True)
+            fns[LOOP] = solve(TimeField(f), True)
         for fn in fns.values():
             fn()
         t = interleaved(fns, rounds=2 if quick else rounds, warmup=2, budget_s=30.0, min_rounds=2)

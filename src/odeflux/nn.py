@@ -21,8 +21,8 @@ class NeuralODE(nn.Module):
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
     is integrated as one ODE state, as in the Lux tutorial. ``sensealg`` picks the gradient method
     (default ``"auto"``, which picks by the problem, see :func:`odeflux.sensitivity.choose_sensealg`:
-    ``DirectAdjoint(recompute=True)`` for a Tsit5 solve of a batch; ``InterpolatingAdjoint()`` for
-    a per-sample solve); other keywords go to :func:`odeflux.solve` (``rtol``,
+    for a Tsit5 solve of a batch, backpropagation through the solve, recorded within a graph
+    budget and retaking its steps past it; ``InterpolatingAdjoint()`` for a per-sample solve); other keywords go to :func:`odeflux.solve` (``rtol``,
     ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
     ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``; with a
     Rosenbrock solver, ``DirectAdjoint``, which is then the default). With ``return_solution=True`` the forward returns the whole

@@ -23,7 +23,7 @@ import torch
 
 from ..solution import BackwardStats, Solution, SolveError, Status
 from ..sensitivity.base import _buffers_kept, _restored
-from .loop import locate
+from .loop import Located, locate
 from .program import _RECORD, _REFUSED, RECORD_LIMIT, STEP_REFUSED, _apart, _program, _reason, code_key, warn_eager
 
 if TYPE_CHECKING:
@@ -96,6 +96,22 @@ def run_reverse(
     return (carry[1] + ybar_b[:, 0], *carry[2:])
 
 
+def place_saved(
+    solver: Solver, ts: torch.Tensor, hs: torch.Tensor, n: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[Located, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Where each saved time ``taus`` (``(B, m)``) sits among each problem's recorded steps
+    (:func:`~.loop.locate`), whether it lies inside a step (its state interpolated there: its
+    cotangent reaches that step's stages too), and the step boundary its cotangent goes to (a
+    state on a boundary is that boundary's, ``t0``'s is ``y0``; one inside step ``i`` has
+    ``y_i``'s part)."""
+    d = torch.sign(t_end - ts[:, 0])  # (a problem with no steps has no direction: nothing below counts)
+    at = locate(solver, solver.coefficients(dtype, taus.device), ts, hs, n, t_end, taus, d, dtype)
+    at_end = at.ok & (taus == at.t_next)
+    boundary = torch.where(at.i < 0, 0, torch.where(at_end, at.ic + 1, at.ic))
+    return at, at.ok & ~at_end, boundary
+
+
 def cotangents(
     solver: Solver, ts: torch.Tensor, hs: torch.Tensor, n: torch.Tensor, t_end: torch.Tensor, taus: torch.Tensor,
     grads: torch.Tensor,
@@ -113,11 +129,7 @@ def cotangents(
     s = solver.tableau.stages
     known = ~torch.isnan(taus)
     g = torch.where(known.reshape((B, m) + (1,) * len(shape)), grads, 0.0).reshape(B, m, -1)
-    d = torch.sign(t_end - ts[:, 0])  # (a problem with no steps has no direction: nothing below counts)
-    at = locate(solver, solver.coefficients(dtype, grads.device), ts, hs, n, t_end, taus, d, dtype)
-    at_end = at.ok & (taus == at.t_next)
-    inside = at.ok & ~at_end
-    boundary = torch.where(at.i < 0, 0, torch.where(at_end, at.ic + 1, at.ic))
+    at, inside, boundary = place_saved(solver, ts, hs, n, t_end, taus, dtype)
     X = g.shape[2]
     ybar_b = grads.new_zeros(B, C + 1, X).scatter_add_(1, boundary.unsqueeze(2).expand(B, m, X), g)
     w = torch.where(inside.unsqueeze(2), at.weights, 0.0)  # (B, m, s)

@@ -221,7 +221,7 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
     def evaluate() -> Any:
         # (The random generator left as it was: a field with dropout draws in the solve what it
         # would have drawn without the check.)
-        with torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []):
+        with rng_kept(y.device):
             return problem.f(torch.full((), t0, dtype=y.dtype, device=y.device), y)
 
     shape = hidden_param(problem.user_f, evaluate, params, problem.module_state)
@@ -237,9 +237,7 @@ def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor]
     """The shape of a tensor requiring grad that ``f`` depends on but that is not among ``params``
     (see :func:`check_hidden_params`), or ``None``: one evaluation (``evaluate()``) walked, and
     ``f`` remembered (weakly) once found clean, so that later calls cost nothing."""
-    # solve() wraps a module of y, or of a structured state, afresh per call: remember what it wraps.
-    while isinstance(f, (VectorField, TreeField)):
-        f = f.module if isinstance(f, VectorField) else f.inner
+    f = user_module(f)
     try:
         if _CHECKED.get(f) == len(params):
             return None
@@ -255,6 +253,19 @@ def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor]
     if f is not None:
         _CHECKED[f] = len(params)
     return None
+
+
+def user_module(f: Any) -> Any:
+    """What ``f`` wraps: solve() wraps a module of ``y``, or of a structured state, afresh per
+    call, so what is remembered of a field per field is remembered of this."""
+    while isinstance(f, (VectorField, TreeField)):
+        f = f.module if isinstance(f, VectorField) else f.inner
+    return f
+
+
+def rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """The random generator ``f`` on ``device`` draws from, left after the block as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _outside_leaves(out: torch.Tensor, params: list[torch.Tensor]) -> list[tuple[weakref.ref, tuple[int, ...]]]:
@@ -542,13 +553,22 @@ def _buffers_kept(state: list[tuple[nn.Module, str, str, torch.Tensor]]):
     """Give the module's buffers back their values after the block: the adjoint's own
     evaluations of ``f`` (its VJPs, re-solves, this check) must not count as forward passes in
     running statistics (a BatchNorm in training mode), as DirectAdjoint's backward pass does not."""
-    kept = [(t, t.clone()) for _, kind, _, t in state if kind == "_buffers"]
+    kept = buffer_values(state)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for t, value in kept:
-                t.copy_(value)
+        put_back(kept)
+
+
+def buffer_values(state: list[tuple[nn.Module, str, str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of the module's buffers' values, for :func:`put_back`."""
+    return [(t, t.clone()) for _, kind, _, t in state if kind == "_buffers"]
+
+
+def put_back(kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for t, value in kept:
+            t.copy_(value)
 
 
 @contextlib.contextmanager

@@ -65,20 +65,22 @@ class DirectAdjoint(SensitivityAlgorithm):
             sol = solve_compiled_reverse(problem)
             if sol is not None:
                 return sol
-        if self.recompute and recompute_applies(problem):
-            try:
-                check_hidden_params(problem, [q for q in problem.params if q.requires_grad])
-            except ValueError:
-                pass
-            else:
-                if self.graph_budget and not problem.compiled:
-                    sol = record_within(problem, self.graph_budget)
-                    if sol is not None:
-                        return sol
-                return solve_step_reverse(problem)
+        if self.recompute and recompute_applies(problem) and _sees_every_param(problem):
+            sol = record_within(problem, self.graph_budget) if self.graph_budget and not problem.compiled else None
+            return sol if sol is not None else solve_step_reverse(problem)
         return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
         opts = ([] if self.hand_written else ["hand_written=False"]) + (["recompute=True"] if self.recompute else [])
         opts += [] if self.graph_budget is None else [f"graph_budget={self.graph_budget}"]
         return f"DirectAdjoint({', '.join(opts)})"
+
+
+def _sees_every_param(problem: "Problem") -> bool:
+    """Whether every tensor requiring grad that ``f`` depends on is among the problem's
+    parameters (a step retaken differentiates those only)."""
+    try:
+        check_hidden_params(problem, [q for q in problem.params if q.requires_grad])
+    except ValueError:
+        return False
+    return True

@@ -27,9 +27,7 @@ import torch
 
 from ..problem import solution_from_result
 from ..solution import BackwardStats, Solution, SolveError, Status
-from ..tree import TreeField
-from ..vector_field import VectorField
-from .base import _buffers_kept, _restored, _stack_like, run_solution
+from .base import _buffers_kept, _restored, _stack_like, buffer_values, put_back, rng_kept, run_solution, user_module
 
 if TYPE_CHECKING:
     from ..problem import Problem
@@ -103,7 +101,7 @@ class StepReverseRun:
             return grad_ys.sum(0), grads_p
         solver = p.solver
         co = solver.coefficients(y0.dtype, y0.device)
-        at_boundary, inside = _saved_cotangents(solver, co, dense, res, grad_ys)
+        at_boundary, inside = _saved_cotangents(solver, dense, res, grad_ys)
         f, float_time = p.f, p.float_time
         a = at_boundary.get(n, torch.zeros_like(y0))
         for i in range(n - 1, -1, -1):
@@ -128,33 +126,27 @@ class StepReverseRun:
         return a, grads_p
 
 
-def _saved_cotangents(solver: Any, co: Any, dense: Any, res: Any, grads: torch.Tensor) -> tuple[dict, dict]:
+def _saved_cotangents(solver: Any, dense: Any, res: Any, grads: torch.Tensor) -> tuple[dict, dict]:
     """The saved states' cotangents given to the step boundaries (``{i: cotangent of the state
-    before step i}``: a state saved on a boundary is that boundary's) and to the stages of the
-    steps they were interpolated in (``{i: (stages, ...)}``: ``y_i + h_i sum_j w_j(theta) K_j``,
-    the interpolant the forward saved it by; its ``y_i`` part to boundary ``i``). Only the steps
-    that get one are kept."""
-    from ..compiled.loop import locate
+    before step i}``) and to the stages of the steps they were interpolated in
+    (``{i: (stages, ...)}``), placed as the compiled reverse pass places them
+    (:func:`~odeflux.compiled.reverse.place_saved`); only the steps that get one are kept."""
+    from ..compiled.reverse import place_saved
 
-    y = grads[0] if len(grads) else None
     f64 = dict(dtype=torch.float64, device=grads.device)
-    n = len(dense)
-    ts = torch.tensor([dense.t_starts], **f64)
-    hs = torch.tensor([dense.dts], **f64)
-    taus = torch.tensor([res.ts], **f64)
-    d = torch.sign(torch.tensor([res.t], **f64) - ts[:, 0])
-    at = locate(solver, co, ts, hs, torch.full((1,), n, dtype=torch.int64, device=grads.device),
-                torch.full((1,), res.t, **f64), taus, d, grads.dtype)  # fmt: skip
-    at_end = at.ok & (taus == at.t_next)
-    inside = (at.ok & ~at_end)[0]
-    boundary = torch.where(at.i < 0, 0, torch.where(at_end, at.ic + 1, at.ic))[0]
+    at, inside, boundary = place_saved(
+        solver, torch.tensor([dense.t_starts], **f64), torch.tensor([dense.dts], **f64),
+        torch.full((1,), len(dense), dtype=torch.int64, device=grads.device), torch.full((1,), res.t, **f64),
+        torch.tensor([res.ts], **f64), grads.dtype,
+    )  # fmt: skip
     to_b: dict[int, torch.Tensor] = {}
     to_k: dict[int, torch.Tensor] = {}
-    for k, (b, ins, ic) in enumerate(zip(boundary.tolist(), inside.tolist(), at.ic[0].tolist())):
+    stage_col = (-1,) + (1,) * (grads.dim() - 1)
+    for k, (b, ins, ic) in enumerate(zip(boundary[0].tolist(), inside[0].tolist(), at.ic[0].tolist())):
         g = grads[k]
         to_b[b] = to_b[b] + g if b in to_b else g
         if ins:
-            kb = at.weights[0, k].reshape((-1,) + (1,) * y.dim()) * g
+            kb = at.weights[0, k].reshape(stage_col) * g
             to_k[ic] = to_k[ic] + kb if ic in to_k else kb
     return to_b, to_k
 
@@ -188,12 +180,9 @@ def graph_bytes_per_step(problem: "Problem") -> int:
     an FSAL method's last is the next step's first) and two states besides (the stage sums
     save little: their coefficients need no gradient)."""
     y = problem.y0.detach()
-    owner = problem.user_f
-    while isinstance(owner, (VectorField, TreeField)):
-        owner = owner.module if isinstance(owner, VectorField) else owner.inner
     key = (tuple(y.shape), y.dtype, y.device)
     try:
-        known = _PER_EVAL.setdefault(owner, {})
+        known = _PER_EVAL.setdefault(user_module(problem.user_f), {})
     except TypeError:  # (not weakly referenceable: measured every solve)
         known = {}
     if key not in known:
@@ -212,8 +201,8 @@ def _saved_bytes(problem: "Problem", y: torch.Tensor) -> int:
 
     t0 = torch.full((), problem.t0, dtype=y.dtype, device=y.device)
     # (The generator and the module's buffers left as they were: this evaluation is no forward pass.)
-    with torch.enable_grad(), torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []), \
-            _buffers_kept(problem.module_state), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), rng_kept(y.device), _buffers_kept(problem.module_state), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = problem.f(t0, y.clone().requires_grad_(True))
     del out
     return sum(storages.values())
@@ -230,13 +219,11 @@ def record_within(problem: "Problem", budget: int) -> Solution | None:
     limit = min(fit, problem.max_steps)
     y = problem.y0
     generator = _generator_state(y.device)
-    buffers = [(t, t.clone()) for _, kind, _, t in problem.module_state if kind == "_buffers"]
+    buffers = buffer_values(problem.module_state)
     res = problem.integrate(max_steps=limit)
     if res.status == Status.MAX_STEPS and limit < problem.max_steps:
         del res  # (its graph with it)
-        with torch.no_grad():
-            for t, value in buffers:
-                t.copy_(value)
+        put_back(buffers)
         _set_generator_state(y.device, generator)
         return None
     return solution_from_result(res, problem)
