@@ -238,3 +238,34 @@ def test_auto_takes_the_budgeted_pass_for_larger_problems():
     assert isinstance(sol.sensealg, DirectAdjoint) and sol.sensealg.recompute and sol.sensealg.graph_budget == 2**29
     with pytest.raises(ValueError, match="pass recompute=True"):
         DirectAdjoint(graph_budget=10)
+
+
+def test_a_solve_recorded_within_its_budget_evaluates_f_only_for_its_steps():
+    """Past the one measurement of what an evaluation saves (per field and state shape), a solve
+    recorded within its budget calls f exactly as often as its statistics count: no check for
+    tensors outside ``params`` (the recorded graph differentiates a tensor f captures, as
+    DirectAdjoint() does, which the test's closure shows)."""
+    torch.manual_seed(0)
+    w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = net, 0
+
+        def forward(self, t, y):
+            self.calls += 1
+            return w * self.net(y)
+
+    f = Counting()
+    y0 = torch.randn(8, 4, dtype=torch.float64)
+    grads = []
+    for i, sensealg in enumerate((DirectAdjoint(recompute=True, graph_budget=2**30),) * 2 + (DirectAdjoint(),)):
+        f.calls, w.grad = 0, None
+        net.zero_grad()
+        sol = odeflux.solve(f, y0, (0.0, 1.0), sensealg=sensealg, rtol=1e-6, atol=1e-6)
+        assert f.calls == sol.stats.n_f_evals + (1 if i == 0 else 0)  # (the first measures)
+        sol.ys[-1].square().sum().backward()
+        grads.append(torch.cat([w.grad.reshape(1), *(p.grad.reshape(-1) for p in net.parameters())]))
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[2])

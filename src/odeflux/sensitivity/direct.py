@@ -65,9 +65,14 @@ class DirectAdjoint(SensitivityAlgorithm):
             sol = solve_compiled_reverse(problem)
             if sol is not None:
                 return sol
-        if self.recompute and recompute_applies(problem) and _sees_every_param(problem):
+        if self.recompute and recompute_applies(problem):
+            # (A solve recorded whole differentiates every tensor f depends on: the check for
+            # tensors outside params, one more evaluation of f, is needed only to retake steps.)
             sol = record_within(problem, self.graph_budget) if self.graph_budget and not problem.compiled else None
-            return sol if sol is not None else solve_step_reverse(problem)
+            if sol is not None:
+                return sol
+            if _sees_every_param(problem):
+                return solve_step_reverse(problem)
         return solution_from_result(problem.integrate(), problem)
 
     def __repr__(self) -> str:
