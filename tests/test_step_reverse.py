@@ -240,32 +240,35 @@ def test_auto_takes_the_budgeted_pass_for_larger_problems():
         DirectAdjoint(graph_budget=10)
 
 
-def test_a_solve_recorded_within_its_budget_evaluates_f_only_for_its_steps():
+
+@pytest.mark.parametrize("sensealg", ["auto", DirectAdjoint(recompute=True, graph_budget=2**30)], ids=["auto", "budget"])
+def test_a_solve_recorded_within_its_budget_evaluates_f_only_for_its_steps(sensealg):
     """Past the one measurement of what an evaluation saves (per field and state shape), a solve
-    recorded within its budget calls f exactly as often as its statistics count: no check for
-    tensors outside ``params`` (the recorded graph differentiates a tensor f captures, as
-    DirectAdjoint() does, which the test's closure shows)."""
+    recorded within its budget calls f exactly as often as its statistics count: neither
+    ``"auto"``'s choice nor the pass looks for tensors outside ``params`` (the recorded graph
+    differentiates a tensor f captures, as DirectAdjoint() does: the closure's ``w`` here)."""
     torch.manual_seed(0)
     w = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    calls = [0]
 
     class Counting(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net, self.calls = net, 0
+            self.net = net
 
         def forward(self, t, y):
-            self.calls += 1
+            calls[0] += 1
             return w * self.net(y)
 
-    f = Counting()
-    y0 = torch.randn(8, 4, dtype=torch.float64)
-    grads = []
-    for i, sensealg in enumerate((DirectAdjoint(recompute=True, graph_budget=2**30),) * 2 + (DirectAdjoint(),)):
-        f.calls, w.grad = 0, None
-        net.zero_grad()
-        sol = odeflux.solve(f, y0, (0.0, 1.0), sensealg=sensealg, rtol=1e-6, atol=1e-6)
-        assert f.calls == sol.stats.n_f_evals + (1 if i == 0 else 0)  # (the first measures)
-        sol.ys[-1].square().sum().backward()
-        grads.append(torch.cat([w.grad.reshape(1), *(p.grad.reshape(-1) for p in net.parameters())]))
-    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[2])
+    f, y0 = Counting(), torch.randn(8, 4, dtype=torch.float64)
+    extra, grads = [], []
+    for alg in (sensealg, sensealg, DirectAdjoint()):
+        calls[0] = 0
+        sol = odeflux.solve(f, y0, (0.0, 1.0), sensealg=alg, rtol=1e-6, atol=1e-6)
+        assert sol.sensealg.recompute == (alg is sensealg)
+        extra.append(calls[0] - sol.stats.n_f_evals)
+        grads.append(torch.autograd.grad(sol.ys[-1].square().sum(), [w, *net.parameters()]))
+    assert extra == [1, 0, 0]  # (the first solve measures the field's saved bytes)
+    for g in grads[:2]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[2]))

@@ -50,10 +50,12 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     (benchmarks/results/gradient_work_precision.md). Other stepwise solvers (implicit,
     Rosenbrock, multistep), and a step that cannot be retaken as it was (``perturb``,
     ``jump_times``, ``dense=True``): ``InterpolatingAdjoint()``.
-    Where the field rules the continuous adjoints out, an ``f`` that depends on tensors requiring
-    grad that they cannot see (captured from its closure, not in ``params=``): ``DirectAdjoint()``,
-    which differentiates whatever the solve recorded. A solver that integrates whole spans itself
-    (``ScipySolver``, outside autograd): ``BacksolveAdjoint()``.
+    Where the field rules the continuous adjoints out for such a solver, an ``f`` that depends on
+    tensors requiring grad that they cannot see (captured from its closure, not in ``params=``):
+    ``DirectAdjoint()``, which differentiates whatever the solve recorded (the explicit
+    Runge-Kutta choice above does so itself: it records the solve where it cannot retake its
+    steps). A solver that integrates whole spans itself (``ScipySolver``, outside autograd):
+    ``BacksolveAdjoint()``.
     """
     params = [p for p in problem.params if p.requires_grad]
     if not problem.solver.stepwise:
@@ -63,12 +65,14 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
             return DirectAdjoint()
     if problem.y0.numel() + sum(p.numel() for p in params) <= SMALL_LIMIT:
         return DirectAdjoint()
+    if recompute_applies(problem):
+        # (It records the solve, and with it whatever f depends on, wherever it cannot retake the
+        # steps: no evaluation of f is spent here to look for tensors outside params.)
+        return DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)
     try:
         check_hidden_params(problem, params)
     except ValueError:
         return DirectAdjoint()
-    if recompute_applies(problem):
-        return DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)
     return InterpolatingAdjoint()
 
 
