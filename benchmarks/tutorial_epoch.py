@@ -76,7 +76,7 @@ PEER_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
 
 def user_model() -> nn.Module:
     """The tutorial's model as a user writes it (issue 13): the field a plain ``nn.Sequential`` of
-    ``nn.Linear`` and ``nn.Tanh``, ``NeuralODE``'s defaults (InterpolatingAdjoint), tree
+    ``nn.Linear`` and ``nn.Tanh``, ``NeuralODE``'s defaults (Dopri5, ``sensealg="auto"``), tree
     parameters; the same initial weights as the other configurations."""
 
     def node(field: torch_tutorial.TimeField) -> nn.Module:

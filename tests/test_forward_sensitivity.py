@@ -257,6 +257,12 @@ def test_defaults_unchanged():
     f, y0 = LV(), torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
     assert isinstance(odeflux.solve(f, y0, (0.0, 1.0)).sensealg, odeflux.DirectAdjoint)
     assert odeflux.NeuralODE(nn.Linear(2, 2)).sensealg == "auto"
+    # (NeuralODE's solver: Dopri5, by the gradient's work-precision; solve's: Tsit5, by the forward's.)
+    assert isinstance(odeflux.NeuralODE(nn.Linear(2, 2)).solver, odeflux.Dopri5)
+    with torch.no_grad():
+        ys = {s: odeflux.solve(f, y0, (0.0, 1.0), **({} if s is None else {"solver": s()})).ys
+              for s in (None, odeflux.Tsit5, odeflux.Dopri5)}  # fmt: skip
+    assert torch.equal(ys[None], ys[odeflux.Tsit5]) and not torch.equal(ys[None], ys[odeflux.Dopri5])
     assert isinstance(odeflux.NeuralODE(nn.Linear(2, 2), batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
 
 

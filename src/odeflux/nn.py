@@ -9,7 +9,7 @@ from torch import nn
 
 from .solution import Solution
 from .solve import solve
-from .solvers import Solver, Tsit5
+from .solvers import Dopri5, Solver
 from .vector_field import VectorField
 
 __all__ = ["NeuralODE", "VectorField"]
@@ -19,9 +19,12 @@ class NeuralODE(nn.Module):
     """Maps ``x`` to the solution at the end of ``tspan`` of ``dy/dt = vector_field(y)``, ``y(t0) = x``.
 
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
-    is integrated as one ODE state, as in the Lux tutorial. ``sensealg`` picks the gradient method
+    is integrated as one ODE state, as in the Lux tutorial. ``solver`` defaults to ``Dopri5()``
+    (:func:`odeflux.solve`'s is ``Tsit5()``): both need about the peers' evaluations for a forward
+    solve at equal error, and Dopri5's gradient is the more accurate for the evaluations spent, by
+    2x on a convolutional field (benchmarks/results/gradient_work_precision.md). ``sensealg`` picks the gradient method
     (default ``"auto"``, which picks by the problem, see :func:`odeflux.sensitivity.choose_sensealg`:
-    for a Tsit5 solve of a batch, backpropagation through the solve, recorded within a graph
+    for an explicit Runge-Kutta solve of a batch, backpropagation through the solve, recorded within a graph
     budget and retaking its steps past it; ``InterpolatingAdjoint()`` for a per-sample solve); other keywords go to :func:`odeflux.solve` (``rtol``,
     ``atol``, ``saveat``, ...; ``batch_axis=0`` solves each sample as its own problem, under
     ``DirectAdjoint`` or a continuous adjoint, not ``ForwardSensitivity`` or ``"auto"``; with a
@@ -58,7 +61,7 @@ class NeuralODE(nn.Module):
 
                 sensealg = DirectAdjoint()  # (a per-sample Rosenbrock solve's one gradient)
         self.field = VectorField(vector_field, time_dependent)
-        self.solver = solver if solver is not None else Tsit5()
+        self.solver = solver if solver is not None else Dopri5()
         self.tspan = (float(tspan[0]), float(tspan[1]))
         self.sensealg = sensealg
         self.return_solution = return_solution
