@@ -100,6 +100,9 @@ class GradField:
     # weighted by its share of the batch): valid for a field that acts on each sample alone and a loss
     # that is a mean over samples; it bounds the memory of the recorded float64 graph.
     ref_chunks: int = 1
+    # Tolerances looser than the field's range, where the curves would otherwise share too little
+    # of the error axis to be compared (see the conv field).
+    loose: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -118,12 +121,13 @@ def _grad_fields() -> dict[str, Callable[[bool], GradField]]:
 
     def make(build: Callable[[bool], Field], ref_tol: float, loss=mean_square, loss_text=ms, note="",
              learnable: tuple[Callable[[], nn.Module], str] | None = None, chunks: int = 1,
-             ) -> Callable[[bool], GradField]:  # fmt: skip
+             loose: tuple[float, ...] = ()) -> Callable[[bool], GradField]:  # fmt: skip
         def field_(quick: bool) -> GradField:
             fld = build(quick)
             if learnable is not None:
                 fld = _learnable(fld, learnable[0](), learnable[1])
-            return GradField(fld, loss, loss_text, QUICK_REF_TOL if quick else ref_tol, note, 1 if quick else chunks)
+            return GradField(fld, loss, loss_text, QUICK_REF_TOL if quick else ref_tol, note, 1 if quick else chunks,
+                             loose)  # fmt: skip
 
         return field_
 
@@ -140,7 +144,10 @@ def _grad_fields() -> dict[str, Callable[[bool], GradField]]:
                             "good to about 1e-3 here (see the check below): errors under a few 1e-3 are not "
                             "resolved and the comparison on this field rests on its loose end. The reference is "
                             "taken in 4 chunks of 4 samples (convolutions and GroupNorm act on each sample alone), "
-                            "its float64 graph at 1e-8 being ~12 GB for the whole batch", chunks=4),  # fmt: skip
+                            "its float64 graph at 1e-8 being ~12 GB for the whole batch. From 1e-2 to 1e-6 the "
+                            "gradients' errors span less than a decade, Dopri5's (the default's) lower than the "
+                            "others': 1e-1 is added so that the curves share enough of the error axis to be "
+                            "compared", chunks=4, loose=(1e-1,)),  # fmt: skip
         "lotka_volterra": make(lotka_volterra, 1e-13, learnable=(LearnableLotkaVolterra, "(alpha, beta, delta, gamma)")),
         "van_der_pol": make(van_der_pol, 1e-13, learnable=(LearnableVanDerPol, "mu")),
         "cnf_exact": make(cnf_exact, 1e-12, cnf_nll,
@@ -151,9 +158,9 @@ def _grad_fields() -> dict[str, Callable[[bool], GradField]]:
 GRAD_FIELDS = _grad_fields()
 
 
-def tolerances(fld: Field, quick: bool) -> tuple[float, ...]:
-    tols = fld.tols
-    return tols[1:4:2] if quick else tols
+def tolerances(gf: GradField, quick: bool) -> tuple[float, ...]:
+    tols = gf.fld.tols
+    return tols[1:4:2] if quick else gf.loose + tols
 
 
 # -- one gradient ------------------------------------------------------------------------------------
@@ -635,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in args.only or GRAD_FIELDS:
         gf = GRAD_FIELDS[name](args.quick)
-        r = run_field(gf, tolerances(gf.fld, args.quick), configs)
+        r = run_field(gf, tolerances(gf, args.quick), configs)
         print(f"{name}: {r.seconds:.1f} s", flush=True)
         results.append(r)
     plot(results, args.out.with_suffix(".png") if write else io.BytesIO())
