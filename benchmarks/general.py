@@ -13,8 +13,8 @@ and tolerances in every library:
   1e-8, t in [0, 10], 100 saved times, loss the sum of squares of the saved states; one state
   ``(2,)`` and a batch ``(256, 2)``.
 
-Configurations: odeflux's ``sensealg="auto"`` (the default of ``NeuralODE``: which method it
-picks is noted), ``InterpolatingAdjoint()``, ``DirectAdjoint()`` and ``BacksolveAdjoint()``; torchdiffeq's ``odeint_adjoint`` and ``odeint``
+Configurations: odeflux's default, ``NeuralODE``'s (its solver, Dopri5, and ``sensealg="auto"``:
+which method it picks is noted), and with Tsit5 ``InterpolatingAdjoint()``, ``DirectAdjoint()`` and ``BacksolveAdjoint()``; torchdiffeq's ``odeint_adjoint`` and ``odeint``
 (dopri5: torchdiffeq has no Tsit5); torchode's ``AutoDiffAdjoint`` (Tsit5); diffrax's
 ``RecursiveCheckpointAdjoint`` and ``BacksolveAdjoint`` under ``jax.jit`` (Tsit5), in their own
 process (:mod:`benchmarks.peers.diffrax_general`). For each: median time per gradient over
@@ -63,6 +63,7 @@ PACKAGES = ("torchdiffeq", "torchode", "jax", "diffrax", "equinox")
 WORKLOADS = ("mlp", "conv", "lv", "lv-batch")
 
 DEFAULT = 'odeflux "auto" (default)'
+NODE_SOLVER = type(odeflux.NeuralODE(nn.Identity()).solver)  # the default is NeuralODE's, whatever it is
 INTERPOLATING = "odeflux InterpolatingAdjoint"
 DIRECT = "odeflux DirectAdjoint"
 BACKSOLVE = "odeflux BacksolveAdjoint"
@@ -252,7 +253,7 @@ def _grad_vector(module: nn.Module) -> torch.Tensor:
 
 
 def odeflux_runner(w: Workload, sensealg: Any, field_: nn.Module | None = None, y0: torch.Tensor | None = None,
-                   tol: float | None = None) -> Runner:  # fmt: skip
+                   tol: float | None = None, solver: Callable[[], Any] = odeflux.Tsit5) -> Runner:  # fmt: skip
     f = w.field if field_ is None else field_
     y0 = w.y0 if y0 is None else y0
     rtol, atol = (w.rtol, w.atol) if tol is None else (tol, tol)
@@ -262,7 +263,8 @@ def odeflux_runner(w: Workload, sensealg: Any, field_: nn.Module | None = None, 
     def step() -> Counts:
         _zero(f)
         cf.reset()
-        sol = odeflux.solve(cf, y0, (0.0, w.t1), rtol=rtol, atol=atol, saveat=saveat, sensealg=sensealg)
+        sol = odeflux.solve(cf, y0, (0.0, w.t1), solver=solver(), rtol=rtol, atol=atol, saveat=saveat,
+                            sensealg=sensealg)  # fmt: skip
         n_fwd = cf.n_calls
         w.loss(sol.ys[-1] if saveat is None else sol.ys).backward()
         s, b = sol.stats, sol.backward_stats
@@ -434,7 +436,7 @@ def run_workload(w: Workload, diffrax_missing: str | None, tmp: Path, threads: i
     ref, ref_how = reference(w)
     print(f"  reference: {ref_how}", flush=True)
     makers: dict[str, Callable[[], Runner]] = {
-        DEFAULT: lambda: odeflux_runner(w, "auto"),
+        DEFAULT: lambda: odeflux_runner(w, "auto", solver=NODE_SOLVER),
         INTERPOLATING: lambda: odeflux_runner(w, odeflux.InterpolatingAdjoint()),
         DIRECT: lambda: odeflux_runner(w, odeflux.DirectAdjoint()),
         BACKSOLVE: lambda: odeflux_runner(w, odeflux.BacksolveAdjoint()),
@@ -621,7 +623,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"weights (torch's default initialisation, seed 0, the same arrays sent to JAX), {args.threads} torch "
         f"thread(s); JAX (XLA's CPU client, {'pinned to one core' if args.threads == 1 else 'all usable cores'}) "
         "in its own process, idle while torch runs and the "
-        "other way round. Methods: Tsit5 in odeflux (its PI controller), torchode (`IntegralController`) and "
+        "other way round. Methods: Tsit5 in odeflux (its PI controller) but for its default, `NeuralODE`'s "
+        f"({NODE_SOLVER.__name__}), torchode (`IntegralController`) and "
         "diffrax (`PIDController` with its default gains, an I controller); torchdiffeq has no Tsit5, so dopri5 "
         "there (default controller). Same rtol and atol everywhere, adjoint solves included (each library's "
         "default: the forward's). The whole state is one ODE with one RMS error norm everywhere, except "
