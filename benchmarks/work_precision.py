@@ -1,11 +1,12 @@
 """Work-precision: f evaluations against the error reached, odeflux's step-size controllers and the peers (issue 19).
 
 Every configuration solves the same fields (same weights, same initial states, fixed seeds) over
-rtol = atol in {1e-2, ..., 1e-6} (and 1e-7, 1e-8 for the float64 problems) with Tsit5 and reports
+rtol = atol in {1e-2, ..., 1e-6} (and 1e-7, 1e-8 for the float64 problems) with Tsit5 (one with
+Dopri5, NeuralODE's default solver) and reports
 the f evaluations spent and the max-abs error of the final state against a float64 reference
 (scipy's DOP853 at rtol = atol = 1e-12 on a float64 copy of the field; 1e-9 for the piecewise
 smooth convolutional field). The odeflux
-configurations differ only in the step-size controller and the first step; torchdiffeq's dopri5
+configurations differ in the step-size controller and the first step (and one in the solver); torchdiffeq's dopri5
 and torchode's Tsit5 (its two controllers) are the reference curves. Comparisons are made at equal
 error, not at equal tolerance (see the method in the results file).
 
@@ -129,6 +130,7 @@ class Config:
     make: Callable[[], StepSizeController]
     first_step: str = "hairer"
     what: str = ""
+    solver: Callable[[], Any] = odeflux.Tsit5
 
 
 K_TSIT5 = 5  # the order odeflux passes to a controller for Tsit5 (its error_order)
@@ -171,6 +173,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("(6) PI interval", "(6) PIController(), first_step=interval", PIController, "interval",
            what="the default controller with `first_step=\"interval\"` (separates the first step's effect "
                 "from the controller's)"),
+    Config("(7) Dopri5 PI", "(7) Dopri5, PIController() [NeuralODE's solver]", PIController, solver=odeflux.Dopri5,
+           what="Dopri5 (`NeuralODE`'s default solver, chosen by gradient_work_precision) with the default "
+                "controller and Hairer's first step: the forward's side of that choice"),
 )
 PEER_KEYS = ("torchdiffeq dopri5", "torchode I", "torchode PID")
 PEER_WHAT = {
@@ -436,7 +441,7 @@ def _err(final: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def run_odeflux(fld: Field, cfg: Config, tol: float, ref: torch.Tensor) -> Point:
     problem, _ = make_problem(
-        fld.module, fld.y0, fld.t_span, odeflux.Tsit5(), None, None, tol, tol, None, False, False, True, None,
+        fld.module, fld.y0, fld.t_span, cfg.solver(), None, None, tol, tol, None, False, False, True, None,
         None, None, None, MAX_STEPS, cfg.make(), False,
     )  # fmt: skip
     res = problem.integrate(first_step=cfg.first_step)
@@ -660,7 +665,7 @@ def _gm(xs: Sequence[float]) -> str:
     return "–" if not xs else f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.2f}"
 
 
-_MARKERS = ("o", "h", "p", "s", "^", "v", "<", ">", "D")
+_MARKERS = ("o", "h", "p", "s", "^", "v", "<", ">", "D", "P")
 STYLE = {c.key: (f"C{i}", _MARKERS[i], "-") for i, c in enumerate(CONFIGS)} | {
     PEER_KEYS[0]: ("0.35", "x", "--"), PEER_KEYS[1]: ("0.55", "+", "--"), PEER_KEYS[2]: ("0.2", "*", ":"),
 }  # fmt: skip
@@ -694,7 +699,7 @@ def plot(r: FieldResult, target: Path | io.BytesIO) -> None:
 
 def method_section(peers: bool) -> str:
     lines = [
-        "Work against accuracy for the forward solve: every configuration uses Tsit5 (torchdiffeq: dopri5) and "
+        "Work against accuracy for the forward solve: every configuration uses Tsit5 but (7) (torchdiffeq: dopri5) and "
         "solves each field at rtol = atol = tol for each tolerance, under `torch.no_grad`, one torch thread "
         "(so reductions, and with them the counts, are reproducible). The same module (same weights, same "
         "initial state) goes to every library; f evaluations are odeflux's `stats.n_f_evals` (checked equal to "
