@@ -1,9 +1,10 @@
 """Gradient work-precision: the evaluations one gradient (forward + backward) takes against its error (issue 19).
 
 For each field and rtol = atol in {1e-2, ..., 1e-6} (down to 1e-8 for the float64 fields), one
-gradient of a loss of y(t1) with respect to the field's parameters, with odeflux's adjoints (the
-default: ``NeuralODE``'s solver (Dopri5) with ``"auto"``; with Tsit5, ``solve()``'s solver: ``"auto"``,
-InterpolatingAdjoint, DirectAdjoint, GaussAdjoint, BacksolveAdjoint; the default PI controller) and the peers' (torchdiffeq dopri5 through ``odeint_adjoint`` and through ``odeint``;
+gradient of a loss of y(t1) with respect to the field's parameters, with odeflux's adjoints (with
+``NeuralODE``'s solver, Dopri5: the default ``"auto"``, InterpolatingAdjoint, DirectAdjoint,
+GaussAdjoint, BacksolveAdjoint; with Tsit5, ``solve()``'s solver, ``"auto"`` and
+InterpolatingAdjoint; the default PI controller) and the peers' (torchdiffeq dopri5 through ``odeint_adjoint`` and through ``odeint``;
 torchode Tsit5 by backpropagation with its I and PID controllers, and its joint backsolve adjoint).
 Counted: f evaluations in the forward solve, f evaluations in the backward pass, and VJPs (backward
 passes through f), all by one counting wrapper; the error is the gradient's relative 2-norm error
@@ -222,10 +223,12 @@ def _nothing() -> str:
     return ""
 
 
-def odeflux_solve(sensealg: Any, controller: Any = None, solver: Callable[[], Any] = odeflux.Tsit5) -> Runner:
+def odeflux_solve(sensealg: Any, controller: Any = None, solver: Callable[[], Any] | None = None) -> Runner:
+    """odeflux's solve with ``sensealg``; the solver ``NeuralODE``'s default unless given."""
+
     def run(cf: GradCountingField, gf: GradField, tol: float) -> torch.Tensor:
-        sol = odeflux.solve(cf, gf.fld.y0, gf.fld.t_span, solver=solver(), rtol=tol, atol=tol, sensealg=sensealg,
-                            save_start=False, max_steps=MAX_STEPS, controller=controller)  # fmt: skip
+        sol = odeflux.solve(cf, gf.fld.y0, gf.fld.t_span, solver=(solver or NODE_SOLVER)(), rtol=tol, atol=tol,
+                            sensealg=sensealg, save_start=False, max_steps=MAX_STEPS, controller=controller)  # fmt: skip
 
         def note() -> str:
             b = sol.backward_stats
@@ -288,23 +291,26 @@ class Config:
 
 ODE_PI = PIController(qoldinit=1e-4)  # OrdinaryDiffEq's floor of the PI controller's error memory
 NODE_SOLVER = type(odeflux.NeuralODE(nn.Identity()).solver)  # the default is NeuralODE's, whatever it is
+_S = NODE_SOLVER.__name__
 CONFIGS: tuple[Config, ...] = (
-    Config("odeflux auto [default]", odeflux_solve("auto", solver=NODE_SOLVER),
-           f"`odeflux.NeuralODE`'s defaults: {NODE_SOLVER.__name__}, `PIController()`, `sensealg=\"auto\"`: on "
+    Config("odeflux auto [default]", odeflux_solve("auto"),
+           f"`odeflux.NeuralODE`'s defaults: {_S}, `PIController()`, `sensealg=\"auto\"`: on "
            "these fields (an explicit Runge-Kutta solver) `DirectAdjoint(recompute=True, graph_budget=512 MiB)` "
            "(the solve recorded whole while its graph is estimated within the budget, as it is on every field "
-           "here; past it the forward's steps retaken one at a time in the backward pass: DirectAdjoint's "
-           "gradient either way) where the state and parameters have more than 100 entries, `DirectAdjoint()` on "
-           "the small Lotka-Volterra and Van der Pol problems"),
-    Config("odeflux Tsit5 auto", odeflux_solve("auto"),
+           "here: `DirectAdjoint()`'s gradient and evaluations; past the budget the forward's steps retaken one at "
+           "a time in the backward pass) where the state and parameters have more than 100 entries, "
+           "`DirectAdjoint()` on the small Lotka-Volterra and Van der Pol problems"),
+    Config("odeflux Tsit5 auto", odeflux_solve("auto", solver=odeflux.Tsit5),
            "the same with Tsit5, `odeflux.solve()`'s default solver (`NeuralODE`'s until this measurement)"),
     Config("odeflux Interpolating", odeflux_solve(odeflux.InterpolatingAdjoint()),
-           "`InterpolatingAdjoint()`, `NeuralODE`'s default before `\"auto\"`: "
-           "(lambda, mu) solved backwards, y(t) from the forward's stored steps; adjoint rtol/atol = the forward's, "
-           "mixed norm (the largest block RMS), the adjoint solve's first step Hairer's estimate (its default "
-           "`first_step=\"continue\"` on one interval); forward: the default `PIController()` (error memory "
-           "floored at qoldinit = 0.1); backward: the adjoints' default, OrdinaryDiffEq's "
-           "`PIController(qoldinit=1e-4)`"),
+           f"`InterpolatingAdjoint()` ({_S}, as every odeflux configuration below), `NeuralODE`'s default before "
+           "`\"auto\"`: (lambda, mu) solved backwards with the forward's solver, y(t) from the forward's stored "
+           "steps; adjoint rtol/atol = the forward's, mixed norm (the largest block RMS), the adjoint solve's first "
+           "step Hairer's estimate (its default `first_step=\"continue\"` on one interval); forward: the default "
+           "`PIController()` (error memory floored at qoldinit = 0.1); backward: the adjoints' default, "
+           "OrdinaryDiffEq's `PIController(qoldinit=1e-4)`"),
+    Config("odeflux Interpolating Tsit5", odeflux_solve(odeflux.InterpolatingAdjoint(), solver=odeflux.Tsit5),
+           "Interpolating with Tsit5 (as measured before NeuralODE's solver became Dopri5)"),
     Config("odeflux Interpolating qold 1e-4", odeflux_solve(odeflux.InterpolatingAdjoint(controller=ODE_PI), ODE_PI),
            "Interpolating but with OrdinaryDiffEq's `PIController(qoldinit=1e-4)` forward too (odeflux's default "
            "forward and backward until an earlier measurement)"),
@@ -314,10 +320,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("odeflux Interpolating forward", odeflux_solve(odeflux.InterpolatingAdjoint(first_step="forward")),
            "Interpolating but for the adjoint's first step: `first_step=\"forward\"`, the larger of the forward's "
            "last two steps in place of Hairer's estimate"),
-    Config("odeflux Direct", odeflux_solve(odeflux.DirectAdjoint()),
-           "`DirectAdjoint()`: backpropagation through the recorded solve (odeflux.solve()'s own default)"),
     Config("odeflux Direct qold 1e-4", odeflux_solve(odeflux.DirectAdjoint(), ODE_PI),
-           "`DirectAdjoint()` with `PIController(qoldinit=1e-4)`"),
+           "`DirectAdjoint()` (backpropagation through the recorded solve, as the default does on these fields) "
+           "with `PIController(qoldinit=1e-4)`"),
     Config("odeflux Gauss", odeflux_solve(odeflux.GaussAdjoint()),
            "`GaussAdjoint()`: lambda backwards, the parameter integral by Gauss-Legendre quadrature per adjoint step"),
     Config("odeflux Backsolve", odeflux_solve(odeflux.BacksolveAdjoint()),
@@ -340,7 +345,8 @@ CONFIGS: tuple[Config, ...] = (
 )
 DEFAULT = CONFIGS[0].key
 ODEINT_ADJOINT = "torchdiffeq odeint_adjoint"
-DISCRETE = ("odeflux Direct", "odeflux Direct qold 1e-4")
+DISCRETE = ("odeflux Direct qold 1e-4",)
+CONTINUOUS = tuple(c.key for c in CONFIGS if c.odeflux and "auto" not in c.key and "Direct" not in c.key)
 PEER_KEYS = tuple(c.key for c in CONFIGS if not c.odeflux)
 
 
@@ -507,6 +513,25 @@ def summary_section(results: Sequence[FieldResult]) -> str:
          "backward part ÷ best peer's", "best odeflux adjoint (÷ best peer)"],
         goal_rows, align="llrrlrrl",
     )  # fmt: skip
+    # The continuous adjoints against odeint_adjoint (issue 19: an adjoint solve needs at most its
+    # evaluations at equal gradient error): the whole gradient, and the backward part alone.
+    cont = [k for k in keys if k in CONTINUOUS]
+    adj_rows = []
+    for k in cont:
+        cells, whole = [], []
+        for r in results:
+            if k not in r.curves or ODEINT_ADJOINT not in r.curves:
+                cells.append("–")
+                continue
+            a, b = r.curves[k], r.curves[ODEINT_ADJOINT]
+            v = compare([p.weighted(1) for p in a], [p.weighted(1) for p in b])
+            vb = compare([p.part("bwd") for p in a], [p.part("bwd") for p in b])
+            if v is not None:
+                whole.append(v[0])
+            cells.append(f"{_ratio(v)} / {_ratio(vb)}")
+        adj_rows.append([k, *cells, _gm(whole)])
+    adjoint = markdown_table(["configuration", *(r.gf.name for r in results), "geometric mean (whole)"], adj_rows,
+                             align="l" + "r" * (len(results) + 1))  # fmt: skip
     return (
         "## Summary: evaluations per gradient at equal error\n\nGoal (issue 19): at equal gradient error odeflux "
         "needs at most the best peer's evaluations on every field (geometric mean over the curve), forward + "
@@ -514,6 +539,10 @@ def summary_section(results: Sequence[FieldResult]) -> str:
         "total: its forward f evaluations, and its bwd f + VJPs, each against the best peer's same part at equal "
         "gradient error (each part's curve compared on its own; a peer that backpropagates through its solve has "
         "VJPs only in its backward part):\n\n" + goal + "\n\n" + "\n\n".join(parts)
+        + "\n\n### The continuous adjoints against torchdiffeq's `odeint_adjoint`\n\nGoal (issue 19): an adjoint "
+        "solve needs at most `odeint_adjoint`'s evaluations at equal gradient error. Each cell: the whole gradient's "
+        "evaluations (w = 1) / the backward part's alone (bwd f + VJPs), each ÷ `odeint_adjoint`'s at equal "
+        "gradient error (below 1: fewer):\n\n" + adjoint
     )
 
 
@@ -562,8 +591,8 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
     )
 
 
-_ODEFLUX_STYLE = [("C4", "P", "-"), ("C4", "P", ":"), ("C0", "o", "-"), ("C0", "o", ":"), ("C0", "o", "--"), ("C0", "o", "-."),
-                  ("C1", "s", "-"), ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
+_ODEFLUX_STYLE = [("C4", "P", "-"), ("C4", "P", ":"), ("C0", "o", "-"), ("C5", "o", ":"), ("C0", "o", "--"),
+                  ("C0", "o", "-."), ("C0", "o", ":"), ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
 _PEER_STYLE = [("0.3", "x", "--"), ("0.5", "+", "--"), ("0.15", "*", ":"), ("0.6", "D", ":"), ("0.4", "<", "-.")]
 STYLE = dict(zip([c.key for c in CONFIGS if c.odeflux], _ODEFLUX_STYLE)) | dict(zip(PEER_KEYS, _PEER_STYLE))
 
@@ -626,8 +655,8 @@ def method_section() -> str:
         "evaluations interpolated linearly in log10 error, the geometric mean of the ratio over the error range "
         "both curves cover; no figure when they share less than half a decade). The best peer on a field is the "
         "peer curve with the fewest evaluations at equal error against odeflux's default.",
-        "**Configurations** (odeflux: Tsit5 but for the default, default `PIController()`, adjoint solves at the "
-        "forward's tolerances):\n"
+        f"**Configurations** (odeflux: {_S}, `NeuralODE`'s default, but where Tsit5 is named; default "
+        "`PIController()`, adjoint solves at the forward's tolerances):\n"
         + "\n".join(f"- {c.key}: {c.what}." for c in CONFIGS),
     ])  # fmt: skip
 
