@@ -21,8 +21,9 @@ class NeuralODE(nn.Module):
     ``vector_field`` is any module taking ``y`` (or ``(t, y)``); ``x`` may have any shape and a batch
     is integrated as one ODE state, as in the Lux tutorial. ``solver`` defaults to ``Dopri5()``
     (:func:`odeflux.solve`'s is ``Tsit5()``): both need about the peers' evaluations for a forward
-    solve at equal error, and Dopri5's gradient is the more accurate for the evaluations spent, by
-    2x on a convolutional field (benchmarks/results/gradient_work_precision.md). ``sensealg`` picks the gradient method
+    solve at equal error, and Dopri5's gradient is the more accurate for the evaluations spent,
+    2.3-3.4x on a convolutional field (benchmarks/results/gradient_work_precision.md).
+    ``sensealg`` picks the gradient method
     (default ``"auto"``, which picks by the problem, see :func:`odeflux.sensitivity.choose_sensealg`:
     for an explicit Runge-Kutta solve of a batch, backpropagation through the solve, recorded within a graph
     budget and retaking its steps past it; ``InterpolatingAdjoint()`` for a per-sample solve); other keywords go to :func:`odeflux.solve` (``rtol``,
