@@ -17,9 +17,6 @@ import odeflux
 from conftest import LotkaVolterraRates
 from odeflux.compiled import program, program_count
 from odeflux.control import HOST, TENSOR, IController, PIController
-from odeflux.problem import make_problem
-from odeflux.sensitivity.auto import choose_sensealg
-from odeflux.sensitivity.step_reverse import GRAPH_BUDGET
 from odeflux.solution import Status
 
 
@@ -239,27 +236,6 @@ def test_forward_sensitivity_is_one_compiled_program_with_the_eager_gradient():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=0)
     direct = odeflux.solve(f, y0, (0.0, 5.0), saveat=saveat, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads[1], torch.autograd.grad(direct.ys.square().sum(), f.rates)[0], rtol=1e-5, atol=0)
-
-
-def test_auto_with_compile_picks_the_compiled_direct_adjoint_for_small_problems():
-    f = _LotkaVolterra()
-    y0 = torch.tensor([1.0, 0.7], dtype=torch.float64)
-    # (The span, tolerances and saved times of tests/test_compiled_reverse.py: the same programs.)
-    saveat = torch.linspace(0.0, 6.0, 40, dtype=torch.float64)
-    sol = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-8, atol=1e-10, compile=True, sensealg="auto")
-    assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
-    (g,) = torch.autograd.grad(sol.ys.square().sum(), f.rates)
-    direct = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-11, atol=1e-12)
-    torch.testing.assert_close(g, torch.autograd.grad(direct.ys.square().sum(), f.rates)[0], rtol=1e-5, atol=0)
-    # Without compile=True, or past the size bound, the choices are unchanged.
-    assert isinstance(odeflux.solve(f, y0, (0.0, 1.0), sensealg="auto").sensealg, odeflux.DirectAdjoint)
-    y_big = torch.ones(2100, 2, dtype=torch.float64)  # 4200 states > 4096
-    big, _ = make_problem(
-        f, y_big, (0.0, 0.1), odeflux.Tsit5(), None, None, 1e-6, 1e-8, None, False, True, True,
-        None, None, None, None, 100_000, None, True,
-    )  # fmt: skip
-    picked = choose_sensealg(big)  # (the larger problem's pick: tests/test_step_reverse.py runs it)
-    assert isinstance(picked, odeflux.DirectAdjoint) and picked.recompute and picked.graph_budget == GRAPH_BUDGET
 
 
 def _decay(t, y, rate):

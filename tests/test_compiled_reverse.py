@@ -17,6 +17,9 @@ import odeflux
 from conftest import LotkaVolterraRates
 from odeflux.compiled import program
 from odeflux.compiled.reverse import capacity, cotangents, run_reverse
+from odeflux.problem import make_problem
+from odeflux.sensitivity.auto import choose_sensealg
+from odeflux.sensitivity.step_reverse import GRAPH_BUDGET
 
 
 _LotkaVolterra = LotkaVolterraRates
@@ -166,12 +169,33 @@ def _interp(solver, co, y, h, K, theta):
 
 def test_neural_ode_with_compile_defaults_to_auto():
     """NeuralODE's default adjoint, with compile=True or without, is "auto" (which takes the
-    compiled reverse pass for a small state under compile=True: test_compiled_loop.py's auto
-    test); a per-sample solve's, InterpolatingAdjoint."""
+    compiled reverse pass for a small state under compile=True: the auto test below); a
+    per-sample solve's, InterpolatingAdjoint."""
     field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
     assert odeflux.NeuralODE(field, compile=True).sensealg == "auto"
     assert odeflux.NeuralODE(field).sensealg == "auto"
     assert isinstance(odeflux.NeuralODE(field, compile=True, batch_axis=0).sensealg, odeflux.InterpolatingAdjoint)
+
+
+def test_auto_with_compile_picks_the_compiled_direct_adjoint_for_small_problems():
+    f = _LotkaVolterra()
+    y0 = torch.tensor([1.0, 0.7], dtype=torch.float64)
+    # (The span, tolerances and saved times of the cases above: the same programs, compiled once.)
+    saveat = torch.linspace(0.0, 6.0, 40, dtype=torch.float64)
+    sol = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-8, atol=1e-10, compile=True, sensealg="auto")
+    assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
+    (g,) = torch.autograd.grad(sol.ys.square().sum(), f.rates)
+    direct = odeflux.solve(f, y0, (0.0, 6.0), saveat=saveat, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(g, torch.autograd.grad(direct.ys.square().sum(), f.rates)[0], rtol=1e-5, atol=0)
+    # Without compile=True, or past the size bound, the choices are unchanged.
+    assert isinstance(odeflux.solve(f, y0, (0.0, 1.0), sensealg="auto").sensealg, odeflux.DirectAdjoint)
+    y_big = torch.ones(2100, 2, dtype=torch.float64)  # 4200 states > 4096
+    big, _ = make_problem(
+        f, y_big, (0.0, 0.1), odeflux.Tsit5(), None, None, 1e-6, 1e-8, None, False, True, True,
+        None, None, None, None, 100_000, None, True,
+    )  # fmt: skip
+    picked = choose_sensealg(big)  # (the larger problem's pick: tests/test_step_reverse.py runs it)
+    assert isinstance(picked, odeflux.DirectAdjoint) and picked.recompute and picked.graph_budget == GRAPH_BUDGET
 
 
 class _VanDerPol(nn.Module):
