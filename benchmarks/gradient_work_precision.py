@@ -36,7 +36,7 @@ import odeflux
 from odeflux.control import PIController
 
 from .common import closing_line, machine_info, markdown_table, publish, set_threads
-from .general import GradCountingField, TorchodeField
+from .general import NODE_SOLVER, GradCountingField, TorchodeField
 from .provenance import code_state
 from .work_precision import (
     MAX_STEPS,
@@ -290,7 +290,6 @@ class Config:
 
 
 ODE_PI = PIController(qoldinit=1e-4)  # OrdinaryDiffEq's floor of the PI controller's error memory
-NODE_SOLVER = type(odeflux.NeuralODE(nn.Identity()).solver)  # the default is NeuralODE's, whatever it is
 _S = NODE_SOLVER.__name__
 CONFIGS: tuple[Config, ...] = (
     Config("odeflux auto [default]", odeflux_solve("auto"),

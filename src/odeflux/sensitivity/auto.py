@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from torch.utils import _pytree as pytree
 
 from .backsolve import BacksolveAdjoint
-from .base import SensitivityAlgorithm, check_hidden_params
+from .base import SensitivityAlgorithm, sees_every_param
 from .direct import DirectAdjoint
 from .interpolating import InterpolatingAdjoint
 from .step_reverse import GRAPH_BUDGET, recompute_applies
@@ -69,11 +69,7 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
         # (It records the solve, and with it whatever f depends on, wherever it cannot retake the
         # steps: no evaluation of f is spent here to look for tensors outside params.)
         return DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)
-    try:
-        check_hidden_params(problem, params)
-    except ValueError:
-        return DirectAdjoint()
-    return InterpolatingAdjoint()
+    return InterpolatingAdjoint() if sees_every_param(problem, params) else DirectAdjoint()
 
 
 def _substitutable(problem: "Problem", params: list) -> bool:

@@ -233,6 +233,16 @@ def check_hidden_params(problem: "Problem", params: list[torch.Tensor]) -> None:
         )
 
 
+def sees_every_param(problem: "Problem", params: list[torch.Tensor]) -> bool:
+    """:func:`check_hidden_params` as a question: whether every tensor requiring grad that ``f``
+    depends on is among ``params``."""
+    try:
+        check_hidden_params(problem, params)
+    except ValueError:
+        return False
+    return True
+
+
 def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor], module_state: list) -> tuple[int, ...] | None:
     """The shape of a tensor requiring grad that ``f`` depends on but that is not among ``params``
     (see :func:`check_hidden_params`), or ``None``: one evaluation (``evaluate()``) walked, and

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from ..problem import solution_from_result
 from ..solution import Solution
-from .base import SensitivityAlgorithm, check_hidden_params
+from .base import SensitivityAlgorithm, sees_every_param
 from .rk_reverse import reverse_pass_rule, solve_reverse
 from .step_reverse import recompute_applies, record_within, solve_step_reverse
 
@@ -71,7 +71,8 @@ class DirectAdjoint(SensitivityAlgorithm):
             sol = record_within(problem, self.graph_budget) if self.graph_budget and not problem.compiled else None
             if sol is not None:
                 return sol
-            if _sees_every_param(problem):
+            # (A step retaken differentiates the parameters only.)
+            if sees_every_param(problem, [q for q in problem.params if q.requires_grad]):
                 return solve_step_reverse(problem)
         return solution_from_result(problem.integrate(), problem)
 
@@ -80,12 +81,3 @@ class DirectAdjoint(SensitivityAlgorithm):
         opts += [] if self.graph_budget is None else [f"graph_budget={self.graph_budget}"]
         return f"DirectAdjoint({', '.join(opts)})"
 
-
-def _sees_every_param(problem: "Problem") -> bool:
-    """Whether every tensor requiring grad that ``f`` depends on is among the problem's
-    parameters (a step retaken differentiates those only)."""
-    try:
-        check_hidden_params(problem, [q for q in problem.params if q.requires_grad])
-    except ValueError:
-        return False
-    return True
