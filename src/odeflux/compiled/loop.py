@@ -49,6 +49,7 @@ def run_loop(
     dtmin: torch.Tensor, dtmax: torch.Tensor, land_tol: torch.Tensor, max_steps: torch.Tensor,
     ctrl0: torch.Tensor, params: dict[str, torch.Tensor] | None = None, traced: bool = True,
     on_step: Callable[..., None] | None = None, h_retry: torch.Tensor | None = None,
+    status0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Integrate ``B`` independent problems, each from ``(t0[b], y0[b])`` (``k0 = f(t0, y0)``) to
     ``t1[b]`` with first step ``h0[b]``, each with its own steps, error norm, controller memory,
@@ -74,6 +75,8 @@ def run_loop(
     ``h_retry`` (``(B,)``): ``h0`` is a try at the whole span (``first_step="interval"``); a
     problem whose try is rejected goes on from at most ``h_retry``, Hairer's estimate, whose
     evaluation is counted then, as the eager loop spends it then.
+    ``status0`` (``(B,)`` int64): each problem's status before its first step; one that is not
+    ``SUCCESS`` (0) takes no step (a start that is not finite: :func:`~.start.start_and_run`).
     """
     if on_step is not None and traced:
         raise ValueError("run_loop: on_step= takes the host loop (traced=False)")
@@ -203,7 +206,8 @@ def run_loop(
         )  # fmt: skip
 
     count = lambda: torch.zeros(t0.shape, dtype=torch.int64, device=device)  # noqa: E731
-    carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, count(), torch.zeros_like(t0), count())
+    status = count() if status0 is None else status0.clone()
+    carry = (t0.clone(), h0, y0, k0, ctrl0, count(), count(), count(), count(), ys0, status, torch.zeros_like(t0), count())
     if C:
         B, s = y0.shape[0], len(co.c)
         carry += (t0.new_zeros(B, C), t0.new_zeros(B, C), y0.new_zeros((B, C) + tuple(y0.shape[1:])))

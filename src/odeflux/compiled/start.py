@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..control import TENSOR, Parts, initial_step
+from ..solution import Status
 from .loop import LoopSpec, VectorField, run_loop
 
 #: How a problem's first step is chosen: a given ``dt0``; Hairer's estimate (one evaluation);
@@ -86,7 +87,7 @@ def start_and_run(
         dtmin_t = torch.zeros_like(t0)
     dtmax_t = torch.minimum(span, dtmax) if start.dtmax else span
     n_f = torch.ones(t0.shape, dtype=torch.int64, device=t0.device)
-    retry = None
+    retry, status0 = None, None
     if start.first_step == "dt0":
         h0 = dt0.abs().expand_as(t0)
     else:
@@ -96,12 +97,15 @@ def start_and_run(
         if start.first_step == "hairer":
             h0 = torch.maximum(hairer, dtmin_t)
             n_f = n_f + extra
+            # Where f is not finite at the start no step size will do: NONFINITE at once, as the
+            # eager loop says (a NaN step size would otherwise be retried until max_steps).
+            status0 = torch.where(torch.isfinite(hairer), 0, int(Status.NONFINITE))
         else:  # the whole span first; Hairer's estimate (its evaluation counted then) if rejected
             h0, retry = dtmax_t, hairer
     h0 = torch.minimum(h0, dtmax_t)
     ys0 = y0.unsqueeze(1).expand((y0.shape[0], taus.shape[1]) + tuple(y0.shape[1:])).clone()
     carry = run_loop(
         spec, module, y0, k0, t0, t1, h0, taus, ys0, rtol, atol, dtmin_t, dtmax_t, 64 * eps64 * tscale, max_steps,
-        ctrl0, params, traced=traced, on_step=on_step, h_retry=retry,
+        ctrl0, params, traced=traced, on_step=on_step, h_retry=retry, status0=status0,
     )  # fmt: skip
     return (*carry, n_f)
