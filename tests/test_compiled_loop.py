@@ -137,6 +137,20 @@ def test_a_solve_that_fails_reports_what_the_eager_one_does():
     assert compiled.stats.n_steps == eager.stats.n_steps
 
 
+def test_the_start_inside_the_program_matches_the_eager_start():
+    """The first step size is chosen inside the program (Hairer's estimate, or dt0), from the
+    step limits given or not, as the eager integrator chooses it on the host."""
+    inf_start = torch.full((2,), 1e200, dtype=torch.float64)  # f(t0, y0) = inf: no first step size
+    eager, compiled = _pair(_BlowUp(), inf_start, (0.0, 2.0), throw=False)
+    assert eager.status == Status.NONFINITE and eager.stats.n_steps == 0
+    _same(eager, compiled)
+    assert compiled.message == eager.message
+    y0 = torch.ones(2, dtype=torch.float64)
+    for kw in (dict(dtmax=0.01, dtmin=1e-3), dict(dt0=0.003, dtmax=0.01)):
+        eager, compiled = _pair(_BlowUp(), y0, (0.0, 0.5), rtol=1e-8, atol=1e-8, **kw)
+        _same(eager, compiled)
+
+
 class _GraphBreak(nn.Module):
     def forward(self, t, y):
         if bool(y.sum() > 0):  # a branch on data: torch.compile cannot keep it in one graph

@@ -79,7 +79,7 @@ def initial_step(
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
     Returns the step (positive; NaN where the start itself is not finite) and the number of
-    extra ``f`` evaluations it spent. On host floats (``ops`` :data:`HOST`, the default) or on
+    extra ``f`` evaluations it counts (none where the start is not finite). On host floats (``ops`` :data:`HOST`, the default) or on
     tensors of one value per problem (:data:`TENSOR`: ``B`` problems, ``norms`` giving ``(B,)``
     norms).
     """
@@ -96,8 +96,8 @@ def initial_step(
     m = ops.maximum(d1, d2)
     dt1 = ops.where(m <= 1e-15, ops.maximum(dt0 * 1e-3, 1e-6), (0.01 / ops.maximum(m, 1e-300)) ** (1.0 / order))
     h = ops.where(ops.isfinite(m), ops.minimum(ops.minimum(dt1, 100 * dt0), dtmax), dt0)
-    if ops is not HOST:
-        h = ops.where(finite, h, math.nan)
+    if ops is not HOST:  # (as the host's early return: no step, and no evaluation counted)
+        return ops.where(finite, h, math.nan), torch.where(finite, 1, 0)
     return h, 1
 
 

@@ -337,11 +337,19 @@ class _Integration:
         self.k = kernel.evaluate(nudge(self.t0, direction, self.y.dtype) if opts.perturb else self.t0, self.y)
         _check_derivative(self.k, self.y)
         stats.n_f_evals += 1
+        if opts.dt0 is None and not self.adaptive:
+            raise ValueError(f"{type(self.solver).__name__} takes fixed steps: pass dt0= (the step size)")
+        if program is not None:  # (its first step, dt0 or Hairer's estimate, is chosen inside it)
+            return program.run(self)
+        return self.start_eagerly()
+
+    def start_eagerly(self) -> IntegrationResult:
+        """The first step size chosen on the host (``dt0``, Hairer's estimate or the whole span),
+        then the eager loop; ``f`` at ``t0`` is known (:meth:`run`)."""
+        opts = self.opts
         speculative = False  # the first step is a try at the whole span (first_step="interval")
         if opts.dt0 is not None:
             dt = abs(opts.dt0)
-        elif not self.adaptive:
-            raise ValueError(f"{type(self.solver).__name__} takes fixed steps: pass dt0= (the step size)")
         elif opts.first_step == "interval":
             dt, speculative = self.dtmax, True
         else:
@@ -349,8 +357,6 @@ class _Integration:
             if not math.isfinite(dt):
                 return self.result(Status.NONFINITE, _nonfinite_message(self.t0, None), float("nan"))
         dt = min(dt, self.dtmax)
-        if program is not None:
-            return program.run(self, dt)
         return self.steps(dt, speculative)
 
     def steps(self, dt: float, speculative: bool) -> IntegrationResult:

@@ -1,7 +1,8 @@
 """Compiled loops: which solves get one, the compiled programs kept per process, and running one.
 
 A solve with ``compile=True`` and autograd off (``torch.no_grad()``, inference, the forward
-passes of the continuous adjoints) runs its whole adaptive loop (:func:`.loop.run_loop`) as one
+passes of the continuous adjoints) runs its first step size and its whole adaptive loop
+(:func:`.start.start_and_run`, as a per-sample solve's) as one
 program: ``torch.compile(fullgraph=True)`` with ``torch.while_loop`` carrying the loop, built by
 Inductor's C++ wrapper, which runs the loop itself in C++. Nothing crosses to the host until
 the solve is done.
@@ -105,7 +106,8 @@ def compiled_loop(f: Any, solver: Solver, options: IntegrateOptions, y0: torch.T
         if not _fits(record, solver, y0):
             return None
     spec = LoopSpec(solver, options.controller, adaptive, options.saveat is not None, options.error_parts, record, stages)
-    program = LoopProgram(f, spec)
+    start = Start("dt0" if options.dt0 is not None else "hairer", options.dtmin is not None, options.dtmax is not None)
+    program = LoopProgram(f, spec, start)
     return None if program.key[:2] in _REFUSED else program
 
 
@@ -172,15 +174,18 @@ def _program(key: tuple, source: Callable = run_loop) -> Callable:
 
 
 class LoopProgram:
-    """One solve's compiled loop (see the module docstring)."""
+    """One solve's compiled loop (see the module docstring), its first step size (``dt0`` or
+    Hairer's estimate, :func:`.start.start_and_run`) chosen inside it, as a per-sample solve's."""
 
-    def __init__(self, f: Any, spec: LoopSpec):
-        self.f, self.spec = f, spec
+    def __init__(self, f: Any, spec: LoopSpec, start: Start):
+        self.f, self.spec, self.start = f, spec, start
         #: (the field's code, the loop's configuration): what a refusal is remembered by.
-        self.key = (code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving, spec.parts))
+        self.key = (code_key(f), (repr(spec.solver), repr(spec.controller), spec.adaptive, spec.saving, spec.parts, start))
 
-    def run(self, it: _Integration, dt: float) -> Any:
-        out = self._run(it, dt)
+    def run(self, it: _Integration) -> Any:
+        """The solve from ``it``'s start (``f`` evaluated there) to its end, or the eager loop
+        where the program is refused or its record would outgrow its limit."""
+        out = self._run(it)
         outcome = None if out is None else _outcome(out)  # (the one synchronisation of the solve)
         while outcome is not None and self.spec.record and self._outgrown(it, outcome):
             # The record filled before t1: again with four times the room (a new program, said
@@ -188,51 +193,51 @@ class LoopProgram:
             record = self.spec.record * 4
             _RECORD[(self.key[0], tuple(it.y.shape), self.spec.record_stages)] = record
             if not _fits(record, self.spec.solver, it.y) or record > 4 * it.opts.max_steps:
-                return it.steps(dt, False)
+                return it.start_eagerly()
             self.spec = dataclasses.replace(self.spec, record=record)
-            out = self._run(it, dt)
+            out = self._run(it)
             outcome = None if out is None else _outcome(out)
         if out is None:  # refused: the eager loop with the eager step
             it.kernel.eager()
-            return it.steps(dt, False)
+            return it.start_eagerly()
         return self._finish(it, out, outcome)
 
     def _outgrown(self, it: _Integration, outcome: list[float]) -> bool:
         t, n_acc, status = outcome[0], outcome[3], outcome[6]
         return n_acc == self.spec.record and status == 0 and it.direction * (it.t1 - t) > 0
 
-    def _run(self, it: _Integration, dt: float) -> tuple | None:
+    def _run(self, it: _Integration) -> tuple | None:
         y0, k0, opts = it.y, it.k, it.opts
         # One problem of the loop's B = 1: every per-problem value a (1,) tensor.
         f64 = dict(dtype=torch.float64, device=y0.device)
         # (torch.full: a third of torch.tensor's cost from a host number; a solve makes a dozen.)
         one = lambda v: torch.full((1,), float(v), **f64)  # noqa: E731
+        scalar = lambda v: torch.full((), math.nan if v is None else float(v), **f64)  # noqa: E731
         saveat = opts.saveat
         taus = torch.tensor([list(saveat) if saveat else [it.t1]], **f64)
-        ys0 = y0.unsqueeze(0).unsqueeze(0).expand((1, taus.shape[1]) + tuple(y0.shape)).clone()  # (times at t0 keep y0)
         ctrl0 = it.controller.init_state()
-        rtol, atol = (torch.full((), float(v), **f64) for v in (opts.rtol, opts.atol))
         joint = JointField(self.f)
         args = (
-            self.spec, joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), one(dt), taus,
-            ys0, rtol, atol, one(it.dtmin), one(it.dtmax), one(it.land_tol),
+            self.spec, self.start, joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), taus,
+            scalar(opts.rtol), scalar(opts.atol), scalar(opts.dt0), scalar(opts.dtmin), scalar(opts.dtmax),
             torch.full((), opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
             module_params(joint),
         )  # fmt: skip
         self.spec.solver.coefficients(y0.dtype, y0.device)  # (made before tracing: see PerSampleProgram.run)
-        return _run(self.key, (tuple(y0.shape), y0.dtype, y0.device, self.spec.record, self.spec.record_stages), args)
+        shapes = (tuple(y0.shape), y0.dtype, y0.device, self.spec.record, self.spec.record_stages)
+        return _run(self.key, shapes, args, start_and_run)
 
     def _finish(self, it: _Integration, out: tuple, outcome: list[float]) -> Any:
         from ..integrator import _nonfinite_message
 
         saveat = it.opts.saveat
         y, k, ys = out[2].squeeze(0), out[3].squeeze(0), out[9].squeeze(0)
-        t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f = outcome
+        t_f, h_f, n_steps, n_acc, n_rej, n_f, status, err_f, n_f_start = outcome
         stats = it.stats
         stats.n_steps += int(n_steps)
         stats.n_accepted += int(n_acc)
         stats.n_rejected += int(n_rej)
-        stats.n_f_evals += int(n_f)
+        stats.n_f_evals += int(n_f) + int(n_f_start) - 1  # (f at t0 was counted by the integrator)
         if self.spec.solver.loop_steps:  # (its linear algebra, added to the stats by it.result)
             for name, v in self.spec.solver.loop_counters(int(n_steps)).items():
                 setattr(stats, name, getattr(stats, name) + v)
@@ -260,6 +265,8 @@ class LoopProgram:
             from ..solvers.rosenbrock import singular_message
 
             return it.result(status, singular_message(self.spec.solver, t_f, h_f), h_f)
+        if status == Status.NONFINITE and not n_steps:  # (f not finite at the start: no first step size)
+            return it.result(Status.NONFINITE, _nonfinite_message(t_f, None), h_f)
         if status == Status.NONFINITE or not math.isfinite(err_f) and status != Status.SUCCESS:
             return it.result(Status.NONFINITE, _nonfinite_message(t_f, h_f), h_f)
         if not it.adaptive and not bool(torch.isfinite(y).all()):
@@ -268,10 +275,12 @@ class LoopProgram:
 
 
 def _outcome(out: tuple) -> list[float]:
-    """A joint solve's outcome from its loop's carry, read to the host at once: the time reached,
-    the last step size, the steps, accepted, rejected, evaluations, status and last error."""
+    """A joint solve's outcome from its program's result (:func:`.start.start_and_run`), read to
+    the host at once: the time reached, the last step size, the steps, accepted, rejected,
+    evaluations, status, last error and the start's evaluations."""
     t, h, _y, _k, _ctrl, n_steps, n_acc, n_rej, n_f, _ys, status, err = (x[0] for x in out[:12])
-    return torch.stack([t, h, n_steps.double(), n_acc.double(), n_rej.double(), n_f.double(), status.double(), err]).tolist()
+    counts = (n_steps, n_acc, n_rej, n_f, status)
+    return torch.stack([t, h, *(c.double() for c in counts), err, out[-1][0].double()]).tolist()
 
 
 class PerSampleProgram:
