@@ -280,3 +280,19 @@ def test_saveat_near_an_end_snaps_by_that_ends_scale_only():
     sol = odeflux.solve(decay, Y0, (0.0, 1e5), saveat=[1e-2, 1.0], rtol=1e-8, atol=1e-10)
     assert sol.ts.tolist() == [1e-2, 1.0]
     assert sol.ys[0][0].item() == pytest.approx(math.exp(-1e-2), rel=1e-6)
+
+
+def test_whether_a_module_takes_time_is_read_from_the_forward_it_has_now():
+    # (The answer is kept per class function; an instance's own forward is read each time.)
+    from odeflux.vector_field import takes_time
+
+    class TY(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+    m = TY()
+    assert takes_time(m) and takes_time(TY())
+    m.forward = lambda y: -2 * y
+    assert not takes_time(m)
+    sol = odeflux.solve(m, torch.ones(2, dtype=torch.float64), (0.0, 1.0), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(sol.ys[-1], torch.full((2,), math.exp(-2.0), dtype=torch.float64), rtol=1e-6, atol=0)

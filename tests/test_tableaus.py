@@ -205,3 +205,23 @@ def test_tableau_rejects_malformed_data():
         ButcherTableau(name="bad", order=1, c=(0.0,), a=((),), b=(1.0, 0.0), b_err=None, interp=((1.0,),), interp_order=1)
     with pytest.raises(ValueError, match="FSAL"):
         ButcherTableau(a=((), (1.0,)), fsal=True, **two)
+
+
+def test_coefficient_tensors_are_made_once_per_tableau():
+    """A solver instance made anew (``solve()`` without ``solver=``) reads the tensors its class's
+    tableau already has; another tableau, even under the same class and repr, gets its own."""
+    import dataclasses
+
+    import torch
+
+    from odeflux.solvers.tableau import ExplicitRK
+
+    a, b = SOLVERS["tsit5"](), SOLVERS["tsit5"]()
+    co = a.coefficients(torch.float64, torch.device("cpu"))
+    assert b.coefficients(torch.float64, torch.device("cpu")) is co
+    assert a.coefficients(torch.float32, torch.device("cpu")) is not co
+    other_tab = dataclasses.replace(a.tableau, b_err=tuple(2 * v for v in a.tableau.b_err))
+    other = ExplicitRK(tableau=other_tab)
+    mine = other.coefficients(torch.float64, torch.device("cpu"))
+    assert repr(other) == repr(ExplicitRK(tableau=a.tableau))
+    assert mine is not co and torch.equal(mine.e_row, 2 * co.e_row)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..solution import Status
+from ..solution import RecordRows, Status
 from .loop import JointField, LoopSpec, module_params, run_loop
 from .start import Start, start_and_run
 
@@ -247,9 +247,9 @@ class LoopProgram:
             rec_t, rec_h, rec_y = (x[0] for x in out[13:16])
             d = it.dense
             d.t, d.dt = rec_t[:n].tolist(), rec_h[:n].tolist()
-            d.y = list(rec_y[:n].unbind(0))
+            d.y = RecordRows(rec_y, n)
             # (Without stages (dense_stages=False) the output keeps the steps only: see DenseOutput.record.)
-            d.K = list(out[16][0][:n].unbind(0)) if self.spec.record_stages else []
+            d.K = RecordRows(out[16][0], n) if self.spec.record_stages else []
             d.record = (rec_t, rec_h, rec_y)
         status = Status(int(status))
         if saveat is not None:
