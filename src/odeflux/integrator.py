@@ -331,8 +331,9 @@ class _Integration:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, program: Any = None) -> IntegrationResult:
-        """Start (``f`` at ``t0``, the first step size), then step to ``t1``: on the host, or as
-        the compiled ``program`` (:class:`odeflux.compiled.LoopProgram`) where one is given."""
+        """Evaluate ``f`` at ``t0`` (its output checked here, with the eager error messages), then
+        choose the first step size and step to ``t1``: on the host, or as the compiled ``program``
+        (:class:`odeflux.compiled.LoopProgram`, which chooses its first step inside) where one is given."""
         opts, kernel, stats, direction = self.opts, self.kernel, self.stats, self.direction
         self.k = kernel.evaluate(nudge(self.t0, direction, self.y.dtype) if opts.perturb else self.t0, self.y)
         _check_derivative(self.k, self.y)
