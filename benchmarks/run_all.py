@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "per_sample": [],
     "stiff_batch": [],
     "small_systems": [],
+    "profile_small": [],
     "adjoint_first_step": [],
     "compiled_crossover": [],
 }
