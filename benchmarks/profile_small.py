@@ -63,7 +63,9 @@ def median_ms(call: Callable[[], Any], rounds: int, number: int) -> float:
 SOLVE, BACKWARD = "odeflux.solve(...)", "loss.backward()"
 FWD_CALL, REV_CALL = "forward program's call", "reverse program's call"
 FWD_CODE, REV_CODE = "forward program: Inductor's code", "reverse program: Inductor's code"
-PROBLEM, START, FINISH = "building the problem (make_problem)", "f at t0 (eager, its output checked)", "reading the forward's outcome (_finish)"
+PROBLEM = "building the problem (make_problem)"
+START = "f at t0 (eager, its output checked)"
+FINISH = "reading the forward's outcome (_finish)"
 ARGS, CHOICE = "the forward program's arguments (LoopProgram._run)", "choosing the step kernel and the program"
 
 
@@ -105,7 +107,8 @@ def profile(name: str, rounds: int, number: int) -> tuple[str, dict[str, float]]
         timed = (time.perf_counter() - t0) / n * 1e3
     finally:
         timers.restore()
-    per = {k: timers.total.get(k, 0.0) / n * 1e3 for k in (SOLVE, BACKWARD, PROBLEM, START, FWD_CALL, REV_CALL, FINISH, FWD_CODE, REV_CODE, ARGS, CHOICE)}
+    labels = (SOLVE, BACKWARD, PROBLEM, START, FWD_CALL, REV_CALL, FINISH, FWD_CODE, REV_CODE, ARGS, CHOICE)
+    per = {k: timers.total.get(k, 0.0) / n * 1e3 for k in labels}
     rows = [
         [FWD_CODE, per[FWD_CODE]],
         [REV_CODE, per[REV_CODE]],
@@ -123,7 +126,8 @@ def profile(name: str, rounds: int, number: int) -> tuple[str, dict[str, float]]
     ]  # fmt: skip
     table = markdown_table(
         ["part of one gradient", "ms", "share"],
-        [[k, f"{v:.3f}", f"{100 * v / timed:.0f} %"] for k, v in rows] + [["total (with the timers)", f"{timed:.3f}", "100 %"]],
+        [[k, f"{v:.3f}", f"{100 * v / timed:.0f} %"] for k, v in rows]
+        + [["total (with the timers)", f"{timed:.3f}", "100 %"]],
         align="lrr",
     )  # fmt: skip
     s = sol.stats

@@ -79,9 +79,9 @@ def initial_step(
     """Hairer's initial step size (Hairer, Norsett and Wanner, II.4), as in OrdinaryDiffEq.
 
     Returns the step (positive; NaN where the start itself is not finite) and the number of
-    extra ``f`` evaluations it counts (none where the start is not finite). On host floats (``ops`` :data:`HOST`, the default) or on
-    tensors of one value per problem (:data:`TENSOR`: ``B`` problems, ``norms`` giving ``(B,)``
-    norms).
+    extra ``f`` evaluations it counts (none where the start is not finite). On host floats
+    (``ops`` :data:`HOST`, the default) or on tensors of one value per problem (:data:`TENSOR`:
+    ``B`` problems, ``norms`` giving ``(B,)`` norms).
     """
     ops = HOST if ops is None else ops
     d0, d1 = norms.d0, norms.d1
