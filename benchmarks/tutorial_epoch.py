@@ -52,6 +52,9 @@ DEFAULT = "odeflux interpolating + autograd (flat)"
 ENGINE = "odeflux interpolating + autograd, engine only (flat)"
 DIRECT = "odeflux direct (flat)"
 USER = "odeflux NeuralODE(nn.Sequential) + torch.optim.Adam, as a user writes it"
+#: The same model with odeflux's Adam (one fused kernel over the flat parameters, as every odeflux
+#: row): the difference from USER is torch.optim.Adam's own per-step cost.
+USER_OWN_ADAM = "the same with odeflux's Adam (odeflux.mnist.optim.make_optimizer)"
 TD_ADJOINT = "torchdiffeq odeint_adjoint"
 TD_ODEINT = "torchdiffeq odeint"
 DIFFRAX = "diffrax RecursiveCheckpointAdjoint (jit)"
@@ -122,6 +125,7 @@ def run_section(threads: int, rounds: int, data, init: Path | None, diffrax_mode
     for name, flags in runs.items():
         fns[name], states[name] = torch_epoch(create_model(**flags), data)
     fns[USER], states[USER] = torch_epoch(user_model(), data, torch_adam=True)
+    fns[USER_OWN_ADAM], states[USER_OWN_ADAM] = torch_epoch(user_model(), data)
     for name, make in peers.items():
         fns[name], states[name] = torch_epoch(make(), data)
     servers = []
@@ -236,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         "go through the autograd engine instead of the tutorial field's hand-written VJP rule, "
         "`odeflux.fields.MLP`); each runs `odeflux.mnist.train.train_epoch` with `create_model` and "
         "`make_optimizer`, and so do "
+        "the user's row once more (its model with odeflux's Adam where the user row has `torch.optim.Adam(foreach="
+        "True)`), and "
         "the torch peers (same loop, only the model differs). torchdiffeq: dopri5, `odeint_adjoint` (adjoint at "
         "the forward's tolerances) or `odeint` (backpropagation through the solver). torchode: Tsit5 with "
         "`solve_ivp`'s PID gains, the batch as one problem (*joint*, as the tutorial) or 128 (*per-sample*). "
