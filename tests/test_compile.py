@@ -5,6 +5,8 @@ the tutorial's vector field must trace under ``torch.compile(fullgraph=True)`` w
 break, and the compiled step must compute what the eager one does.
 """
 
+import math
+
 import pytest
 import torch
 import torch._dynamo
@@ -54,3 +56,34 @@ def test_compiled_model_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+_STRICT_WARNINGS = """
+import torch, odeflux
+from odeflux import torch_imports
+torch_imports.compiler()
+import torch._inductor.compile_fx  # (what torch.compile imports; warned at import in torch 2.13)
+p = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+sol = odeflux.solve(lambda t, y, a: -a * y, torch.ones(2, dtype=torch.float64), (0.0, 1.0), args=p,
+                    sensealg=odeflux.ForwardSensitivity(), rtol=1e-9, atol=1e-9)
+sol.ys[-1].sum().backward()
+print(float(p.grad))
+"""
+
+
+def test_warnings_as_errors_leave_compile_and_forward_mode_working():
+    """torch 2.13 warns (DeprecationWarning) while importing Inductor and forward-mode AD's
+    decompositions; under warnings as errors a compile=True solve would fail to compile and a
+    ForwardSensitivity gradient raise from inside torch. odeflux.torch_imports imports them
+    quietly first (each torch.compile site and forward mode call it). A fresh process: the
+    imports happen once per process."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", _STRICT_WARNINGS],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == pytest.approx(-2 * math.exp(-0.5), rel=1e-6)  # d/da of 2 exp(-a)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .. import torch_imports
 from ..solution import RecordRows, Status
 from .loop import JointField, LoopSpec, module_params, run_loop
 from .start import Start, start_and_run
@@ -161,6 +162,7 @@ def _program(key: tuple, source: Callable = run_loop) -> Callable:
     if fn is None:
         code = source.__code__.replace(co_name=f"{source.__name__}_{len(_PROGRAMS)}")
         copy = types.FunctionType(code, source.__globals__, code.co_name, source.__defaults__, source.__closure__)
+        torch_imports.compiler()
         fn = _PROGRAMS[key] = torch.compile(copy, fullgraph=True, dynamic=False, options=PROGRAM_OPTIONS)
         if len(_PROGRAMS) > PROGRAM_LIMIT and not _THRASH_WARNED:
             _THRASH_WARNED.append(True)

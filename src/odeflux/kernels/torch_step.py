@@ -50,6 +50,9 @@ def compiled_step() -> Callable:
     """:func:`rk_step_with_error` under ``torch.compile(fullgraph=True)``, built once per process."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
+        from .. import torch_imports
+
+        torch_imports.compiler()
         _COMPILED_STEP = torch.compile(rk_step_with_error, fullgraph=True)
     return _COMPILED_STEP
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch.utils import _pytree as pytree
 
+from .. import torch_imports
 from ..integrator import IntegrationResult
 from ..kernels import arrays
 from ..problem import solution_from_result
@@ -147,6 +148,8 @@ class ForwardRun:
             fewer = self.m < self.n or (problem.compiled and problem.solver.tableau_steps)
             mode = "forward" if self._slots is not None and fewer else "reverse"
         self.mode = mode
+        if mode == "forward":
+            torch_imports.forward_ad()
         dt, dev = y0.dtype, y0.device
         # The parameter directions' seeds: direction n_y0 + k moves parameter entry k alone.
         eye = torch.eye(sum(self.sizes), dtype=dt, device=dev)

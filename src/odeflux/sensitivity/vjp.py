@@ -231,6 +231,9 @@ class CompileVJP(FuncVJP):
         super().__init__(problem, params, stats)
         global _COMPILED_VJP
         if _COMPILED_VJP is None:
+            from .. import torch_imports
+
+            torch_imports.compiler()
             _COMPILED_VJP = torch.compile(_func_vjp, dynamic=False)
         self.compiled = _COMPILED_VJP
 

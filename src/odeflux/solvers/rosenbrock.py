@@ -706,6 +706,9 @@ def compiled_fresh_step() -> Callable:
     step size a 0-d tensor: no recompilation as it changes)."""
     global _COMPILED_FRESH
     if _COMPILED_FRESH is None:
+        from .. import torch_imports
+
+        torch_imports.compiler()
         _COMPILED_FRESH = torch.compile(fresh_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return _COMPILED_FRESH
 
