@@ -26,7 +26,7 @@ from torch import nn
 from .compiled.loop import LoopSpec
 from .compiled.program import PerSampleProgram
 from .compiled.reverse import per_sample_reverse_run
-from .compiled.start import Start, start_and_run
+from .compiled.start import Start, start_and_run, start_inputs
 from .control import Parts, ConstantStepSize, IController, PIController, StepSizeController
 from .problem import BoundArgs, bind_args, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
@@ -65,14 +65,9 @@ class Batch:
         stands still. ``record``: the capacity of the loop's record of accepted steps (0: none);
         ``record_stages``: whether it keeps their stages (:class:`~odeflux.compiled.loop.LoopSpec`).
         With ``compile`` (and no ``on_step``) the start and the loop are one compiled program."""
-        dev = y0.device
-        f64 = dict(dtype=torch.float64, device=dev)
-        scalar = lambda v: torch.tensor(math.nan if v is None else float(v), **f64)  # noqa: E731
-        ctrl0 = self.controller.init_state()
-        inputs = (
-            self.f, y0, k0, t0, t1, t1.unsqueeze(1) if taus is None else taus, scalar(self.rtol), scalar(self.atol),
-            scalar(self.dt0), scalar(self.dtmin), scalar(self.dtmax), torch.tensor(self.max_steps, dtype=torch.int64, device=dev),
-            torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
+        inputs = start_inputs(
+            self.f, y0, k0, t0, t1, t1.unsqueeze(1) if taus is None else taus, self.rtol, self.atol, self.dt0,
+            self.dtmin, self.dtmax, self.max_steps, self.controller.init_state(),
         )  # fmt: skip
         spec = LoopSpec(self.solver, self.controller, self.adaptive, self.saving, self.parts, record, record_stages)
         if compile and on_step is None:

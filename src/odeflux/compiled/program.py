@@ -32,7 +32,7 @@ import torch
 from .. import torch_imports
 from ..solution import RecordRows, Status
 from .loop import JointField, LoopSpec, module_params, run_loop
-from .start import Start, start_and_run
+from .start import Start, start_and_run, start_inputs
 
 if TYPE_CHECKING:
     from ..integrator import IntegrateOptions, _Integration
@@ -211,20 +211,15 @@ class LoopProgram:
     def _run(self, it: _Integration) -> tuple | None:
         y0, k0, opts = it.y, it.k, it.opts
         # One problem of the loop's B = 1: every per-problem value a (1,) tensor.
-        f64 = dict(dtype=torch.float64, device=y0.device)
-        # (torch.full: a third of torch.tensor's cost from a host number; a solve makes a dozen.)
-        one = lambda v: torch.full((1,), float(v), **f64)  # noqa: E731
-        scalar = lambda v: torch.full((), math.nan if v is None else float(v), **f64)  # noqa: E731
+        one = lambda v: torch.full((1,), float(v), dtype=torch.float64, device=y0.device)  # noqa: E731
         saveat = opts.saveat
-        taus = torch.tensor([list(saveat) if saveat else [it.t1]], **f64)
-        ctrl0 = it.controller.init_state()
+        taus = torch.tensor([list(saveat) if saveat else [it.t1]], dtype=torch.float64, device=y0.device)
         joint = JointField(self.f)
-        args = (
-            self.spec, self.start, joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), taus,
-            scalar(opts.rtol), scalar(opts.atol), scalar(opts.dt0), scalar(opts.dtmin), scalar(opts.dtmax),
-            torch.full((), opts.max_steps, dtype=torch.int64, device=y0.device), one(1.0 if ctrl0 is None else ctrl0),
-            module_params(joint),
+        inputs = start_inputs(
+            joint, y0.unsqueeze(0), k0.unsqueeze(0), one(it.t0), one(it.t1), taus, opts.rtol, opts.atol, opts.dt0,
+            opts.dtmin, opts.dtmax, opts.max_steps, it.controller.init_state(),
         )  # fmt: skip
+        args = (self.spec, self.start, *inputs, module_params(joint))
         self.spec.solver.coefficients(y0.dtype, y0.device)  # (made before tracing: see PerSampleProgram.run)
         shapes = (tuple(y0.shape), y0.dtype, y0.device, self.spec.record, self.spec.record_stages)
         return _run(self.key, shapes, args, start_and_run)

@@ -58,6 +58,23 @@ class Norms:
         return self._rms(f1 - self.f0)
 
 
+def start_inputs(
+    f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, taus: torch.Tensor,
+    rtol: float, atol: float, dt0: float | None, dtmin: float | None, dtmax: float | None, max_steps: int,
+    ctrl0: float | None,
+) -> tuple:  # fmt: skip
+    """:func:`start_and_run`'s arguments after ``spec`` and ``start``, from host numbers: the
+    tolerances and step limits as 0-d float64 tensors (NaN where not given), ``max_steps`` a 0-d
+    int64, the controller's first memory one per problem (1 where it keeps none)."""
+    f64 = dict(dtype=torch.float64, device=y0.device)
+    # (torch.full: a third of torch.tensor's cost from a host number.)
+    scalar = lambda v: torch.full((), math.nan if v is None else float(v), **f64)  # noqa: E731
+    return (
+        f, y0, k0, t0, t1, taus, scalar(rtol), scalar(atol), scalar(dt0), scalar(dtmin), scalar(dtmax),
+        torch.full((), max_steps, dtype=torch.int64, device=y0.device), torch.full_like(t0, 1.0 if ctrl0 is None else ctrl0),
+    )  # fmt: skip
+
+
 def start_and_run(
     spec: LoopSpec, start: Start, f: VectorField, y0: torch.Tensor, k0: torch.Tensor, t0: torch.Tensor,
     t1: torch.Tensor, taus: torch.Tensor, rtol: torch.Tensor, atol: torch.Tensor, dt0: torch.Tensor,

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import torch_imports
 from ..control import Parts, error_ratio, part_rms
 from ..solvers.implicit import JacobianSource, imex_parts
 from ..solvers.tableau import Solver, Stepper
@@ -50,8 +51,6 @@ def compiled_step() -> Callable:
     """:func:`rk_step_with_error` under ``torch.compile(fullgraph=True)``, built once per process."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
-        from .. import torch_imports
-
         torch_imports.compiler()
         _COMPILED_STEP = torch.compile(rk_step_with_error, fullgraph=True)
     return _COMPILED_STEP

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .. import torch_imports
 from ..kernels import ArrayKernelSource, ArrayVJP
 from ..solution import BackwardStats
 
@@ -231,8 +232,6 @@ class CompileVJP(FuncVJP):
         super().__init__(problem, params, stats)
         global _COMPILED_VJP
         if _COMPILED_VJP is None:
-            from .. import torch_imports
-
             torch_imports.compiler()
             _COMPILED_VJP = torch.compile(_func_vjp, dynamic=False)
         self.compiled = _COMPILED_VJP

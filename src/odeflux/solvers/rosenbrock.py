@@ -47,6 +47,7 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from .. import torch_imports
 from ..control import ORDINARYDIFFEQ_PI, StepSizeController
 from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
@@ -706,8 +707,6 @@ def compiled_fresh_step() -> Callable:
     step size a 0-d tensor: no recompilation as it changes)."""
     global _COMPILED_FRESH
     if _COMPILED_FRESH is None:
-        from .. import torch_imports
-
         torch_imports.compiler()
         _COMPILED_FRESH = torch.compile(fresh_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return _COMPILED_FRESH
