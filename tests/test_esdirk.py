@@ -235,10 +235,10 @@ def test_kvaerno5_tight_tolerances(problem, rtol):
 
 @pytest.mark.slow
 def test_robertson_is_stiff_for_tsit5():
-    """Tsit5 at the same tolerances runs out of 100x Kvaerno5's steps on ROBER."""
+    """Tsit5 at the same tolerances runs out of 20x Kvaerno5's steps on ROBER."""
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
     implicit = odeflux.solve(rober, y0, (0.0, 1e5), solver=Kvaerno5(), rtol=1e-6, atol=1e-10)
-    budget = 100 * implicit.stats.n_steps
+    budget = 20 * implicit.stats.n_steps
     sol = odeflux.solve(rober, y0, (0.0, 1e5), solver=odeflux.Tsit5(), rtol=1e-6, atol=1e-10, max_steps=budget, throw=False)
     assert sol.status == Status.MAX_STEPS and sol.t_final < 1e3
 

@@ -169,11 +169,11 @@ def test_robertson_against_radau(solver, rtol):
 
 @pytest.mark.slow
 def test_robertson_is_out_of_reach_of_explicit_methods():
-    """Tsit5 at Rodas5P's tolerance runs into max_steps at 100x Rodas5P's steps, far from 1e5."""
+    """Tsit5 at Rodas5P's tolerance runs into max_steps at 20x Rodas5P's steps, far from 1e5."""
     rtol, atol = 1e-6, 1e-10
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
     n = odeflux.solve(rober, y0, (0.0, 1e5), solver=Rodas5P(), rtol=rtol, atol=atol).stats.n_steps
-    tsit = odeflux.solve(rober, y0, (0.0, 1e5), solver=odeflux.Tsit5(), rtol=rtol, atol=atol, max_steps=100 * n, throw=False)
+    tsit = odeflux.solve(rober, y0, (0.0, 1e5), solver=odeflux.Tsit5(), rtol=rtol, atol=atol, max_steps=20 * n, throw=False)
     assert tsit.status == Status.MAX_STEPS and float(tsit.ts[-1]) < 1e3
 
 
