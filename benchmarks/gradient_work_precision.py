@@ -299,6 +299,9 @@ CONFIGS: tuple[Config, ...] = (
            "here: `DirectAdjoint()`'s gradient and evaluations; past the budget the forward's steps retaken one at "
            "a time in the backward pass) where the state and parameters have more than 100 entries, "
            "`DirectAdjoint()` on the small Lotka-Volterra and Van der Pol problems"),
+    Config("odeflux auto integral start", odeflux_solve("auto", PIController(integral_start=True)),
+           "the default but for the forward's controller: `PIController(integral_start=True)`, whose first "
+           "accepted step (no error memory yet) proposes the next as the integral controller does"),
     Config("odeflux Tsit5 auto", odeflux_solve("auto", solver=odeflux.Tsit5),
            "the same with Tsit5, `odeflux.solve()`'s default solver (`NeuralODE`'s until this measurement)"),
     Config("odeflux Interpolating", odeflux_solve(odeflux.InterpolatingAdjoint()),
@@ -590,7 +593,7 @@ def accuracy_section(results: Sequence[FieldResult]) -> str:
     )
 
 
-_ODEFLUX_STYLE = [("C4", "P", "-"), ("C4", "P", ":"), ("C0", "o", "-"), ("C5", "o", ":"), ("C0", "o", "--"),
+_ODEFLUX_STYLE = [("C4", "P", "-"), ("C6", "X", "--"), ("C4", "P", ":"), ("C0", "o", "-"), ("C5", "o", ":"), ("C0", "o", "--"),
                   ("C0", "o", "-."), ("C0", "o", ":"), ("C1", "s", ":"), ("C2", "^", "-"), ("C3", "v", "-")]
 _PEER_STYLE = [("0.3", "x", "--"), ("0.5", "+", "--"), ("0.15", "*", ":"), ("0.6", "D", ":"), ("0.4", "<", "-.")]
 STYLE = dict(zip([c.key for c in CONFIGS if c.odeflux], _ODEFLUX_STYLE)) | dict(zip(PEER_KEYS, _PEER_STYLE))

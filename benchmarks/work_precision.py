@@ -146,6 +146,10 @@ CONFIGS: tuple[Config, ...] = (
                 "grows about 2-3x a step, against 5-10x with (1)'s"),
     Config("(1c) PI qold 1e-2", "(1c) PIController(qoldinit=1e-2)", lambda: PIController(qoldinit=1e-2),
            what="`PIController(qoldinit=1e-2)`: between the two"),
+    Config("(1d) PI integral start", "(1d) PIController(integral_start=True)",
+           lambda: PIController(integral_start=True),
+           what="`PIController(integral_start=True)`: (1), but the first accepted step (no error memory "
+                "yet) proposes the next as (2) does, dt * clamp(0.9 err^(-1/5), 0.2, 10); the PI filter after it"),
     Config("(2) I", "(2) IController()", IController,
            what="`IController()`: dt * clamp(0.9 err^(-1/5), 0.2, 10) (torchdiffeq's and torchode's defaults); "
                 "Hairer's first step"),
@@ -176,6 +180,9 @@ CONFIGS: tuple[Config, ...] = (
     Config("(7) Dopri5 PI", "(7) Dopri5, PIController() [NeuralODE's solver]", PIController, solver=odeflux.Dopri5,
            what="Dopri5 (`NeuralODE`'s default solver, chosen by gradient_work_precision) with the default "
                 "controller and Hairer's first step: the forward's side of that choice"),
+    Config("(7b) Dopri5 PI integral start", "(7b) Dopri5, PIController(integral_start=True)",
+           lambda: PIController(integral_start=True), solver=odeflux.Dopri5,
+           what="(7) with (1d)'s controller"),
 )
 PEER_KEYS = ("torchdiffeq dopri5", "torchode I", "torchode PID")
 PEER_WHAT = {
@@ -665,7 +672,7 @@ def _gm(xs: Sequence[float]) -> str:
     return "–" if not xs else f"{math.exp(sum(math.log(x) for x in xs) / len(xs)):.2f}"
 
 
-_MARKERS = ("o", "h", "p", "s", "^", "v", "<", ">", "D", "P")
+_MARKERS = ("o", "h", "p", "s", "^", "v", "<", ">", "D", "P", "d", "X")
 STYLE = {c.key: (f"C{i}", _MARKERS[i], "-") for i, c in enumerate(CONFIGS)} | {
     PEER_KEYS[0]: ("0.35", "x", "--"), PEER_KEYS[1]: ("0.55", "+", "--"), PEER_KEYS[2]: ("0.2", "*", ":"),
 }  # fmt: skip

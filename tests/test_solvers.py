@@ -502,6 +502,31 @@ def test_pi_controller_clamps_and_rejects():
     assert not accept and math.isfinite(dt_new) and 0 < dt_new < 0.01
 
 
+def test_pi_controller_integral_start():
+    # integral_start: the first accepted step proposes dt * clamp(0.9 err^(-1/p), 1/5, 10), as the
+    # I controller; from the second on, the PI filter with that step's error as its memory.
+    c = PIController(integral_start=True)
+    state = c.init_state()
+    accept, dt_new, state = c.propose(0.01, 2.0, state, 5)  # a rejection first: still no memory
+    assert not accept and dt_new == pytest.approx(0.01 * 0.9 / 2.0**0.14, rel=1e-12)
+    accept, dt_new, state = c.propose(0.01, 1e-4, state, 5)
+    assert accept and dt_new == pytest.approx(0.01 * 0.9 * 1e-4**-0.2, rel=1e-12) and state == 0.1
+    assert dt_new == pytest.approx(odeflux.IController().propose(0.01, 1e-4, None, 5)[1], rel=1e-12)
+    accept, dt_new, state = c.propose(0.05, 1e-4, state, 5)  # the PI filter now, memory floored at 0.1
+    assert accept and dt_new == pytest.approx(0.05 * 0.9 * 1e-4**-0.14 * 0.1**0.08, rel=1e-12)
+    accept, dt_new, _ = c.propose(0.01, 1e-12, c.init_state(), 5)
+    assert accept and dt_new == pytest.approx(0.1, rel=1e-12)  # qmax
+    # The same decisions on 0-d tensors (the compiled loop's form of the rule).
+    from odeflux.control import TENSOR
+
+    host, tensor = c.init_state(), torch.tensor(c.init_state(), dtype=torch.float64)
+    for dt, err in [(0.01, 2.0), (0.01, 1e-4), (0.05, 3e-3), (0.2, 0.7)]:
+        a1, d1, host = c.rule(dt, err, host, 5, odeflux.control.HOST)
+        a2, d2, tensor = c.rule(torch.tensor(dt, dtype=torch.float64), torch.tensor(err, dtype=torch.float64),
+                                tensor, 5, TENSOR)  # fmt: skip
+        assert bool(a2) == a1 and float(d2) == pytest.approx(d1, rel=1e-14) and float(tensor) == host
+
+
 def test_pi_controller_explicit_betas_and_bad_settings():
     c = PIController(beta1=0.5, beta2=0.0, safety=1.0, qmin=0.5, qmax=2.0)
     assert c.propose(1.0, 0.25, 1e-4, 5)[1] == pytest.approx(1 / 0.5, rel=1e-12)  # 0.25^0.5 = 0.5

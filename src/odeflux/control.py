@@ -169,6 +169,11 @@ class PIController(StepSizeController):
     grows about 2-3x a step where the error is far below the tolerance (a smooth neural field),
     against 5-10x. Measured at equal error (benchmarks/results/work_precision.md and
     gradient_work_precision.md) 0.1 needs as few or fewer evaluations, forward and per gradient.
+
+    ``integral_start=True``: the first accepted step, which has no error memory yet, proposes the
+    next step as :class:`IController` does (``dt * clamp(safety * err**(-1/p), qmin, qmax)``), the
+    PI filter after it. Hairer's first step is cautious by design, and its error is far below the
+    tolerance; the PI filter grows it 3-5x where the integral rule grows it up to 10x.
     """
 
     beta1: float | None = None
@@ -177,6 +182,7 @@ class PIController(StepSizeController):
     qmin: float = 1 / 5
     qmax: float = 10.0
     qoldinit: float = 0.1
+    integral_start: bool = False
 
     def __post_init__(self) -> None:
         if not (0 < self.qmin <= 1 <= self.qmax):
@@ -187,7 +193,7 @@ class PIController(StepSizeController):
             raise ValueError(f"PIController needs 0 < qoldinit <= 1, got {self.qoldinit}")
 
     def init_state(self) -> float:
-        return self.qoldinit
+        return -1.0 if self.integral_start else self.qoldinit  # (-1: no step accepted yet)
 
     def rule(self, dt: Any, err: Any, state: Any, order: int, ops: Ops) -> tuple[Any, Any, Any]:
         beta1 = self.beta1 if self.beta1 is not None else 7 / (10 * order)
@@ -195,7 +201,10 @@ class PIController(StepSizeController):
         finite = ops.isfinite(err)
         accept = ops.both(finite, err <= 1.0)
         q11 = err**beta1
-        q = ops.minimum(1 / self.qmin, ops.maximum(1 / self.qmax, q11 / state**beta2 / self.safety))
+        q = q11 / ops.maximum(state, self.qoldinit) ** beta2
+        if self.integral_start:
+            q = ops.where(state < 0, err ** (1 / order), q)
+        q = ops.minimum(1 / self.qmin, ops.maximum(1 / self.qmax, q / self.safety))
         # (q11 > 1 wherever the rejected step size is selected: the floor only keeps 0 out of it.)
         rejected = ops.where(finite, dt / ops.minimum(1 / self.qmin, ops.maximum(q11, 1e-300) / self.safety), dt * self.qmin)
         return accept, ops.where(accept, dt / q, rejected), ops.where(accept, ops.maximum(err, self.qoldinit), state)
