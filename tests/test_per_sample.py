@@ -156,6 +156,15 @@ def test_refusals_name_the_option():
         odeflux.solve(lambda t, y: y.float(), y0, (0.0, 1.0), batch_axis=0)
     with pytest.raises(ValueError, match=r"f\(t, y\) must return the batch's shape"):
         odeflux.solve(lambda t, y: y.sum(-1), y0, (0.0, 1.0), batch_axis=0)
+    # The options solve() checks for one problem are checked alike (before, a negative rtol or
+    # dtmin ran silently here, and dtmin above dtmax failed every sample at its first step).
+    for kw, match in [(dict(rtol=-1.0), "rtol must be positive and finite"), (dict(dtmin=-1.0), "dtmin must be positive"),
+                      (dict(dtmin=0.1, dtmax=0.01), "dtmin=0.1 is above dtmax=0.01"),
+                      (dict(max_steps=0), "max_steps must be a positive integer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, **kw)
+    with pytest.raises(TypeError, match=r"pass Tsit5\(\), not the class"):
+        odeflux.solve(f, y0, (0.0, 1.0), batch_axis=0, solver=odeflux.Tsit5)
 
 
 def test_neural_ode_per_sample():

@@ -117,6 +117,30 @@ def test_bad_dtmin_dtmax(name, value):
         odeflux.solve(decay, Y0, (0.0, 1.0), **{name: value})
 
 
+def test_dtmin_above_dtmax():
+    # (Before this check the solve ran and failed at its first step with DT_MIN.)
+    with pytest.raises(ValueError, match=r"dtmin=0.1 is above dtmax=0.01: no step size is allowed"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), dtmin=0.1, dtmax=0.01)
+
+
+@pytest.mark.parametrize("compile", ["yes", 1, None])
+def test_compile_not_a_bool(compile):
+    with pytest.raises(TypeError, match=r"compile must be True or False, got"):
+        odeflux.solve(decay, Y0, (0.0, 1.0), compile=compile)
+    with pytest.raises(TypeError, match=r"compile must be True or False, got"):
+        odeflux.solve(decay, Y0.reshape(3, 1), (0.0, 1.0), batch_axis=0, compile=compile)
+
+
+def test_params_not_a_sequence_of_tensors():
+    lin = torch.nn.Linear(3, 3).double()
+    with pytest.raises(TypeError, match=r"got a Linear module: pass list\(module.parameters\(\)\)"):
+        odeflux.solve(lambda t, y: lin(y), Y0, (0.0, 1.0), params=lin)
+    with pytest.raises(TypeError, match=r"got a Parameter: pass \[p\] for one tensor p"):
+        odeflux.solve(lambda t, y: lin(y), Y0, (0.0, 1.0), params=lin.weight)
+    with pytest.raises(TypeError, match="params must be a sequence of tensors, got an element of type float"):
+        odeflux.solve(lambda t, y: lin(y), Y0, (0.0, 1.0), params=[1.0])
+
+
 @pytest.mark.parametrize("max_steps", [0, -5, 10.5, "100"])
 def test_bad_max_steps(max_steps):
     with pytest.raises(ValueError, match="max_steps must be a positive integer"):

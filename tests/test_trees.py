@@ -158,9 +158,10 @@ def test_neural_ode_takes_a_tuple_state():
     [
         (lambda t, y: y[0], (torch.ones(2), torch.ones(3)), r"f\(t, y\) is a Tensor where the state is \(tensor\[2\], tensor\[3\]\)"),
         (lambda t, y: {"a": y["a"]}, {"a": torch.ones(2), "b": torch.ones(1)}, r"keys \['a'\] where the state has keys \['a', 'b'\]"),
+        (lambda t, y: y["a"], {"a": torch.ones(2), "b": torch.ones(1)}, r"f\(t, y\) is a Tensor where the state is \{'a': tensor\[2\], 'b': tensor\[1\]\}"),
         (lambda t, y: (y[0], y[1][:1]), (torch.ones(2), torch.ones(3)), r"f\(t, y\)\[1\] has shape \(1,\) where the state's entry has shape \(3,\)"),
     ],
-    ids=["not-a-tuple", "missing-key", "wrong-shape"],
+    ids=["not-a-tuple", "missing-key", "not-a-dict", "wrong-shape"],
 )
 def test_a_field_returning_another_structure_is_named(f, y0, match):
     with pytest.raises(ValueError, match=match):

@@ -28,12 +28,12 @@ from .compiled.program import PerSampleProgram
 from .compiled.reverse import per_sample_reverse_run
 from .compiled.start import Start, start_and_run, start_inputs
 from .control import Parts, ConstantStepSize, IController, PIController, StepSizeController
-from .problem import BoundArgs, bind_args, collect_params, module_tensors
+from .problem import BoundArgs, bind_args, check_solver, check_step_options, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
 from .sensitivity.base import _AdjointFunction
 from .sensitivity.per_sample_adjoint import PerSampleAdjointRun, check_method
 from .solution import Solution, SolveError, Stats, Status
-from .solvers import Solver, Tsit5
+from .solvers import Solver
 from .vector_field import VectorField, takes_time
 
 __all__ = ["solve_per_sample"]
@@ -99,8 +99,9 @@ def solve_per_sample(
         raise ValueError(f"batch_axis={batch_axis}: per-sample solves take the batch on axis 0: pass y0.movedim({batch_axis}, 0)")
     if y0.dim() < 1 or y0.shape[0] == 0:
         raise ValueError(f"batch_axis=0 needs a batch of at least one sample, got y0 of shape {tuple(y0.shape)}")
+    rtol, atol, dt0, dtmin, dtmax = check_step_options(rtol, atol, dt0, dtmin, dtmax, max_steps)
     adjoint = sensealg is not None and not isinstance(sensealg, DirectAdjoint)
-    solver = Tsit5() if solver is None else solver
+    solver = check_solver(solver)
     if adjoint:
         check_method(sensealg, solver)  # (refuses what a per-sample solve cannot differentiate with, in one line)
     name = type(solver).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable, Sequence
 
 import torch
@@ -158,6 +159,12 @@ def collect_params(f_params: Sequence[torch.Tensor], args: Any, params: Sequence
         for leaf in pytree.tree_leaves(args):
             add(leaf)
     if params is not None:
+        if isinstance(params, nn.Module):
+            raise TypeError(
+                f"params must be a sequence of tensors, got a {type(params).__name__} module: pass list(module.parameters())"
+            )
+        if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
+            raise TypeError(f"params must be a sequence of tensors, got a {type(params).__name__}: pass [p] for one tensor p")
         for p in params:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params must be a sequence of tensors, got an element of type {type(p).__name__}")
@@ -175,6 +182,43 @@ def _as_float(name: str, v: Any) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {v!r}") from None
     return x
+
+
+def check_step_options(rtol: Any, atol: Any, dt0: Any, dtmin: Any, dtmax: Any, max_steps: Any) -> tuple:
+    """The tolerances and step limits checked, each a float (``dt0``, ``dtmin``, ``dtmax`` may
+    be ``None``): ``(rtol, atol, dt0, dtmin, dtmax)``, or one clear error."""
+    rtol, atol = _as_float("rtol", rtol), _as_float("atol", atol)
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be positive and finite, got {v}")
+    if dt0 is not None:
+        dt0 = _as_float("dt0", dt0)
+        if not (dt0 > 0 and math.isfinite(dt0)):
+            raise ValueError(f"dt0 must be positive and finite (its sign follows t_span), got {dt0}")
+    limits = []
+    for name, v in (("dtmin", dtmin), ("dtmax", dtmax)):
+        if v is not None:
+            v = _as_float(name, v)
+            if not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        limits.append(v)
+    dtmin, dtmax = limits
+    if dtmin is not None and dtmax is not None and dtmin > dtmax:
+        raise ValueError(f"dtmin={dtmin} is above dtmax={dtmax}: no step size is allowed; lower dtmin or raise dtmax")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+    return rtol, atol, dt0, dtmin, dtmax
+
+
+def check_solver(solver: Any) -> Solver:
+    """``solver`` (``Tsit5()`` for ``None``) if it is an odeflux solver instance, else one clear error."""
+    if solver is None:
+        return Tsit5()
+    if isinstance(solver, type) and issubclass(solver, Solver):
+        raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
+    return solver
 
 
 def make_problem(
@@ -214,17 +258,8 @@ def make_problem(
     # The ends that may carry a gradient: tensors that require one (plain numbers never do).
     t_tensors = tuple(t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in t_pair)
 
-    rtol, atol = _as_float("rtol", rtol), _as_float("atol", atol)
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be positive and finite, got {v}")
-
-    if solver is None:
-        solver = Tsit5()
-    if isinstance(solver, type) and issubclass(solver, Solver):
-        raise TypeError(f"solver must be an instance: pass {solver.__name__}(), not the class")
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be an odeflux solver such as odeflux.Tsit5(), got {solver!r}")
+    rtol, atol, dt0, dtmin, dtmax = check_step_options(rtol, atol, dt0, dtmin, dtmax, max_steps)
+    solver = check_solver(solver)
     if compile and not (solver.tableau_steps or solver.compiled_steps):
         raise ValueError(
             f"compile=True compiles the explicit Runge-Kutta and Rosenbrock steps; {type(solver).__name__} takes other "
@@ -241,17 +276,8 @@ def make_problem(
         )
 
     direction = 1.0 if t1 > t0 else -1.0
-    if dt0 is not None:
-        dt0 = _as_float("dt0", dt0)
-        if not (dt0 > 0 and math.isfinite(dt0)):
-            raise ValueError(f"dt0 must be positive and finite (its sign follows t_span), got {dt0}")
-    elif not controller.adaptive:
+    if dt0 is None and not controller.adaptive:
         raise ValueError(f"{type(solver).__name__} with {type(controller).__name__} takes fixed steps: pass dt0=")
-    for name, v in (("dtmin", dtmin), ("dtmax", dtmax)):
-        if v is not None and not (_as_float(name, v) > 0):
-            raise ValueError(f"{name} must be positive, got {v}")
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
 
     save_list = None
     if saveat is not None:
@@ -290,8 +316,8 @@ def make_problem(
     f_params, module_state = module_tensors(f)
     problem = Problem(
         f=bind_args(f, args), y0=y0.contiguous(), t0=t0, t1=t1, solver=solver, controller=controller,
-        rtol=rtol, atol=atol, dt0=dt0, dtmin=None if dtmin is None else float(dtmin),
-        dtmax=None if dtmax is None else float(dtmax), max_steps=max_steps, saveat=save_list,
+        rtol=rtol, atol=atol, dt0=dt0, dtmin=dtmin,
+        dtmax=dtmax, max_steps=max_steps, saveat=save_list,
         save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
         dense=bool(dense), params=collect_params(f_params or [], args, params), user_f=f, args=args,
         f_params=f_params, module_state=module_state,

@@ -107,6 +107,8 @@ def solve(
     loop; ``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint`` and ``QuadratureAdjoint``
     solve each sample's adjoint backwards on its own steps (``vjp="autograd"`` or ``"func"``).
     """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     if batch_axis is not None:
         given = {
             "params": params is not None, "save_everystep": save_everystep, "save_end=False": not save_end, "dense": bool(dense), "norm": norm is not None,

@@ -93,8 +93,10 @@ def _leaves(y: Any, spec: TreeSpec, out: list, where: str) -> None:
         out.append(y)
         return
     if spec.kind is dict:
-        if not isinstance(y, dict) or set(y) != set(spec.keys):
-            got = sorted(y, key=repr) if isinstance(y, dict) else type(y).__name__
+        if not isinstance(y, dict):
+            raise ValueError(f"{where} is a {type(y).__name__} where the state is {spec.describe()}: return the state's structure")
+        if set(y) != set(spec.keys):
+            got = sorted(y, key=repr)
             raise ValueError(f"{where} has keys {got} where the state has keys {list(spec.keys)}: return the state's structure")
         for k, c in zip(spec.keys, spec.children):
             _leaves(y[k], c, out, f"{where}[{k!r}]")
