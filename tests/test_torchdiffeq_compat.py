@@ -175,6 +175,55 @@ def test_tuple_state_and_gradients_match_torchdiffeq():
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+class Rotating(torch.nn.Module):
+    """dy/dt = (-i w0 - w1) y on a complex state: y(t) = y0 exp((-i w0 - w1) t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 0.05], dtype=D))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, t, y):
+        return (-1j * self.w[0] - self.w[1]) * y
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.seen.append(y0.dtype)
+
+
+def test_complex_states_as_torchdiffeq_takes_them():
+    """A complex y0 (torchdiffeq integrates it as it is) runs on its real view: the same solution and
+    gradients as torchdiffeq's odeint, and the exact ones; odeint_adjoint too (torchdiffeq 0.2.5's
+    own adjoint fails on a complex state), events, odeint_dense and step callbacks."""
+    y0 = torch.tensor([1.0 + 0.5j, -0.3 + 2j], dtype=torch.complex128, requires_grad=True)
+    t = torch.linspace(0.0, 2.0, 5, dtype=D)
+    out = {}
+    for name, odeint in (("real", real.odeint), ("compat", compat.odeint), ("compat adjoint", compat.odeint_adjoint)):
+        f = Rotating()
+        ys = odeint(f, y0, t, rtol=1e-10, atol=1e-12)
+        assert ys.dtype == torch.complex128 and ys.shape == (5, 2)
+        loss = (ys.abs() ** 2).sum() + ys.real.sum()
+        out[name] = (ys.detach(), torch.autograd.grad(loss, (y0, f.w)))
+        if name.startswith("compat"):
+            assert f.seen and set(f.seen) == {torch.complex128}
+    exact = y0.detach() * torch.exp(torch.tensor(-1j - 0.05, dtype=torch.complex128) * t.to(torch.complex128)).unsqueeze(1)
+    torch.testing.assert_close(out["compat"][0], exact, rtol=0, atol=1e-8)
+    for name in ("compat", "compat adjoint"):
+        torch.testing.assert_close(out[name][0], out["real"][0], rtol=0, atol=1e-8)
+        for a, b in zip(out[name][1], out["real"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    # The first time the real part of y[0] crosses zero, as torchdiffeq finds it.
+    with torch.no_grad():
+        event = lambda t, y: y[0].real  # noqa: E731
+        t_c, ys_c = compat.odeint_event(Rotating(), y0.detach(), torch.tensor(0.0, dtype=D), event_fn=event)
+        t_r, _ = real.odeint_event(Rotating(), y0.detach(), torch.tensor(0.0, dtype=D), event_fn=event)
+        assert ys_c.dtype == torch.complex128 and abs(float(ys_c[-1, 0].real)) < 1e-6
+        assert float(t_c) == pytest.approx(float(t_r), abs=1e-6)
+        dense = compat.odeint_dense(Rotating(), y0.detach(), 0.0, 2.0, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dense(t[1:3]), exact[1:3], rtol=0, atol=1e-8)
+    with pytest.raises(TypeError, match="func\\(t, y\\) must return a complex tensor for a complex state, got dtype torch.float64"):
+        compat.odeint(lambda t, y: y.real, y0.detach(), t)
+
+
 def test_reversed_time_matches_torchdiffeq():
     f = Field()
     y0 = torch.tensor([0.5, -1.0], dtype=D)
