@@ -191,7 +191,7 @@ class Rotating(torch.nn.Module):
 
 
 def test_complex_states_as_torchdiffeq_takes_them():
-    """A complex y0 (torchdiffeq integrates it as it is) runs on its real view: the same solution and
+    """A complex y0 (torchdiffeq integrates it as it is; odeflux.solve on its real view): the same solution and
     gradients as torchdiffeq's odeint, and the exact ones; odeint_adjoint too (torchdiffeq 0.2.5's
     own adjoint fails on a complex state), events, odeint_dense and step callbacks."""
     y0 = torch.tensor([1.0 + 0.5j, -0.3 + 2j], dtype=torch.complex128, requires_grad=True)
@@ -220,7 +220,7 @@ def test_complex_states_as_torchdiffeq_takes_them():
         assert float(t_c) == pytest.approx(float(t_r), abs=1e-6)
         dense = compat.odeint_dense(Rotating(), y0.detach(), 0.0, 2.0, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(dense(t[1:3]), exact[1:3], rtol=0, atol=1e-8)
-    with pytest.raises(TypeError, match="func\\(t, y\\) must return a complex tensor for a complex state, got dtype torch.float64"):
+    with pytest.raises(TypeError, match="f\\(t, y\\) has dtype torch.float64 where the state's entry is a complex tensor"):
         compat.odeint(lambda t, y: y.real, y0.detach(), t)
 
 

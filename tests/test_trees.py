@@ -175,3 +175,65 @@ def test_mixed_dtypes_and_non_tensors_are_refused_clearly():
         odeflux.solve(lambda t, y: y, {"a": torch.ones(2), "b": "x"}, (0.0, 1.0))
     with pytest.raises(ValueError, match="empty tuple"):
         odeflux.solve(lambda t, y: y, (), (0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Complex states: integrated on their real view (real and imaginary parts two entries each).
+
+
+class Damped(nn.Module):
+    """dy/dt = (-i w0 - w1) y: y(t) = y0 exp((-i w0 - w1) t), |y(t)|^2 = |y0|^2 exp(-2 w1 t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.3, 0.2], dtype=D))
+
+    def forward(self, t, y):
+        return (-1j * self.w[0] - self.w[1]) * y
+
+
+@pytest.mark.parametrize("sensealg", ADJOINTS, ids=lambda s: type(s).__name__)
+def test_a_complex_state_against_the_closed_form_and_its_gradients(sensealg):
+    f = Damped()
+    y0 = torch.tensor([1.0 + 0.5j, -0.3 + 2.0j, 0.7j], dtype=torch.complex128, requires_grad=True)
+    ts = torch.linspace(0.0, 1.5, 4, dtype=D)
+    sol = odeflux.solve(f, y0, (0.0, 1.5), saveat=ts, rtol=1e-10, atol=1e-12, sensealg=sensealg)
+    lam = torch.tensor(-1.3j - 0.2, dtype=torch.complex128)
+    exact = y0.detach() * torch.exp(lam * ts.to(torch.complex128)).unsqueeze(1)
+    assert sol.ys.dtype == torch.complex128 and sol.ys.shape == (4, 3)
+    torch.testing.assert_close(sol.ys.detach(), exact, rtol=0, atol=1e-9)
+    # L = sum |y(T)|^2 = sum |y0|^2 exp(-2 w1 T): dL/dw0 = 0, dL/dw1 = -2 T L, and torch's gradient
+    # for the complex y0 (dL/dRe + i dL/dIm) 2 y0 exp(-2 w1 T).
+    loss = sol.y_final.abs().pow(2).sum()
+    g_y0, g_w = torch.autograd.grad(loss, (y0, f.w))
+    decay = math.exp(-2 * 0.2 * 1.5)
+    torch.testing.assert_close(g_y0, 2 * y0.detach() * decay, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(g_w, torch.tensor([0.0, -2 * 1.5 * float(loss)], dtype=D), rtol=1e-7, atol=1e-8)
+
+
+def test_a_complex_leaf_in_a_structure_dense_output_events_and_callbacks():
+    f = Damped()
+    y0 = {"z": torch.tensor([1.0 + 1.0j], dtype=torch.complex128), "r": torch.tensor([2.0], dtype=D)}
+    seen = []
+    g = lambda t, y: {"z": f(t, y["z"]), "r": -y["r"]}  # noqa: E731
+    cb = odeflux.StepCallbacks(accept=lambda t, y, dt: seen.append(y))
+    sol = odeflux.solve(g, y0, (0.0, 2.0), rtol=1e-10, atol=1e-12, dense=True, callbacks=cb)
+    assert seen and all(y["z"].dtype == torch.complex128 and y["r"].dtype == D for y in seen)
+    half = sol(1.0)
+    assert half["z"].dtype == torch.complex128
+    torch.testing.assert_close(half["z"], y0["z"] * torch.exp(torch.tensor(-1.3j - 0.2, dtype=torch.complex128)), rtol=0, atol=1e-9)
+    torch.testing.assert_close(half["r"], y0["r"] * math.exp(-1.0), rtol=0, atol=1e-9)
+    # The real part of z, e^{-0.2 t} (cos 1.3 t + sin 1.3 t) = sqrt(2) e^{-0.2 t} sin(1.3 t + pi/4),
+    # first crosses zero at 1.3 t = 3 pi/4.
+    ev = odeflux.solve(lambda t, y: f(t, y), y0["z"], (0.0, 5.0), rtol=1e-10, atol=1e-12,
+                       event=odeflux.Event(lambda t, y: y[0].real, terminal=True))  # fmt: skip
+    assert float(ev.event_t.detach()) == pytest.approx(3 * math.pi / 4 / 1.3, abs=1e-7)
+    assert ev.event_y.dtype == torch.complex128 and abs(float(ev.event_y[0].real)) < 1e-8
+
+
+def test_a_complex_state_refuses_a_real_derivative_and_a_per_sample_solve():
+    y0 = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"f\(t, y\) has dtype torch.float32 where the state's entry is a complex tensor"):
+        odeflux.solve(lambda t, y: y.real, y0, (0.0, 1.0))
+    with pytest.raises(TypeError, match="batch_axis needs y0 as a float32 or float64 tensor"):
+        odeflux.solve(lambda t, y: -y, y0.reshape(2, 1), (0.0, 1.0), batch_axis=0)

@@ -12,7 +12,7 @@ from .control import StepSizeController
 from .events import Event, EventFunction, EventRecord, as_events, solve_with_events
 from .integrator import StepCallbacks
 from .problem import make_problem, solution_from_result
-from .tree import TreeField, flatten, is_tree, tree_norm
+from .tree import TreeField, flatten, is_tree, needs_flattening, tree_norm
 from .vector_field import VectorField, takes_time
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm, choose_sensealg
 from .solution import Solution, SolveError, Status
@@ -125,7 +125,7 @@ def solve(
             dtmax=dtmax, max_steps=max_steps, controller=controller, sensealg=sensealg, throw=throw, compile=compile,
             batch_axis=batch_axis, save_start=save_start,
         )  # fmt: skip
-    if is_tree(y0):
+    if needs_flattening(y0):
         return _solve_tree(
             f, y0, t_span, norm, args,
             dict(solver=solver, params=params, rtol=rtol, atol=atol, saveat=saveat, save_everystep=save_everystep,
@@ -216,6 +216,9 @@ def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: An
     if norm is not None and not callable(norm):
         raise TypeError(f"norm must be a function of the scaled error returning a scalar tensor, got {norm!r}")
     events = [_tree_event(e, spec) for e in as_events(event)]
+    cb = kwargs.get("callbacks")
+    if cb is not None:  # (each called with the state in its structure)
+        kwargs = dict(kwargs, callbacks=StepCallbacks(*(_tree_callback(c, spec) for c in (cb.step, cb.accept, cb.reject))))
     sol = solve(
         TreeField(f, spec), flat, t_span, args=args, norm=None if norm is None else tree_norm(norm, spec),
         event=events or None, **kwargs,
@@ -226,6 +229,10 @@ def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: An
         sol.event_y = spec.unflatten(sol.event_y)
     sol.events = [EventRecord(r.t, spec.unflatten(r.y), r.index) for r in sol.events]
     return sol
+
+
+def _tree_callback(callback: Callable | None, spec: Any) -> Callable | None:
+    return None if callback is None else (lambda t, y, dt: callback(t, spec.unflatten(y), dt))
 
 
 def _tree_event(e: Event, spec: Any) -> Event:

@@ -1,10 +1,13 @@
-"""Pytree states: a tuple, list or dict of tensors (nested) integrated as one flat state.
+"""Pytree states: a tuple, list or dict of tensors (nested) integrated as one flat state, and
+complex states (a complex tensor, or complex tensors in a structure) on their real view.
 
 The engine integrates one flat tensor. A structured state is flattened once at the entry point
 (:func:`odeflux.solve`): the field is wrapped to take and return the flat tensor, a user's norm
 to take the structure, and the saved states are handed back in the structure, so every solver,
 controller and sensitivity method works on any structure without knowing of it. The default
-error norm is then one RMS norm over all entries, as for a tensor state.
+error norm is then one RMS norm over all entries, as for a tensor state. A complex leaf enters
+the flat state as its real view (``torch.view_as_real``: real and imaginary parts side by side),
+so the norm takes them as two entries each.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ def is_tree(y: Any) -> bool:
     return isinstance(y, (tuple, list, dict))
 
 
+def needs_flattening(y: Any) -> bool:
+    """Whether ``y`` is integrated as a flat real state: a structure, or a complex tensor."""
+    return is_tree(y) or (isinstance(y, torch.Tensor) and y.is_complex())
+
+
 @dataclass(frozen=True)
 class TreeSpec:
     """The structure of a state: its containers, and each leaf's shape, in flattening order."""
@@ -32,6 +40,7 @@ class TreeSpec:
     keys: tuple  # dict keys (sorted) or positions
     children: tuple["TreeSpec", ...]
     shape: tuple[int, ...] = ()
+    complex: bool = False  # a complex leaf: 2 real entries each in the flat state
 
     @property
     def leaves(self) -> int:
@@ -40,7 +49,7 @@ class TreeSpec:
     @property
     def size(self) -> int:
         if self.kind is None:
-            return math.prod(self.shape)
+            return math.prod(self.shape) * (2 if self.complex else 1)
         return sum(c.size for c in self.children)
 
     def unflatten(self, flat: torch.Tensor, batch: tuple[int, ...] = ()) -> Any:
@@ -50,7 +59,10 @@ class TreeSpec:
 
     def _take(self, flat: torch.Tensor, at: int, batch: tuple[int, ...]) -> tuple[Any, int]:
         if self.kind is None:
-            n = math.prod(self.shape)
+            n = self.size
+            if self.complex:  # (torch.complex, not view_as_complex: the slice may start at an odd offset)
+                pairs = flat[..., at : at + n].reshape(batch + self.shape + (2,))
+                return torch.complex(pairs[..., 0], pairs[..., 1]), at + n
             return flat[..., at : at + n].reshape(batch + self.shape), at + n
         parts = []
         for c in self.children:
@@ -62,7 +74,7 @@ class TreeSpec:
 
     def describe(self) -> str:
         if self.kind is None:
-            return f"tensor{list(self.shape)}"
+            return f"{'complex tensor' if self.complex else 'tensor'}{list(self.shape)}"
         inner = ", ".join(
             (f"{k!r}: " if self.kind is dict else "") + c.describe() for k, c in zip(self.keys, self.children)
         )
@@ -71,7 +83,9 @@ class TreeSpec:
 
 def _spec(y: Any, where: str) -> TreeSpec:
     if isinstance(y, torch.Tensor):
-        return TreeSpec(None, (), (), tuple(y.shape))
+        if y.dtype == torch.complex32:
+            raise TypeError(f"{where} has dtype {y.dtype}; odeflux integrates complex64 or complex128 states: pass {where}.to(torch.complex64)")
+        return TreeSpec(None, (), (), tuple(y.shape), y.is_complex())
     if isinstance(y, dict):
         keys = tuple(sorted(y, key=repr))
         return TreeSpec(dict, keys, tuple(_spec(y[k], f"{where}[{k!r}]") for k in keys))
@@ -90,7 +104,10 @@ def _leaves(y: Any, spec: TreeSpec, out: list, where: str) -> None:
             raise TypeError(f"{where} is a {type(y).__name__} where the state has a tensor")
         if tuple(y.shape) != spec.shape:
             raise ValueError(f"{where} has shape {tuple(y.shape)} where the state's entry has shape {spec.shape}")
-        out.append(y)
+        if y.is_complex() != spec.complex:
+            want = "a complex" if spec.complex else "a real"
+            raise TypeError(f"{where} has dtype {y.dtype} where the state's entry is {want} tensor: return the state's dtype")
+        out.append(torch.view_as_real(y) if spec.complex else y)
         return
     if spec.kind is dict:
         if not isinstance(y, dict):

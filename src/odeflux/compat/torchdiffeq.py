@@ -118,61 +118,15 @@ def odeint_dense(
     """torchdiffeq's ``odeint_dense``: a function of times in ``[t0, t1]`` giving the states
     there from the solve's dense output (any adaptive method, not only dopri5)."""
     t = torch.stack([torch.as_tensor(t0, dtype=torch.float64).reshape(()), torch.as_tensor(t1, dtype=torch.float64).reshape(())])
-    cplx = _is_complex(y0)
-    if cplx:
-        func, y0 = _RealView(func), torch.view_as_real(y0)
     kwargs = _translate(func, y0, t, rtol, atol, method or "dopri5", dict(options or {}), None)
     kwargs.pop("saveat")
     sol = solve(func, y0, (float(t[0]), float(t[1])), dense=True, **kwargs)
-    if cplx:
-        return lambda t_eval: _as_complex(sol(torch.as_tensor(t_eval)))
     return lambda t_eval: sol(torch.as_tensor(t_eval))
 
 
-# -- complex states, integrated on their real view ---------------------------------------------
-
-
-def _is_complex(y0: Any) -> bool:
-    return isinstance(y0, torch.Tensor) and y0.is_complex()
-
-
 def _as_real(y0: Any) -> Any:
-    return torch.view_as_real(y0) if _is_complex(y0) else y0
-
-
-def _as_complex(y: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_complex(y.contiguous())
-
-
-class _RealView(nn.Module):
-    """A complex state's field on the state's real view (``torch.view_as_real``: a last axis of
-    the real and imaginary parts), as odeflux integrates real states. The error norm then takes
-    the real and imaginary parts as two entries each. ``func`` stays a submodule, so its
-    parameters are found as they are for ``func`` itself."""
-
-    def __init__(self, func: Callable[..., Any]):
-        super().__init__()
-        self.func = func
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        dy = self.func(t, _as_complex(y))
-        if not (isinstance(dy, torch.Tensor) and dy.is_complex()):
-            got = f"dtype {dy.dtype}" if isinstance(dy, torch.Tensor) else type(dy).__name__
-            raise TypeError(f"func(t, y) must return a complex tensor for a complex state, got {got}")
-        return torch.view_as_real(dy)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in _CALLBACKS:
-                raise
-        callback = getattr(self.func, name, None)  # (func's step callbacks, called with the complex state)
-        return None if callback is None else (lambda t, y, dt: callback(t, _as_complex(y), dt))
-
-
-def _complex_event(event_fn: Callable) -> Callable:
-    return lambda t, y: event_fn(t, _as_complex(y))
+    """A complex state as odeflux integrates it (:mod:`odeflux.tree`): its real view."""
+    return torch.view_as_real(y0) if isinstance(y0, torch.Tensor) and y0.is_complex() else y0
 
 
 # -- the adjoint's norm, in torchdiffeq's layout -----------------------------------------------
@@ -378,12 +332,6 @@ def _odeint(
     if event_fn is None and t.numel() == 1:
         _kind(method)
         return tuple(y.unsqueeze(0) for y in y0) if is_tree(y0) else y0.unsqueeze(0)
-    if _is_complex(y0):  # (integrated on its real view; the results viewed as complex again)
-        if event_fn is not None:
-            event_t, ys = _odeint(_RealView(func), torch.view_as_real(y0), t, rtol, atol, method, options,
-                                  _complex_event(event_fn), sensealg, params)  # fmt: skip
-            return event_t, _as_complex(ys)
-        return _as_complex(_odeint(_RealView(func), torch.view_as_real(y0), t, rtol, atol, method, options, None, sensealg, params))
     kw = _translate(func, y0, t, rtol, atol, method, options, params)
     kw["callbacks"] = _callbacks(func, "", method)
     if sensealg is not None:
