@@ -254,3 +254,8 @@ def test_clear_errors_and_warnings():
         warnings.simplefilter("always")
         compat.odeint(f, y0, torch.tensor([0.0, 1.0]), options={"not_an_option": 1})
     assert any("Unexpected arguments {'not_an_option'}" in str(w.message) for w in caught)
+    # torchdiffeq takes a tolerance per tensor of a tuple state, or per entry: one line here.
+    with pytest.raises(ValueError, match=r"rtol per tensor or per entry is not supported .* the tightest \(rtol=1e-05\)"):
+        compat.odeint(lambda t, y: (-y[0], -y[1]), (y0, y0), torch.tensor([0.0, 1.0]), rtol=(1e-3, 1e-5))
+    with pytest.raises(ValueError, match=r"atol per tensor or per entry is not supported .* \(atol=1e-05\)"):
+        compat.odeint(f, y0, torch.tensor([0.0, 1.0]), atol=torch.tensor([1e-3, 1e-5]))

@@ -277,6 +277,13 @@ def _times(t: Any) -> torch.Tensor:
 def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, method: str, options: dict, params: Any) -> dict:
     """solve()'s keywords for torchdiffeq's method and options."""
     kind = _kind(method)
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, (tuple, list)) or (isinstance(tol, torch.Tensor) and tol.numel() > 1):
+            raise ValueError(
+                f"{name} per tensor or per entry is not supported by odeflux (one tolerance for the whole state): "
+                f"pass one number, the tightest ({name}={float(torch.as_tensor(tol).min()):g}), or a norm= option "
+                "that weighs the entries"
+            )
     known = {"adaptive": _ADAPTIVE_OPTIONS, "fixed": _FIXED_OPTIONS, "scipy": _SCIPY_OPTIONS}[kind]
     unknown = set(options) - known
     if unknown:
