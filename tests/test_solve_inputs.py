@@ -325,3 +325,16 @@ def test_whether_a_module_takes_time_is_read_from_the_forward_it_has_now():
     assert not takes_time(m)
     sol = odeflux.solve(m, torch.ones(2, dtype=torch.float64), (0.0, 1.0), rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(sol.ys[-1], torch.full((2,), math.exp(-2.0), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_a_solve_under_vmap_is_refused_in_one_line():
+    # (Before this check it failed from inside: "Cannot access data pointer of Tensor that doesn't
+    # have storage" for an adaptive solve, vmap's data-dependent control flow error for fixed steps.)
+    match = r"odeflux.solve cannot run under torch.func.vmap: .* batch_axis=0$"
+    with pytest.raises(ValueError, match=match):
+        torch.func.vmap(lambda y: odeflux.solve(decay, y, (0.0, 1.0)).y_final)(torch.ones(3, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=match):  # batched through args
+        torch.func.vmap(lambda a: odeflux.solve(lambda t, y, a: -a * y, Y0, (0.0, 1.0), args=a).y_final)(torch.ones(4, dtype=torch.float64))
+    # torch.func.grad (no batching) runs, and gives the closed form's gradient.
+    g = torch.func.grad(lambda y: odeflux.solve(decay, y, (0.0, 1.0), rtol=1e-10, atol=1e-12).y_final.sum())(Y0)
+    torch.testing.assert_close(g, torch.full_like(Y0, math.exp(-1.0)), rtol=1e-8, atol=0)

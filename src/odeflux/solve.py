@@ -7,6 +7,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .control import StepSizeController
 from .events import Event, EventFunction, EventRecord, as_events, solve_with_events
@@ -109,6 +110,12 @@ def solve(
     """
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
+    if _under_vmap(y0, args):
+        raise ValueError(
+            "odeflux.solve cannot run under torch.func.vmap: a solve decides each step on the host (its error, "
+            "the end of the span), which vmap cannot batch. Solve the batch as one state (y0 with a batch axis), "
+            "or each sample with its own steps: batch_axis=0"
+        )
     if batch_axis is not None:
         given = {
             "params": params is not None, "save_everystep": save_everystep, "save_end=False": not save_end, "dense": bool(dense), "norm": norm is not None,
@@ -204,6 +211,15 @@ def _saved_time_grads(problem, saveat: torch.Tensor, sol: Solution) -> torch.Ten
         fs = torch.stack([problem.f(torch.full((), float(t), dtype=sol.ys.dtype, device=sol.ys.device), y) for t, y in zip(sol.ts.tolist(), sol.ys)])
     shift = (times - times.detach()).to(sol.ys.dtype).reshape((n,) + (1,) * (sol.ys.ndim - 1))
     return sol.ys + shift * fs
+
+
+def _under_vmap(y0: Any, args: Any) -> bool:
+    """Whether a tensor of the state or of ``args`` is batched by ``torch.func.vmap``."""
+    batched = getattr(torch._C._functorch, "is_batchedtensor", None)  # (checked once per solve)
+    if batched is None:
+        return False
+    leaves = pytree.tree_leaves((y0, args))
+    return any(isinstance(x, torch.Tensor) and batched(x) for x in leaves)
 
 
 def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict, event: Any) -> Solution:
