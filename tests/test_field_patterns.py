@@ -189,3 +189,38 @@ def test_every_continuous_adjoint_and_vjp_backend_agrees_or_refuses_clearly(patt
     grads = gradient(pattern, method(vjp=vjp))
     for a, b in zip(grads, direct_gradients[pattern]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (pattern, method.__name__, vjp, (a - b).abs().max().item())
+
+
+@pytest.mark.parametrize("method", CONTINUOUS, ids=lambda m: m.__name__)
+def test_dropout_in_training_mode_is_refused_by_the_continuous_adjoints(method):
+    """Dropout in training mode draws a new mask at each evaluation of f: an adjoint solved
+    backwards would differentiate another field than the forward solve's (before this check
+    InterpolatingAdjoint returned such a gradient silently, BacksolveAdjoint failed with DT_MIN).
+    DirectAdjoint records the masks; "auto" picks it; in eval mode every method runs."""
+    torch.manual_seed(0)
+    field = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    y0 = torch.randn(4, 3, dtype=D)
+    with pytest.raises(ValueError, match=rf"{method.__name__} cannot differentiate a field with dropout in training mode \(Dropout at '2'.*sensealg=odeflux.DirectAdjoint\(\)"):
+        odeflux.NeuralODE(field, sensealg=method())(y0).sum().backward()
+    with pytest.raises(ValueError, match="dropout in training mode"):  # per-sample solves alike
+        odeflux.NeuralODE(field, sensealg=method(), batch_axis=0)(y0).sum().backward()
+    fixed = dict(solver=odeflux.RK4(), dt0=0.25)  # (a random field makes an adaptive solve take thousands of steps)
+    sol = odeflux.solve(field, y0.requires_grad_(True), (0.0, 1.0), sensealg="auto", **fixed)
+    assert isinstance(sol.sensealg, odeflux.DirectAdjoint)
+    # DirectAdjoint's gradient is the gradient of the masks drawn: the same as backpropagating
+    # through the same solve, made with the same random stream, with autograd alone.
+    state = torch.get_rng_state()
+    g1 = torch.autograd.grad(odeflux.solve(field, y0, (0.0, 1.0), sensealg=odeflux.DirectAdjoint(), **fixed).y_final.sum(), y0)[0]
+    torch.set_rng_state(state)
+    y = y0
+    for _ in range(4):  # four RK4 steps, by hand
+        h = 0.25
+        k1 = field(y)
+        k2 = field(y + h / 2 * k1)
+        k3 = field(y + h / 2 * k2)
+        k4 = field(y + h * k3)
+        y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    g2 = torch.autograd.grad(y.sum(), y0)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+    field.eval()
+    odeflux.NeuralODE(field, sensealg=method())(y0.detach()).sum().backward()

@@ -30,7 +30,7 @@ from .compiled.start import Start, start_and_run, start_inputs
 from .control import Parts, ConstantStepSize, IController, PIController, StepSizeController
 from .problem import BoundArgs, bind_args, check_solver, check_step_options, collect_params, module_tensors
 from .sensitivity import DirectAdjoint
-from .sensitivity.base import _AdjointFunction
+from .sensitivity.base import _AdjointFunction, check_no_training_dropout
 from .sensitivity.per_sample_adjoint import PerSampleAdjointRun, check_method
 from .solution import Solution, SolveError, Stats, Status
 from .solvers import Solver
@@ -166,6 +166,7 @@ def solve_per_sample(
         f_params, module_state = module_tensors(f if not isinstance(f, BoundArgs) else f.f)
         params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
         if adjoint and (y0.requires_grad or params):
+            check_no_training_dropout(sensealg, f if not isinstance(f, BoundArgs) else f.f)
             run = PerSampleAdjointRun(sensealg, batch, y0, k0, t0, t1, taus, params, module_state)
         elif (y0.requires_grad or params) and solver.tableau_steps:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
             run = per_sample_reverse_run(batch, y0, k0, t0, t1, taus, params, module_state)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from torch.utils import _pytree as pytree
 
 from .backsolve import BacksolveAdjoint
-from .base import SensitivityAlgorithm, sees_every_param
+from .base import SensitivityAlgorithm, sees_every_param, training_dropout
 from .direct import DirectAdjoint
 from .interpolating import InterpolatingAdjoint
 from .step_reverse import GRAPH_BUDGET, recompute_applies
@@ -60,6 +60,10 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     params = [p for p in problem.params if p.requires_grad]
     if not problem.solver.stepwise:
         return BacksolveAdjoint()
+    if training_dropout(problem.user_f) is not None:
+        # (A new mask at each evaluation: only the recorded solve, or its steps retaken with the
+        # random generator replayed, differentiate the field the forward solve saw.)
+        return DirectAdjoint()
     if problem.compiled and problem.solver.tableau_steps and problem.y0.numel() <= COMPILED_DIRECT_LIMIT:
         if _substitutable(problem, params):
             return DirectAdjoint()

@@ -273,6 +273,34 @@ def user_module(f: Any) -> Any:
     return f
 
 
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def training_dropout(f: Any) -> str | None:
+    """The name of a dropout layer in training mode inside ``f`` (a module), if any: each
+    evaluation of ``f`` then draws a new mask."""
+    module = user_module(f)
+    if not isinstance(module, nn.Module):
+        return None
+    for name, m in module.named_modules():
+        if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
+            return f"{type(m).__name__} at {name!r}" if name else type(m).__name__
+    return None
+
+
+def check_no_training_dropout(method: Any, f: Any) -> None:
+    """Refuse a continuous adjoint of a field with dropout in training mode: the adjoint solved
+    backwards would evaluate ``f`` with other masks than the forward solve drew."""
+    name = training_dropout(f)
+    if name is not None:
+        raise ValueError(
+            f"{type(method).__name__} cannot differentiate a field with dropout in training mode ({name}: a new mask at "
+            "each evaluation, so the adjoint solved backwards sees another field than the forward solve): use "
+            "sensealg=odeflux.DirectAdjoint(), which records the masks, call .eval() on the field, or apply the "
+            "dropout outside the ODE"
+        )
+
+
 def rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
     """The random generator ``f`` on ``device`` draws from, left after the block as it was."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
@@ -317,6 +345,7 @@ class AdjointRun:
     """The state one solve shares between its forward and backward passes."""
 
     def __init__(self, method: ContinuousAdjoint, problem: "Problem", params: list[torch.Tensor]):
+        check_no_training_dropout(method, problem.user_f)
         self.method = method
         self.problem = problem
         self.params = params
