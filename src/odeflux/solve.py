@@ -218,6 +218,8 @@ def _under_vmap(y0: Any, args: Any) -> bool:
     batched = getattr(torch._C._functorch, "is_batchedtensor", None)  # (checked once per solve)
     if batched is None:
         return False
+    if isinstance(y0, torch.Tensor) and args is None:  # (the common case, without a tree walk)
+        return batched(y0)
     leaves = pytree.tree_leaves((y0, args))
     return any(isinstance(x, torch.Tensor) and batched(x) for x in leaves)
 
