@@ -201,9 +201,10 @@ class PIController(StepSizeController):
         finite = ops.isfinite(err)
         accept = ops.both(finite, err <= 1.0)
         q11 = err**beta1
-        q = q11 / ops.maximum(state, self.qoldinit) ** beta2
-        if self.integral_start:
-            q = ops.where(state < 0, err ** (1 / order), q)
+        if self.integral_start:  # (state -1 until a step is accepted: the integral rule then)
+            q = ops.where(state < 0, err ** (1 / order), q11 / ops.maximum(state, self.qoldinit) ** beta2)
+        else:
+            q = q11 / state**beta2
         q = ops.minimum(1 / self.qmin, ops.maximum(1 / self.qmax, q / self.safety))
         # (q11 > 1 wherever the rejected step size is selected: the floor only keeps 0 out of it.)
         rejected = ops.where(finite, dt / ops.minimum(1 / self.qmin, ops.maximum(q11, 1e-300) / self.safety), dt * self.qmin)

@@ -163,10 +163,11 @@ def solve_per_sample(
     )  # fmt: skip
     run = None
     if torch.is_grad_enabled() and (adjoint or compile):
-        f_params, module_state = module_tensors(f if not isinstance(f, BoundArgs) else f.f)
+        unbound = f.f if isinstance(f, BoundArgs) else f
+        f_params, module_state = module_tensors(unbound)
         params = [p for p in collect_params(f_params or [], args, None) if p.requires_grad]
         if adjoint and (y0.requires_grad or params):
-            check_no_training_dropout(sensealg, f if not isinstance(f, BoundArgs) else f.f)
+            check_no_training_dropout(sensealg, unbound)
             run = PerSampleAdjointRun(sensealg, batch, y0, k0, t0, t1, taus, params, module_state)
         elif (y0.requires_grad or params) and solver.tableau_steps:  # DirectAdjoint with compile=True: the compiled reverse pass, where it applies
             run = per_sample_reverse_run(batch, y0, k0, t0, t1, taus, params, module_state)

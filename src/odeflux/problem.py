@@ -184,6 +184,15 @@ def _as_float(name: str, v: Any) -> float:
     return x
 
 
+def _positive_or_none(name: str, v: Any) -> float | None:
+    if v is None:
+        return None
+    x = _as_float(name, v)
+    if not x > 0:
+        raise ValueError(f"{name} must be positive, got {x}")
+    return x
+
+
 def check_step_options(rtol: Any, atol: Any, dt0: Any, dtmin: Any, dtmax: Any, max_steps: Any) -> tuple:
     """The tolerances and step limits checked, each a float (``dt0``, ``dtmin``, ``dtmax`` may
     be ``None``): ``(rtol, atol, dt0, dtmin, dtmax)``, or one clear error."""
@@ -195,14 +204,7 @@ def check_step_options(rtol: Any, atol: Any, dt0: Any, dtmin: Any, dtmax: Any, m
         dt0 = _as_float("dt0", dt0)
         if not (dt0 > 0 and math.isfinite(dt0)):
             raise ValueError(f"dt0 must be positive and finite (its sign follows t_span), got {dt0}")
-    limits = []
-    for name, v in (("dtmin", dtmin), ("dtmax", dtmax)):
-        if v is not None:
-            v = _as_float(name, v)
-            if not v > 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-        limits.append(v)
-    dtmin, dtmax = limits
+    dtmin, dtmax = _positive_or_none("dtmin", dtmin), _positive_or_none("dtmax", dtmax)
     if dtmin is not None and dtmax is not None and dtmin > dtmax:
         raise ValueError(f"dtmin={dtmin} is above dtmax={dtmax}: no step size is allowed; lower dtmin or raise dtmax")
     if not isinstance(max_steps, int) or max_steps < 1:

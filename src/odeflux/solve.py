@@ -213,15 +213,16 @@ def _saved_time_grads(problem, saveat: torch.Tensor, sol: Solution) -> torch.Ten
     return sol.ys + shift * fs
 
 
+_IS_BATCHED = getattr(torch._C._functorch, "is_batchedtensor", None)  # (torch.func.vmap's batched tensors)
+
+
 def _under_vmap(y0: Any, args: Any) -> bool:
     """Whether a tensor of the state or of ``args`` is batched by ``torch.func.vmap``."""
-    batched = getattr(torch._C._functorch, "is_batchedtensor", None)  # (checked once per solve)
-    if batched is None:
+    if _IS_BATCHED is None:
         return False
     if isinstance(y0, torch.Tensor) and args is None:  # (the common case, without a tree walk)
-        return batched(y0)
-    leaves = pytree.tree_leaves((y0, args))
-    return any(isinstance(x, torch.Tensor) and batched(x) for x in leaves)
+        return _IS_BATCHED(y0)
+    return any(isinstance(x, torch.Tensor) and _IS_BATCHED(x) for x in pytree.tree_leaves((y0, args)))
 
 
 def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict, event: Any) -> Solution:
@@ -236,7 +237,9 @@ def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: An
     events = [_tree_event(e, spec) for e in as_events(event)]
     cb = kwargs.get("callbacks")
     if cb is not None:  # (each called with the state in its structure)
-        kwargs = dict(kwargs, callbacks=StepCallbacks(*(_tree_callback(c, spec) for c in (cb.step, cb.accept, cb.reject))))
+        kwargs = dict(kwargs, callbacks=StepCallbacks(
+            step=_tree_callback(cb.step, spec), accept=_tree_callback(cb.accept, spec), reject=_tree_callback(cb.reject, spec)
+        ))  # fmt: skip
     sol = solve(
         TreeField(f, spec), flat, t_span, args=args, norm=None if norm is None else tree_norm(norm, spec),
         event=events or None, **kwargs,

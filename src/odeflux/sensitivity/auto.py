@@ -54,16 +54,14 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
     tensors requiring grad that they cannot see (captured from its closure, not in ``params=``):
     ``DirectAdjoint()``, which differentiates whatever the solve recorded (the explicit
     Runge-Kutta choice above does so itself: it records the solve where it cannot retake its
-    steps). A solver that integrates whole spans itself (``ScipySolver``, outside autograd):
+    steps). Likewise a field with dropout in training mode, which draws a new mask at each
+    evaluation: ``DirectAdjoint()`` (the choices above record the masks, or retake the steps with
+    the random generator replayed). A solver that integrates whole spans itself (``ScipySolver``, outside autograd):
     ``BacksolveAdjoint()``.
     """
     params = [p for p in problem.params if p.requires_grad]
     if not problem.solver.stepwise:
         return BacksolveAdjoint()
-    if training_dropout(problem.user_f) is not None:
-        # (A new mask at each evaluation: only the recorded solve, or its steps retaken with the
-        # random generator replayed, differentiate the field the forward solve saw.)
-        return DirectAdjoint()
     if problem.compiled and problem.solver.tableau_steps and problem.y0.numel() <= COMPILED_DIRECT_LIMIT:
         if _substitutable(problem, params):
             return DirectAdjoint()
@@ -73,6 +71,8 @@ def choose_sensealg(problem: "Problem") -> SensitivityAlgorithm:
         # (It records the solve, and with it whatever f depends on, wherever it cannot retake the
         # steps: no evaluation of f is spent here to look for tensors outside params.)
         return DirectAdjoint(recompute=True, graph_budget=GRAPH_BUDGET)
+    if training_dropout(problem.user_f) is not None:  # (a new mask at each evaluation: see the docstring)
+        return DirectAdjoint()
     return InterpolatingAdjoint() if sees_every_param(problem, params) else DirectAdjoint()
 
 
