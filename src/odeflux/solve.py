@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -18,10 +19,53 @@ from .vector_field import VectorField, takes_time
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm, choose_sensealg
 from .solution import Solution, SolveError, Status
 from .solvers import Solver
+from .solvers.tableau import _is_compiling
 
 _DIRECT = DirectAdjoint()  # solve()'s default method
 
 
+
+_SKIPPED = (
+    "an odeflux solve decides its steps on the host and runs outside the compiled graph (one graph break): "
+    "drop fullgraph=True, or compile the solve itself with compile=True"
+)
+
+
+def skipped_by_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run as a unit that an enclosing ``torch.compile`` does not trace.
+
+    A solve decides its steps on the host (one float a step, a loop as long as the data makes
+    it): ``torch.compile(model)`` around a ``NeuralODE`` traced it step by step, breaking the graph
+    at each step, tracing again for each new step size (seconds a call, slower than eager) and
+    failing inside dynamo on some inputs. Skipped, it is one graph break where the compiled model
+    calls it, and runs as it does eagerly (``compile=True`` compiles the solve itself).
+
+    The skipping wrapper (``torch.compiler.disable``) is made when dynamo first meets ``fn``: made
+    at import, it would import dynamo with odeflux (seconds of every process's start-up)."""
+
+    @functools.wraps(fn)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        if _is_compiling():  # (True only while dynamo traces this call: dynamo is imported then)
+            skipped = _SKIPPED_FNS.get(fn)
+            if skipped is None:  # (a graph break of its own, once: dynamo runs disable() eagerly)
+                skipped = _SKIPPED_FNS[fn] = _disabled(fn)  # odeflux solves run outside compiled graphs: drop fullgraph=True, or compile=True
+            return skipped(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return entry
+
+
+_SKIPPED_FNS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        return torch.compiler.disable(fn, reason=_SKIPPED)
+    except TypeError:  # (torch before 2.8 takes no reason)
+        return torch.compiler.disable(fn)
+
+
+@skipped_by_dynamo
 def solve(
     f: Callable[..., Any],
     y0: Any,

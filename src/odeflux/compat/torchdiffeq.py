@@ -24,7 +24,7 @@ from ..control import IController
 from ..integrator import StepCallbacks
 from ..sensitivity import BacksolveAdjoint
 from ..solution import Status
-from ..solve import solve
+from ..solve import skipped_by_dynamo, solve
 from ..solvers import SOLVERS
 from ..tree import is_tree
 
@@ -49,6 +49,8 @@ _SCIPY_OPTIONS = {"solver", "min_step", "max_step", "first_step", "norm", "dtype
 _CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 
+# As odeflux.solve, the entry points run as units that an enclosing torch.compile skips.
+@skipped_by_dynamo
 def odeint(
     func: Callable[..., Any], y0: Any, t: torch.Tensor, *, rtol: float = 1e-7, atol: float = 1e-9,
     method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
@@ -60,6 +62,7 @@ def odeint(
     return _odeint(func, y0, t, rtol, atol, method, options, event_fn, None)
 
 
+@skipped_by_dynamo
 def odeint_adjoint(
     func: Callable[..., Any], y0: Any, t: torch.Tensor, *, rtol: float = 1e-7, atol: float = 1e-9,
     method: str | None = None, options: dict | None = None, event_fn: Callable | None = None,
@@ -99,6 +102,7 @@ def odeint_adjoint(
     return ys
 
 
+@skipped_by_dynamo
 def odeint_event(
     func: Callable[..., Any], y0: Any, t0: torch.Tensor, *, event_fn: Callable, reverse_time: bool = False,
     odeint_interface: Callable = odeint, **kwargs: Any,
@@ -111,6 +115,7 @@ def odeint_event(
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
+@skipped_by_dynamo
 def odeint_dense(
     func: Callable[..., Any], y0: torch.Tensor, t0: Any, t1: Any, *, rtol: float = 1e-7, atol: float = 1e-9,
     method: str | None = None, options: dict | None = None,
