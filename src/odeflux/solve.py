@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from .autocast import autocast_of, engine_outside, promoted, under_autocast
 from .control import StepSizeController
 from .events import Event, EventFunction, EventRecord, as_events, solve_with_events
 from .integrator import StepCallbacks
@@ -126,6 +127,9 @@ def solve(
     ends (fixed-step solves of an ``f`` that jumps on the grid); ``callbacks`` hear of each step
     attempted, accepted and rejected (:class:`StepCallbacks`).
 
+    Under ``torch.autocast`` ``f`` runs under it and the solver's own arithmetic in float32 (a
+    float16 or bfloat16 ``y0`` is promoted; :mod:`odeflux.autocast`).
+
     With ``throw=True`` (default) a solve that does not reach ``t1`` raises ``SolveError``;
     otherwise check ``sol.status``. ``compile=True`` runs the per-step work through
     ``torch.compile(fullgraph=True)``.
@@ -152,6 +156,8 @@ def solve(
     loop; ``BacksolveAdjoint``, ``InterpolatingAdjoint``, ``GaussAdjoint`` and ``QuadratureAdjoint``
     solve each sample's adjoint backwards on its own steps (``vjp="autograd"`` or ``"func"``).
     """
+    if autocast_of(y0) is not None:  # (first: locals() are solve's arguments)
+        return _solve_under_autocast(**locals())
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
     if _under_vmap(y0, args):
@@ -258,6 +264,14 @@ def _saved_time_grads(problem, saveat: torch.Tensor, sol: Solution) -> torch.Ten
 
 
 _IS_BATCHED = getattr(torch._C._functorch, "is_batchedtensor", None)  # (torch.func.vmap's batched tensors)
+
+
+def _solve_under_autocast(f: Callable[..., Any], y0: Any, t_span: Any, **kw: Any) -> Solution:
+    """:func:`solve` under ``torch.autocast``: the field under it, the solver's arithmetic outside
+    it, a float16/bfloat16 ``y0`` integrated in float32 (:mod:`odeflux.autocast`)."""
+    kind, dtype = autocast_of(y0)
+    with engine_outside(kind):
+        return solve(under_autocast(f, kind, dtype, kw["args"] is not None), promoted(y0), t_span, **kw)
 
 
 def _under_vmap(y0: Any, args: Any) -> bool:
