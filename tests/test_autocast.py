@@ -136,3 +136,16 @@ def test_a_dense_y_only_sequential_runs_under_autocast_not_its_float32_kernels(g
         sol.ys[-1].sum().backward()
         assert torch.isfinite(y0.grad).all()
 
+
+def test_what_is_remembered_of_a_field_is_remembered_under_autocast():
+    """The continuous adjoints check a field once (one evaluation, remembered per field); under
+    autocast the field is wrapped afresh per solve, and the check is still done once."""
+    field = Field()
+    calls = [0]
+    field.register_forward_hook(lambda m, i, o: calls.__setitem__(0, calls[0] + 1))
+    y0 = torch.randn(8, 4, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    with torch.autocast(**AMP):
+        odeflux.solve(field, y0, (0.0, 1.0), sensealg=odeflux.InterpolatingAdjoint())  # (checked here)
+        calls[0] = 0
+        sol = odeflux.solve(field, y0, (0.0, 1.0), sensealg=odeflux.InterpolatingAdjoint())
+    assert calls[0] == sol.stats.n_f_evals

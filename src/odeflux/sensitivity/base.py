@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..autocast import AutocastFunction, AutocastModule
 from ..control import ORDINARYDIFFEQ_PI, ConstantStepSize, Parts, StepSizeController
 from ..integrator import FIRST_STEPS, IntegrateOptions, IntegrationResult, StepCallbacks, integrate, nudge
 from ..kernels import arrays
@@ -253,7 +254,7 @@ def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor]
             return None
     except TypeError:
         f = None
-    with torch.enable_grad(), _buffers_kept(module_state):
+    with torch.enable_grad(), _buffers_kept(module_state), _own_saved_tensors():
         out = evaluate()
     outside = _outside_leaves(out, params) if isinstance(out, torch.Tensor) and out.grad_fn is not None else []
     del out  # frees the evaluation's graph, and with it the leaves f made during the call
@@ -265,11 +266,30 @@ def hidden_param(f: Any, evaluate: Callable[[], Any], params: list[torch.Tensor]
     return None
 
 
+def _own_saved_tensors() -> contextlib.AbstractContextManager:
+    """What a throwaway evaluation saves for backward, kept from an enclosing saved-tensors hook
+    where there is one: ``torch.utils.checkpoint`` counts what a forward saves against what its
+    recomputation saves, and a check done once per field is not done again. (No hook of its own
+    otherwise: ``torch.func`` inside a field refuses saved-tensors hooks.)"""
+    try:
+        with torch.autograd.graph.disable_saved_tensors_hooks("(a probe)"):  # (raises where a hook is active)
+            return contextlib.nullcontext()
+    except RuntimeError:
+        # The value without its autograd history, which autograd keeps apart (the tensor itself
+        # would make a saved output and its node a reference cycle, keeping a leaf f made alive).
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
+
+
 def user_module(f: Any) -> Any:
-    """What ``f`` wraps: solve() wraps a module of ``y``, or of a structured state, afresh per
-    call, so what is remembered of a field per field is remembered of this."""
-    while isinstance(f, (VectorField, TreeField)):
-        f = f.module if isinstance(f, VectorField) else f.inner
+    """What ``f`` wraps: solve() wraps a module of ``y``, a structured state's field, or a field
+    under autocast afresh per call, so what is remembered of a field per field is remembered of this."""
+    while isinstance(f, (VectorField, TreeField, AutocastModule, AutocastFunction)):
+        if isinstance(f, VectorField):
+            f = f.module
+        elif isinstance(f, TreeField):
+            f = f.inner
+        else:
+            f = f.f
     return f
 
 
