@@ -86,3 +86,14 @@ def test_odeint_inside_a_compiled_function_matches_eager():
             grads.append((value.detach(), *torch.autograd.grad(value, (y, *field.parameters()))))
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["adaptive", "fixed"])
+def test_torch_export_is_refused_in_one_line(solver):
+    """torch.export traces the solve with fake tensors, which a solve's host loop cannot run on:
+    one line naming the problem, not an error from inside (a data pointer of a fake tensor)."""
+    kw = {} if solver == "adaptive" else {"solver": odeflux.RK4(), "dt0": 0.1}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), odeflux.NeuralODE(TimeField(), **kw), nn.Linear(4, 2))
+    with pytest.raises(RuntimeError, match=r"^odeflux.solve cannot be traced by torch.export: .*run the model eagerly$"):
+        torch.export.export(model, (torch.randn(4, 3),))

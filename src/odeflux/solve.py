@@ -27,9 +27,11 @@ _DIRECT = DirectAdjoint()  # solve()'s default method
 
 
 _SKIPPED = (
-    "an odeflux solve decides its steps on the host and runs outside the compiled graph (one graph break): "
-    "drop fullgraph=True, or compile the solve itself with compile=True"
+    "an odeflux solve decides its steps on the host and runs outside the compiled graph (one graph break), "
+    "so it cannot be inside a fullgraph=True program or a torch.export: drop fullgraph=True, or compile the "
+    "solve itself with compile=True"
 )
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch.compiler.is_exporting: torch >= 2.5)
 
 
 def skipped_by_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,7 +48,13 @@ def skipped_by_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def entry(*args: Any, **kwargs: Any) -> Any:
-        if _is_compiling():  # (True only while dynamo traces this call: dynamo is imported then)
+        if _is_compiling():  # (True only while dynamo or torch.export traces this call)
+            if _is_exporting():
+                raise RuntimeError(
+                    f"odeflux.{fn.__name__} cannot be traced by torch.export: a solve runs its loop on the host (adaptive "
+                    "steps decided from the state's values, kernels of its own); export the layers around the ODE, or run "
+                    "the model eagerly"
+                )
             skipped = _SKIPPED_FNS.get(fn)
             if skipped is None:  # (a graph break of its own, once: dynamo runs disable() eagerly)
                 skipped = _SKIPPED_FNS[fn] = _disabled(fn)  # odeflux solves run outside compiled graphs: drop fullgraph=True, or compile=True
