@@ -75,7 +75,7 @@ class _Autocast:
         """What a compiled program of this field depends on (:func:`odeflux.compiled.program.code_key`)."""
         from .compiled.program import code_key
 
-        return ("autocast", self.kind, self.dtype, code_key(self.f))
+        return ("autocast", self.kind, self.dtype, code_key(self.inner))
 
 
 class AutocastModule(nn.Module, _Autocast):
@@ -84,35 +84,34 @@ class AutocastModule(nn.Module, _Autocast):
 
     def __init__(self, f: nn.Module, kind: str, dtype: torch.dtype):
         super().__init__()
-        self.f, self.kind, self.dtype = f, kind, dtype
+        self.inner, self.kind, self.dtype = f, kind, dtype
 
     def forward(self, t: Any, y: Any, *rest: Any) -> Any:
-        return self._call(self.f, t, y, rest)
+        return self._call(self.inner, t, y, rest)
 
 
 class AutocastFunction(_Autocast):
     """:class:`AutocastModule` for a field that is a function."""
 
     def __init__(self, f: Callable[..., Any], kind: str, dtype: torch.dtype):
-        self.f, self.kind, self.dtype = f, kind, dtype
+        self.inner, self.kind, self.dtype = f, kind, dtype
         owner = getattr(f, "__self__", None)
         if isinstance(owner, nn.Module):  # (a module's bound method: the adjoints find its parameters there)
             self.__self__ = owner
 
     def __call__(self, t: Any, y: Any, *rest: Any) -> Any:
-        return self._call(self.f, t, y, rest)
+        return self._call(self.inner, t, y, rest)
 
 
 def under_autocast(f: Callable[..., Any], kind: str, dtype: torch.dtype, with_args: bool) -> Callable[..., Any]:
     """``f`` evaluated under the autocast ``(kind, dtype)`` (see the module docstring); an IMEX
     field as it is (its split must stay visible to its solver: it runs outside autocast)."""
     from .solvers import IMEX
-    from .vector_field import VectorField, takes_time
+    from .vector_field import as_field
 
     if isinstance(f, IMEX):
         return f
+    f = as_field(f, with_args)
     if isinstance(f, nn.Module):
-        if not with_args and not isinstance(f, VectorField) and not takes_time(f):
-            f = VectorField(f, time_dependent=False)  # (a module of y alone, as solve takes it)
         return AutocastModule(f, kind, dtype)
     return AutocastFunction(f, kind, dtype)

@@ -21,7 +21,6 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from .compiled.loop import LoopSpec
 from .compiled.program import PerSampleProgram
@@ -34,7 +33,7 @@ from .sensitivity.base import _AdjointFunction, check_no_training_dropout
 from .sensitivity.per_sample_adjoint import PerSampleAdjointRun, check_method
 from .solution import Solution, SolveError, Stats, Status
 from .solvers import Solver
-from .vector_field import VectorField, takes_time
+from .vector_field import as_field
 
 __all__ = ["solve_per_sample"]
 
@@ -119,9 +118,7 @@ def solve_per_sample(
     adaptive = solver.adaptive and controller.adaptive
     if not adaptive and dt0 is None:
         raise ValueError(f"{type(solver).__name__} takes fixed steps: pass dt0= (the step size)")
-    if isinstance(f, nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
-        f = VectorField(f, time_dependent=False)  # a module of y alone, as NeuralODE takes it
-    f = bind_args(f, args)
+    f = bind_args(as_field(f, args is not None), args)
     B, dev, dtype = y0.shape[0], y0.device, y0.dtype
     pair = tuple(t_span) if not isinstance(t_span, torch.Tensor) or t_span.dim() != 2 else tuple(t_span.unbind(-1))
     if len(pair) != 2:

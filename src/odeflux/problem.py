@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .control import StepSizeController
-from .vector_field import VectorField, takes_time
+from .vector_field import as_field
 from .integrator import IntegrateOptions, IntegrationResult, StepCallbacks, integrate
 from .solution import Solution, times_tensor
 from .solvers import Solver, Tsit5
@@ -309,8 +309,7 @@ def make_problem(
     if dense is None:
         dense = save_everystep and save_list is None
 
-    if isinstance(f, nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
-        f = VectorField(f, time_dependent=False)  # a module of y alone, as NeuralODE takes it
+    f = as_field(f, args is not None)
     if norm is not None and not callable(norm):
         raise TypeError(f"norm must be a function of the scaled error returning a scalar tensor, got {norm!r}")
     if callbacks is not None and not isinstance(callbacks, StepCallbacks):
@@ -318,8 +317,7 @@ def make_problem(
     f_params, module_state = module_tensors(f)
     problem = Problem(
         f=bind_args(f, args), y0=y0.contiguous(), t0=t0, t1=t1, solver=solver, controller=controller,
-        rtol=rtol, atol=atol, dt0=dt0, dtmin=dtmin,
-        dtmax=dtmax, max_steps=max_steps, saveat=save_list,
+        rtol=rtol, atol=atol, dt0=dt0, dtmin=dtmin, dtmax=dtmax, max_steps=max_steps, saveat=save_list,
         save_everystep=bool(save_everystep), save_start=bool(save_start), save_end=bool(save_end),
         dense=bool(dense), params=collect_params(f_params or [], args, params), user_f=f, args=args,
         f_params=f_params, module_state=module_state,

@@ -16,7 +16,7 @@ from .events import Event, EventFunction, EventRecord, as_events, solve_with_eve
 from .integrator import StepCallbacks
 from .problem import make_problem, solution_from_result
 from .tree import TreeField, flatten, is_tree, needs_flattening, tree_norm
-from .vector_field import VectorField, takes_time
+from .vector_field import as_field
 from .sensitivity import DirectAdjoint, SensitivityAlgorithm, choose_sensealg
 from .solution import Solution, SolveError, Status
 from .solvers import Solver
@@ -24,14 +24,22 @@ from .solvers.tableau import _is_compiling
 
 _DIRECT = DirectAdjoint()  # solve()'s default method
 
-
-
 _SKIPPED = (
     "an odeflux solve decides its steps on the host and runs outside the compiled graph (one graph break), "
     "so it cannot be inside a fullgraph=True program or a torch.export: drop fullgraph=True, or compile the "
     "solve itself with compile=True"
 )
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch.compiler.is_exporting: torch >= 2.5)
+
+
+_SKIPPED_FNS: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        return torch.compiler.disable(fn, reason=_SKIPPED)
+    except TypeError:  # (torch before 2.8 takes no reason)
+        return torch.compiler.disable(fn)
 
 
 def skipped_by_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,16 +70,6 @@ def skipped_by_dynamo(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return entry
-
-
-_SKIPPED_FNS: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
-def _disabled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    try:
-        return torch.compiler.disable(fn, reason=_SKIPPED)
-    except TypeError:  # (torch before 2.8 takes no reason)
-        return torch.compiler.disable(fn)
 
 
 @skipped_by_dynamo
@@ -294,8 +292,7 @@ def _under_vmap(y0: Any, args: Any) -> bool:
 def _solve_tree(f: Callable[..., Any], y0: Any, t_span: Any, norm: Any, args: Any, kwargs: dict, event: Any) -> Solution:
     """:func:`solve` of a structured state: one flat state underneath (see :mod:`odeflux.tree`)."""
     flat, spec = flatten(y0)
-    if isinstance(f, torch.nn.Module) and args is None and not isinstance(f, VectorField) and not takes_time(f):
-        f = VectorField(f, time_dependent=False)
+    f = as_field(f, args is not None)
     if not callable(f):
         raise TypeError(f"f must be callable as f(t, y), got {type(f).__name__}")
     if norm is not None and not callable(norm):

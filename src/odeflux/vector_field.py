@@ -34,6 +34,14 @@ def takes_time(module: nn.Module) -> bool:
     return answer
 
 
+def as_field(f: Any, with_args: bool = False) -> Any:
+    """``f`` in the solver's ``f(t, y)`` convention: a module of ``y`` alone (and no ``args``)
+    wrapped as :class:`VectorField`, as ``NeuralODE`` takes it; anything else as it is."""
+    if isinstance(f, nn.Module) and not with_args and not isinstance(f, VectorField) and not takes_time(f):
+        return VectorField(f, time_dependent=False)
+    return f
+
+
 #: :func:`takes_time` of each ``forward`` function read (inspect.signature takes ~20 us, a small solve's few percent).
 _TAKES_TIME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -284,12 +284,7 @@ def user_module(f: Any) -> Any:
     """What ``f`` wraps: solve() wraps a module of ``y``, a structured state's field, or a field
     under autocast afresh per call, so what is remembered of a field per field is remembered of this."""
     while isinstance(f, (VectorField, TreeField, AutocastModule, AutocastFunction)):
-        if isinstance(f, VectorField):
-            f = f.module
-        elif isinstance(f, TreeField):
-            f = f.inner
-        else:
-            f = f.f
+        f = f.module if isinstance(f, VectorField) else f.inner
     return f
 
 
