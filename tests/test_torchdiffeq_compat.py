@@ -259,3 +259,16 @@ def test_clear_errors_and_warnings():
         compat.odeint(lambda t, y: (-y[0], -y[1]), (y0, y0), torch.tensor([0.0, 1.0]), rtol=(1e-3, 1e-5))
     with pytest.raises(ValueError, match=r"atol per tensor or per entry is not supported .* \(atol=1e-05\)"):
         compat.odeint(f, y0, torch.tensor([0.0, 1.0]), atol=torch.tensor([1e-3, 1e-5]))
+
+
+def test_times_that_require_grad_warn_nothing():
+    """torchdiffeq's suite passes times that require grad: reading them as numbers must not warn
+    from inside (torch's "Converting a tensor with requires_grad=True to a scalar")."""
+    t = torch.linspace(1.0, 2.0, 3, dtype=D, requires_grad=True)
+    y0 = torch.ones(2, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.odeint(lambda t, y: -y, y0, t)
+        compat.odeint(lambda t, y: -y, y0, t, method="euler", options={"step_size": 0.1})
+        compat.odeint(lambda t, y: -y, y0, t[:2], event_fn=lambda t, y: y[0] - 0.5)
+        compat.odeint_dense(lambda t, y: -y, y0, t[0], t[1])

@@ -125,7 +125,7 @@ def odeint_dense(
     t = torch.stack([torch.as_tensor(t0, dtype=torch.float64).reshape(()), torch.as_tensor(t1, dtype=torch.float64).reshape(())])
     kwargs = _translate(func, y0, t, rtol, atol, method or "dopri5", dict(options or {}), None)
     kwargs.pop("saveat")
-    sol = solve(func, y0, (float(t[0]), float(t[1])), dense=True, **kwargs)
+    sol = solve(func, y0, (float(t.detach()[0]), float(t.detach()[1])), dense=True, **kwargs)
     return lambda t_eval: sol(torch.as_tensor(t_eval))
 
 
@@ -300,7 +300,7 @@ def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, me
     min_step = float(options.get("min_step", 0.0))
     if kind == "adaptive":
         # torchdiffeq never gives up for a small step: the only floor is the time's own precision.
-        kw["dtmin"] = max(min_step, 16 * 2.0**-52 * max(1.0, abs(float(t[0])), abs(float(t[-1]))))
+        kw["dtmin"] = max(min_step, 16 * 2.0**-52 * max(1.0, abs(float(t.detach()[0])), abs(float(t.detach()[-1]))))
         kw["controller"] = IController(
             safety=float(options.get("safety", 0.9)), qmax=float(options.get("ifactor", 10.0)),
             qmin=float(options.get("dfactor", 0.2)), shrink_accepted=False, min_step=min_step,
@@ -313,7 +313,7 @@ def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, me
     elif kind == "fixed":
         step_size = options.get("step_size")
         grid = options.get("grid_constructor")
-        span = abs(float(t[-1]) - float(t[0]))
+        span = abs(float(t.detach()[-1]) - float(t.detach()[0]))
         if step_size is not None:
             if grid is not None:
                 raise ValueError("step_size and grid_constructor are mutually exclusive: pass one of them")
@@ -368,7 +368,7 @@ def _until_event(func: Any, y0: Any, t: torch.Tensor, event_fn: Callable, kw: di
 
     if t.numel() < 2:
         raise ValueError("with event_fn, t must hold the start time and one more time giving the direction")
-    direction = 1.0 if float(t[1]) > float(t[0]) else -1.0
+    direction = 1.0 if float(t.detach()[1]) > float(t.detach()[0]) else -1.0
     kw = {k: v for k, v in kw.items() if k not in ("saveat", "step_times")}
     sol = solve(func, y0, (t[0], math.copysign(math.inf, direction)), event=Event(event_fn, terminal=True), **kw)
     event_t = sol.event_t.to(t.dtype)
