@@ -269,3 +269,31 @@ def test_args_and_closures_made_anew_key_one_program():
     assert len(keys) == 1 and len(set(closures)) == 1 and keys != set(closures)
     assert code_key(TimeMLP(2, 0)) == code_key(TimeMLP(3, 1)) != code_key(_BlowUp())
     assert code_key(_BlowUp().forward) == _BlowUp.forward.__code__
+
+
+def test_zero_d_arguments_cost_no_second_trace():
+    """A program's 0-d float64 and int64 arguments (tolerances, step limits, max_steps, a scalar
+    parameter in its dict) reach it as one-entry tensors made 0-d inside: dynamo takes a 0-d CPU
+    tensor for a number and, unable to make it a tensor again, traces the whole program twice.
+    Inside, each is the same 0-d tensor (its type promotion too: a float32 state stays float32)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    def source(y, rtol, params, pair):
+        out = y.abs() * rtol + params["p"] * pair[1]
+        return out, torch.stack([rtol.new_tensor(rtol.dim()), rtol, pair[0].double()]), params["n"] + 1
+
+    y = torch.randn(3, dtype=torch.float32)
+    args = (y, torch.full((), 1e-3, dtype=torch.float64), {"p": torch.tensor(0.5, dtype=torch.float64), "n": torch.tensor(7)},
+            (torch.tensor(3), torch.tensor(2.0, dtype=torch.float64)))  # fmt: skip
+    attempts = {}
+    for name, fn in [
+        ("plain", torch.compile(source, fullgraph=True, dynamic=False, backend="aot_eager")),
+        ("lifted", program.compile_lifting_scalars(source, "lifting_test", fullgraph=True, dynamic=False, backend="aot_eager")),
+    ]:  # fmt: skip
+        dynamo_utils.compilation_time_metrics.clear()
+        got = fn(*args)
+        attempts[name] = sum(1 for k in dynamo_utils.compilation_time_metrics if k.startswith("compile_attempt_"))
+        for a, b in zip(got, source(*args)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert attempts == {"plain": 2, "lifted": 1}

@@ -154,16 +154,12 @@ def code_key(f: Any) -> Any:
 
 
 def _program(key: tuple, source: Callable = run_loop) -> Callable:
-    """The compiled program for ``key``: each its own copy of ``source`` (:func:`run_loop`, or the
-    reverse pass's loop) with a code object of its own, so that torch.compile's limit on
-    recompilations of one function (8) bounds the guards of one program, not the number of
-    programs a process runs."""
+    """The compiled program for ``key``: ``source`` (:func:`run_loop`, or the reverse pass's loop)
+    compiled by :func:`compile_lifting_scalars`, a code object of its own for each key."""
     fn = _PROGRAMS.get(key)
     if fn is None:
-        code = source.__code__.replace(co_name=f"{source.__name__}_{len(_PROGRAMS)}")
-        copy = types.FunctionType(code, source.__globals__, code.co_name, source.__defaults__, source.__closure__)
-        torch_imports.compiler()
-        fn = _PROGRAMS[key] = torch.compile(copy, fullgraph=True, dynamic=False, options=PROGRAM_OPTIONS)
+        name = f"{source.__name__}_{len(_PROGRAMS)}"
+        fn = _PROGRAMS[key] = compile_lifting_scalars(source, name, fullgraph=True, dynamic=False, options=PROGRAM_OPTIONS)
         if len(_PROGRAMS) > PROGRAM_LIMIT and not _THRASH_WARNED:
             _THRASH_WARNED.append(True)
             warnings.warn(
@@ -173,6 +169,81 @@ def _program(key: tuple, source: Callable = run_loop) -> Callable:
                 stacklevel=5,
             )
     return fn
+
+
+def compile_lifting_scalars(source: Callable, name: str, **options: Any) -> Callable:
+    """``torch.compile(source, **options)`` as a function of its own code object named ``name``
+    (torch.compile's limit on recompilations of one function (8) then bounds one program's
+    guards, not how many programs a process runs), whose 0-d tensor arguments cost no second
+    trace (:class:`_Program`)."""
+    code = _enter.__code__.replace(co_name=name)
+    copy = types.FunctionType(code, _enter.__globals__, name)
+    torch_imports.compiler()
+    return _Program(source, torch.compile(copy, **options))
+
+
+class _Program:
+    """A compiled function's entry: ``source(*args)``, each 0-d CPU float64 or int64 tensor among
+    ``args`` (or in a dict or tuple argument) passed in as a one-entry view and made 0-d again
+    inside (:func:`_enter`).
+
+    Dynamo takes a 0-d CPU tensor argument for a Python number (a symbolic float read by
+    ``.item()``) and then traces the whole program a second time once it finds it cannot make
+    that number a tensor again ("Restarting analysis due to _tensorify_python_scalars"): a
+    compile's tracing and graph passes twice, 6 of the 31 seconds of a small loop's cold build.
+    Inside the program it is a 0-d tensor of the same value and dtype, with the same type
+    promotion, that fake tensors do not take for a number."""
+
+    def __init__(self, source: Callable, compiled: Callable):
+        self.source, self.compiled = source, compiled
+
+    def __call__(self, *args: Any) -> Any:
+        out, where = list(args), []
+        for i, a in enumerate(args):
+            if _zero_d(a):
+                out[i] = a.reshape(1)
+                where.append((i, None))
+            elif isinstance(a, (dict, tuple)):
+                keys = [k for k, v in (a.items() if isinstance(a, dict) else enumerate(a)) if _zero_d(v)]
+                if keys:
+                    inner = dict(a) if isinstance(a, dict) else list(a)
+                    for k in keys:
+                        inner[k] = inner[k].reshape(1)
+                    out[i] = inner if isinstance(a, dict) else tuple(inner)
+                    where.extend((i, k) for k in keys)
+        return self.compiled(self.source, tuple(where), *out)
+
+
+def _zero_d(a: Any) -> bool:
+    # (The 0-d tensors fake tensors take for numbers: CPU int64 and float64, as far as lifted here.)
+    return isinstance(a, torch.Tensor) and a.dim() == 0 and a.dtype in _LIFTED and a.device.type == "cpu"
+
+
+_LIFTED = (torch.float64, torch.int64)
+
+
+def _enter(source: Callable, where: tuple, *args: Any) -> Any:
+    """(What :class:`_Program` compiles.) ``source(*args)`` with the entries ``where`` names made 0-d."""
+    args = list(args)
+    for i, k in where:
+        if k is None:
+            args[i] = _scalar(args[i])
+        elif isinstance(args[i], dict):
+            inner = dict(args[i])
+            inner[k] = _scalar(inner[k])
+            args[i] = inner
+        else:
+            inner = list(args[i])
+            inner[k] = _scalar(inner[k])
+            args[i] = tuple(inner)
+    return source(*args)
+
+
+def _scalar(a: torch.Tensor) -> torch.Tensor:
+    # (A new buffer, not a view of the input (a reshape, or a clone of one, which Inductor turns
+    # into the view): Inductor's C++ wrapper handed such a view into the loop's body segfaulted,
+    # in the start's test of test_compiled_loop.py. The sum of one int64 or float64 entry is it.)
+    return a.sum()
 
 
 class LoopProgram:

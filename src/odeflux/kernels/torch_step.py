@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import torch
 
-from .. import torch_imports
 from ..control import Parts, error_ratio, part_rms
 from ..solvers.implicit import JacobianSource, imex_parts
 from ..solvers.tableau import Solver, Stepper
@@ -51,8 +50,9 @@ def compiled_step() -> Callable:
     """:func:`rk_step_with_error` under ``torch.compile(fullgraph=True)``, built once per process."""
     global _COMPILED_STEP
     if _COMPILED_STEP is None:
-        torch_imports.compiler()
-        _COMPILED_STEP = torch.compile(rk_step_with_error, fullgraph=True)
+        from ..compiled.program import compile_lifting_scalars
+
+        _COMPILED_STEP = compile_lifting_scalars(rk_step_with_error, "rk_step_with_error", fullgraph=True)
     return _COMPILED_STEP
 
 
