@@ -47,7 +47,6 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .. import torch_imports
 from ..control import ORDINARYDIFFEQ_PI, StepSizeController
 from .implicit import JacobianSource, factorize, solve_factored
 from .tableau import DenseWeights, Solver, StepResult, new_state, polynomial_weights
@@ -707,8 +706,9 @@ def compiled_fresh_step() -> Callable:
     step size a 0-d tensor: no recompilation as it changes)."""
     global _COMPILED_FRESH
     if _COMPILED_FRESH is None:
-        torch_imports.compiler()
-        _COMPILED_FRESH = torch.compile(fresh_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        from ..compiled.program import compile_lifting_scalars  # (a 0-d time traced once, not twice)
+
+        _COMPILED_FRESH = compile_lifting_scalars(fresh_step, "fresh_step", fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return _COMPILED_FRESH
 
 
