@@ -298,9 +298,10 @@ def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, me
         kw["norm"] = options["norm"]
     max_step = options.get("max_step", math.inf)
     min_step = float(options.get("min_step", 0.0))
+    first, last = float(t.detach()[0]), float(t.detach()[-1])  # (times that require grad, as torchdiffeq's suite passes)
     if kind == "adaptive":
         # torchdiffeq never gives up for a small step: the only floor is the time's own precision.
-        kw["dtmin"] = max(min_step, 16 * 2.0**-52 * max(1.0, abs(float(t.detach()[0])), abs(float(t.detach()[-1]))))
+        kw["dtmin"] = max(min_step, 16 * 2.0**-52 * max(1.0, abs(first), abs(last)))
         kw["controller"] = IController(
             safety=float(options.get("safety", 0.9)), qmax=float(options.get("ifactor", 10.0)),
             qmin=float(options.get("dfactor", 0.2)), shrink_accepted=False, min_step=min_step,
@@ -313,7 +314,7 @@ def _translate(func: Any, y0: Any, t: torch.Tensor, rtol: float, atol: float, me
     elif kind == "fixed":
         step_size = options.get("step_size")
         grid = options.get("grid_constructor")
-        span = abs(float(t.detach()[-1]) - float(t.detach()[0]))
+        span = abs(last - first)
         if step_size is not None:
             if grid is not None:
                 raise ValueError("step_size and grid_constructor are mutually exclusive: pass one of them")

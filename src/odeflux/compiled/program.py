@@ -203,14 +203,11 @@ class _Program:
             if _zero_d(a):
                 out[i] = a.reshape(1)
                 where.append((i, None))
-            elif isinstance(a, (dict, tuple)):
-                keys = [k for k, v in (a.items() if isinstance(a, dict) else enumerate(a)) if _zero_d(v)]
+            elif type(a) is dict or type(a) is tuple:  # (not a NamedTuple: rebuilt as a tuple it would lose its names)
+                keys = tuple(k for k, v in (a.items() if type(a) is dict else enumerate(a)) if _zero_d(v))
                 if keys:
-                    inner = dict(a) if isinstance(a, dict) else list(a)
-                    for k in keys:
-                        inner[k] = inner[k].reshape(1)
-                    out[i] = inner if isinstance(a, dict) else tuple(inner)
-                    where.extend((i, k) for k in keys)
+                    out[i] = _replaced(a, keys, lambda v: v.reshape(1))
+                    where.append((i, keys))
         return self.compiled(self.source, tuple(where), *out)
 
 
@@ -222,20 +219,20 @@ def _zero_d(a: Any) -> bool:
 _LIFTED = (torch.float64, torch.int64)
 
 
+def _replaced(a: dict | tuple, keys: tuple, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict | tuple:
+    """The dict or tuple ``a`` with its entries ``keys`` replaced by ``fn`` of them."""
+    inner = dict(a) if type(a) is dict else list(a)
+    for k in keys:
+        inner[k] = fn(inner[k])
+    return inner if type(a) is dict else tuple(inner)
+
+
 def _enter(source: Callable, where: tuple, *args: Any) -> Any:
-    """(What :class:`_Program` compiles.) ``source(*args)`` with the entries ``where`` names made 0-d."""
+    """(What :class:`_Program` compiles.) ``source(*args)`` with the entries ``where`` names
+    (an argument, or some entries of one) made 0-d."""
     args = list(args)
-    for i, k in where:
-        if k is None:
-            args[i] = _scalar(args[i])
-        elif isinstance(args[i], dict):
-            inner = dict(args[i])
-            inner[k] = _scalar(inner[k])
-            args[i] = inner
-        else:
-            inner = list(args[i])
-            inner[k] = _scalar(inner[k])
-            args[i] = tuple(inner)
+    for i, keys in where:
+        args[i] = _scalar(args[i]) if keys is None else _replaced(args[i], keys, _scalar)
     return source(*args)
 
 
